@@ -1,0 +1,27 @@
+-- Migration: the billing schema and its privilege baseline.
+--
+-- Purpose: every piece of billing state lives in the private schema `billing`; the browser and
+-- the Data API reach it only through the functions in `public` (RPCs) and through row-level
+-- security on the few tables a signed-in user may read.
+-- Objects: schema billing, its default privileges.
+--
+-- Errors raised by the token-billing functions (SQLSTATE, meaning):
+--   22023  invalid argument: null, non-positive or oversized amount, null or empty or oversized
+--          key, unknown kind, malformed Stripe event. The message names the argument.
+--   TBKEY  idempotency key reused with different arguments. Nothing was written.
+--   TBRES  reservation not found.
+--   TBAPP  append-only violation: a ledger entry, or a resolved reservation, cannot be changed.
+
+create schema if not exists billing;
+
+comment on schema billing is
+'token-billing state: accounts, ledger, credit buckets, reservations, catalog, Stripe records. '
+'Private: not exposed through the Data API; written only by the token-billing functions.';
+
+revoke all on schema billing from public;
+grant usage on schema billing to authenticated, service_role;
+
+-- Functions created in billing are private helpers: nobody but their owner may run one unless a
+-- migration grants it explicitly.
+alter default privileges in schema billing revoke execute on functions from public;
+alter default privileges in schema billing revoke all on tables from public;
