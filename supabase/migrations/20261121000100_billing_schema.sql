@@ -21,7 +21,7 @@ comment on schema billing is
 revoke all on schema billing from public;
 grant usage on schema billing to authenticated, service_role;
 
--- Functions created in billing are private helpers: nobody but their owner may run one unless a
--- migration grants it explicitly.
-alter default privileges in schema billing revoke execute on functions from public;
-alter default privileges in schema billing revoke all on tables from public;
+-- Functions in billing are private helpers. PostgreSQL grants EXECUTE on every new function to
+-- PUBLIC, and a per-schema default privilege cannot take that away (ALTER DEFAULT PRIVILEGES ...
+-- IN SCHEMA only adds); changing the global defaults would change the host application's
+-- functions too. So every migration revokes each function explicitly, right after creating it.

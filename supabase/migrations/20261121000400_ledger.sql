@@ -75,6 +75,8 @@ $$;
 comment on function billing.tg_ledger_entries__refuse_change() is
 'Trigger: refuses every update, delete and truncate of ledger entries, for every role.';
 
+revoke all on function billing.tg_ledger_entries__refuse_change() from public;
+
 create trigger tg_ledger_entries__10_refuse_change
 before update or delete on billing.ledger_entries
 for each row execute function billing.tg_ledger_entries__refuse_change();
@@ -155,6 +157,8 @@ $$;
 comment on function billing.require_amount(text, bigint) is
 'Raises 22023 naming the argument unless 0 < amount <= 10^15 (no balance can then overflow).';
 
+revoke all on function billing.require_amount(text, bigint) from public;
+
 create function billing.require_key(p_name text, p_key text) returns void
 language plpgsql immutable
 set search_path = ''
@@ -171,6 +175,8 @@ $$;
 comment on function billing.require_key(text, text) is
 'Raises 22023 naming the argument unless the idempotency key is 1..255 characters, not blank.';
 
+revoke all on function billing.require_key(text, text) from public;
+
 create function billing.require_object(p_name text, p_value jsonb) returns void
 language plpgsql immutable
 set search_path = ''
@@ -186,6 +192,8 @@ $$;
 
 comment on function billing.require_object(text, jsonb) is
 'Raises 22023 naming the argument unless the value is null or a JSON object.';
+
+revoke all on function billing.require_object(text, jsonb) from public;
 
 -- Replays -------------------------------------------------------------------------------------
 
@@ -232,6 +240,8 @@ $$;
 comment on function billing.replay_entry(text, uuid, bigint, text, timestamptz, boolean) is
 'The first result of an idempotency key as status duplicate; no row if the key is unused; '
 'raises TBKEY if the key was used for another user, amount, kind or expiry.';
+
+revoke all on function billing.replay_entry(text, uuid, bigint, text, timestamptz, boolean) from public;
 
 -- Primitives ----------------------------------------------------------------------------------
 
@@ -307,6 +317,8 @@ comment on function billing.credit(uuid, bigint, text, text, text, timestamptz, 
 'Credits an account: one ledger entry and one bucket, or the first result as duplicate. '
 'Statuses: applied, duplicate, unknown_account. Callers validate kind and expiry.';
 
+revoke all on function billing.credit(uuid, bigint, text, text, text, timestamptz, jsonb) from public;
+
 create function billing.debit(
   p_user_id uuid,
   p_amount bigint,
@@ -380,6 +392,8 @@ comment on function billing.debit(uuid, bigint, text, text, text, jsonb, boolean
 'duplicate. Without p_allow_debt, refuses to take available below zero (insufficient_funds). '
 'Statuses: applied, duplicate, insufficient_funds, unknown_account.';
 
+revoke all on function billing.debit(uuid, bigint, text, text, text, jsonb, boolean) from public;
+
 create function billing.consume_buckets(p_user_id uuid, p_amount bigint) returns void
 language sql
 set search_path = ''
@@ -403,6 +417,8 @@ $$;
 comment on function billing.consume_buckets(uuid, bigint) is
 'Takes p_amount from the user''s live buckets, soonest expiry first, then oldest never-expiring; '
 'takes what there is when the buckets hold less (debt). Call only under the account lock.';
+
+revoke all on function billing.consume_buckets(uuid, bigint) from public;
 
 -- The public RPCs -----------------------------------------------------------------------------
 

@@ -31,6 +31,8 @@ comment on function billing.open_account(uuid) is
 'Opens the user''s account (if missing) and credits the free plan''s tokens once, keyed '
 'signup:<user_id>. Safe to call again: it changes nothing the second time.';
 
+revoke all on function billing.open_account(uuid) from public;
+
 create function billing.tg_users__open_account() returns trigger
 language plpgsql
 -- Definer: auth.users is written by the auth server's role, which has no rights on billing.

@@ -84,6 +84,8 @@ $$;
 comment on function billing.tg_reservations__guard_change() is
 'Trigger: the only change a reservation accepts is leaving pending once; deletes are refused.';
 
+revoke all on function billing.tg_reservations__guard_change() from public;
+
 create trigger tg_reservations__10_guard_change
 before update or delete on billing.reservations
 for each row execute function billing.tg_reservations__guard_change();
@@ -383,4 +385,6 @@ $$;
 comment on function billing.check_invariants() is
 'One row per broken invariant (none when the books are sound): balances equal entry sums, '
 'reserved equals pending reservations, buckets hold the positive balance, balance_after chains.';
+
+revoke all on function billing.check_invariants() from public;
 
