@@ -52,8 +52,12 @@ $roles$;
 -- Hosted Supabase demoted postgres from superuser; migrations run as this role there.
 alter role postgres with login nosuperuser createrole createdb replication bypassrls;
 
-grant anon, authenticated, service_role to authenticator;
-grant anon, authenticated, service_role to postgres;
+grant anon to authenticator;
+grant authenticated to authenticator;
+grant service_role to authenticator;
+grant anon to postgres;
+grant authenticated to postgres;
+grant service_role to postgres;
 
 alter role anon set statement_timeout = '3s';
 alter role authenticated set statement_timeout = '8s';

@@ -11,6 +11,7 @@
 --   TBKEY  idempotency key reused with different arguments. Nothing was written.
 --   TBRES  reservation not found.
 --   TBAPP  append-only violation: a ledger entry, or a resolved reservation, cannot be changed.
+--   TBCUS  Stripe customer already linked to another user. Nothing was written.
 
 create schema if not exists billing;
 

@@ -387,4 +387,3 @@ comment on function billing.check_invariants() is
 'reserved equals pending reservations, buckets hold the positive balance, balance_after chains.';
 
 revoke all on function billing.check_invariants() from public;
-

@@ -33,23 +33,39 @@ select col_is_unique(
   'billing', 'reservations', 'idempotency_key', 'reservation idempotency keys should be unique'
 );
 
-select has_function('public', 'add_tokens',
+select has_function(
+  'public', 'add_tokens',
   array['uuid', 'bigint', 'text', 'text', 'text', 'timestamp with time zone', 'jsonb'],
-  'public.add_tokens should have the contract''s signature');
-select has_function('public', 'deduct_tokens', array['uuid', 'bigint', 'text', 'text', 'jsonb'],
-  'public.deduct_tokens should have the contract''s signature');
-select has_function('public', 'reserve_tokens', array['uuid', 'bigint', 'text', 'interval'],
-  'public.reserve_tokens should have the contract''s signature');
-select has_function('public', 'settle_reservation', array['uuid', 'bigint'],
-  'public.settle_reservation should have the contract''s signature');
-select has_function('public', 'release_reservation', array['uuid'],
-  'public.release_reservation should have the contract''s signature');
-select has_function('public', 'expire_tokens', array['timestamp with time zone'],
-  'public.expire_tokens should have the contract''s signature');
-select has_function('public', 'my_tokens', array[]::text[],
-  'public.my_tokens should have the contract''s signature');
-select isnt_definer('public', 'my_tokens', array[]::text[],
-  'my_tokens should be security invoker (it reads through RLS)');
+  'public.add_tokens should have the contract''s signature'
+);
+select has_function(
+  'public', 'deduct_tokens', array['uuid', 'bigint', 'text', 'text', 'jsonb'],
+  'public.deduct_tokens should have the contract''s signature'
+);
+select has_function(
+  'public', 'reserve_tokens', array['uuid', 'bigint', 'text', 'interval'],
+  'public.reserve_tokens should have the contract''s signature'
+);
+select has_function(
+  'public', 'settle_reservation', array['uuid', 'bigint'],
+  'public.settle_reservation should have the contract''s signature'
+);
+select has_function(
+  'public', 'release_reservation', array['uuid'],
+  'public.release_reservation should have the contract''s signature'
+);
+select has_function(
+  'public', 'expire_tokens', array['timestamp with time zone'],
+  'public.expire_tokens should have the contract''s signature'
+);
+select has_function(
+  'public', 'my_tokens', array[]::text[],
+  'public.my_tokens should have the contract''s signature'
+);
+select isnt_definer(
+  'public', 'my_tokens', array[]::text[],
+  'my_tokens should be security invoker (it reads through RLS)'
+);
 
 select is_empty(
   $$
@@ -117,8 +133,10 @@ select ok(
 );
 
 select is(
-  (select count(*)::int from pg_publication_tables
-    where pubname = 'supabase_realtime' and schemaname = 'billing'),
+  (
+    select count(*)::int from pg_publication_tables
+    where pubname = 'supabase_realtime' and schemaname = 'billing'
+  ),
   1,
   'only billing.accounts should be published (ledger rows stay off the wire)'
 );

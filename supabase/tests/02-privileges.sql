@@ -85,29 +85,49 @@ select is_empty(
   'private billing functions should be executable by none of the API roles'
 );
 
-select function_privs_are('public', 'add_tokens',
+select function_privs_are(
+  'public', 'add_tokens',
   array['uuid', 'bigint', 'text', 'text', 'text', 'timestamp with time zone', 'jsonb'],
-  'service_role', array['EXECUTE'], 'service_role should execute add_tokens');
-select function_privs_are('public', 'add_tokens',
+  'service_role', array['EXECUTE'], 'service_role should execute add_tokens'
+);
+select function_privs_are(
+  'public', 'add_tokens',
   array['uuid', 'bigint', 'text', 'text', 'text', 'timestamp with time zone', 'jsonb'],
-  'anon', array[]::text[], 'anon should not execute add_tokens');
-select function_privs_are('public', 'add_tokens',
+  'anon', array[]::text[], 'anon should not execute add_tokens'
+);
+select function_privs_are(
+  'public', 'add_tokens',
   array['uuid', 'bigint', 'text', 'text', 'text', 'timestamp with time zone', 'jsonb'],
-  'authenticated', array[]::text[], 'authenticated should not execute add_tokens');
-select function_privs_are('public', 'deduct_tokens', array['uuid', 'bigint', 'text', 'text', 'jsonb'],
-  'authenticated', array[]::text[], 'authenticated should not execute deduct_tokens');
-select function_privs_are('public', 'reserve_tokens', array['uuid', 'bigint', 'text', 'interval'],
-  'authenticated', array[]::text[], 'authenticated should not execute reserve_tokens');
-select function_privs_are('public', 'settle_reservation', array['uuid', 'bigint'],
-  'authenticated', array[]::text[], 'authenticated should not execute settle_reservation');
-select function_privs_are('public', 'release_reservation', array['uuid'],
-  'authenticated', array[]::text[], 'authenticated should not execute release_reservation');
-select function_privs_are('public', 'expire_tokens', array['timestamp with time zone'],
-  'authenticated', array[]::text[], 'authenticated should not execute expire_tokens');
-select function_privs_are('public', 'my_tokens', array[]::text[],
-  'authenticated', array['EXECUTE'], 'authenticated should execute my_tokens');
-select function_privs_are('public', 'my_tokens', array[]::text[],
-  'anon', array[]::text[], 'anon should not execute my_tokens');
+  'authenticated', array[]::text[], 'authenticated should not execute add_tokens'
+);
+select function_privs_are(
+  'public', 'deduct_tokens', array['uuid', 'bigint', 'text', 'text', 'jsonb'],
+  'authenticated', array[]::text[], 'authenticated should not execute deduct_tokens'
+);
+select function_privs_are(
+  'public', 'reserve_tokens', array['uuid', 'bigint', 'text', 'interval'],
+  'authenticated', array[]::text[], 'authenticated should not execute reserve_tokens'
+);
+select function_privs_are(
+  'public', 'settle_reservation', array['uuid', 'bigint'],
+  'authenticated', array[]::text[], 'authenticated should not execute settle_reservation'
+);
+select function_privs_are(
+  'public', 'release_reservation', array['uuid'],
+  'authenticated', array[]::text[], 'authenticated should not execute release_reservation'
+);
+select function_privs_are(
+  'public', 'expire_tokens', array['timestamp with time zone'],
+  'authenticated', array[]::text[], 'authenticated should not execute expire_tokens'
+);
+select function_privs_are(
+  'public', 'my_tokens', array[]::text[],
+  'authenticated', array['EXECUTE'], 'authenticated should execute my_tokens'
+);
+select function_privs_are(
+  'public', 'my_tokens', array[]::text[],
+  'anon', array[]::text[], 'anon should not execute my_tokens'
+);
 
 -- Tables: anon gets nothing, authenticated and service_role only read.
 select is_empty(
@@ -132,103 +152,148 @@ select is_empty(
   $$,
   'anon should read no billing table'
 );
-select ok(not has_schema_privilege('anon', 'billing', 'USAGE'),
-  'anon should not even reach the billing schema');
-select table_privs_are('billing', 'accounts', 'authenticated', array['SELECT'],
-  'authenticated should only select billing.accounts (through RLS)');
-select table_privs_are('billing', 'ledger_entries', 'authenticated', array['SELECT'],
-  'authenticated should only select billing.ledger_entries (through RLS)');
-select table_privs_are('billing', 'credit_buckets', 'authenticated', array['SELECT'],
-  'authenticated should only select billing.credit_buckets (through RLS)');
-select table_privs_are('billing', 'reservations', 'authenticated', array['SELECT'],
-  'authenticated should only select billing.reservations (through RLS)');
-select table_privs_are('billing', 'accounts', 'service_role', array['SELECT'],
-  'service_role should only select billing.accounts');
-select table_privs_are('billing', 'ledger_entries', 'service_role', array['SELECT'],
-  'service_role should only select billing.ledger_entries');
+select ok(
+  not has_schema_privilege('anon', 'billing', 'USAGE'),
+  'anon should not even reach the billing schema'
+);
+select table_privs_are(
+  'billing', 'accounts', 'authenticated', array['SELECT'],
+  'authenticated should only select billing.accounts (through RLS)'
+);
+select table_privs_are(
+  'billing', 'ledger_entries', 'authenticated', array['SELECT'],
+  'authenticated should only select billing.ledger_entries (through RLS)'
+);
+select table_privs_are(
+  'billing', 'credit_buckets', 'authenticated', array['SELECT'],
+  'authenticated should only select billing.credit_buckets (through RLS)'
+);
+select table_privs_are(
+  'billing', 'reservations', 'authenticated', array['SELECT'],
+  'authenticated should only select billing.reservations (through RLS)'
+);
+select table_privs_are(
+  'billing', 'accounts', 'service_role', array['SELECT'],
+  'service_role should only select billing.accounts'
+);
+select table_privs_are(
+  'billing', 'ledger_entries', 'service_role', array['SELECT'],
+  'service_role should only select billing.ledger_entries'
+);
 
 -- Behaviour as anon --------------------------------------------------------------------------
 set local role anon;
 select throws_ok(
   $$select * from public.add_tokens('00000000-0000-0000-0000-00000000000a', 1000, 'anon-mint')$$,
-  '42501', null, 'anon should not mint tokens through add_tokens');
+  '42501', null, 'anon should not mint tokens through add_tokens'
+);
 select throws_ok(
   $$select * from public.deduct_tokens('00000000-0000-0000-0000-00000000000a', 1, 'anon-burn')$$,
-  '42501', null, 'anon should not deduct tokens');
+  '42501', null, 'anon should not deduct tokens'
+);
 select throws_ok(
   $$select * from public.reserve_tokens('00000000-0000-0000-0000-00000000000a', 1, 'anon-hold')$$,
-  '42501', null, 'anon should not reserve tokens');
-select throws_ok($$select * from public.expire_tokens()$$,
-  '42501', null, 'anon should not run expiry');
-select throws_ok($$select * from public.my_tokens()$$,
-  '42501', null, 'anon should not call my_tokens');
-select throws_ok($$select * from billing.accounts$$,
-  '42501', null, 'anon should not read billing.accounts');
+  '42501', null, 'anon should not reserve tokens'
+);
+select throws_ok(
+  $$select * from public.expire_tokens()$$,
+  '42501', null, 'anon should not run expiry'
+);
+select throws_ok(
+  $$select * from public.my_tokens()$$,
+  '42501', null, 'anon should not call my_tokens'
+);
+select throws_ok(
+  $$select * from billing.accounts$$,
+  '42501', null, 'anon should not read billing.accounts'
+);
 select throws_ok(
   $$select * from billing.credit('00000000-0000-0000-0000-00000000000a', 5, 'x', 'purchase')$$,
-  '42501', null, 'anon should not call the private credit primitive');
+  '42501', null, 'anon should not call the private credit primitive'
+);
 reset role;
 
 -- Behaviour as authenticated user A (the owner) ------------------------------------------------
-select set_config('request.jwt.claims',
-  '{"sub": "00000000-0000-0000-0000-00000000000a", "role": "authenticated"}', true);
+select set_config(
+  'request.jwt.claims',
+  '{"sub": "00000000-0000-0000-0000-00000000000a", "role": "authenticated"}', true
+);
 set local role authenticated;
 select results_eq(
   $$select balance, available, reserved, plan from public.my_tokens()$$,
   $$values (100::bigint, 100::bigint, 0::bigint, 'free'::text)$$,
-  'my_tokens should return the owner''s own balance');
+  'my_tokens should return the owner''s own balance'
+);
 select results_eq(
   $$select user_id from billing.accounts$$,
   $$values ('00000000-0000-0000-0000-00000000000a'::uuid)$$,
-  'the owner should see exactly the own account row');
+  'the owner should see exactly the own account row'
+);
 select results_eq(
   $$select count(*)::int from billing.ledger_entries$$, $$values (1)$$,
-  'the owner should see only the own ledger entries');
+  'the owner should see only the own ledger entries'
+);
 select throws_ok(
   $$select * from public.add_tokens('00000000-0000-0000-0000-00000000000a', 1000, 'self-mint')$$,
-  '42501', null, 'a signed-in user should not mint tokens for themselves');
+  '42501', null, 'a signed-in user should not mint tokens for themselves'
+);
 select throws_ok(
   $$select * from public.deduct_tokens('00000000-0000-0000-0000-00000000000b', 50, 'grief')$$,
-  '42501', null, 'a signed-in user should not deduct another user''s tokens');
+  '42501', null, 'a signed-in user should not deduct another user''s tokens'
+);
 select throws_ok(
   $$update billing.accounts set balance = 1000000$$,
-  '42501', null, 'the owner should not update the own balance directly');
+  '42501', null, 'the owner should not update the own balance directly'
+);
 select throws_ok(
   $$insert into billing.accounts (user_id, balance) values (gen_random_uuid(), 10)$$,
-  '42501', null, 'a signed-in user should not insert accounts');
+  '42501', null, 'a signed-in user should not insert accounts'
+);
 select throws_ok(
   $$insert into billing.ledger_entries (user_id, amount, balance_after, kind, idempotency_key)
     values ('00000000-0000-0000-0000-00000000000a', 500, 600, 'purchase', 'forged')$$,
-  '42501', null, 'a signed-in user should not insert ledger entries');
-select throws_ok($$delete from billing.ledger_entries$$,
-  '42501', null, 'a signed-in user should not delete ledger entries');
+  '42501', null, 'a signed-in user should not insert ledger entries'
+);
+select throws_ok(
+  $$delete from billing.ledger_entries$$,
+  '42501', null, 'a signed-in user should not delete ledger entries'
+);
 select throws_ok(
   $$update billing.credit_buckets set remaining = amount + 1000$$,
-  '42501', null, 'a signed-in user should not refill buckets');
+  '42501', null, 'a signed-in user should not refill buckets'
+);
 select throws_ok(
   $$update billing.products set tokens = 1000000$$,
-  '42501', null, 'a signed-in user should not change the catalog');
+  '42501', null, 'a signed-in user should not change the catalog'
+);
 select throws_ok(
   $$select * from billing.credit('00000000-0000-0000-0000-00000000000a', 5, 'x', 'purchase')$$,
-  '42501', null, 'a signed-in user should not call the private credit primitive');
+  '42501', null, 'a signed-in user should not call the private credit primitive'
+);
 reset role;
 
 -- As another signed-in user B ------------------------------------------------------------------
-select set_config('request.jwt.claims',
-  '{"sub": "00000000-0000-0000-0000-00000000000b", "role": "authenticated"}', true);
+select set_config(
+  'request.jwt.claims',
+  '{"sub": "00000000-0000-0000-0000-00000000000b", "role": "authenticated"}', true
+);
 set local role authenticated;
 select is_empty(
   $$select 1 from billing.accounts where user_id = '00000000-0000-0000-0000-00000000000a'$$,
-  'another user should not see the owner''s account');
+  'another user should not see the owner''s account'
+);
 select is_empty(
   $$select 1 from billing.ledger_entries where user_id = '00000000-0000-0000-0000-00000000000a'$$,
-  'another user should not see the owner''s ledger entries');
+  'another user should not see the owner''s ledger entries'
+);
 select is_empty(
   $$select 1 from billing.credit_buckets where user_id = '00000000-0000-0000-0000-00000000000a'$$,
-  'another user should not see the owner''s buckets');
+  'another user should not see the owner''s buckets'
+);
 select results_eq(
   $$select count(*)::int from public.my_tokens()$$, $$values (1)$$,
-  'my_tokens should return only the caller''s row');
+  'my_tokens should return only the caller''s row'
+);
 select is(
   (select count(*)::int from billing.accounts), 1,
   'another user should see exactly one account: their own'
@@ -238,10 +303,14 @@ reset role;
 -- Without claims, authenticated sees nothing.
 select set_config('request.jwt.claims', '', true);
 set local role authenticated;
-select is_empty($$select * from public.my_tokens()$$,
-  'authenticated without a subject should get no balance');
-select is_empty($$select * from billing.accounts$$,
-  'authenticated without a subject should see no account');
+select is_empty(
+  $$select * from public.my_tokens()$$,
+  'authenticated without a subject should get no balance'
+);
+select is_empty(
+  $$select * from billing.accounts$$,
+  'authenticated without a subject should see no account'
+);
 reset role;
 
 -- As service_role -------------------------------------------------------------------------------
@@ -249,46 +318,68 @@ set local role service_role;
 select results_eq(
   $$select status from public.add_tokens('00000000-0000-0000-0000-00000000000a', 10, 'svc-1')$$,
   $$values ('applied'::text)$$,
-  'service_role should credit through add_tokens');
+  'service_role should credit through add_tokens'
+);
 select results_eq(
   $$select status from public.deduct_tokens('00000000-0000-0000-0000-00000000000a', 5, 'svc-2')$$,
   $$values ('applied'::text)$$,
-  'service_role should deduct through deduct_tokens');
+  'service_role should deduct through deduct_tokens'
+);
 select throws_ok(
   $$update billing.accounts set balance = 0$$,
-  '42501', null, 'service_role should not write balances directly');
+  '42501', null, 'service_role should not write balances directly'
+);
 select throws_ok(
   $$insert into billing.ledger_entries (user_id, amount, balance_after, kind, idempotency_key)
     values ('00000000-0000-0000-0000-00000000000a', 5, 5, 'purchase', 'svc-forged')$$,
-  '42501', null, 'service_role should not insert ledger entries directly');
-select throws_ok($$delete from billing.ledger_entries$$,
-  '42501', null, 'service_role should not delete ledger entries');
-select throws_ok($$select * from billing.debit('00000000-0000-0000-0000-00000000000a', 1, 'x', 'usage')$$,
-  '42501', null, 'service_role should not call private primitives');
+  '42501', null, 'service_role should not insert ledger entries directly'
+);
+select throws_ok(
+  $$delete from billing.ledger_entries$$,
+  '42501', null, 'service_role should not delete ledger entries'
+);
+select throws_ok(
+  $$select * from billing.debit('00000000-0000-0000-0000-00000000000a', 1, 'x', 'usage')$$,
+  '42501', null, 'service_role should not call private primitives'
+);
 select is(
-  (select count(*)::int from billing.accounts
-    where user_id in ('00000000-0000-0000-0000-00000000000a', '00000000-0000-0000-0000-00000000000b')),
+  (
+    select count(*)::int from billing.accounts
+    where user_id in ('00000000-0000-0000-0000-00000000000a', '00000000-0000-0000-0000-00000000000b')
+  ),
   2,
-  'service_role should read every user''s account (bypassrls)');
+  'service_role should read every user''s account (bypassrls)'
+);
 reset role;
 
 -- Even the owner cannot edit the ledger: append-only for every role.
 set local role postgres;
-select throws_ok($$update billing.ledger_entries set amount = 1000000$$,
-  'TBAPP', null, 'the table owner should not update ledger entries');
-select throws_ok($$delete from billing.ledger_entries$$,
-  'TBAPP', null, 'the table owner should not delete ledger entries');
-select throws_ok($$truncate billing.ledger_entries cascade$$,
-  'TBAPP', null, 'the table owner should not truncate the ledger');
+select throws_ok(
+  $$update billing.ledger_entries set amount = 1000000$$,
+  'TBAPP', null, 'the table owner should not update ledger entries'
+);
+select throws_ok(
+  $$delete from billing.ledger_entries$$,
+  'TBAPP', null, 'the table owner should not delete ledger entries'
+);
+select throws_ok(
+  $$truncate billing.ledger_entries cascade$$,
+  'TBAPP', null, 'the table owner should not truncate the ledger'
+);
 reset role;
-select throws_ok($$update billing.ledger_entries set amount = 1000000$$,
-  'TBAPP', null, 'a superuser should not update ledger entries either');
+select throws_ok(
+  $$update billing.ledger_entries set amount = 1000000$$,
+  'TBAPP', null, 'a superuser should not update ledger entries either'
+);
 select results_eq(
   $$select balance from billing.accounts where user_id = '00000000-0000-0000-0000-00000000000a'$$,
   $$values (105::bigint)$$,
-  'after every refused attempt the owner''s balance should be what the RPCs made it');
-select is_empty($$select * from billing.check_invariants()$$,
-  'the ledger invariants should hold after the whole matrix');
+  'after every refused attempt the owner''s balance should be what the RPCs made it'
+);
+select is_empty(
+  $$select * from billing.check_invariants()$$,
+  'the ledger invariants should hold after the whole matrix'
+);
 
 select * from finish();
 rollback;
