@@ -51,6 +51,8 @@ $roles$;
 
 -- Hosted Supabase demoted postgres from superuser; migrations run as this role there.
 alter role postgres with login nosuperuser createrole createdb replication bypassrls;
+-- As on hosted Supabase: extensions (pgtap, plpgsql_check) resolve without qualification.
+alter role postgres set search_path to "$user", public, extensions;
 
 grant anon to authenticator;
 grant authenticated to authenticator;

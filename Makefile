@@ -1,0 +1,72 @@
+# token-billing: every task a developer or CI runs. `make test` is what .ci/run calls.
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+VENV := .venv
+PY := $(VENV)/bin/python
+SQL_DIRS := supabase sql
+PY_DIRS := api tests scripts
+
+.PHONY: test dev dev-reset lint lint-py lint-sql typecheck fmt bundle check-bundle pytest bootstrap \
+	clean distclean
+
+bootstrap:
+	@bash scripts/bootstrap.sh
+
+# Every check runs even when an earlier one fails; the exit status says whether all passed.
+# pytest runs last so that its summary closes the output.
+test: bootstrap
+	@failed=""; \
+	$(MAKE) --no-print-directory lint-py || failed="$$failed lint-py"; \
+	$(MAKE) --no-print-directory typecheck || failed="$$failed typecheck"; \
+	$(MAKE) --no-print-directory lint-sql || failed="$$failed lint-sql"; \
+	$(MAKE) --no-print-directory pytest || failed="$$failed pytest"; \
+	if [ -n "$$failed" ]; then echo "make test: FAILED:$$failed" >&2; exit 1; fi
+
+# pgTAP (via pg_prove), the bundle, `supabase db push|lint|advisors`, and the Python tests.
+pytest:
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: lint-py typecheck lint-sql
+
+lint-py:
+	@status=0; \
+	$(PY) -m ruff check $(PY_DIRS) || status=1; \
+	$(PY) -m ruff format --check $(PY_DIRS) || status=1; \
+	exit $$status
+
+typecheck:
+	$(PY) -m mypy
+
+lint-sql:
+	$(PY) -m sqlfluff lint $(SQL_DIRS)
+
+# Rewrite what the formatters can; `make lint` then shows what needs a human.
+fmt: bootstrap
+	$(PY) -m ruff check --fix --exit-zero --quiet $(PY_DIRS)
+	$(PY) -m ruff format $(PY_DIRS)
+	-$(PY) -m sqlfluff fix --quiet $(SQL_DIRS)
+	$(PY) scripts/bundle_sql.py
+
+bundle:
+	$(PY) scripts/bundle_sql.py
+
+check-bundle:
+	$(PY) scripts/bundle_sql.py --check
+
+# A persistent local database on port 54322 (Supabase's), migrated and seeded; Ctrl-C stops it.
+dev: bootstrap
+	$(PY) -m scripts.dev
+
+# The same, from an empty database (`supabase db push` never re-runs a changed seed.sql).
+dev-reset: bootstrap
+	$(PY) -m scripts.dev --reset
+
+clean:
+	@if [ -f .dev/pgdata/postmaster.pid ]; then $(PY) -m scripts.dev --stop; fi
+	rm -rf .dev .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
+	find . -name __pycache__ -type d -not -path './node_modules/*' -not -path './.venv/*' -prune -exec rm -rf {} +
+
+# Also the installed tools: the next `make` reinstalls them.
+distclean: clean
+	rm -rf .venv node_modules

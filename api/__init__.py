@@ -1,0 +1,1 @@
+"""token-billing: the HTTP service and Python client."""

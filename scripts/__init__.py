@@ -1,0 +1,1 @@
+"""Developer tooling: the local Postgres cluster, the SQL bundle, `make dev`."""

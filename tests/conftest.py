@@ -1,0 +1,73 @@
+"""Fixtures: one Supabase-shaped Postgres cluster per test session, migrated once.
+
+The session starts its own cluster (scripts/pgcluster.py) in a temp dir on a free port, builds
+`tb_template` the way users deploy (sql/supabase_compat.sql, then `supabase db push` of
+supabase/migrations and supabase/seed.sql), and marks it a template. Each test that asks for `db`
+gets a fresh copy of it (`create database ... template tb_template`, about 0.1 s), dropped after.
+
+Ways in (scripts.pgcluster.Database): `db.connect()` as postgres, `db.connect_superuser()`,
+`db.as_user(user_id)` / `db.as_anon()` / `db.as_service_role()` (login as authenticator, then
+`set role` with request.jwt.claims, as PostgREST does), `db.create_user(user_id)`, `db.psql(sql)`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from scripts.pgcluster import Database, PgCluster, build_template, temporary_cluster
+
+TEMPLATE = "tb_template"
+
+# Seconds spent on harness setup, reported at the end of the run.
+_TIMINGS: dict[str, float] = {}
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _TIMINGS:
+        parts = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in _TIMINGS.items())
+        terminalreporter.write_line(f"database harness: {parts}")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A running throwaway cluster; superuser `supabase_admin`, trust auth, fsync off."""
+    started = time.monotonic()
+    with temporary_cluster() as cluster:
+        _TIMINGS["cluster start"] = time.monotonic() - started
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_cluster: PgCluster) -> Database:
+    """The migrated and seeded template. Never connect to it while tests clone it."""
+    started = time.monotonic()
+    build_template(pg_cluster, TEMPLATE)
+    _TIMINGS["template build (compat + supabase db push)"] = time.monotonic() - started
+    return Database(pg_cluster, TEMPLATE)
+
+
+def _clone(pg_cluster: PgCluster, template_db: Database, prefix: str) -> Database:
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    pg_cluster.create_database(name, template=template_db.name)
+    return Database(pg_cluster, name)
+
+
+@pytest.fixture(scope="session")
+def shared_db(pg_cluster: PgCluster, template_db: Database) -> Iterator[Database]:
+    """One clone for the whole session, for checks that leave no trace (pgTAP files, which run
+    inside begin/rollback, and the Supabase CLI's lint and advisors)."""
+    db = _clone(pg_cluster, template_db, "tb_shared")
+    yield db
+    pg_cluster.drop_database(db.name)
+
+
+@pytest.fixture
+def db(pg_cluster: PgCluster, template_db: Database) -> Iterator[Database]:
+    """A fresh migrated database for one test, dropped after it."""
+    db = _clone(pg_cluster, template_db, "tb_test")
+    yield db
+    pg_cluster.drop_database(db.name)
