@@ -1,0 +1,559 @@
+-- Token packs through Stripe Checkout: every outcome of the checkout.session.* events, the two
+-- events of one payment crediting once, redelivery, parking, and malformed events.
+begin;
+set local search_path = extensions, public;
+set local timezone = 'UTC';
+select plan(49);
+
+insert into auth.users (id, email) values
+('00000000-0000-0000-0000-000000000211', 'ann@example.com'),
+('00000000-0000-0000-0000-000000000212', 'ben@example.com'),
+('00000000-0000-0000-0000-000000000213', 'cat@example.com'),
+('00000000-0000-0000-0000-000000000215', 'eve@example.com');
+
+-- Fixtures: real Stripe payloads from ../shared/stripe-fixtures (see its README), trimmed to the
+-- fields the handler reads; values unchanged. pg_temp.event() derives each test event from one,
+-- and the patch it is given is the whole of the adaptation (ids, user, product metadata, ...).
+create temp table stripe_fixtures (name text primary key, event jsonb not null) on commit drop;
+grant select on stripe_fixtures to service_role;
+insert into stripe_fixtures (name, event) values
+-- stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json (full event)
+('stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json', $json$
+{
+  "id": "evt_000000000000000000000000",
+  "object": "event",
+  "api_version": "2020-08-27",
+  "created": 1648319959,
+  "livemode": false,
+  "type": "checkout.session.completed",
+  "data": {
+    "object": {
+      "id": "cs_test_0000000000000000000000000000000000000000000000000000000000",
+      "object": "checkout.session",
+      "amount_total": 3000,
+      "currency": "usd",
+      "client_reference_id": null,
+      "customer": "cus_00000000000000",
+      "metadata": {},
+      "mode": "payment",
+      "payment_intent": "pi_000000000000000000000000",
+      "payment_status": "paid",
+      "status": "complete",
+      "subscription": null
+    }
+  }
+}
+$json$),
+-- pay-rails-stripe/checkout.session.completed.json (event.data only)
+('pay-rails-stripe/checkout.session.completed.json', $json$
+{
+  "data": {
+    "object": {
+      "id": "cs_test_a1UejXx8ebIdTzFolicVypUAZpOBVkoQKDbaarXoPlPVtj8p0zujPEEhjT",
+      "object": "checkout.session",
+      "amount_total": 1900,
+      "currency": "usd",
+      "client_reference_id": null,
+      "customer": "cus_M5wW9RPFk9xNZ5",
+      "metadata": {},
+      "mode": "subscription",
+      "payment_intent": null,
+      "payment_status": "paid",
+      "status": "complete",
+      "subscription": "sub_1LNkeSKXBGcbgpbZ7jMqOPSi"
+    }
+  }
+}
+$json$),
+-- stripe-ruby-mock-webhook_fixtures/checkout.session.completed.setup_mode.json (full event)
+('stripe-ruby-mock-webhook_fixtures/checkout.session.completed.setup_mode.json', $json$
+{
+  "id": "evt_00000000000000",
+  "object": "event",
+  "created": 1326853478,
+  "livemode": false,
+  "type": "checkout.session.completed",
+  "data": {
+    "object": {
+      "id": "cs_00000000000000",
+      "object": "checkout.session",
+      "amount_total": null,
+      "currency": null,
+      "client_reference_id": null,
+      "customer": null,
+      "metadata": {},
+      "mode": "setup",
+      "payment_intent": null,
+      "payment_status": "no_payment_required",
+      "subscription": null
+    }
+  }
+}
+$json$),
+-- stripe-ruby-mock-webhook_fixtures/charge.succeeded.json (full event)
+('stripe-ruby-mock-webhook_fixtures/charge.succeeded.json', $json$
+{
+  "id": "evt_000000000000000000000000",
+  "object": "event",
+  "api_version": "2020-08-27",
+  "created": 1648320032,
+  "livemode": false,
+  "type": "charge.succeeded",
+  "data": {
+    "object": {
+      "id": "ch_000000000000000000000000",
+      "object": "charge",
+      "amount": 2000,
+      "amount_captured": 2000,
+      "amount_refunded": 0,
+      "currency": "usd",
+      "customer": null,
+      "payment_intent": "pi_000000000000000000000000",
+      "refunded": false,
+      "status": "succeeded",
+      "refunds": {"object": "list", "data": []}
+    }
+  }
+}
+$json$);
+
+-- Deep merge: objects merge key by key, anything else in p_patch replaces what is in p_base.
+create function pg_temp.merge(p_base jsonb, p_patch jsonb) returns jsonb
+language plpgsql immutable
+as $$
+begin
+  if jsonb_typeof(p_base) <> 'object' or jsonb_typeof(p_patch) <> 'object' then
+    return p_patch;
+  end if;
+  return coalesce((
+    select jsonb_object_agg(k.key, case
+      when p_base ? k.key and p_patch ? k.key then pg_temp.merge(p_base -> k.key, p_patch -> k.key)
+      when p_patch ? k.key then p_patch -> k.key
+      else p_base -> k.key
+    end)
+    from (select jsonb_object_keys(p_base) as key union select jsonb_object_keys(p_patch)) as k
+  ), '{}');
+end;
+$$;
+
+-- A test event derived from a fixture: its own id, type and created, and p_patch merged into
+-- data.object. Data-only and bare-object fixtures get their envelope here.
+create function pg_temp.event(
+  p_fixture text, p_id text, p_type text, p_created bigint, p_patch jsonb default '{}'
+) returns jsonb
+language sql stable
+as $$
+  select pg_temp.merge(
+    f.event,
+    jsonb_build_object(
+      'id', p_id, 'object', 'event', 'type', p_type, 'created', p_created,
+      'data', jsonb_build_object('object', p_patch)
+    )
+  )
+  from pg_temp.stripe_fixtures as f
+  where f.name = p_fixture
+$$;
+
+set local role service_role;
+
+-- A paid card checkout ----------------------------------------------------------------------------
+-- Derived from the ruby-mock checkout.session.completed: client_reference_id and metadata set the
+-- way the service creates sessions (2 x pack_100).
+select results_eq(
+  $$select status, detail from public.handle_stripe_event(pg_temp.event(
+    'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
+    'evt_21_paid', 'checkout.session.completed', 1700000000,
+    '{"id": "cs_test_21_paid", "payment_intent": "pi_21_paid",
+      "client_reference_id": "00000000-0000-0000-0000-000000000211",
+      "metadata": {"user_id": "00000000-0000-0000-0000-000000000211",
+        "product": "pack_100", "quantity": "2"}}'))$$,
+  $$values ('applied'::text,
+    'credited 200 tokens (pack_100 x 2) to user 00000000-0000-0000-0000-000000000211 (balance 300)'::text)$$,
+  'a paid checkout of 2 x pack_100 should credit 200 tokens'
+);
+select results_eq(
+  $$select amount, kind, idempotency_key, metadata ->> 'stripe_event_id'
+    from billing.ledger_entries where user_id = '00000000-0000-0000-0000-000000000211' order by id$$,
+  $$values
+    (100::bigint, 'signup'::text, 'signup:00000000-0000-0000-0000-000000000211'::text, null::text),
+    (200, 'purchase', 'stripe:checkout:cs_test_21_paid', 'evt_21_paid')$$,
+  'the credit should be one purchase entry keyed on the checkout session'
+);
+select results_eq(
+  $$select expires_at from billing.credit_buckets as b
+    join billing.ledger_entries as e on e.id = b.entry_id
+    where e.idempotency_key = 'stripe:checkout:cs_test_21_paid'$$,
+  $$values (null::timestamptz)$$,
+  'purchased tokens should never expire'
+);
+select results_eq(
+  $$select user_id, product_code, quantity, tokens, amount_paid_cents, currency,
+      stripe_payment_intent_id, tokens_clawed_back
+    from billing.stripe_payments where id = 'cs_test_21_paid'$$,
+  $$values ('00000000-0000-0000-0000-000000000211'::uuid, 'pack_100'::text, 2, 200::bigint,
+    3000::bigint, 'usd'::text, 'pi_21_paid'::text, 0::bigint)$$,
+  'the payment should be remembered with its payment intent, amount and tokens for refunds'
+);
+select results_eq(
+  $$select user_id from billing.customers where stripe_customer_id = 'cus_00000000000000'$$,
+  $$values ('00000000-0000-0000-0000-000000000211'::uuid)$$,
+  'the session''s customer should be linked to the user it named'
+);
+select results_eq(
+  $$select type, status, attempts, created, api_version, livemode, payload ->> 'id'
+    from billing.stripe_events where id = 'evt_21_paid'$$,
+  $$values ('checkout.session.completed'::text, 'applied'::text, 1,
+    to_timestamp(1700000000), '2020-08-27'::text, false, 'evt_21_paid'::text)$$,
+  'the event should be stored with its outcome, created time and payload'
+);
+
+-- Redelivery and the second event of the same payment.
+select results_eq(
+  $$select status from public.handle_stripe_event(pg_temp.event(
+    'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
+    'evt_21_paid', 'checkout.session.completed', 1700000000,
+    '{"id": "cs_test_21_paid", "payment_intent": "pi_21_paid",
+      "client_reference_id": "00000000-0000-0000-0000-000000000211",
+      "metadata": {"product": "pack_100", "quantity": "2"}}'))$$,
+  $$values ('duplicate'::text)$$,
+  'a redelivered event should answer duplicate'
+);
+-- Derived: the same session as checkout.session.async_payment_succeeded (see the fixtures README).
+select results_eq(
+  $$select status, detail from public.handle_stripe_event(pg_temp.event(
+    'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
+    'evt_21_paid_async', 'checkout.session.async_payment_succeeded', 1700000005,
+    '{"id": "cs_test_21_paid", "payment_intent": "pi_21_paid",
+      "client_reference_id": "00000000-0000-0000-0000-000000000211",
+      "metadata": {"product": "pack_100", "quantity": "2"}}'))$$,
+  $$select 'duplicate'::text, format('checkout session cs_test_21_paid was already credited (ledger entry %s)', id)
+    from billing.ledger_entries where idempotency_key = 'stripe:checkout:cs_test_21_paid'$$,
+  'async_payment_succeeded for a session already credited should answer duplicate'
+);
+select results_eq(
+  $$select count(*)::int, sum(amount)::bigint from billing.ledger_entries
+    where idempotency_key like 'stripe:checkout:cs_test_21_paid%'$$,
+  $$values (1, 200::bigint)$$,
+  'the two events of one payment and a redelivery should credit it exactly once'
+);
+select results_eq(
+  $$select balance from billing.accounts where user_id = '00000000-0000-0000-0000-000000000211'$$,
+  $$values (300::bigint)$$,
+  'the balance should hold the signup grant and one credit'
+);
+select results_eq(
+  $$select id, status, attempts from billing.stripe_events
+    where id in ('evt_21_paid', 'evt_21_paid_async') order by id$$,
+  $$values ('evt_21_paid'::text, 'applied'::text, 1), ('evt_21_paid_async', 'duplicate', 1)$$,
+  'each event should be stored once; a redelivery of a handled event should not count an attempt'
+);
+
+-- A delayed (SEPA-like) payment: completed unpaid, then async_payment_succeeded ------------------
+-- Derived: payment_status unpaid, as the README says for delayed methods; user via metadata only.
+select results_eq(
+  $$select status, detail from public.handle_stripe_event(pg_temp.event(
+    'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
+    'evt_21_sepa_completed', 'checkout.session.completed', 1700000100,
+    '{"id": "cs_test_21_sepa", "payment_intent": "pi_21_sepa", "payment_status": "unpaid",
+      "customer": "cus_21Ben", "amount_total": 1000,
+      "metadata": {"user_id": "00000000-0000-0000-0000-000000000212", "product": "pack_250"}}'))$$,
+  $$values ('ignored'::text, 'checkout session cs_test_21_sepa completed with payment_status unpaid: '
+    'nothing to credit until checkout.session.async_payment_succeeded'::text)$$,
+  'an unpaid completed session should be ignored with the reason'
+);
+select is_empty(
+  $$select 1 from billing.ledger_entries where idempotency_key = 'stripe:checkout:cs_test_21_sepa'$$,
+  'an unpaid session should credit nothing'
+);
+select results_eq(
+  $$select status, detail from public.handle_stripe_event(pg_temp.event(
+    'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
+    'evt_21_sepa_succeeded', 'checkout.session.async_payment_succeeded', 1700000200,
+    '{"id": "cs_test_21_sepa", "payment_intent": "pi_21_sepa", "payment_status": "paid",
+      "customer": "cus_21Ben", "amount_total": 1000,
+      "metadata": {"user_id": "00000000-0000-0000-0000-000000000212", "product": "pack_250"}}'))$$,
+  $$values ('applied'::text,
+    'credited 250 tokens (pack_250 x 1) to user 00000000-0000-0000-0000-000000000212 (balance 350)'::text)$$,
+  'async_payment_succeeded should credit the pack (quantity 1 when metadata has none)'
+);
+-- Derived: async_payment_failed (payment_status unpaid) and expired sessions.
+select results_eq(
+  $$select status from public.handle_stripe_event(pg_temp.event(
+    'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
+    'evt_21_failed', 'checkout.session.async_payment_failed', 1700000300,
+    '{"id": "cs_test_21_failed", "payment_status": "unpaid",
+      "metadata": {"user_id": "00000000-0000-0000-0000-000000000212", "product": "pack_250"}}'))$$,
+  $$values ('ignored'::text)$$,
+  'async_payment_failed should be ignored'
+);
+select results_eq(
+  $$select status from public.handle_stripe_event(pg_temp.event(
+    'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
+    'evt_21_expired', 'checkout.session.expired', 1700000400,
+    '{"id": "cs_test_21_expired", "status": "expired", "payment_status": "unpaid",
+      "metadata": {"user_id": "00000000-0000-0000-0000-000000000212", "product": "pack_250"}}'))$$,
+  $$values ('ignored'::text)$$,
+  'an expired session should be ignored'
+);
+select results_eq(
+  $$select balance from billing.accounts where user_id = '00000000-0000-0000-0000-000000000212'$$,
+  $$values (350::bigint)$$,
+  'failed and expired sessions should credit nothing'
+);
+
+-- Finding the user ------------------------------------------------------------------------------
+-- The unmodified fixture names no product: parked, with the reason.
+select results_eq(
+  $$select status, detail from public.handle_stripe_event(
+    (select event from stripe_fixtures
+      where name = 'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json'))$$,
+  $$values ('parked'::text, 'checkout session cs_test_0000000000000000000000000000000000000000000000000000000000: '
+    'metadata.product (missing) is not a token pack in billing.products'::text)$$,
+  'the real fixture (no product, no user) should be parked with the reason'
+);
+-- Derived: a product but no user, and a customer nobody linked.
+select results_eq(
+  $$select status, detail from public.handle_stripe_event(pg_temp.event(
+    'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
+    'evt_21_nouser', 'checkout.session.completed', 1700000500,
+    '{"id": "cs_test_21_nouser", "customer": "cus_21Nobody", "metadata": {"product": "pack_100"}}'))$$,
+  $$values ('parked'::text, 'checkout session cs_test_21_nouser: no user: no client_reference_id nor '
+    'metadata.user_id, customer cus_21Nobody is not linked (link_stripe_customer)'::text)$$,
+  'a paid session that names no user and whose customer is not linked should be parked'
+);
+select results_eq(
+  $$select status, attempts from billing.stripe_events where id = 'evt_21_nouser'$$,
+  $$values ('parked'::text, 1)$$,
+  'a parked event should be stored with status parked'
+);
+select is_empty(
+  $$select 1 from billing.stripe_payments where id = 'cs_test_21_nouser'$$,
+  'a parked event should have no effect'
+);
+-- Derived: the user only through the customer link.
+select results_eq(
+  $$select status from public.link_stripe_customer('00000000-0000-0000-0000-000000000213', 'cus_21Cat')$$,
+  $$values ('applied'::text)$$,
+  'the service should link the customer before checkout'
+);
+select results_eq(
+  $$select status, detail from public.handle_stripe_event(pg_temp.event(
+    'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
+    'evt_21_linked', 'checkout.session.completed', 1700000600,
+    '{"id": "cs_test_21_linked", "customer": "cus_21Cat", "payment_intent": "pi_21_linked",
+      "metadata": {"product": "pack_600", "quantity": "3"}}'))$$,
+  $$values ('applied'::text,
+    'credited 1800 tokens (pack_600 x 3) to user 00000000-0000-0000-0000-000000000213 (balance 1900)'::text)$$,
+  'a session whose customer is linked should credit that user'
+);
+-- Derived: a user who has no account yet (not in auth.users): the account is opened.
+select results_eq(
+  $$select status from public.handle_stripe_event(pg_temp.event(
+    'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
+    'evt_21_newuser', 'checkout.session.completed', 1700000700,
+    '{"id": "cs_test_21_newuser", "customer": "cus_21Dan", "payment_intent": "pi_21_newuser",
+      "client_reference_id": "00000000-0000-0000-0000-000000000214",
+      "metadata": {"product": "pack_100"}}'))$$,
+  $$values ('applied'::text)$$,
+  'a session for a user without an account should be applied'
+);
+select results_eq(
+  $$select kind, amount from billing.ledger_entries
+    where user_id = '00000000-0000-0000-0000-000000000214' order by id$$,
+  $$values ('signup'::text, 100::bigint), ('purchase', 100)$$,
+  'the account should be opened (signup grant) and then credited'
+);
+
+-- Products and quantities -----------------------------------------------------------------------
+select results_eq(
+  $$select status, detail from public.handle_stripe_event(pg_temp.event(
+    'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
+    'evt_21_plan_as_pack', 'checkout.session.completed', 1700000800,
+    '{"id": "cs_test_21_plan", "client_reference_id": "00000000-0000-0000-0000-000000000211",
+      "metadata": {"product": "starter"}}'))$$,
+  $$values ('parked'::text,
+    'checkout session cs_test_21_plan: metadata.product ''starter'' is not a token pack in billing.products'::text)$$,
+  'a payment-mode session for a plan should be parked'
+);
+select results_eq(
+  $$select status, detail from public.handle_stripe_event(pg_temp.event(
+    'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
+    'evt_21_bad_quantity', 'checkout.session.completed', 1700000900,
+    '{"id": "cs_test_21_quantity", "client_reference_id": "00000000-0000-0000-0000-000000000211",
+      "metadata": {"product": "pack_100", "quantity": "-3"}}'))$$,
+  $$values ('parked'::text,
+    'checkout session cs_test_21_quantity: metadata.quantity ''-3'' is not a whole number from 1 to 999999'::text)$$,
+  'a session with a bad quantity should be parked'
+);
+select results_eq(
+  $$select status, detail from public.handle_stripe_event(pg_temp.event(
+    'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
+    'evt_21_bad_user', 'checkout.session.completed', 1700001000,
+    '{"id": "cs_test_21_baduser", "client_reference_id": "ann",
+      "metadata": {"product": "pack_100"}}'))$$,
+  $$values (
+    'parked'::text, 'checkout session cs_test_21_baduser: client_reference_id ''ann'' is not a user id'::text
+  )$$,
+  'a session naming a user by something other than a uuid should be parked'
+);
+reset role;
+update billing.products set active = false
+where code = 'pack_250';
+set local role service_role;
+select results_eq(
+  $$select status from public.handle_stripe_event(pg_temp.event(
+    'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
+    'evt_21_retired', 'checkout.session.completed', 1700001100,
+    '{"id": "cs_test_21_retired", "payment_intent": "pi_21_retired",
+      "client_reference_id": "00000000-0000-0000-0000-000000000212",
+      "metadata": {"product": "pack_250"}}'))$$,
+  $$values ('applied'::text)$$,
+  'a paid session for a pack retired since checkout should still be credited'
+);
+select results_eq(
+  $$select count(*)::int from billing.stripe_payments
+    where user_id = '00000000-0000-0000-0000-000000000211'$$,
+  $$values (1)$$,
+  'parked sessions should leave no payment behind'
+);
+
+-- Subscription and setup checkouts --------------------------------------------------------------
+-- Derived from pay-rails' data-only subscription-mode session (envelope added), user named.
+select results_eq(
+  $$select status, detail from public.handle_stripe_event(pg_temp.event(
+    'pay-rails-stripe/checkout.session.completed.json',
+    'evt_21_subscription', 'checkout.session.completed', 1700001200,
+    '{"client_reference_id": "00000000-0000-0000-0000-000000000215"}'))$$,
+  $$values ('applied'::text, 'checkout session cs_test_a1UejXx8ebIdTzFolicVypUAZpOBVkoQKDbaarXoPlPVtj8p0zujPEEhjT: '
+    'customer cus_M5wW9RPFk9xNZ5 linked to user 00000000-0000-0000-0000-000000000215; its invoices grant '
+    'the plan tokens'::text)$$,
+  'a subscription checkout should link its customer to the user'
+);
+select results_eq(
+  $$select user_id from billing.customers where stripe_customer_id = 'cus_M5wW9RPFk9xNZ5'$$,
+  $$values ('00000000-0000-0000-0000-000000000215'::uuid)$$,
+  'the subscription''s customer should now belong to the user'
+);
+select results_eq(
+  $$select balance from billing.accounts where user_id = '00000000-0000-0000-0000-000000000215'$$,
+  $$values (100::bigint)$$,
+  'a subscription checkout should credit nothing itself (the invoice grants)'
+);
+-- The fixture as it is (envelope only added): no user, customer not linked.
+select results_eq(
+  $$select status from public.handle_stripe_event(pg_temp.event(
+    'pay-rails-stripe/checkout.session.completed.json',
+    'evt_21_subscription_nouser', 'checkout.session.completed', 1700001300,
+    '{"customer": "cus_21Unlinked"}'))$$,
+  $$values ('parked'::text)$$,
+  'a subscription checkout with no user should be parked'
+);
+select results_eq(
+  $$select status from public.handle_stripe_event(pg_temp.event(
+    'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.setup_mode.json',
+    'evt_21_setup', 'checkout.session.completed', 1700001400))$$,
+  $$values ('ignored'::text)$$,
+  'a setup-mode checkout should be ignored'
+);
+
+-- Unhandled types -------------------------------------------------------------------------------
+select results_eq(
+  $$select status, detail from public.handle_stripe_event(pg_temp.event(
+    'stripe-ruby-mock-webhook_fixtures/charge.succeeded.json',
+    'evt_21_charge_succeeded', 'charge.succeeded', 1700001500))$$,
+  $$values ('ignored'::text, 'charge.succeeded events are not handled'::text)$$,
+  'an unhandled event type should be ignored'
+);
+select results_eq(
+  $$select status, type from billing.stripe_events where id = 'evt_21_charge_succeeded'$$,
+  $$values ('ignored'::text, 'charge.succeeded'::text)$$,
+  'an ignored event should still be stored'
+);
+
+-- Malformed events: 22023, nothing stored --------------------------------------------------------
+reset role;
+create temp table events_before on commit drop as select count(*) as n from billing.stripe_events;
+grant select on events_before to service_role;
+set local role service_role;
+select throws_ok(
+  $$select * from public.handle_stripe_event(null)$$,
+  '22023', 'p_event must be a Stripe event (a JSON object), got null',
+  'a null event should raise 22023'
+);
+select throws_ok(
+  $$select * from public.handle_stripe_event('[1, 2]')$$,
+  '22023', 'p_event must be a Stripe event (a JSON object), got array',
+  'an array should raise 22023'
+);
+select throws_ok(
+  $$select * from public.handle_stripe_event(
+    pg_temp.event('stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
+      'x', 'x', 1) - 'id')$$,
+  '22023', 'p_event.id must be a non-empty string of at most 255 characters (evt_...)',
+  'an event without id should raise 22023'
+);
+select throws_ok(
+  $$select * from public.handle_stripe_event(jsonb_set(
+    pg_temp.event('stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
+      'evt_21_numeric_id', 'checkout.session.completed', 1), '{id}', '42'))$$,
+  '22023', 'p_event.id must be a non-empty string of at most 255 characters (evt_...)',
+  'an event whose id is not a string should raise 22023'
+);
+select throws_ok(
+  $$select * from public.handle_stripe_event(
+    pg_temp.event('stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
+      'evt_21_no_type', 'x', 1) - 'type')$$,
+  '22023', 'p_event.type of event evt_21_no_type must be a non-empty string',
+  'an event without type should raise 22023'
+);
+select throws_ok(
+  $$select * from public.handle_stripe_event(
+    pg_temp.event('stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
+      'evt_21_no_created', 'checkout.session.completed', 1) - 'created')$$,
+  '22023', 'p_event.created of event evt_21_no_created must be a Unix timestamp',
+  'an event without created should raise 22023'
+);
+select throws_ok(
+  $$select * from public.handle_stripe_event(
+    '{"id": "evt_21_no_object", "object": "event", "type": "checkout.session.completed",
+      "created": 1700000000, "data": {}}')$$,
+  '22023', 'p_event.data.object of event evt_21_no_object must be a JSON object',
+  'an event without data.object should raise 22023'
+);
+select throws_ok(
+  $$select * from public.handle_stripe_event(
+    '{"id": "evt_21_thin", "object": "v2.core.event", "type": "v1.billing.meter.error_report_triggered",
+      "created": "2024-09-17T06:20:52.246Z",
+      "related_object": {"id": "mtr_1", "type": "billing.meter", "url": "/v1/billing/meters/mtr_1"}}')$$,
+  '22023', 'p_event evt_21_thin is a thin (v2) event, which carries no object: not supported',
+  'a thin (v2) event should raise 22023'
+);
+select throws_ok(
+  $$select * from public.handle_stripe_event(jsonb_set(
+    pg_temp.event('stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
+      'evt_21_wrong_object', 'invoice.paid', 1700000000), '{data,object,object}', '"checkout.session"'))$$,
+  '22023', 'p_event.data.object of invoice.paid event evt_21_wrong_object must be a invoice with an id, '
+  'got ''checkout.session'' ''cs_test_0000000000000000000000000000000000000000000000000000000000''',
+  'an event whose object does not match its type should raise 22023'
+);
+select throws_ok(
+  $$select * from public.handle_stripe_event(
+    pg_temp.event('stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
+      'evt_21_no_session_id', 'checkout.session.completed', 1700000000) #- '{data,object,id}')$$,
+  '22023', null,
+  'a handled event whose object has no id should raise 22023'
+);
+select results_eq(
+  $$select count(*) from billing.stripe_events$$,
+  $$select n from events_before$$,
+  'malformed events should store nothing'
+);
+reset role;
+
+select is_empty(
+  $$select * from billing.check_invariants()$$,
+  'the ledger invariants should hold after every checkout scenario'
+);
+
+select * from finish();
+rollback;
