@@ -173,7 +173,7 @@ def test_hot_accounts_survive_killed_connections(db: Database) -> None:
     assert replays > 100, "many applied calls should have been replayed as duplicates"
 
     # The single-threaded model of what the clients were told.
-    expected_balance: dict[uuid.UUID, int] = {u: 100 + INITIAL for u in USERS}
+    expected_balance: dict[uuid.UUID, int] = dict.fromkeys(USERS, 100 + INITIAL)
     held: dict[uuid.UUID, int] = defaultdict(int)
     statuses = Counter(ack.status for ack in acks)
     for ack in acks:

@@ -16,7 +16,9 @@ def test_existing_users_get_accounts_and_one_signup_grant(pg_cluster: PgCluster)
         pg_cluster.apply_compat(name)
         pg_cluster.apply_compat(name)  # idempotent: a second run must change nothing
         for user in EXISTING:
-            pg_cluster.psql(name, f"insert into auth.users (id, email) values ('{user}', '{user}@x')")
+            pg_cluster.psql(
+                name, f"insert into auth.users (id, email) values ('{user}', '{user}@x')"
+            )
         pg_cluster.push_migrations(name, include_seed=False)
 
         rows = pg_cluster.psql(

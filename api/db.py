@@ -1,0 +1,310 @@
+"""Two ways to call the token-billing RPCs behind one small interface.
+
+`PostgresDatabase` (DATABASE_URL) is the default and the fast path: a bounded psycopg pool whose
+connections act as `service_role`, exactly the rights the Data API's service role key has.
+`SupabaseDatabase` calls the same functions with supabase-py `.rpc()` through PostgREST, for
+deployments that only have SUPABASE_URL and the service role key.
+
+Both raise the same errors (api.errors): DatabaseUnavailable when the database cannot be
+reached, DatabaseError with the SQLSTATE when a function refused the call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Protocol
+
+import httpx
+import psycopg
+from psycopg import sql
+from psycopg.rows import DictRow, dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from api.errors import DatabaseError, DatabaseUnavailable
+
+if TYPE_CHECKING:
+    from api.auth import User
+    from api.settings import Settings
+    from supabase import AsyncClient
+
+logger = logging.getLogger("api.db")
+
+Row = dict[str, Any]
+
+# RPC names are identifiers we write ourselves; refuse anything else before it reaches SQL.
+_FUNCTION_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class Database(Protocol):
+    """The RPC layer of token-billing, however it is reached."""
+
+    async def open(self) -> None:
+        """Start connecting; must not fail when the database is down (readiness will say so)."""
+
+    async def close(self) -> None:
+        """Release every connection."""
+
+    async def rpc(
+        self, name: str, params: Mapping[str, Any] | None = None, *, user: User | None = None
+    ) -> list[Row]:
+        """Call `public.<name>(...)` with named arguments; return its rows.
+
+        Without `user` the call runs as `service_role`. With `user` it runs as that signed-in
+        user (role `authenticated`, their JWT claims), as a browser's Data API call would, so
+        security invoker functions such as `my_tokens()` read through RLS.
+        """
+
+    async def ping(self) -> None:
+        """Raise DatabaseUnavailable unless the database answers."""
+
+
+def _check_name(name: str) -> None:
+    if not _FUNCTION_NAME.match(name):
+        raise ValueError(f"not an RPC name: {name!r}")
+
+
+def _adapt(value: Any) -> Any:
+    """Python values as psycopg parameters: dicts and lists are jsonb."""
+    if isinstance(value, dict | list):
+        return Jsonb(value)
+    return value
+
+
+def _translate(exc: psycopg.Error, function: str) -> Exception:
+    """The api.errors exception for a psycopg error."""
+    sqlstate = exc.sqlstate
+    if sqlstate is not None and not sqlstate.startswith("08"):
+        primary = exc.diag.message_primary or str(exc)
+        return DatabaseError(sqlstate, primary, function=function)
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        logger.warning(
+            "database unavailable",
+            extra={"fields": {"function": function, "error": type(exc).__name__}},
+        )
+        return DatabaseUnavailable()
+    return DatabaseError(sqlstate, str(exc), function=function)
+
+
+class PostgresDatabase:
+    """A bounded psycopg 3 pool; every connection runs `set role service_role`."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        timeout_seconds: float = 5.0,
+        connect_timeout_seconds: int = 5,
+        statement_timeout_ms: int = 15_000,
+    ) -> None:
+        self._statement_timeout_ms = statement_timeout_ms
+        self._pool: AsyncConnectionPool[psycopg.AsyncConnection[DictRow]] = AsyncConnectionPool(
+            conninfo,
+            connection_class=psycopg.AsyncConnection[DictRow],
+            kwargs={
+                "autocommit": True,
+                "row_factory": dict_row,
+                "connect_timeout": connect_timeout_seconds,
+                "application_name": "token-billing",
+            },
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            configure=self._configure,
+            check=AsyncConnectionPool.check_connection,
+            timeout=timeout_seconds,
+            # A request queue longer than this fails at once instead of waiting for a slot.
+            max_waiting=max_size * 20,
+            reconnect_timeout=30.0,
+            name="token-billing",
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PostgresDatabase:
+        if settings.database_url is None:
+            raise ValueError("DATABASE_URL is not set")
+        return cls(
+            settings.database_url.get_secret_value(),
+            min_size=settings.db_pool_min_size,
+            max_size=settings.db_pool_max_size,
+            timeout_seconds=settings.db_pool_timeout_seconds,
+            connect_timeout_seconds=settings.db_connect_timeout_seconds,
+            statement_timeout_ms=settings.db_statement_timeout_ms,
+        )
+
+    async def _configure(self, conn: psycopg.AsyncConnection[DictRow]) -> None:
+        # The login role (postgres or authenticator) may do more than the service needs; the
+        # service must not. service_role is what the Data API's service key gets.
+        await conn.execute("set role service_role")
+        await conn.execute(
+            sql.SQL("set statement_timeout = {}").format(sql.Literal(self._statement_timeout_ms))
+        )
+
+    async def open(self) -> None:
+        await self._pool.open(wait=False)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def rpc(
+        self, name: str, params: Mapping[str, Any] | None = None, *, user: User | None = None
+    ) -> list[Row]:
+        _check_name(name)
+        params = dict(params or {})
+        call = sql.SQL("select * from public.{}({})").format(
+            sql.Identifier(name),
+            sql.SQL(", ").join(
+                sql.SQL("{} => {}").format(sql.Identifier(key), sql.Placeholder(key))
+                for key in params
+            ),
+        )
+        values = {key: _adapt(value) for key, value in params.items()}
+        try:
+            async with self._pool.connection() as conn:
+                if user is None:
+                    cur = await conn.execute(call, values)
+                    return await cur.fetchall()
+                async with conn.transaction():
+                    # What PostgREST does for a request with the user's JWT; both revert at
+                    # commit, back to service_role.
+                    await conn.execute(
+                        "select set_config('request.jwt.claims', %s, true)",
+                        [json.dumps(dict(user.claims))],
+                    )
+                    await conn.execute("set local role authenticated")
+                    cur = await conn.execute(call, values)
+                    return await cur.fetchall()
+        except psycopg.Error as exc:
+            raise _translate(exc, name) from exc
+
+    async def ping(self) -> None:
+        try:
+            async with self._pool.connection() as conn:
+                await conn.execute("select 1")
+        except psycopg.Error as exc:
+            raise _translate(exc, "ping") from exc
+
+
+def _postgrest_error(exc: Exception, function: str) -> Exception:
+    """The api.errors exception for a PostgREST error (its `code` is the SQLSTATE)."""
+    code = getattr(exc, "code", None)
+    message = getattr(exc, "message", None) or str(exc)
+    if code is None or str(code).startswith(("PGRST0", "08")):
+        # PGRST000-003: PostgREST cannot reach the database or its pool timed out.
+        logger.warning(
+            "database unavailable via PostgREST",
+            extra={"fields": {"function": function, "code": code}},
+        )
+        return DatabaseUnavailable()
+    if code == "PGRST202":
+        return DatabaseError("42883", message, function=function)
+    if str(code).startswith("PGRST3"):
+        # JWT problems: the service role key is wrong or the user's token was refused.
+        return DatabaseError("42501", message, function=function)
+    return DatabaseError(str(code), message, function=function)
+
+
+def _plain(value: Any) -> Any:
+    """Parameters as JSON for PostgREST."""
+    if isinstance(value, timedelta):
+        return f"{value.total_seconds()} seconds"
+    if isinstance(value, dict | list | str | int | float | bool) or value is None:
+        return value
+    return str(value)
+
+
+class SupabaseDatabase:
+    """The RPCs through PostgREST with supabase-py: no database URL needed."""
+
+    def __init__(self, url: str, service_role_key: str, *, timeout_seconds: float = 15.0) -> None:
+        self._url = url.rstrip("/")
+        self._key = service_role_key
+        self._timeout = timeout_seconds
+        self._client: AsyncClient | None = None
+        self._http: httpx.AsyncClient | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SupabaseDatabase:
+        if settings.supabase_base is None or settings.supabase_service_role_key is None:
+            raise ValueError("SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY are not set")
+        return cls(
+            settings.supabase_base,
+            settings.supabase_service_role_key.get_secret_value(),
+            timeout_seconds=settings.db_statement_timeout_ms / 1000 + 5,
+        )
+
+    async def open(self) -> None:
+        from supabase import AsyncClientOptions, acreate_client
+
+        self._http = httpx.AsyncClient(timeout=self._timeout)
+        self._client = await acreate_client(
+            self._url,
+            self._key,
+            options=AsyncClientOptions(
+                httpx_client=self._http, auto_refresh_token=False, persist_session=False
+            ),
+        )
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+        self._client = None
+        self._http = None
+
+    async def rpc(
+        self, name: str, params: Mapping[str, Any] | None = None, *, user: User | None = None
+    ) -> list[Row]:
+        from postgrest import APIError, AsyncPostgrestClient
+
+        _check_name(name)
+        if self._client is None or self._http is None:
+            raise RuntimeError("SupabaseDatabase.open() was not called")
+        body = {key: _plain(value) for key, value in (params or {}).items()}
+        try:
+            if user is None:
+                response = await self._client.rpc(name, body).execute()
+            else:
+                # The user's own token: PostgREST switches to `authenticated` with their claims.
+                scoped = AsyncPostgrestClient(
+                    f"{self._url}/rest/v1",
+                    headers={"apikey": self._key, "Authorization": f"Bearer {user.token}"},
+                    http_client=self._http,
+                )
+                response = await scoped.rpc(name, body).execute()
+        except APIError as exc:
+            raise _postgrest_error(exc, name) from exc
+        except httpx.HTTPError as exc:
+            raise _postgrest_error(exc, name) from exc
+        data = response.data
+        if data is None:
+            return []
+        if isinstance(data, list):
+            return [dict(row) for row in data]
+        return [dict(data)] if isinstance(data, dict) else [{name: data}]
+
+    async def ping(self) -> None:
+        if self._http is None:
+            raise RuntimeError("SupabaseDatabase.open() was not called")
+        try:
+            headers = {"apikey": self._key}
+            if self._key.startswith("eyJ"):
+                # A legacy JWT key is also the bearer; new sb_secret_ keys go as apikey only.
+                headers["Authorization"] = f"Bearer {self._key}"
+            response = await self._http.get(f"{self._url}/rest/v1/", headers=headers)
+        except httpx.HTTPError as exc:
+            raise DatabaseUnavailable() from exc
+        if response.status_code >= 500:
+            raise DatabaseUnavailable()
+
+
+def database_from_settings(settings: Settings) -> Database:
+    """PostgresDatabase when DATABASE_URL is set, else SupabaseDatabase."""
+    if settings.database_url is not None:
+        return PostgresDatabase.from_settings(settings)
+    return SupabaseDatabase.from_settings(settings)

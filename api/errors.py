@@ -1,0 +1,155 @@
+"""Every error the service answers with, and the one table from SQLSTATE to HTTP status.
+
+Responses are `{"error": {"code": ..., "message": ...}}`. Messages are written for the caller:
+no stack traces, no SQL, no secrets. What the caller cannot act on (a misconfigured database, a
+bug) is logged in full and answered with a generic message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+logger = logging.getLogger("api.errors")
+
+
+class ApiError(Exception):
+    """An error answered as JSON with `status`; `message` is safe to show the caller."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+class DatabaseUnavailable(ApiError):
+    """The database cannot be reached (connection refused or lost, pool exhausted, timeout).
+
+    503: the caller (Stripe, for webhooks) should retry; nothing was committed.
+    """
+
+    def __init__(self, message: str = "the database is unavailable; retry later") -> None:
+        super().__init__(503, "database_unavailable", message, headers={"Retry-After": "5"})
+
+
+class DatabaseError(Exception):
+    """A database call failed with a SQLSTATE. Translated into an ApiError by `from_sqlstate`."""
+
+    def __init__(self, sqlstate: str | None, message: str, *, function: str = "") -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
+        self.function = function
+
+
+# SQLSTATE -> (HTTP status, error code, whether the database's message may be shown).
+# The token-billing functions raise these on purpose (see 20261121000100_billing_schema.sql).
+SQLSTATE_STATUS: Mapping[str, tuple[int, str, bool]] = {
+    "22023": (400, "invalid_argument", True),
+    "TBKEY": (409, "idempotency_key_reused", True),
+    "TBRES": (404, "reservation_not_found", True),
+    "TBAPP": (409, "append_only", True),
+    "TBCUS": (409, "customer_conflict", True),
+    "23505": (409, "conflict", True),  # unique violation, e.g. a Stripe price on two products
+    # Privileges: the service's role lacks a grant. The caller cannot fix it; an operator must.
+    "42501": (500, "misconfigured", False),
+    # The function does not exist: a migration is missing.
+    "42883": (500, "misconfigured", False),
+    "57014": (503, "database_timeout", False),  # statement_timeout
+    "40001": (503, "database_busy", False),  # serialization failure
+    "40P01": (503, "database_busy", False),  # deadlock
+    "53300": (503, "database_unavailable", False),  # too many connections
+    "57P01": (503, "database_unavailable", False),  # admin shutdown
+    "57P02": (503, "database_unavailable", False),
+    "57P03": (503, "database_unavailable", False),
+}
+
+
+def from_sqlstate(exc: DatabaseError) -> ApiError:
+    """The ApiError for a failed database call; unknown SQLSTATEs are a 500, logged."""
+    status, code, public = SQLSTATE_STATUS.get(exc.sqlstate or "", (500, "internal_error", False))
+    if status >= 500:
+        logger.log(
+            logging.WARNING if status == 503 else logging.ERROR,
+            "database call failed",
+            extra={
+                "fields": {
+                    "function": exc.function,
+                    "sqlstate": exc.sqlstate,
+                    "detail": exc.message,
+                }
+            },
+        )
+    if public:
+        return ApiError(status, code, exc.message)
+    if status == 503:
+        return DatabaseUnavailable("the database is busy or unavailable; retry later")
+    return ApiError(status, code, "internal error: the operator has been told")
+
+
+def error_body(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+def error_response(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=status, headers=dict(headers or {}))
+
+
+_HTTP_CODES: Mapping[int, str] = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+}
+
+
+async def handle_api_error(request: Request, exc: Exception) -> Response:
+    if not isinstance(exc, ApiError):
+        return await handle_unexpected(request, exc)
+    return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+
+async def handle_database_error(request: Request, exc: Exception) -> Response:
+    if not isinstance(exc, DatabaseError):
+        return await handle_unexpected(request, exc)
+    return await handle_api_error(request, from_sqlstate(exc))
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    if not isinstance(exc, HTTPException):
+        return await handle_unexpected(request, exc)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail), exc.headers)
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    logger.error("unhandled error", exc_info=exc)
+    return error_response(500, "internal_error", "internal error: the operator has been told")
+
+
+EXCEPTION_HANDLERS: Mapping[Any, Any] = {
+    ApiError: handle_api_error,
+    DatabaseError: handle_database_error,
+    HTTPException: handle_http_exception,
+    Exception: handle_unexpected,
+}

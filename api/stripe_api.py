@@ -1,0 +1,168 @@
+"""The Stripe calls the service makes, with the async StripeClient.
+
+Every POST carries an Idempotency-Key derived from what it does, so a retry (ours, the stripe
+library's after a network error or 5xx, or the user's double click) makes one object, never two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import stripe
+
+from api.errors import ApiError
+from api.metrics import Metrics
+from api.settings import Settings
+
+logger = logging.getLogger("api.stripe")
+
+
+def idempotency_key(*parts: object) -> str:
+    """A stable key from the parts: the same parts give the same key (at most 255 characters)."""
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()
+    return f"tb-{parts[0]}-{digest[:48]}"
+
+
+def stripe_error(exc: stripe.StripeError, operation: str) -> ApiError:
+    """A clean ApiError for a failed Stripe call; details go to the log, not to the caller."""
+    request_id = getattr(exc, "request_id", None)
+    fields = {
+        "operation": operation,
+        "stripe_error": type(exc).__name__,
+        "stripe_code": exc.code,
+        "http_status": exc.http_status,
+        "stripe_request_id": request_id,
+    }
+    suffix = f" (Stripe request {request_id})" if request_id else ""
+    if isinstance(exc, stripe.CardError):
+        logger.info("stripe card error", extra={"fields": fields})
+        reason = f" ({exc.code})" if exc.code else ""
+        return ApiError(402, "payment_failed", f"the payment was declined{reason}")
+    if isinstance(exc, stripe.IdempotencyError):
+        logger.warning("stripe idempotency error", extra={"fields": fields})
+        return ApiError(
+            409,
+            "idempotency_key_reused",
+            "this Idempotency-Key was already used for a different request",
+        )
+    if isinstance(exc, stripe.RateLimitError):
+        logger.warning("stripe rate limit", extra={"fields": fields})
+        return ApiError(
+            503,
+            "stripe_busy",
+            "Stripe is rate limiting; retry shortly" + suffix,
+            headers={"Retry-After": "2"},
+        )
+    if isinstance(exc, stripe.APIConnectionError):
+        logger.warning("stripe unreachable", extra={"fields": fields})
+        return ApiError(
+            503,
+            "stripe_unavailable",
+            "Stripe cannot be reached; retry shortly",
+            headers={"Retry-After": "5"},
+        )
+    if isinstance(exc, stripe.AuthenticationError | stripe.PermissionError):
+        logger.error("stripe refused the service's key", extra={"fields": fields})
+        return ApiError(
+            502, "stripe_misconfigured", "the payment provider refused the request" + suffix
+        )
+    logger.error("stripe request failed", extra={"fields": fields})
+    return ApiError(502, "stripe_error", "the payment provider failed the request" + suffix)
+
+
+class HTTPXClient(stripe.HTTPXClient):
+    """stripe's async httpx transport, sending the form body as `content=`.
+
+    The library passes the encoded body as httpx's `data=<str>`, which httpx deprecates (a
+    DeprecationWarning on every request); the bytes on the wire are the same.
+    """
+
+    def _get_request_args_kwargs(  # type: ignore[no-untyped-def]
+        self, method: str, url: str, headers: Mapping[str, str], post_data
+    ):
+        args, kwargs = super()._get_request_args_kwargs(method, url, headers, post_data)
+        data = kwargs.pop("data", None)
+        if isinstance(data, str | bytes):
+            kwargs["content"] = data
+        elif data:
+            kwargs["data"] = data
+        return args, kwargs
+
+
+def make_client(settings: Settings) -> tuple[stripe.StripeClient, HTTPXClient]:
+    """The async StripeClient for these settings, and its transport (close it when done)."""
+    http = HTTPXClient(timeout=settings.stripe_timeout_seconds)
+    client = stripe.StripeClient(
+        settings.stripe_secret_key.get_secret_value(),
+        base_addresses={"api": settings.stripe_api_base_url},
+        max_network_retries=settings.stripe_max_network_retries,
+        http_client=http,
+    )
+    return client, http
+
+
+def _metadata(values: Mapping[str, object]) -> dict[str, str]:
+    return {key: str(value) for key, value in values.items()}
+
+
+class StripeGateway:
+    """The StripeClient the service uses, its metrics, and its error mapping."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.client, self._http = make_client(settings)
+        self._metrics = metrics
+
+    async def close(self) -> None:
+        await self._http.close_async()  # type: ignore[no-untyped-call]
+
+    async def _call(self, operation: str, coro: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return await coro
+        except stripe.StripeError as exc:
+            self._metrics.stripe_errors.labels(operation, type(exc).__name__).inc()
+            raise stripe_error(exc, operation) from exc
+        finally:
+            self._metrics.stripe_latency.labels(operation).observe(time.perf_counter() - started)
+
+    async def create_customer(self, user_id: str, email: str | None) -> str:
+        """A new customer for the user; the key makes concurrent or retried calls make one."""
+        params: dict[str, Any] = {"metadata": {"user_id": user_id}}
+        if email:
+            params["email"] = email
+        customer = await self._call(
+            "customers.create",
+            self.client.v1.customers.create_async(
+                params=params,  # type: ignore[arg-type]
+                options={"idempotency_key": idempotency_key("customer", user_id)},
+            ),
+        )
+        return str(customer.id)
+
+    async def create_checkout_session(self, params: Mapping[str, Any], key: str) -> tuple[str, str]:
+        session = await self._call(
+            "checkout.sessions.create",
+            self.client.v1.checkout.sessions.create_async(
+                params=dict(params),  # type: ignore[arg-type]
+                options={"idempotency_key": key},
+            ),
+        )
+        return str(session.id), str(session.url)
+
+    async def create_portal_session(self, customer_id: str, return_url: str, key: str) -> str:
+        session = await self._call(
+            "billing_portal.sessions.create",
+            self.client.v1.billing_portal.sessions.create_async(
+                params={"customer": customer_id, "return_url": return_url},
+                options={"idempotency_key": key},
+            ),
+        )
+        return str(session.url)
+
+    @staticmethod
+    def metadata(values: Mapping[str, object]) -> dict[str, str]:
+        return _metadata(values)

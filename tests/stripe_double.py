@@ -1,0 +1,386 @@
+"""A local HTTP double of the Stripe API: a real server in a thread that records every request.
+
+It answers the handful of endpoints the service and the CLI call (customers, checkout sessions,
+billing portal sessions, products, prices) the way Stripe does: form-encoded requests, JSON
+objects with `id` and `object`, Stripe's error envelope, and idempotency (the same
+Idempotency-Key with the same parameters replays the first response; with other parameters it is
+an `idempotency_error`). It can be told to fail the next requests with a status or to drop the
+connection, to exercise the stripe library's retries and the service's error mapping.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One request as the double received it."""
+
+    method: str
+    path: str
+    params: dict[str, str]
+    idempotency_key: str | None
+    authorization: str | None
+
+
+@dataclass
+class Failure:
+    status: int  # 0: drop the connection without an answer
+    error_type: str = "api_error"
+    code: str | None = None
+    message: str = "injected failure"
+    path: str | None = None  # only requests to this path; None: any request
+
+
+@dataclass
+class StripeState:
+    customers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    products: dict[str, dict[str, Any]] = field(default_factory=dict)
+    prices: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def nest(flat: dict[str, str]) -> dict[str, Any]:
+    """`{"a[b][0]": "x"}` -> `{"a": {"b": {"0": "x"}}}` (Stripe's form encoding, undone)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.replace("]", "").split("[")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _indexed(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [value[k] for k in sorted(value, key=int)]
+    return [] if value is None else [value]
+
+
+class StripeDouble:
+    """Start with `with StripeDouble() as stripe_double:`; point STRIPE_API_BASE at `.url`."""
+
+    def __init__(self) -> None:
+        self.requests: list[Recorded] = []
+        self.state = StripeState()
+        self._failures: list[Failure] = []
+        self._idempotent: dict[str, tuple[str, str, dict[str, str], int, bytes]] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        double = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                double._handle(self, "GET")
+
+            def do_POST(self) -> None:
+                double._handle(self, "POST")
+
+            def do_DELETE(self) -> None:
+                double._handle(self, "DELETE")
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def __enter__(self) -> StripeDouble:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    # --- test controls ------------------------------------------------------------------------
+    def fail_next(
+        self,
+        status: int,
+        *,
+        count: int = 1,
+        error_type: str = "api_error",
+        code: str | None = None,
+        message: str = "injected failure",
+        path: str | None = None,
+    ) -> None:
+        """Answer the next `count` requests (to `path`, if given) with this error; status 0
+        drops the connection without an answer."""
+        with self._lock:
+            self._failures.extend(
+                Failure(status, error_type, code, message, path) for _ in range(count)
+            )
+
+    def drop_next(self, count: int = 1) -> None:
+        self.fail_next(0, count=count)
+
+    def posts(self, path_prefix: str = "") -> list[Recorded]:
+        return [r for r in self.requests if r.method == "POST" and r.path.startswith(path_prefix)]
+
+    def clear(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+    def add_price(self, price_id: str, product_id: str = "prod_test", **fields: Any) -> None:
+        self.state.prices[price_id] = {
+            "id": price_id,
+            "object": "price",
+            "product": product_id,
+            "active": True,
+            "lookup_key": None,
+            **fields,
+        }
+
+    # --- the server side ----------------------------------------------------------------------
+    def _new_id(self, prefix: str) -> str:
+        return f"{prefix}_double{next(self._ids):06d}"
+
+    def _handle(self, handler: BaseHTTPRequestHandler, method: str) -> None:
+        split = urlsplit(handler.path)
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length).decode() if length else ""
+        raw = split.query if method == "GET" else body
+        params = dict(parse_qsl(raw, keep_blank_values=True))
+        key = handler.headers.get("Idempotency-Key")
+        recorded = Recorded(method, split.path, params, key, handler.headers.get("Authorization"))
+        with self._lock:
+            self.requests.append(recorded)
+            failure = next((f for f in self._failures if f.path in (None, split.path)), None)
+            if failure is not None:
+                self._failures.remove(failure)
+        if failure is not None and failure.status == 0:
+            handler.close_connection = True
+            handler.connection.shutdown(2)  # the client sees the connection drop, no answer
+            return
+        if failure is not None:
+            error: dict[str, Any] = {"type": failure.error_type, "message": failure.message}
+            if failure.code:
+                error["code"] = failure.code
+            self._send(handler, failure.status, {"error": error})
+            return
+        if not (recorded.authorization or "").startswith("Bearer sk_"):
+            self._send(handler, 401, _error("invalid_request_error", "Invalid API Key provided"))
+            return
+        with self._lock:
+            if method == "POST" and key is not None and key in self._idempotent:
+                first_method, first_path, first_params, status, payload = self._idempotent[key]
+                if (first_method, first_path, first_params) != (method, split.path, params):
+                    self._send(
+                        handler,
+                        400,
+                        _error(
+                            "idempotency_error",
+                            "Keys for idempotent requests can only be used with the same "
+                            "parameters they were first used with.",
+                        ),
+                    )
+                    return
+                self._send_raw(handler, status, payload, replayed=True)
+                return
+            status, answer = self._route(method, split.path, params)
+            payload = json.dumps(answer).encode()
+            if method == "POST" and key is not None and status < 500:
+                self._idempotent[key] = (method, split.path, params, status, payload)
+        self._send_raw(handler, status, payload)
+
+    def _send(self, handler: BaseHTTPRequestHandler, status: int, answer: Any) -> None:
+        self._send_raw(handler, status, json.dumps(answer).encode())
+
+    def _send_raw(
+        self, handler: BaseHTTPRequestHandler, status: int, payload: bytes, replayed: bool = False
+    ) -> None:
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.send_header("Request-Id", f"req_double{len(self.requests):06d}")
+        if replayed:
+            handler.send_header("Idempotent-Replayed", "true")
+        handler.end_headers()
+        handler.wfile.write(payload)
+
+    def _route(self, method: str, path: str, params: dict[str, str]) -> tuple[int, Any]:
+        data = nest(params)
+        parts = path.strip("/").split("/")
+        match (method, parts):
+            case ("POST", ["v1", "customers"]):
+                customer = {
+                    "id": self._new_id("cus"),
+                    "object": "customer",
+                    "email": data.get("email"),
+                    "metadata": data.get("metadata", {}),
+                }
+                self.state.customers[customer["id"]] = customer
+                return 200, customer
+            case ("GET", ["v1", "customers", customer_id]):
+                if customer_id not in self.state.customers:
+                    return _missing("customer", customer_id, 404)
+                return 200, self.state.customers[customer_id]
+            case ("POST", ["v1", "checkout", "sessions"]):
+                return self._checkout(data)
+            case ("POST", ["v1", "billing_portal", "sessions"]):
+                customer_id = data.get("customer", "")
+                if customer_id not in self.state.customers:
+                    return _missing("customer", customer_id)
+                session_id = self._new_id("bps")
+                return 200, {
+                    "id": session_id,
+                    "object": "billing_portal.session",
+                    "customer": customer_id,
+                    "return_url": data.get("return_url"),
+                    "url": f"https://billing.stripe.com/p/session/test_{session_id}",
+                }
+            case ("GET", ["v1", "products", product_id]):
+                if product_id not in self.state.products:
+                    return _missing("product", product_id, 404)
+                return 200, self.state.products[product_id]
+            case ("POST", ["v1", "products"]):
+                product_id = data.get("id") or self._new_id("prod")
+                if product_id in self.state.products:
+                    return 400, _error(
+                        "invalid_request_error",
+                        f"Product already exists: {product_id}",
+                        code="resource_already_exists",
+                    )
+                product = {
+                    "id": product_id,
+                    "object": "product",
+                    "active": data.get("active", "true") == "true",
+                    "name": data.get("name"),
+                    "description": data.get("description"),
+                    "metadata": data.get("metadata", {}),
+                }
+                self.state.products[product_id] = product
+                return 200, product
+            case ("POST", ["v1", "products", product_id]):
+                if product_id not in self.state.products:
+                    return _missing("product", product_id, 404)
+                product = self.state.products[product_id]
+                for name in ("name", "description"):
+                    if name in data:
+                        product[name] = data[name] or None
+                if "active" in data:
+                    product["active"] = data["active"] == "true"
+                product["metadata"] = {**product["metadata"], **data.get("metadata", {})}
+                return 200, product
+            case ("GET", ["v1", "prices"]):
+                keys = set(_indexed(data.get("lookup_keys")))
+                found = [
+                    p
+                    for p in self.state.prices.values()
+                    if (not keys or p.get("lookup_key") in keys)
+                    and ("active" not in data or p["active"] == (data["active"] == "true"))
+                ]
+                return 200, {"object": "list", "data": found, "has_more": False, "url": path}
+            case ("POST", ["v1", "prices"]):
+                return self._create_price(data)
+            case ("POST", ["v1", "prices", price_id]):
+                if price_id not in self.state.prices:
+                    return _missing("price", price_id, 404)
+                price = self.state.prices[price_id]
+                if "active" in data:
+                    price["active"] = data["active"] == "true"
+                return 200, price
+        return 404, _error("invalid_request_error", f"Unrecognized request URL ({method} {path})")
+
+    def _checkout(self, data: dict[str, Any]) -> tuple[int, Any]:
+        mode = data.get("mode")
+        if mode not in ("payment", "subscription", "setup"):
+            return 400, _error("invalid_request_error", "Missing required param: mode.", "mode")
+        customer_id = data.get("customer")
+        if customer_id is not None and customer_id not in self.state.customers:
+            return _missing("customer", customer_id)
+        items = _indexed(data.get("line_items"))
+        for item in items:
+            price_id = item.get("price")
+            if price_id not in self.state.prices:
+                return _missing("price", price_id)
+            price = self.state.prices[price_id]
+            if mode == "subscription" and not price.get("recurring"):
+                return 400, _error(
+                    "invalid_request_error",
+                    "You must provide at least one recurring price in `subscription` mode.",
+                )
+        session_id = self._new_id("cs_test")
+        session = {
+            "id": session_id,
+            "object": "checkout.session",
+            "mode": mode,
+            "customer": customer_id,
+            "client_reference_id": data.get("client_reference_id"),
+            "metadata": data.get("metadata", {}),
+            "success_url": data.get("success_url"),
+            "cancel_url": data.get("cancel_url"),
+            "status": "open",
+            "payment_status": "unpaid",
+            "url": f"https://checkout.stripe.com/c/pay/{session_id}",
+        }
+        self.state.sessions[session_id] = session
+        return 200, session
+
+    def _create_price(self, data: dict[str, Any]) -> tuple[int, Any]:
+        product_id = data.get("product")
+        if product_id not in self.state.products:
+            return _missing("product", str(product_id))
+        lookup_key = data.get("lookup_key")
+        if lookup_key:
+            holders = [p for p in self.state.prices.values() if p.get("lookup_key") == lookup_key]
+            if holders and data.get("transfer_lookup_key") != "true":
+                return 400, _error(
+                    "invalid_request_error",
+                    f"A price (`{holders[0]['id']}`) already uses that lookup key.",
+                    code="lookup_key_exists",
+                )
+            for holder in holders:
+                holder["lookup_key"] = None
+        recurring = data.get("recurring")
+        price = {
+            "id": self._new_id("price"),
+            "object": "price",
+            "active": True,
+            "product": product_id,
+            "currency": data.get("currency"),
+            "unit_amount": int(data["unit_amount"]) if "unit_amount" in data else None,
+            "lookup_key": lookup_key,
+            "recurring": (
+                {"interval": recurring.get("interval"), "interval_count": 1} if recurring else None
+            ),
+            "type": "recurring" if recurring else "one_time",
+            "metadata": data.get("metadata", {}),
+        }
+        self.state.prices[price["id"]] = price
+        return 200, price
+
+
+def _error(
+    error_type: str, message: str, param: str | None = None, *, code: str | None = None
+) -> dict[str, Any]:
+    error: dict[str, Any] = {"type": error_type, "message": message}
+    if param:
+        error["param"] = param
+    if code:
+        error["code"] = code
+    return {"error": error}
+
+
+def _missing(kind: str, object_id: str, status: int = 400) -> tuple[int, Any]:
+    """Stripe answers 404 for a missing object in the path, 400 for one named in a param."""
+    return status, _error(
+        "invalid_request_error", f"No such {kind}: '{object_id}'", code="resource_missing"
+    )

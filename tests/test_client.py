@@ -1,0 +1,181 @@
+"""api.client.TokenBilling over the real RPCs (PostgresDatabase on a fresh database)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+
+import pytest
+
+from api.client import InsufficientTokens, TokenBilling, UnknownAccount
+from api.db import PostgresDatabase
+from api.errors import DatabaseError
+from scripts.pgcluster import Database
+from tests.app_support import account, new_user, scalar
+
+T = TypeVar("T")
+
+
+def run(db: Database, body: Callable[[TokenBilling], Awaitable[T]]) -> T:
+    """Run `body` with a TokenBilling on its own pool, in a fresh event loop."""
+
+    async def main() -> T:
+        database = PostgresDatabase(db.dsn(), min_size=1, max_size=2)
+        await database.open()
+        try:
+            return await body(TokenBilling(database))
+        finally:
+            await database.close()
+
+    return asyncio.run(main())
+
+
+class Boom(Exception):
+    pass
+
+
+def test_reserve_then_settle_should_charge_the_actual_amount(db: Database) -> None:
+    user = new_user(db)
+
+    async def body(tokens: TokenBilling) -> tuple[int | None, str]:
+        async with tokens.reserve(user, 40, key="req-1") as r:
+            held = account(db, user)["reserved"]
+            result = await r.settle(25)
+        return held, result.status
+
+    held, status = run(db, body)
+    assert held == 40, "the estimate should be held while the work runs"
+    assert status == "applied"
+    assert account(db, user) == {"balance": 75, "reserved": 0, "plan": "free", "status": "none"}
+
+
+def test_exception_inside_the_block_should_release_the_hold(db: Database) -> None:
+    user = new_user(db)
+
+    async def body(tokens: TokenBilling) -> None:
+        async with tokens.reserve(user, 40):
+            raise Boom
+
+    with pytest.raises(Boom):
+        run(db, body)
+    assert account(db, user)["reserved"] == 0
+    assert account(db, user)["balance"] == 100
+    assert scalar(db, "select status from billing.reservations") == "released"
+
+
+def test_leaving_without_settling_should_release_the_hold(db: Database) -> None:
+    user = new_user(db)
+
+    async def body(tokens: TokenBilling) -> str | None:
+        async with tokens.reserve(user, 10) as r:
+            pass
+        return r.released.status if r.released else None
+
+    assert run(db, body) == "applied"
+    assert account(db, user) == {"balance": 100, "reserved": 0, "plan": "free", "status": "none"}
+
+
+def test_settling_above_the_estimate_should_be_capped_at_available(db: Database) -> None:
+    user = new_user(db)
+
+    async def body(tokens: TokenBilling) -> str:
+        async with tokens.reserve(user, 50) as r:
+            return (await r.settle(500)).status
+
+    assert run(db, body) == "partial"
+    assert account(db, user)["balance"] == 0, "never below zero for usage"
+
+
+def test_reserving_more_than_available_should_raise(db: Database) -> None:
+    user = new_user(db)
+
+    async def body(tokens: TokenBilling) -> None:
+        async with tokens.reserve(user, 101):
+            raise AssertionError("should not enter")
+
+    with pytest.raises(InsufficientTokens) as caught:
+        run(db, body)
+    assert caught.value.available == 100
+
+
+def test_a_retried_request_should_reuse_its_reservation(db: Database) -> None:
+    user = new_user(db)
+
+    async def body(tokens: TokenBilling) -> tuple[uuid.UUID | None, uuid.UUID | None]:
+        first = await tokens.reserve(user, 30, key="req-7").__aenter__()
+        again = await tokens.reserve(user, 30, key="req-7").__aenter__()
+        await first.settle(30)
+        return first.id, again.id
+
+    first_id, again_id = run(db, body)
+    assert first_id == again_id
+    assert account(db, user)["balance"] == 70
+
+
+def test_unknown_user_should_raise_unknown_account(db: Database) -> None:
+    async def body(tokens: TokenBilling) -> None:
+        async with tokens.reserve(uuid.uuid4(), 1):
+            pass
+
+    with pytest.raises(UnknownAccount):
+        run(db, body)
+
+
+def test_deduct_add_and_balance_should_round_trip(db: Database) -> None:
+    user = new_user(db)
+    expires = datetime.now(UTC) + timedelta(days=30)
+
+    async def body(tokens: TokenBilling) -> list[object]:
+        added = await tokens.add(user, 50, key="promo-1", kind="promotion", expires_at=expires)
+        again = await tokens.add(user, 50, key="promo-1", kind="promotion", expires_at=expires)
+        used = await tokens.deduct(user, 120, key="use-1", metadata={"model": "small"})
+        balance = await tokens.balance(user)
+        return [added.status, again.status, used.status, used.balance, balance]
+
+    added, again, used, used_balance, balance = run(db, body)
+    assert (added, again, used, used_balance) == ("applied", "duplicate", "applied", 30)
+    assert isinstance(balance, dict)
+    assert {k: balance[k] for k in ("balance", "available", "reserved", "plan")} == {
+        "balance": 30,
+        "available": 30,
+        "reserved": 0,
+        "plan": "free",
+    }
+
+
+def test_deducting_more_than_available_should_raise_and_change_nothing(db: Database) -> None:
+    user = new_user(db)
+
+    async def body(tokens: TokenBilling) -> None:
+        await tokens.deduct(user, 101, key="too-much")
+
+    with pytest.raises(InsufficientTokens):
+        run(db, body)
+    assert account(db, user)["balance"] == 100
+
+
+def test_key_reused_with_other_arguments_should_raise_tbkey(db: Database) -> None:
+    user = new_user(db)
+
+    async def body(tokens: TokenBilling) -> None:
+        await tokens.deduct(user, 5, key="k")
+        await tokens.deduct(user, 6, key="k")
+
+    with pytest.raises(DatabaseError) as caught:
+        run(db, body)
+    assert caught.value.sqlstate == "TBKEY"
+
+
+def test_invalid_amount_should_raise_22023_naming_the_argument(db: Database) -> None:
+    user = new_user(db)
+
+    async def body(tokens: TokenBilling) -> None:
+        await tokens.add(user, 0, key="zero")
+
+    with pytest.raises(DatabaseError) as caught:
+        run(db, body)
+    assert caught.value.sqlstate == "22023"
+    assert "p_amount" in caught.value.message
