@@ -68,16 +68,28 @@ def _check_name(name: str) -> None:
         raise ValueError(f"not an RPC name: {name!r}")
 
 
-def _adapt(value: Any) -> Any:
-    """Python values as psycopg parameters: dicts and lists are jsonb."""
+BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
+
+
+def _adapt(name: str, value: Any) -> Any:
+    """Python values as psycopg parameters: dicts and lists are jsonb.
+
+    An int beyond bigint is refused here with the SQLSTATE Postgres would use (22003): psycopg
+    would send it as numeric, and no function would match.
+    """
     if isinstance(value, dict | list):
         return Jsonb(value)
+    if isinstance(value, int) and not BIGINT_MIN <= value <= BIGINT_MAX:
+        raise DatabaseError("22003", f"{name} is out of range for type bigint")
     return value
 
 
 def _translate(exc: psycopg.Error, function: str) -> Exception:
     """The api.errors exception for a psycopg error."""
     sqlstate = exc.sqlstate
+    if sqlstate is None and isinstance(exc, psycopg.DataError):
+        # Refused by psycopg before sending (a NUL byte in a text): what Postgres says of one.
+        return DatabaseError("22021", str(exc), function=function)
     if sqlstate is not None and not sqlstate.startswith("08"):
         primary = exc.diag.message_primary or str(exc)
         return DatabaseError(sqlstate, primary, function=function)
@@ -164,7 +176,11 @@ class PostgresDatabase:
                 for key in params
             ),
         )
-        values = {key: _adapt(value) for key, value in params.items()}
+        try:
+            values = {key: _adapt(key, value) for key, value in params.items()}
+        except DatabaseError as exc:
+            exc.function = name
+            raise
         try:
             async with self._pool.connection() as conn:
                 if user is None:
@@ -182,6 +198,11 @@ class PostgresDatabase:
                     return await cur.fetchall()
         except psycopg.Error as exc:
             raise _translate(exc, name) from exc
+        except UnicodeEncodeError as exc:
+            # A lone surrogate in a text argument: not UTF-8, so nothing was sent.
+            raise DatabaseError(
+                "22021", f"an argument of {name} is not valid UTF-8 text", function=name
+            ) from exc
 
     async def ping(self) -> None:
         try:

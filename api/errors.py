@@ -79,9 +79,17 @@ SQLSTATE_STATUS: Mapping[str, tuple[int, str, bool]] = {
 }
 
 
+# Class 22 (data exception) beyond the codes above: Postgres could not take a value the caller
+# sent (22P02 not a uuid or not JSON, 22P05 \u0000 in JSON, 22008 a date out of range, 22021 a
+# NUL byte, 22003 a number beyond bigint). The caller's input is at fault, so a 400.
+DATA_EXCEPTION = (400, "invalid_argument", True)
+
+
 def from_sqlstate(exc: DatabaseError) -> ApiError:
     """The ApiError for a failed database call; unknown SQLSTATEs are a 500, logged."""
-    status, code, public = SQLSTATE_STATUS.get(exc.sqlstate or "", (500, "internal_error", False))
+    sqlstate = exc.sqlstate or ""
+    fallback = DATA_EXCEPTION if sqlstate.startswith("22") else (500, "internal_error", False)
+    status, code, public = SQLSTATE_STATUS.get(sqlstate, fallback)
     if status >= 500:
         logger.log(
             logging.WARNING if status == 503 else logging.ERROR,

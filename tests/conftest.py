@@ -8,6 +8,9 @@ gets a fresh copy of it (`create database ... template tb_template`, about 0.1 s
 Ways in (scripts.pgcluster.Database): `db.connect()` as postgres, `db.connect_superuser()`,
 `db.as_user(user_id)` / `db.as_anon()` / `db.as_service_role()` (login as authenticator, then
 `set role` with request.jwt.claims, as PostgREST does), `db.create_user(user_id)`, `db.psql(sql)`.
+
+Tests that restart Postgres or kill backends wholesale (the fault and storm suites) use
+`chaos_db` instead: a clone on a second cluster of their own, so no other test is disturbed.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Iterator
 import pytest
 
 from scripts.pgcluster import Database, PgCluster, build_template, temporary_cluster
+from tests.fault_support import SUMMARIES
 
 TEMPLATE = "tb_template"
 
@@ -30,6 +34,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _TIMINGS:
         parts = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in _TIMINGS.items())
         terminalreporter.write_line(f"database harness: {parts}")
+    # The fault, storm and fuzz suites' figures (docs/reliability.md quotes them).
+    for line in SUMMARIES:
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +78,23 @@ def db(pg_cluster: PgCluster, template_db: Database) -> Iterator[Database]:
     db = _clone(pg_cluster, template_db, "tb_test")
     yield db
     pg_cluster.drop_database(db.name)
+
+
+@pytest.fixture(scope="session")
+def chaos_cluster() -> Iterator[tuple[PgCluster, Database]]:
+    """A second cluster with its own template, for tests that restart Postgres or kill its
+    backends wholesale: the session cluster (and every other test's database) is never touched."""
+    started = time.monotonic()
+    with temporary_cluster() as cluster:
+        build_template(cluster, TEMPLATE)
+        _TIMINGS["chaos cluster (start + template)"] = time.monotonic() - started
+        yield cluster, Database(cluster, TEMPLATE)
+
+
+@pytest.fixture
+def chaos_db(chaos_cluster: tuple[PgCluster, Database]) -> Iterator[Database]:
+    """A fresh migrated database on the chaos cluster, dropped after the test."""
+    cluster, template = chaos_cluster
+    db = _clone(cluster, template, "tb_chaos")
+    yield db
+    cluster.drop_database(db.name)

@@ -1325,6 +1325,8 @@ declare
   v_attempts integer := 1;
   v_status text;
   v_detail text;
+  v_sqlstate text;
+  v_message text;
 begin
   perform billing.require_stripe_event(p_event);
   v_event_id := p_event ->> 'id';
@@ -1351,7 +1353,20 @@ begin
     v_attempts := v_stored.attempts + 1;
   end if;
 
-  select a.status, a.detail into v_status, v_detail from billing.apply_stripe_event(v_payload) as a;
+  begin
+    select a.status, a.detail into v_status, v_detail from billing.apply_stripe_event(v_payload) as a;
+  exception when data_exception or check_violation or not_null_violation then
+    -- A value the records cannot hold (an object id of the wrong shape, a date out of range):
+    -- the event is malformed, like the ones require_stripe_event refuses, and so is refused
+    -- the same way (22023, nothing stored) rather than failing as an internal error.
+    get stacked diagnostics v_sqlstate = returned_sqlstate, v_message = message_text;
+    if v_sqlstate = '22023' then
+      raise;
+    end if;
+    raise exception using
+      errcode = '22023',
+      message = format('p_event %s cannot be applied: %s (%s)', v_event_id, v_message, v_sqlstate);
+  end;
 
   update billing.stripe_events as e
   set status = v_status, detail = v_detail, attempts = v_attempts, processed_at = now()

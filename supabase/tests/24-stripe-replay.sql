@@ -308,13 +308,17 @@ select results_eq(
   $$values ('parked'::text)$$,
   'another unlinked session should be parked'
 );
--- Someone used the session's ledger key by hand, for another user.
+-- The owner wrote the session's ledger key by hand, for another user, dressed as a Stripe credit
+-- (no caller of the RPCs can: add_tokens refuses stripe: keys with 22023).
+reset role;
 select results_eq(
-  $$select status from public.add_tokens(
-    '00000000-0000-0000-0000-000000000242', 100, 'stripe:checkout:cs_24Broken', 'purchase')$$,
+  $$select status from billing.credit(
+    '00000000-0000-0000-0000-000000000242', 100, 'stripe:checkout:cs_24Broken', 'purchase',
+    null, null, '{"stripe_event_id": "evt_24_by_hand"}')$$,
   $$values ('applied'::text)$$,
-  'a manual credit should take the session''s ledger key for another user'
+  'a credit written by the owner should take the session''s ledger key for another user'
 );
+set local role service_role;
 select results_eq(
   $$select status from public.link_stripe_customer('00000000-0000-0000-0000-000000000241', 'cus_24Broken')$$,
   $$values ('applied'::text)$$,
