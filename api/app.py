@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -23,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api import history, stream, web
 from api.auth import Authenticator, User
 from api.db import Database, database_from_settings
 from api.errors import EXCEPTION_HANDLERS, ApiError, DatabaseError, DatabaseUnavailable
@@ -274,10 +276,23 @@ async def list_products(request: Request) -> Response:
     )
 
 
+def _strict_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range: {text[:20]}")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _parse_event(payload: bytes) -> dict[str, Any]:
+    # Strict JSON, as jsonb reads it: no NaN/Infinity, no float that overflows; and a nesting
+    # too deep for the parser is a bad payload like any other, not a server error.
     try:
-        event = json.loads(payload)
-    except ValueError:
+        event = json.loads(payload, parse_float=_strict_float, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
         raise ApiError(400, "invalid_payload", "the body is not valid JSON") from None
     if not isinstance(event, dict):
         raise ApiError(400, "invalid_payload", "the body is not a Stripe event object")
@@ -346,7 +361,8 @@ async def stripe_webhook(request: Request) -> Response:
             outcome = "database_unavailable"
             raise
         except DatabaseError as exc:
-            outcome = "invalid_payload" if exc.sqlstate == "22023" else "error"
+            # Class 22: the database could not take a value of the event (errors.py: 400).
+            outcome = "invalid_payload" if (exc.sqlstate or "").startswith("22") else "error"
             raise
         row = rows[0] if rows else {}
         outcome = str(row.get("status") or "error")
@@ -451,6 +467,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         db = database_from_settings(settings)
         gateway = StripeGateway(settings, metrics_)
         await db.open()
+        balances = stream.BalanceBroker.from_settings(settings, db)
+        await balances.start()
+        app.state.balances = balances
         app.state.runtime = Runtime(
             settings=settings,
             metrics=metrics_,
@@ -462,12 +481,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             yield
         finally:
+            await balances.close()
             await db.close()
             await gateway.close()
             await http.aclose()
 
     app = Starlette(
-        routes=routes,
+        routes=[*routes, *history.routes, *stream.routes, *web.routes(settings)],
         exception_handlers=dict(EXCEPTION_HANDLERS),
         lifespan=lifespan,
     )

@@ -1,10 +1,11 @@
 """The `token-billing` command.
 
-    token-billing serve [--host H] [--port P]
-    token-billing stripe trigger EVENT --user USER_ID --product CODE [--url URL]
-    token-billing stripe sync-products
+    token-billing [--env-file PATH] serve [--host H] [--port P]
+    token-billing [--env-file PATH] stripe trigger EVENT --user USER_ID --product CODE [--url URL]
+    token-billing [--env-file PATH] stripe sync-products
 
-Settings come from the environment and `.env`, as for the service (see .env.example).
+Settings come from the environment and `.env` (or --env-file), as for the service (see
+.env.example); `make dev` writes its own to .dev/dev.env.
 """
 
 from __future__ import annotations
@@ -14,15 +15,23 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
 import httpx
 
 from api.settings import ConfigError, Settings, load_settings
 
+# Seconds a shutdown waits for requests in flight (balance streams end at once, see api.stream).
+GRACEFUL_SHUTDOWN_SECONDS = 10
 
-def _settings(out: TextIO) -> Settings | None:
+
+def _settings(out: TextIO, env_file: Path | None = None) -> Settings | None:
     try:
+        if env_file is not None:
+            if not env_file.is_file():
+                raise ConfigError(f"--env-file {env_file} does not exist")
+            return load_settings(_env_file=env_file)
         return load_settings()
     except ConfigError as exc:
         print(f"token-billing: {exc}", file=out)
@@ -32,22 +41,25 @@ def _settings(out: TextIO) -> Settings | None:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from api.app import create_app
     from api.logs import configure_logging
+    from api.stream import Server
 
-    settings = _settings(sys.stderr)
+    settings = _settings(sys.stderr, args.env_file)
     if settings is None:
         return 2
     configure_logging(settings.log_level)
-    uvicorn.run(
-        "api.app:create_app",
-        factory=True,
+    config = uvicorn.Config(
+        create_app(settings),
         host=args.host,
         port=args.port,
         workers=1,
         access_log=False,  # the app writes one JSON line per request itself
         log_level=settings.log_level.lower(),
         proxy_headers=True,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
+    Server(config).run()
     return 0
 
 
@@ -66,7 +78,7 @@ async def _product(settings: Settings, code: str) -> dict[str, object] | None:
 def trigger(args: argparse.Namespace) -> int:
     from api.events import Product, build_event, stripe_signature
 
-    settings = _settings(sys.stderr)
+    settings = _settings(sys.stderr, args.env_file)
     if settings is None:
         return 2
     row = asyncio.run(_product(settings, args.product))
@@ -139,7 +151,7 @@ async def _sync(settings: Settings) -> int:
 
 
 def sync(args: argparse.Namespace) -> int:
-    settings = _settings(sys.stderr)
+    settings = _settings(sys.stderr, args.env_file)
     if settings is None:
         return 2
     return asyncio.run(_sync(settings))
@@ -149,6 +161,11 @@ def parser() -> argparse.ArgumentParser:
     from api.events import TRIGGERABLE
 
     p = argparse.ArgumentParser(prog="token-billing", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--env-file",
+        type=Path,
+        help="read settings from this file instead of .env (the environment still wins)",
+    )
     commands = p.add_subparsers(dest="command", required=True)
 
     s = commands.add_parser("serve", help="run the HTTP service (uvicorn, one worker)")

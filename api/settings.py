@@ -90,6 +90,11 @@ class Settings(BaseSettings):
     supabase_service_role_key: SecretStr | None = None
     """The service role (or `sb_secret_...`) key; needed only when DATABASE_URL is unset."""
 
+    supabase_anon_key: str | None = None
+    """The project's anon (or `sb_publishable_...`) key. Not a secret: the browser page uses it
+    with SUPABASE_URL for a live balance through Supabase Realtime. Unset: the page uses the
+    service's GET /v1/balance/stream instead."""
+
     supabase_jwt_secret: SecretStr | None = None
     """The project's legacy HS256 JWT secret. Unset: tokens are verified with the project's JWKS
     (ES256/RS256 signing keys) at SUPABASE_URL/auth/v1/.well-known/jwks.json."""
@@ -153,6 +158,10 @@ class Settings(BaseSettings):
 
     jwks_cache_seconds: int = Field(default=600, ge=1, le=86_400)
     """How long fetched JWKS keys are trusted before they are fetched again."""
+
+    balance_stream_heartbeat_seconds: float = Field(default=15.0, gt=0, le=300)
+    """Seconds between the comment lines that keep an idle GET /v1/balance/stream open through
+    proxies (and between checks that the service's LISTEN connection is alive)."""
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Level of the JSON log lines written to stderr."""

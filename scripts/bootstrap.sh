@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Install what the project needs on a fresh Debian machine, and nothing when it is already there:
 #   - Debian packages: Postgres 15 server and contrib, pgTAP, plpgsql_check, wal2json, pg_cron,
-#     pg_prove (apt-get update runs only when one is missing);
+#     pg_prove, and Chromium for the browser tests (apt-get update runs only when one is missing);
 #   - .venv with `pip install -e '.[dev]'`, redone only when pyproject.toml changes;
-#   - node_modules with `npm ci` (the pinned Supabase CLI), redone only when package-lock.json
-#     changes.
+#   - node_modules with `npm ci` (the pinned Supabase CLI, esbuild, tsc, supabase-js, and
+#     playwright-core, which drives Debian's Chromium and never downloads a browser), redone only
+#     when package-lock.json changes.
 # Idempotent; a second run takes well under a second. Called by `make test` and `make dev`.
 set -euo pipefail
 
@@ -28,6 +29,7 @@ APT_PACKAGES=(
   "postgresql-${PG_MAJOR}-wal2json"
   "postgresql-${PG_MAJOR}-cron"
   libtap-parser-sourcehandler-pgtap-perl
+  chromium
 )
 
 missing=()
@@ -85,9 +87,9 @@ if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.tb-stamp 2>/dev/null || true)" !
   echo "$py_stamp" > .venv/.tb-stamp
 fi
 
-# --- Node: the pinned Supabase CLI ---------------------------------------------------------------
+# --- Node: the pinned Supabase CLI and the web tools ---------------------------------------------
 npm_stamp="$(stamp_of package.json package-lock.json)"
-if [ ! -x node_modules/.bin/supabase ] || [ "$(cat node_modules/.tb-stamp 2>/dev/null || true)" != "$npm_stamp" ]; then
+if [ ! -x node_modules/.bin/supabase ] || [ ! -x node_modules/.bin/esbuild ] || [ "$(cat node_modules/.tb-stamp 2>/dev/null || true)" != "$npm_stamp" ]; then
   if ! command -v npm >/dev/null 2>&1; then
     log "npm is missing: installing nodejs and npm"
     export DEBIAN_FRONTEND=noninteractive

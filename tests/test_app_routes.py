@@ -31,9 +31,14 @@ CONTRACT_ROUTES = {
     ("/readyz", "GET"),
     ("/metrics", "GET"),
 }
+# Reads for the browser page (issue 7): the user's own ledger history and live balance.
+PAGE_ROUTES = {
+    ("/v1/ledger", "GET"),
+    ("/v1/balance/stream", "GET"),
+}
 
 
-def test_app_should_have_exactly_the_contract_routes() -> None:
+def test_app_should_have_exactly_the_contract_routes_and_the_page_reads() -> None:
     app = create_app(settings_for(None, database_url="postgresql://x@127.0.0.1:1/x"))
     served = {
         (route.path, method)
@@ -42,7 +47,7 @@ def test_app_should_have_exactly_the_contract_routes() -> None:
         for method in (route.methods or ())
         if method != "HEAD"
     }
-    assert served == CONTRACT_ROUTES
+    assert served == CONTRACT_ROUTES | PAGE_ROUTES
 
 
 def test_create_app_without_settings_should_read_the_environment(

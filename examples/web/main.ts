@@ -1,0 +1,335 @@
+// The token page: sign-in (demo), balance, catalog with Checkout, recent activity, live updates.
+//
+// It reads config.json next to the page: where the API is (apiUrl, "" for the same origin) and,
+// when Supabase Realtime is available, the project URL and anon key. Without them the balance
+// follows the service's Server-Sent Events stream.
+
+import { TokenBillingApi, type Balance, type LedgerEntry, type Product } from "./api";
+import { realtimeBalance, streamBalance, type LiveHandlers, type LiveState, type Stop } from "./live";
+import { isExpired, plainWords, type Context } from "./messages";
+
+interface Config {
+  apiUrl: string;
+  supabaseUrl: string | null;
+  supabaseAnonKey: string | null;
+  devSignIn: boolean;
+}
+
+interface Session {
+  token: string;
+  userId: string;
+  email: string;
+}
+
+const SESSION_KEY = "token-billing.session";
+const numbers = new Intl.NumberFormat("en-US");
+const times = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "short" });
+
+function $<T extends HTMLElement = HTMLElement>(id: string): T {
+  const element = document.getElementById(id);
+  if (!element) throw new Error(`#${id} is missing from the page`);
+  return element as T;
+}
+
+function loadSession(): Session | null {
+  try {
+    const raw = sessionStorage.getItem(SESSION_KEY);
+    return raw ? (JSON.parse(raw) as Session) : null;
+  } catch {
+    return null;
+  }
+}
+
+function saveSession(value: Session | null): void {
+  if (value) sessionStorage.setItem(SESSION_KEY, JSON.stringify(value));
+  else sessionStorage.removeItem(SESSION_KEY);
+}
+
+let config: Config = { apiUrl: "", supabaseUrl: null, supabaseAnonKey: null, devSignIn: false };
+let session: Session | null = loadSession();
+let stopLive: Stop | null = null;
+let shown: Balance | null = null;
+let ledgerTimer: ReturnType<typeof setTimeout> | undefined;
+let client = new TokenBillingApi("", () => session?.token ?? null);
+
+// --- messages ------------------------------------------------------------------------------
+
+function showError(message: string, options: { signIn?: boolean } = {}): void {
+  $("error-text").textContent = message;
+  $("error-sign-in").hidden = !(options.signIn && config.devSignIn);
+  $("error").hidden = false;
+}
+
+function clearError(): void {
+  $("error").hidden = true;
+  $("error-text").textContent = "";
+}
+
+function showNotice(message: string): void {
+  const notice = $("notice");
+  notice.textContent = message;
+  notice.hidden = false;
+}
+
+function fail(error: unknown, context: Context): void {
+  if (isExpired(error)) {
+    signedOut(plainWords(error, context));
+    return;
+  }
+  showError(plainWords(error, context));
+}
+
+// --- rendering -----------------------------------------------------------------------------
+
+function planName(balance: Balance): string {
+  const name = balance.plan.charAt(0).toUpperCase() + balance.plan.slice(1);
+  const status = balance.subscription_status;
+  return status === "none" || status === "active" ? name : `${name} (${status.replace("_", " ")})`;
+}
+
+function renderBalance(balance: Balance): void {
+  const previous = shown;
+  shown = balance;
+  const available = $("available");
+  available.textContent = numbers.format(balance.available);
+  $("reserved").textContent = numbers.format(balance.reserved);
+  $("balance").textContent = numbers.format(balance.balance);
+  $("plan").textContent = planName(balance);
+  if (previous && previous.available !== balance.available) {
+    const delta = balance.available - previous.available;
+    $("balance-announcement").textContent =
+      `Balance updated: ${numbers.format(balance.available)} tokens available ` +
+      `(${delta > 0 ? "+" : "−"}${numbers.format(Math.abs(delta))}).`;
+    available.classList.add("changed");
+    setTimeout(() => available.classList.remove("changed"), 1200);
+  }
+  if (previous && previous.balance !== balance.balance) {
+    clearTimeout(ledgerTimer);
+    ledgerTimer = setTimeout(() => void loadLedger(), 300);
+  }
+}
+
+function renderLive(state: LiveState): void {
+  const live = $("live");
+  live.dataset["state"] = state;
+  $("live-text").textContent =
+    state === "live" ? "Live" : state === "connecting" ? "Connecting…" : "Reconnecting…";
+}
+
+function price(product: Product): string {
+  if (product.price_cents == null) return "";
+  const money = new Intl.NumberFormat("en-US", {
+    style: "currency",
+    currency: (product.currency ?? "usd").toUpperCase(),
+  }).format(product.price_cents / 100);
+  return product.kind === "plan" ? `${money} a month` : money;
+}
+
+function renderProducts(products: Product[]): void {
+  const list = $("products");
+  list.replaceChildren();
+  const forSale = products.filter((p) => (p.price_cents ?? 0) > 0);
+  for (const product of forSale) {
+    const item = document.createElement("li");
+    item.className = "product";
+    const title = document.createElement("h3");
+    title.textContent = product.name;
+    const tokens = document.createElement("p");
+    tokens.textContent =
+      product.description ??
+      `${numbers.format(product.tokens)} tokens` + (product.kind === "plan" ? " every month" : "");
+    const cost = document.createElement("p");
+    cost.className = "price";
+    cost.textContent = price(product);
+    const button = document.createElement("button");
+    button.type = "button";
+    button.dataset["product"] = product.code;
+    button.textContent = product.kind === "plan" ? "Subscribe" : "Buy";
+    button.setAttribute("aria-label", `${button.textContent} ${product.name} for ${price(product)}`);
+    if (!product.purchasable) {
+      // Still focusable, so a keyboard user can reach it and hear why it does nothing.
+      button.setAttribute("aria-disabled", "true");
+      button.textContent = "Not on sale yet";
+    }
+    button.addEventListener("click", () => void buy(product, button));
+    item.append(title, tokens, cost, button);
+    list.append(item);
+  }
+  const note = $("catalog-note");
+  note.hidden = forSale.every((p) => p.purchasable);
+  const command = document.createElement("code");
+  command.textContent = "token-billing stripe sync-products";
+  note.replaceChildren(
+    "Some products have no Stripe price yet. With a Stripe test key in .env, run ",
+    command,
+    " to sell them.",
+  );
+}
+
+function renderLedger(entries: LedgerEntry[]): void {
+  const body = $("ledger");
+  body.replaceChildren();
+  $("history-empty").hidden = entries.length > 0;
+  $("history").hidden = entries.length === 0;
+  for (const entry of entries) {
+    const row = document.createElement("tr");
+    const when = document.createElement("td");
+    when.textContent = times.format(new Date(entry.created_at));
+    const what = document.createElement("td");
+    what.textContent = entry.description || entry.kind.charAt(0).toUpperCase() + entry.kind.slice(1);
+    const amount = document.createElement("td");
+    amount.className = "num " + (entry.amount >= 0 ? "credit" : "debit");
+    amount.textContent = (entry.amount >= 0 ? "+" : "−") + numbers.format(Math.abs(entry.amount));
+    const after = document.createElement("td");
+    after.className = "num";
+    after.textContent = numbers.format(entry.balance_after);
+    row.append(when, what, amount, after);
+    body.append(row);
+  }
+}
+
+// --- actions -------------------------------------------------------------------------------
+
+async function loadLedger(): Promise<void> {
+  try {
+    renderLedger(await client.ledger(10));
+  } catch (error) {
+    fail(error, "load");
+  }
+}
+
+async function buy(product: Product, button: HTMLButtonElement): Promise<void> {
+  clearError();
+  if (!product.purchasable) {
+    showError(
+      "This product can't be bought yet: it has no Stripe price. " +
+        "(Developers: run `token-billing stripe sync-products`.)",
+    );
+    return;
+  }
+  const label = button.textContent;
+  button.disabled = true;
+  button.setAttribute("aria-busy", "true");
+  button.textContent = "Opening checkout…";
+  try {
+    const { url } = await client.checkout(product.code);
+    window.location.assign(url);
+  } catch (error) {
+    fail(error, "checkout");
+    button.disabled = false;
+    button.removeAttribute("aria-busy");
+    button.textContent = label;
+    if (!$("error").hidden) button.focus();
+  }
+}
+
+function stop(): void {
+  stopLive?.();
+  stopLive = null;
+}
+
+function signedOut(message?: string): void {
+  stop();
+  session = null;
+  saveSession(null);
+  shown = null;
+  $("signed-in").hidden = true;
+  $("account").hidden = true;
+  // An error with its own "Sign in again" button replaces the sign-in card.
+  $("sign-in").hidden = !config.devSignIn || Boolean(message);
+  if (message) showError(message, { signIn: true });
+  else if (!config.devSignIn) {
+    showError("You're signed out. Sign in through your app to see your tokens.");
+  }
+}
+
+async function signIn(): Promise<void> {
+  clearError();
+  try {
+    const dev = await client.devSession();
+    session = { token: dev.access_token, userId: dev.user.id, email: dev.user.email };
+    saveSession(session);
+    await start();
+    $("main").focus();
+  } catch (error) {
+    showError(plainWords(error, "sign-in"));
+  }
+}
+
+async function startLive(current: Session): Promise<void> {
+  const handlers: LiveHandlers = {
+    onBalance: renderBalance,
+    onState: renderLive,
+    onAuthError: (error) => fail(error, "load"),
+  };
+  if (config.supabaseUrl && config.supabaseAnonKey) {
+    stopLive = await realtimeBalance(
+      {
+        supabaseUrl: config.supabaseUrl,
+        supabaseAnonKey: config.supabaseAnonKey,
+        userId: current.userId,
+        token: () => session?.token ?? null,
+        read: () => client.balance(),
+      },
+      handlers,
+    );
+  } else {
+    stopLive = streamBalance(client, handlers);
+  }
+}
+
+async function start(): Promise<void> {
+  const current = session;
+  if (!current) return;
+  $("sign-in").hidden = true;
+  $("account-email").textContent = current.email;
+  $("account").hidden = false;
+  $("signed-in").hidden = false;
+  try {
+    const [balance, products, entries] = await Promise.all([
+      client.balance(),
+      client.products(),
+      client.ledger(10),
+    ]);
+    renderBalance(balance);
+    renderProducts(products);
+    renderLedger(entries);
+  } catch (error) {
+    fail(error, "load");
+    return;
+  }
+  stop();
+  await startLive(current);
+}
+
+function checkoutReturn(): void {
+  const params = new URLSearchParams(window.location.search);
+  const outcome = params.get("checkout");
+  if (outcome === "success") {
+    showNotice(
+      "Payment received. Your tokens appear here as soon as Stripe confirms it, usually within seconds.",
+    );
+  } else if (outcome === "cancel") {
+    showNotice("Checkout cancelled. Nothing was charged.");
+  }
+  if (outcome) window.history.replaceState(null, "", window.location.pathname);
+}
+
+async function boot(): Promise<void> {
+  try {
+    const response = await fetch("config.json", { cache: "no-store" });
+    if (response.ok) config = { ...config, ...((await response.json()) as Partial<Config>) };
+  } catch {
+    // No config.json: same-origin API, no Realtime, no demo sign-in.
+  }
+  client = new TokenBillingApi(config.apiUrl, () => session?.token ?? null);
+  $("sign-in-button").addEventListener("click", () => void signIn());
+  $("error-sign-in").addEventListener("click", () => void signIn());
+  $("sign-out").addEventListener("click", () => signedOut());
+  window.addEventListener("pagehide", stop);
+  checkoutReturn();
+  if (session) await start();
+  else signedOut();
+}
+
+void boot();

@@ -1,0 +1,112 @@
+-- What the service's balance stream and ledger history read: the notify trigger (off unless
+-- enabled) and list_ledger_entries(). Shape, then privileges, then behaviour.
+begin;
+set local search_path = extensions, public;
+select plan(18);
+
+insert into auth.users (id, email) values
+('00000000-0000-0000-0000-000000000c01', 'c1@example.com'),
+('00000000-0000-0000-0000-000000000c02', 'c2@example.com');
+
+-- Shape ---------------------------------------------------------------------------------------
+select trigger_is(
+  'billing', 'accounts', 'tg_accounts__90_notify_balance',
+  'billing', 'tg_accounts__notify_balance',
+  'billing.accounts should announce changes through the notify trigger'
+);
+select ok(
+  (
+    select
+      pg_get_triggerdef(t.oid)
+      like '%WHEN ((current_setting(''token_billing.notify_balance''::text, true) = ''on''::text))%'
+    from pg_trigger as t
+    where t.tgname = 'tg_accounts__90_notify_balance'
+  ),
+  'the notify trigger should fire only when token_billing.notify_balance is on'
+);
+select is(
+  (
+    select tgtype::int & 2
+    from pg_trigger
+    where tgname = 'tg_accounts__90_notify_balance'
+  ),
+  0,
+  'the notify trigger should run after the change (never block or rewrite it)'
+);
+select is(
+  current_setting('token_billing.notify_balance', true), null,
+  'notifications should be off unless a database enables them'
+);
+select has_function(
+  'public', 'list_ledger_entries', array['uuid', 'integer'],
+  'public.list_ledger_entries should exist'
+);
+select isnt_definer(
+  'public', 'list_ledger_entries', array['uuid', 'integer'],
+  'list_ledger_entries should be security invoker'
+);
+
+-- Privileges ----------------------------------------------------------------------------------
+select function_privs_are(
+  'public', 'list_ledger_entries', array['uuid', 'integer'],
+  'service_role', array['EXECUTE'], 'service_role should execute list_ledger_entries'
+);
+select function_privs_are(
+  'public', 'list_ledger_entries', array['uuid', 'integer'],
+  'authenticated', array[]::text[], 'authenticated should not execute list_ledger_entries'
+);
+select function_privs_are(
+  'public', 'list_ledger_entries', array['uuid', 'integer'],
+  'anon', array[]::text[], 'anon should not execute list_ledger_entries'
+);
+select function_privs_are(
+  'billing', 'tg_accounts__notify_balance', array[]::text[],
+  'service_role', array[]::text[], 'service_role should not call the trigger function'
+);
+
+-- Behaviour -----------------------------------------------------------------------------------
+set local role service_role;
+select is(
+  (select status from public.add_tokens('00000000-0000-0000-0000-000000000c01', 50, 'c-1', 'purchase', 'pack')),
+  'applied', 'a purchase should apply'
+);
+select is(
+  (select status from public.deduct_tokens('00000000-0000-0000-0000-000000000c01', 20, 'c-2', 'a chat')),
+  'applied', 'a deduction should apply'
+);
+select is(
+  (select status from public.add_tokens('00000000-0000-0000-0000-000000000c02', 7, 'c-3', 'promotion')),
+  'applied', 'another user''s credit should apply'
+);
+
+select results_eq(
+  $$select amount, balance_after, kind, description
+    from public.list_ledger_entries('00000000-0000-0000-0000-000000000c01')$$,
+  $$values (-20::bigint, 130::bigint, 'usage'::text, 'a chat'::text),
+    (50::bigint, 150::bigint, 'purchase'::text, 'pack'::text),
+    (100::bigint, 100::bigint, 'signup'::text, 'Signup grant (free plan)'::text)$$,
+  'list_ledger_entries should return the user''s entries newest first, nobody else''s'
+);
+select results_eq(
+  $$select amount from public.list_ledger_entries('00000000-0000-0000-0000-000000000c01', 1)$$,
+  $$values (-20::bigint)$$,
+  'list_ledger_entries should return at most p_limit entries'
+);
+select is_empty(
+  $$select * from public.list_ledger_entries('00000000-0000-0000-0000-000000000c09')$$,
+  'list_ledger_entries should return nothing for a user without entries'
+);
+select throws_ok(
+  $$select * from public.list_ledger_entries('00000000-0000-0000-0000-000000000c01', 101)$$,
+  '22023', 'p_limit must be between 1 and 100, got 101',
+  'a limit above 100 should be refused with 22023'
+);
+select throws_ok(
+  $$select * from public.list_ledger_entries(null)$$,
+  '22023', 'p_user_id must not be null',
+  'a null user should be refused with 22023'
+);
+reset role;
+
+select * from finish();
+rollback;

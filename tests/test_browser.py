@@ -1,0 +1,327 @@
+"""The demo page in headless Chromium against `make dev`'s stack.
+
+The stack is started the way a developer starts it, `python -m scripts.dev --no-wait`, on free
+ports and in a state directory of its own (a developer's stack on 54322 is never touched), with
+STRIPE_API_BASE pointing at the local Stripe double; `--stop` ends it after the module. The page
+is driven by playwright-core in Debian's Chromium (tests/browser/driver.mjs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from api.events import customer_id_for
+from scripts import web as web_build
+from scripts.dev import DEMO_USER_ID, read_env_file
+from scripts.pgcluster import ROOT, port_in_use
+from tests.app_support import (
+    PACK_PRICE,
+    derived_checkout_event,
+    encode,
+    free_port,
+    sign,
+    user_token,
+)
+from tests.browser_support import ARTIFACTS, Browser, missing_prerequisites
+from tests.stripe_double import StripeDouble
+
+pytestmark = pytest.mark.slow
+
+LIVE_UPDATE_SECONDS = 2.0
+SESSION_KEY = "token-billing.session"
+
+
+@dataclass(frozen=True)
+class Stack:
+    url: str
+    api_port: int
+    pg_port: int
+    state: Path
+    settings: dict[str, str]
+    banner: str
+
+    def connect(self) -> psycopg.Connection[tuple[Any, ...]]:
+        return psycopg.connect(self.settings["DATABASE_URL"], autocommit=True)
+
+    def balance(self) -> int:
+        with self.connect() as conn:
+            row = conn.execute(
+                "select balance - reserved from billing.accounts where user_id = %s",
+                [DEMO_USER_ID],
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def _dev(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "scripts.dev", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=240,
+    )
+
+
+@pytest.fixture(scope="module")
+def stripe_double() -> Iterator[StripeDouble]:
+    with StripeDouble() as double:
+        double.add_price(PACK_PRICE, unit_amount=500, currency="usd")
+        # make dev's startup purchase (a triggered event) links this made-up customer to the
+        # demo user; the double plays a Stripe account that knows it.
+        customer = customer_id_for(DEMO_USER_ID)
+        double.state.customers[customer] = {"id": customer, "object": "customer"}
+        yield double
+
+
+@pytest.fixture(scope="module")
+def stack(stripe_double: StripeDouble) -> Iterator[Stack]:
+    missing = missing_prerequisites()
+    if missing:
+        pytest.fail("the browser tests need: " + ", ".join(missing))
+    web_build.build()
+    # Not under pytest's tmp dir: the `postgres` OS user must be able to reach the data dir.
+    state = Path(tempfile.mkdtemp(prefix="tb-devstack-", dir="/tmp"))
+    os.chmod(state, 0o755)  # noqa: S103
+    pg_port, api_port = free_port(), free_port()
+    args = ["--dir", str(state), "--port", str(pg_port), "--api-port", str(api_port)]
+    # No Stripe key of ours: make dev generates its fake one, as for a developer without a
+    # Stripe account; its requests go to the double.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STRIPE_", "SUPABASE_"))}
+    env.update(STRIPE_API_BASE=stripe_double.url, STRIPE_MAX_NETWORK_RETRIES="0")
+    started = _dev("--no-wait", *args, env=env)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        settings = read_env_file(state / "dev.env")
+        stack = Stack(
+            url=f"http://localhost:{api_port}",
+            api_port=api_port,
+            pg_port=pg_port,
+            state=state,
+            settings=settings,
+            banner=started.stdout,
+        )
+        # What `token-billing stripe sync-products` stores: pack_100 sells at the double's price.
+        with stack.connect() as conn:
+            conn.execute(
+                "update billing.products set stripe_price_id = %s where code = 'pack_100'",
+                [PACK_PRICE],
+            )
+        yield stack
+    finally:
+        stopped = _dev("--stop", *args)
+        still_up = [port for port in (pg_port, api_port) if port_in_use(port)]
+        shutil.rmtree(state, ignore_errors=True)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert still_up == [], f"--stop should stop the service and Postgres: {still_up} open"
+
+
+@pytest.fixture(scope="module")
+def browser(stack: Stack) -> Iterator[Browser]:
+    with Browser() as b:
+        yield b
+        errors = [line for line in b.console() if line.startswith("pageerror")]
+        assert errors == [], "the page should raise no uncaught error"
+
+
+def signed_in(browser: Browser, stack: Stack) -> None:
+    """The page, fresh, signed in as the demo user, with the current balance shown live."""
+    browser.goto(f"{stack.url}/")
+    if browser.visible("#sign-in-button"):
+        browser.click("#sign-in-button")
+    browser.wait_for_text("#available", f"^{stack.balance():,}$", 5000)
+    browser.wait_for_text("#live-text", "^Live$", 5000)
+
+
+def post_purchase(stack: Stack) -> httpx.Response:
+    event = derived_checkout_event(uuid.UUID(DEMO_USER_ID), "pack_100")
+    payload = encode(event)
+    return httpx.post(
+        f"{stack.url}/v1/webhooks/stripe",
+        content=payload,
+        headers={
+            "Content-Type": "application/json",
+            "Stripe-Signature": sign(payload, stack.settings["STRIPE_WEBHOOK_SECRET"]),
+        },
+        timeout=10,
+    )
+
+
+# --- make dev ------------------------------------------------------------------------------------
+
+
+def test_make_dev_should_print_the_urls_the_demo_user_and_a_working_trigger(stack: Stack) -> None:
+    banner, url = stack.banner, stack.url
+    assert f"page         {url}/" in banner
+    assert f"{url}/metrics" in banner
+    assert DEMO_USER_ID in banner
+    assert "stripe listen" not in banner, "without a Stripe test key there is nothing to forward"
+    assert "checkout.session.completed for pack_100 landed: balance 100 -> 200" in banner, (
+        "make dev should send one purchase at startup and show the balance before and after"
+    )
+    assert stack.settings["ENVIRONMENT"] == "development"
+    assert stack.settings["STRIPE_WEBHOOK_SECRET"].startswith("whsec_dev_")
+    assert stack.settings["STRIPE_SECRET_KEY"].startswith("sk_test_tbdev_")
+    assert (stack.state / "dev.env").stat().st_mode & 0o077 == 0, "dev.env holds secrets: 0600"
+
+    command = next(line.strip() for line in banner.splitlines() if " stripe trigger " in line)
+    assert f"--user {DEMO_USER_ID} --product pack_100" in command
+    before = stack.balance()
+    pasted = subprocess.run(
+        shlex.split(command), cwd=ROOT, capture_output=True, text=True, check=False, timeout=60
+    )
+    assert pasted.returncode == 0, pasted.stdout + pasted.stderr
+    assert stack.balance() == before + 100, "the printed command should credit the demo user"
+
+
+# --- the page --------------------------------------------------------------------------------
+
+
+def test_page_should_show_the_balance_plan_catalog_and_history(
+    browser: Browser, stack: Stack
+) -> None:
+    signed_in(browser, stack)
+    assert browser.text("#plan") == "Free"
+    assert browser.text("#reserved") == "0"
+    assert "demo@example.com" in browser.text("#account-email")
+    assert browser.visible('button[data-product="pack_100"]')
+    assert browser.text('button[data-product="pack_100"]') == "Buy"
+    assert browser.text('button[data-product="pack_250"]') == "Not on sale yet"
+    assert "Token pack pack_100" in browser.text("#ledger")
+
+
+def test_a_signed_purchase_should_update_the_open_page_within_two_seconds(
+    browser: Browser, stack: Stack
+) -> None:
+    signed_in(browser, stack)
+    before = stack.balance()
+    started = time.monotonic()
+    response = post_purchase(stack)
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "applied"
+    browser.wait_for_text("#available", f"^{before + 100:,}$", int(LIVE_UPDATE_SECONDS * 1000))
+    elapsed = time.monotonic() - started
+    assert elapsed < LIVE_UPDATE_SECONDS, f"the page took {elapsed:.2f}s"
+    assert browser.wait_for_text("#balance-announcement", r"\(\+100\)")["text"].startswith(
+        "Balance updated:"
+    ), "screen readers should hear the change (aria-live)"
+    assert browser.wait_for_text("#ledger", "Token pack pack_100 x 1")
+
+
+def test_a_deduction_should_update_the_open_page_within_two_seconds(
+    browser: Browser, stack: Stack
+) -> None:
+    signed_in(browser, stack)
+    before = stack.balance()
+    started = time.monotonic()
+    with stack.connect() as conn:
+        conn.execute("set role service_role")
+        row = conn.execute(
+            "select status from public.deduct_tokens(%s, 25, %s, 'An agent run')",
+            [DEMO_USER_ID, f"browser-{time.time_ns()}"],
+        ).fetchone()
+    assert row == ("applied",)
+    browser.wait_for_text("#available", f"^{before - 25:,}$", int(LIVE_UPDATE_SECONDS * 1000))
+    elapsed = time.monotonic() - started
+    assert elapsed < LIVE_UPDATE_SECONDS, f"the page took {elapsed:.2f}s"
+    browser.wait_for_text("#ledger", "An agent run")
+    shot = browser.screenshot(ARTIFACTS / "web-page.png")
+    assert shot.stat().st_size > 10_000
+
+
+def test_keyboard_should_reach_a_buy_button_and_enter_should_open_checkout(
+    browser: Browser, stack: Stack, stripe_double: StripeDouble
+) -> None:
+    signed_in(browser, stack)
+    stripe_double.clear()
+    focused = None
+    for _ in range(30):
+        browser.press("Tab")
+        focused = browser.focused()
+        if focused and focused.get("product") == "pack_100":
+            break
+    assert focused is not None
+    assert focused["product"] == "pack_100", "Tab should reach the first buy button"
+    assert focused["tag"] == "button"
+    assert focused["label"] == "Buy 100 tokens for $5.00"
+    assert focused["outline"] != "none", "the focused button should show a focus ring"
+
+    browser.press("Enter")
+    landed = browser.wait_for_url(r"^https://checkout\.stripe\.com/", 5000)
+    assert landed in browser.stripe_visits()
+    sessions = stripe_double.posts("/v1/checkout/sessions")
+    assert len(sessions) == 1
+    params = sessions[0].params
+    assert params["mode"] == "payment"
+    assert params["line_items[0][price]"] == PACK_PRICE
+    assert params["client_reference_id"] == DEMO_USER_ID
+    assert params["success_url"].startswith(f"{stack.url}/?checkout=success")
+
+    browser.goto(f"{stack.url}/?checkout=cancel")
+    browser.wait_for_text("#notice", "Checkout cancelled. Nothing was charged.")
+
+
+@pytest.mark.parametrize(
+    ("failure", "message"),
+    [
+        (500, "The payment provider couldn't start checkout. Nothing was charged."),
+        (
+            0,
+            "We couldn't reach the payment provider, so checkout didn't open. Nothing was charged.",
+        ),
+    ],
+    ids=["stripe-error", "stripe-unreachable"],
+)
+def test_a_checkout_failure_should_be_explained_in_plain_words(
+    browser: Browser, stack: Stack, stripe_double: StripeDouble, failure: int, message: str
+) -> None:
+    signed_in(browser, stack)
+    stripe_double.fail_next(failure, path="/v1/checkout/sessions")
+    browser.click('button[data-product="pack_100"]')
+    shown = browser.wait_for_text("#error-text", "Nothing was charged")["text"]
+    assert shown.startswith(message)
+    assert browser.call("url") == f"{stack.url}/", "the page should stay, not redirect"
+    focused = browser.focused()
+    assert focused is not None
+    assert focused["product"] == "pack_100", "focus should return to the button"
+    assert browser.text('button[data-product="pack_100"]') == "Buy"
+    browser.screenshot(ARTIFACTS / f"web-page-checkout-failure-{failure}.png")
+
+
+def test_an_expired_session_should_say_so_and_offer_to_sign_in_again(
+    browser: Browser, stack: Stack
+) -> None:
+    signed_in(browser, stack)
+    expired = user_token(
+        DEMO_USER_ID, secret=stack.settings["SUPABASE_JWT_SECRET"], expires_in=-120
+    )
+    session = {"token": expired, "userId": DEMO_USER_ID, "email": "demo@example.com"}
+    browser.set_session_storage(SESSION_KEY, json.dumps(session))
+    browser.reload()
+    text = browser.wait_for_text("#error-text", "expired")["text"]
+    assert text == "Your session has expired. Sign in again to see your balance and buy tokens."
+    assert browser.visible("#error-sign-in")
+    assert not browser.visible("#available"), "nothing stale should stay on screen"
+    browser.screenshot(ARTIFACTS / "web-page-expired.png")
+
+    browser.click("#error-sign-in")
+    browser.wait_for_text("#available", f"^{stack.balance():,}$")
+    assert not browser.visible("#error")

@@ -1,0 +1,162 @@
+"""The demo page's server side: dev-only routes, the demo token, the ledger read, the TypeScript.
+
+The page itself is tested in a real browser in tests/test_browser.py.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import jwt
+import pytest
+from starlette.testclient import TestClient
+
+from api import web
+from api.app import create_app
+from scripts import web as web_build
+from scripts.dev import DEMO_USER_ID
+from scripts.pgcluster import Database
+from tests.app_support import JWT_SECRET, bearer, new_user, settings_for
+
+PAGE_PATHS = [
+    ("GET", "/"),
+    ("GET", "/styles.css"),
+    ("GET", "/config.json"),
+    ("GET", "/dist/main.js"),
+    ("POST", "/dev/session"),
+]
+
+
+@pytest.fixture(scope="module")
+def bundle() -> None:
+    """The page's script, built as `make web` builds it (only when a source changed)."""
+    web_build.build()
+
+
+@pytest.mark.parametrize("environment", ["production", "test"])
+def test_page_and_demo_sign_in_should_404_outside_development(
+    db: Database, bundle: None, environment: str
+) -> None:
+    with TestClient(create_app(settings_for(db, environment=environment))) as client:
+        answers = {(method, path): client.request(method, path) for method, path in PAGE_PATHS}
+    assert {key: r.status_code for key, r in answers.items()} == dict.fromkeys(answers, 404)
+    assert not any("access_token" in r.text for r in answers.values())
+
+
+def test_page_should_be_served_in_development(db: Database, bundle: None) -> None:
+    with TestClient(create_app(settings_for(db, environment="development"))) as client:
+        page = client.get("/")
+        script = client.get("/dist/main.js")
+        styles = client.get("/styles.css")
+        config = client.get("/config.json")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert page.text == (web.WEB_DIR / "index.html").read_text(), "the copyable example, as is"
+    assert '<script type="module" src="dist/main.js">' in page.text
+    assert script.status_code == 200
+    assert "javascript" in script.headers["content-type"]
+    assert styles.status_code == 200
+    assert config.json() == {
+        "apiUrl": "",
+        "supabaseUrl": None,
+        "supabaseAnonKey": None,
+        "devSignIn": True,
+    }
+
+
+def test_config_should_offer_realtime_when_supabase_is_configured(db: Database) -> None:
+    settings = settings_for(
+        db,
+        environment="development",
+        supabase_url="https://abcd.supabase.co",
+        supabase_anon_key="anon-key-for-the-browser",
+    )
+    with TestClient(create_app(settings)) as client:
+        config = client.get("/config.json").json()
+    assert config["supabaseUrl"] == "https://abcd.supabase.co"
+    assert config["supabaseAnonKey"] == "anon-key-for-the-browser"
+
+
+def test_page_script_should_bundle_supabase_js_and_load_nothing_from_a_cdn(bundle: None) -> None:
+    html = (web.WEB_DIR / "index.html").read_text()
+    assert "http://" not in html
+    assert "https://" not in html
+    chunks = list((web.DIST_DIR / "chunks").glob("*.js"))
+    # supabase-js's Realtime client connects to <project>/realtime/v1.
+    assert any("realtime/v1" in chunk.read_text() for chunk in chunks), (
+        "supabase-js (realtime-js) should be bundled into a chunk of its own"
+    )
+    assert "realtime/v1" not in web.BUNDLE.read_text(), (
+        "the main script should load supabase-js only when Realtime is configured"
+    )
+
+
+def test_demo_sign_in_should_give_a_token_the_service_accepts(db: Database) -> None:
+    db.create_user(DEMO_USER_ID, "demo@example.com")
+    assert str(web.DEMO_USER_ID) == DEMO_USER_ID, "make dev and the service should agree"
+    with TestClient(create_app(settings_for(db, environment="development"))) as client:
+        session = client.post("/dev/session")
+        token = session.json()["access_token"]
+        balance = client.get("/v1/balance", headers={"Authorization": f"Bearer {token}"})
+    assert session.status_code == 200
+    assert session.headers["cache-control"] == "no-store"
+    claims = jwt.decode(token, JWT_SECRET, algorithms=["HS256"], audience="authenticated")
+    assert claims["sub"] == DEMO_USER_ID
+    assert claims["role"] == "authenticated"
+    assert 3500 <= claims["exp"] - claims["iat"] <= 3600
+    assert balance.status_code == 200
+    assert balance.json()["balance"] == 100
+
+
+# --- GET /v1/ledger ----------------------------------------------------------------------------
+
+
+def test_ledger_should_list_only_the_own_entries_newest_first(db: Database) -> None:
+    alice, bob = new_user(db), new_user(db)
+    with db.as_service_role() as conn:
+        conn.execute("select * from public.deduct_tokens(%s, 30, 'l-1', 'a chat')", [alice])
+        conn.execute("select * from public.add_tokens(%s, 9, 'l-2', 'promotion', 'hi')", [bob])
+    with TestClient(create_app(settings_for(db))) as client:
+        mine = client.get("/v1/ledger", headers=bearer(alice))
+        one = client.get("/v1/ledger?limit=1", headers=bearer(alice))
+        theirs = client.get("/v1/ledger", headers=bearer(bob))
+    assert mine.status_code == 200
+    entries = mine.json()["entries"]
+    assert [(e["amount"], e["balance_after"], e["kind"]) for e in entries] == [
+        (-30, 70, "usage"),
+        (100, 100, "signup"),
+    ]
+    assert entries[0]["description"] == "a chat"
+    assert set(entries[0]) == {
+        "id",
+        "amount",
+        "balance_after",
+        "kind",
+        "description",
+        "created_at",
+    }, "no metadata nor idempotency keys should leave the server"
+    assert [e["amount"] for e in one.json()["entries"]] == [-30]
+    assert [e["amount"] for e in theirs.json()["entries"]] == [9, 100]
+
+
+@pytest.mark.parametrize("limit", ["0", "101", "ten"])
+def test_ledger_should_refuse_a_bad_limit(db: Database, limit: str) -> None:
+    with TestClient(create_app(settings_for(db))) as client:
+        response = client.get(f"/v1/ledger?limit={limit}", headers=bearer(uuid.uuid4()))
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_limit"
+
+
+def test_ledger_should_require_a_signed_in_user(db: Database) -> None:
+    with TestClient(create_app(settings_for(db))) as client:
+        response = client.get("/v1/ledger")
+    assert response.status_code == 401
+
+
+# --- TypeScript ----------------------------------------------------------------------------------
+
+
+def test_examples_should_typecheck_against_the_real_supabase_js_and_react_types() -> None:
+    """tsc --noEmit over examples/web, useTokenBalance.ts included (strict)."""
+    proc = web_build.typecheck()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
