@@ -5,17 +5,17 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 SQL_DIRS := supabase sql
-PY_DIRS := api tests scripts
+PY_DIRS := api tests scripts bench
 
-.PHONY: test dev dev-reset lint lint-py lint-sql typecheck fmt bundle check-bundle pytest bootstrap \
-	clean distclean
+.PHONY: test dev dev-reset lint lint-py lint-sql typecheck fmt bundle check-bundle pytest stress bootstrap bench \
+	web dev-stop clean distclean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
 
 # Every check runs even when an earlier one fails; the exit status says whether all passed.
 # pytest runs last so that its summary closes the output.
-test: bootstrap
+test: bootstrap web
 	@failed=""; \
 	$(MAKE) --no-print-directory lint-py || failed="$$failed lint-py"; \
 	$(MAKE) --no-print-directory typecheck || failed="$$failed typecheck"; \
@@ -26,6 +26,13 @@ test: bootstrap
 # pgTAP (via pg_prove), the bundle, `supabase db push|lint|advisors`, and the Python tests.
 pytest:
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fault, storm and fuzz suites (pytest marker `stress`) at STRESS_SCALE times the size
+# `make test` runs them at: Postgres restarts, killed backends, webhook storms, hostile input.
+# Each prints a `reliability ...` figures line at the end (docs/reliability.md quotes them).
+STRESS_SCALE ?= 10
+stress: bootstrap
+	STRESS_SCALE=$(STRESS_SCALE) $(PY) -m pytest -m stress $(PYTEST_ARGS)
 
 lint: lint-py typecheck lint-sql
 
@@ -54,17 +61,33 @@ bundle:
 check-bundle:
 	$(PY) scripts/bundle_sql.py --check
 
-# A persistent local database on port 54322 (Supabase's), migrated and seeded; Ctrl-C stops it.
-dev: bootstrap
-	$(PY) -m scripts.dev
+# The demo page's script: examples/web/*.ts bundled with esbuild into examples/web/dist (only
+# when a source is newer; supabase-js comes from node_modules, never a CDN).
+web: bootstrap
+	$(PY) -m scripts.web
+
+# Benchmarks (issue 5): a throwaway cluster, the hot paths against references measured in the
+# same run; prints one table and writes bench/results/latest.md (about 10 minutes).
+bench: bootstrap
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+# The local stack: a persistent database on port 54322 (Supabase's), migrated and seeded, and the
+# service with the demo page on http://localhost:8000 (DEV_ARGS="--api-port 8001" to move it).
+# Ctrl-C stops both.
+dev: bootstrap web
+	$(PY) -m scripts.dev $(DEV_ARGS)
 
 # The same, from an empty database (`supabase db push` never re-runs a changed seed.sql).
-dev-reset: bootstrap
-	$(PY) -m scripts.dev --reset
+dev-reset: bootstrap web
+	$(PY) -m scripts.dev --reset $(DEV_ARGS)
+
+# Stop a stack left running by `python -m scripts.dev --no-wait`.
+dev-stop:
+	$(PY) -m scripts.dev --stop $(DEV_ARGS)
 
 clean:
-	@if [ -f .dev/pgdata/postmaster.pid ]; then $(PY) -m scripts.dev --stop; fi
-	rm -rf .dev .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
+	@if [ -f .dev/pgdata/postmaster.pid ] || [ -f .dev/service.pid ]; then $(PY) -m scripts.dev --stop; fi
+	rm -rf .dev examples/web/dist tests/artifacts .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
 	find . -name __pycache__ -type d -not -path './node_modules/*' -not -path './.venv/*' -prune -exec rm -rf {} +
 
 # Also the installed tools: the next `make` reinstalls them.

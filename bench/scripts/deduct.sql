@@ -1,0 +1,3 @@
+-- public.deduct_tokens, 10,000 accounts, a fresh idempotency key per call.
+\set uid random(1, 10000)
+select * from public.deduct_tokens(lpad(to_hex(:uid::integer), 32, '0')::uuid, 1, gen_random_uuid()::text);

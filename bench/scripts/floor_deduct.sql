@@ -1,0 +1,10 @@
+-- The floor, 10,000 accounts: one statement, no function, no idempotency.
+\set uid random(1, 10000)
+with debited as (
+  update bench_floor.accounts set balance = balance - 1
+  where user_id = lpad(to_hex(:uid::integer), 32, '0')::uuid
+  returning user_id, balance
+)
+insert into bench_floor.ledger (user_id, amount, balance_after)
+select user_id, -1, balance from debited
+returning id;

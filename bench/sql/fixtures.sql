@@ -1,0 +1,40 @@
+-- Bench fixtures: the same users in the floor's tables, the seed guide's tables and ours.
+--
+-- User n (an integer in the pgbench scripts) is the uuid lpad(to_hex(n), 32, '0')::uuid in all
+-- three, so every script pays the same for turning :uid into a uuid.
+--   1..10000      the spread workload (deduct over 10,000 accounts, reserve + settle);
+--   10001         the hot account;
+--   20001..30000  add_tokens targets, kept apart so the buckets add_tokens leaves behind never
+--                 lengthen the bucket walk of the deduct workloads.
+-- Every funded account holds 10^9 tokens in one bucket (the hot one 10^12 in ours; the guide's
+-- integer column caps it at 2*10^9): no deduct in the bench can run dry. Run as superuser.
+
+insert into bench_floor.accounts (user_id, balance)
+select lpad(to_hex(n), 32, '0')::uuid, 1000000000
+from generate_series(1, 10001) as n;
+
+insert into seed_guide.profiles (id, tokens)
+select lpad(to_hex(n), 32, '0')::uuid, 2000000000
+from generate_series(1, 10001) as n;
+
+-- Ours: users sign up (the auth.users trigger opens their accounts), then buy tokens.
+insert into auth.users (id, email, aud, role)
+select lpad(to_hex(n), 32, '0')::uuid, 'bench' || n || '@example.com', 'authenticated',
+  'authenticated'
+from generate_series(1, 10001) as n
+union all
+select lpad(to_hex(n), 32, '0')::uuid, 'bench' || n || '@example.com', 'authenticated',
+  'authenticated'
+from generate_series(20001, 30000) as n;
+
+select count(*) from (
+  select public.add_tokens(
+    lpad(to_hex(n), 32, '0')::uuid,
+    case when n = 10001 then 1000000000000 else 1000000000 end,
+    'bench-fund-' || n,
+    'purchase'
+  )
+  from generate_series(1, 10001) as n
+) as funded;
+
+vacuum analyze;
