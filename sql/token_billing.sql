@@ -20,6 +20,9 @@
 --   20261121000900_stripe_records.sql
 --   20261121001000_stripe_events.sql
 --   20261121001100_service_api.sql
+--   20261121001200_balance_notify.sql
+--   20261121001300_ledger_history.sql
+--   20261121002000_ledger_key_namespaces.sql
 
 begin;
 
@@ -38,6 +41,12 @@ begin;
 --   TBRES  reservation not found.
 --   TBAPP  append-only violation: a ledger entry, or a resolved reservation, cannot be changed.
 --   TBCUS  Stripe customer already linked to another user. Nothing was written.
+--   22023  also: an idempotency key shaped like one token-billing makes for itself (signup:,
+--          expiry:, reservation:, stripe:); the check constraint ledger_entries_internal_key
+--          (23514) is the backstop for any other writer. Nothing was written.
+--   22xxx  other data exceptions, raised by Postgres while reading an argument: 22P02 not a
+--          uuid or not JSON, 22P05 \u0000 in JSON, 22007/22008 a timestamp or interval that is
+--          malformed or out of range, 22003 a balance that would leave bigint.
 
 create schema if not exists billing;
 
@@ -132,11 +141,13 @@ create table billing.accounts (
   user_id uuid primary key,
   balance bigint not null default 0,
   reserved bigint not null default 0,
+  undrawn bigint not null default 0,
   plan text not null default 'free' references billing.products (code) on update cascade,
   subscription_status text not null default 'none',
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now(),
   constraint accounts_reserved_not_negative check (reserved >= 0),
+  constraint accounts_undrawn_not_negative check (undrawn >= 0),
   constraint accounts_subscription_status_known check (
     subscription_status in (
       'none', 'incomplete', 'incomplete_expired', 'trialing', 'active', 'past_due', 'canceled',
@@ -157,6 +168,9 @@ comment on column billing.accounts.balance is
 comment on column billing.accounts.reserved is
 'Tokens held by pending reservations; available = balance - reserved, never taken below zero '
 'by usage.';
+comment on column billing.accounts.undrawn is
+'Tokens debited since the buckets were last drawn. Usage only moves this counter (the hot path '
+'touches no bucket); the next credit or expiry draws it from the buckets in consumption order.';
 comment on column billing.accounts.plan is 'Current plan (a billing.products code of kind plan).';
 comment on column billing.accounts.subscription_status is
 'Stripe subscription status of the current plan, or none.';
@@ -200,17 +214,50 @@ $publication$;
 -- Concurrency: every function locks the account row first (the update of billing.accounts),
 -- then touches that user's buckets and reservations. One lock order, no deadlocks.
 --
+-- The hot path is one statement: a debit updates the account (lock, funds check, new balance)
+-- and inserts its entry in a single statement, and touches no bucket. It only adds the amount to
+-- accounts.undrawn; the next credit or expiry of that user draws the undrawn tokens from the
+-- buckets in consumption order before it changes them. Between two draws no bucket is added or
+-- removed, so drawing late takes exactly the tokens drawing at once would have.
+--
+-- ledger_entries.user_id has no foreign key: every entry is written in the statement that
+-- updates (and so proves) its account, and a foreign key would add a query per entry to the hot
+-- path. billing.check_invariants() reports an entry without an account.
+--
 -- Idempotency: ledger_entries.idempotency_key is unique across the ledger. The fast path does
 -- not look the key up first: it debits, then inserts `on conflict do nothing`; only when the key
 -- already exists does it undo the debit (still under the same lock, so nobody saw it) and answer
 -- `duplicate`, or raise TBKEY when the first call had other arguments.
 --
--- Buckets hold exactly the positive part of the balance: sum(remaining) = greatest(balance, 0).
--- A credit first pays off debt, then the rest lands in its bucket.
+-- Buckets hold exactly the positive part of the balance, less what is undrawn:
+-- greatest(sum(remaining) - undrawn, 0) = greatest(balance, 0). A credit first pays off debt,
+-- then the rest lands in its bucket.
+
+-- A CHECK expression is rebuilt at the start of every statement that writes the table; a long
+-- list of constants there costs the hot path microseconds per insert. In a function, the
+-- constants are parsed once per session.
+create function billing.entry_kind_matches_sign(p_kind text, p_amount bigint) returns boolean
+language plpgsql immutable
+set search_path = ''
+as $$
+begin
+  return (
+    p_kind in (
+      'purchase', 'subscription', 'promotion', 'adjustment', 'refund', 'signup', 'dispute_won'
+    ) and p_amount > 0
+  ) or (p_kind in ('usage', 'expiry', 'clawback', 'dispute') and p_amount < 0);
+end;
+$$;
+
+comment on function billing.entry_kind_matches_sign(text, bigint) is
+'CHECK helper: credits (purchase, subscription, promotion, adjustment, refund, signup, '
+'dispute_won) are positive, debits (usage, expiry, clawback, dispute) negative.';
+
+revoke all on function billing.entry_kind_matches_sign(text, bigint) from public;
 
 create table billing.ledger_entries (
   id bigint generated always as identity primary key,
-  user_id uuid not null references billing.accounts (user_id),
+  user_id uuid not null,
   amount bigint not null,
   balance_after bigint not null,
   kind text not null,
@@ -221,12 +268,7 @@ create table billing.ledger_entries (
   created_at timestamptz not null default now(),
   constraint ledger_entries_idempotency_key_unique unique (idempotency_key),
   constraint ledger_entries_key_length check (length(idempotency_key) between 1 and 255),
-  constraint ledger_entries_kind_sign check (
-    (kind in (
-      'purchase', 'subscription', 'promotion', 'adjustment', 'refund', 'signup', 'dispute_won'
-    ) and amount > 0)
-    or (kind in ('usage', 'expiry', 'clawback', 'dispute') and amount < 0)
-  ),
+  constraint ledger_entries_kind_sign check (billing.entry_kind_matches_sign(kind, amount)),
   constraint ledger_entries_metadata_object check (jsonb_typeof(metadata) = 'object')
 );
 
@@ -384,6 +426,28 @@ comment on function billing.require_object(text, jsonb) is
 
 revoke all on function billing.require_object(text, jsonb) from public;
 
+create function billing.require_caller_key(p_name text, p_key text) returns void
+language plpgsql immutable
+set search_path = ''
+as $$
+begin
+  perform billing.require_key(p_name, p_key);
+  if p_key ~ '^(signup|expiry|reservation|stripe):' then
+    raise exception using
+      errcode = '22023',
+      message = format(
+        '%s must not start with signup:, expiry:, reservation: or stripe: (token-billing''s own keys)',
+        p_name);
+  end if;
+end;
+$$;
+
+comment on function billing.require_caller_key(text, text) is
+'Raises 22023 unless the key is valid and outside the namespaces token-billing writes itself '
+'(signup:, expiry:, reservation:, stripe:), so a caller can never take a key a function needs.';
+
+revoke all on function billing.require_caller_key(text, text) from public;
+
 -- Replays -------------------------------------------------------------------------------------
 
 create function billing.replay_entry(
@@ -433,6 +497,68 @@ comment on function billing.replay_entry(text, uuid, bigint, text, timestamptz, 
 revoke all on function billing.replay_entry(text, uuid, bigint, text, timestamptz, boolean) from public;
 
 -- Primitives ----------------------------------------------------------------------------------
+
+create function billing.consume_buckets(p_user_id uuid, p_amount bigint) returns void
+language plpgsql
+set search_path = ''
+as $$
+begin
+  with live as (
+    select
+      b.id,
+      b.remaining,
+      sum(b.remaining) over (order by b.expires_at asc nulls last, b.id asc) - b.remaining
+        as consumed_before
+    from billing.credit_buckets as b
+    where b.user_id = p_user_id and b.remaining > 0
+  )
+
+  update billing.credit_buckets as b
+  set remaining = b.remaining - least(live.remaining, p_amount - live.consumed_before)
+  from live
+  where b.id = live.id and live.consumed_before < p_amount;
+end;
+$$;
+
+comment on function billing.consume_buckets(uuid, bigint) is
+'Takes p_amount from the user''s live buckets, soonest expiry first, then oldest never-expiring; '
+'takes what there is when the buckets hold less (debt). Call only under the account lock.';
+
+revoke all on function billing.consume_buckets(uuid, bigint) from public;
+
+create function billing.draw_buckets(p_user_id uuid) returns void
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_undrawn bigint;
+begin
+  with drawn as (
+    select a.user_id, a.undrawn
+    from billing.accounts as a
+    where a.user_id = p_user_id
+    -- The lock an update takes: `for update` would also wait for (and deadlock with) the key
+    -- share lock a concurrent foreign-key check holds, e.g. a Stripe payment row being written.
+    for no key update
+  )
+
+  update billing.accounts as a
+  set undrawn = 0
+  from drawn
+  where a.user_id = drawn.user_id and drawn.undrawn > 0
+  returning drawn.undrawn into v_undrawn;
+
+  if v_undrawn > 0 then
+    perform billing.consume_buckets(p_user_id, v_undrawn);
+  end if;
+end;
+$$;
+
+comment on function billing.draw_buckets(uuid) is
+'Draws the account''s undrawn debits from its buckets (consumption order) and zeroes undrawn. '
+'Locks the account; run before anything adds, expires or reads buckets.';
+
+revoke all on function billing.draw_buckets(uuid) from public;
 
 create function billing.credit(
   p_user_id uuid,
@@ -489,6 +615,9 @@ begin
     return;
   end if;
 
+  -- Earlier debits come out of the earlier buckets, before this one exists.
+  perform billing.draw_buckets(p_user_id);
+
   -- Debt is paid off first; the rest of the credit is what the bucket holds.
   insert into billing.credit_buckets (user_id, entry_id, amount, remaining, expires_at)
   values (
@@ -521,93 +650,81 @@ language plpgsql
 set search_path = ''
 as $$
 declare
+  v_debited boolean;
   v_balance bigint;
   v_entry_id bigint;
 begin
-  perform billing.require_amount('p_amount', p_amount);
-  perform billing.require_key('p_idempotency_key', p_idempotency_key);
-  perform billing.require_object('p_metadata', p_metadata);
-
-  -- Lock the account and debit it in one statement; usage never takes available below zero.
-  update billing.accounts as a
-  set balance = a.balance - p_amount, updated_at = now()
-  where a.user_id = p_user_id
-    and (p_allow_debt or a.balance - a.reserved >= p_amount)
-  returning a.balance into v_balance;
-
-  if not found then
-    return query select * from billing.replay_entry(
-      p_idempotency_key, p_user_id, -p_amount, p_kind);
-    if found then
-      return;
-    end if;
-    return query
-    select 'insufficient_funds'::text, a.balance, null::bigint
-    from billing.accounts as a
-    where a.user_id = p_user_id;
-    if not found then
-      return query select 'unknown_account'::text, null::bigint, null::bigint;
-    end if;
-    return;
+  -- The checks inline; the helpers (which word the error) only run when one fails.
+  if p_amount is null or p_amount <= 0 or p_amount > 1000000000000000
+    or p_idempotency_key is null or length(p_idempotency_key) > 255
+    or length(btrim(p_idempotency_key)) = 0
+    or (p_metadata is not null and jsonb_typeof(p_metadata) <> 'object') then
+    perform billing.require_amount('p_amount', p_amount);
+    perform billing.require_key('p_idempotency_key', p_idempotency_key);
+    perform billing.require_object('p_metadata', p_metadata);
   end if;
 
-  insert into billing.ledger_entries (
-    user_id, amount, balance_after, kind, idempotency_key, description, metadata
-  )
-  values (
-    p_user_id, -p_amount, v_balance, p_kind, p_idempotency_key, p_description,
-    coalesce(p_metadata, '{}')
-  )
-  on conflict (idempotency_key) do nothing
-  returning id into v_entry_id;
-
-  if v_entry_id is null then
+  -- One statement: lock and debit the account (usage never takes available below zero), then
+  -- write the entry, unless its key exists already.
+  with debited as (
     update billing.accounts as a
-    set balance = a.balance + p_amount
-    where a.user_id = p_user_id;
-    return query select * from billing.replay_entry(
-      p_idempotency_key, p_user_id, -p_amount, p_kind);
+    set balance = a.balance - p_amount, undrawn = a.undrawn + p_amount, updated_at = now()
+    where a.user_id = p_user_id
+      and (p_allow_debt or a.balance - a.reserved >= p_amount)
+    returning a.balance
+  ),
+
+  entry as (
+    insert into billing.ledger_entries (
+      user_id, amount, balance_after, kind, idempotency_key, description, metadata
+    )
+    select
+      p_user_id, -p_amount, debited.balance, p_kind, p_idempotency_key, p_description,
+      coalesce(p_metadata, '{}')
+    from debited
+    on conflict (idempotency_key) do nothing
+    returning id, balance_after
+  )
+
+  select
+    exists (select 1 from debited),
+    (select entry.id from entry),
+    (select entry.balance_after from entry)
+  into v_debited, v_entry_id, v_balance;
+
+  if v_entry_id is not null then
+    return query select 'applied'::text, v_balance, v_entry_id;
     return;
   end if;
 
-  perform billing.consume_buckets(p_user_id, p_amount);
+  if v_debited then
+    -- The key was used before: take the debit back (nobody saw it, we hold the lock).
+    update billing.accounts as a
+    set balance = a.balance + p_amount, undrawn = a.undrawn - p_amount
+    where a.user_id = p_user_id;
+  end if;
 
-  return query select 'applied'::text, v_balance, v_entry_id;
+  return query select * from billing.replay_entry(
+    p_idempotency_key, p_user_id, -p_amount, p_kind);
+  if found then
+    return;
+  end if;
+  return query
+  select 'insufficient_funds'::text, a.balance, null::bigint
+  from billing.accounts as a
+  where a.user_id = p_user_id;
+  if not found then
+    return query select 'unknown_account'::text, null::bigint, null::bigint;
+  end if;
 end;
 $$;
 
 comment on function billing.debit(uuid, bigint, text, text, text, jsonb, boolean) is
-'Debits an account: one ledger entry, buckets consumed in expiry order, or the first result as '
-'duplicate. Without p_allow_debt, refuses to take available below zero (insufficient_funds). '
-'Statuses: applied, duplicate, insufficient_funds, unknown_account.';
+'Debits an account in one statement: one ledger entry, the amount added to undrawn, or the '
+'first result as duplicate. Without p_allow_debt, refuses to take available below zero '
+'(insufficient_funds). Statuses: applied, duplicate, insufficient_funds, unknown_account.';
 
 revoke all on function billing.debit(uuid, bigint, text, text, text, jsonb, boolean) from public;
-
-create function billing.consume_buckets(p_user_id uuid, p_amount bigint) returns void
-language sql
-set search_path = ''
-as $$
-  with live as (
-    select
-      b.id,
-      b.remaining,
-      sum(b.remaining) over (order by b.expires_at asc nulls last, b.id asc) - b.remaining
-        as consumed_before
-    from billing.credit_buckets as b
-    where b.user_id = p_user_id and b.remaining > 0
-  )
-
-  update billing.credit_buckets as b
-  set remaining = b.remaining - least(live.remaining, p_amount - live.consumed_before)
-  from live
-  where b.id = live.id and live.consumed_before < p_amount;
-$$;
-
-comment on function billing.consume_buckets(uuid, bigint) is
-'Takes p_amount from the user''s live buckets, soonest expiry first, then oldest never-expiring; '
-'takes what there is when the buckets hold less (debt). Call only under the account lock.';
-
-revoke all on function billing.consume_buckets(uuid, bigint) from public;
 
 -- The public RPCs -----------------------------------------------------------------------------
 
@@ -634,6 +751,7 @@ begin
         'p_kind must be one of purchase, subscription, promotion, adjustment, refund, got %s',
         coalesce(quote_literal(p_kind), 'null'));
   end if;
+  perform billing.require_caller_key('p_idempotency_key', p_idempotency_key);
   if p_expires_at is not null and p_expires_at <= now() then
     raise exception using
       errcode = '22023',
@@ -660,13 +778,18 @@ create function public.deduct_tokens(
   p_description text default null,
   p_metadata jsonb default '{}'
 ) returns table (status text, balance bigint, entry_id bigint)
-language sql
+language plpgsql
 -- Definer: the caller (service_role) has no write privilege on billing tables by design.
 security definer
 set search_path = ''
 as $$
-  select * from billing.debit(
+begin
+  if p_idempotency_key ~ '^(signup|expiry|reservation|stripe):' then
+    perform billing.require_caller_key('p_idempotency_key', p_idempotency_key);
+  end if;
+  return query select * from billing.debit(
     p_user_id, p_amount, p_idempotency_key, 'usage', p_description, p_metadata, false);
+end;
 $$;
 
 comment on function public.deduct_tokens(uuid, bigint, text, text, jsonb) is
@@ -767,7 +890,9 @@ $backfill$;
 
 create table billing.reservations (
   id uuid primary key default gen_random_uuid(),
-  user_id uuid not null references billing.accounts (user_id),
+  -- No foreign key: reserve_tokens writes the row in the statement that locks its account (a
+  -- foreign key would cost a query per hold); billing.check_invariants() reports an orphan.
+  user_id uuid not null,
   amount bigint not null,
   idempotency_key text not null,
   status text not null default 'pending',
@@ -867,34 +992,52 @@ security definer
 set search_path = ''
 as $$
 declare
+  v_held boolean;
   v_available bigint;
   v_reservation_id uuid;
   v_first billing.reservations;
 begin
-  perform billing.require_amount('p_amount', p_amount);
-  perform billing.require_key('p_idempotency_key', p_idempotency_key);
+  if p_amount is null or p_amount <= 0 or p_amount > 1000000000000000
+    or p_idempotency_key is null or length(p_idempotency_key) > 255
+    or length(btrim(p_idempotency_key)) = 0 then
+    perform billing.require_amount('p_amount', p_amount);
+    perform billing.require_key('p_idempotency_key', p_idempotency_key);
+  end if;
   if p_ttl is null or p_ttl <= interval '0' or p_ttl > interval '7 days' then
     raise exception using
       errcode = '22023',
       message = format('p_ttl must be between 0 and 7 days, got %s', coalesce(p_ttl::text, 'null'));
   end if;
 
-  update billing.accounts as a
-  set reserved = a.reserved + p_amount, updated_at = now()
-  where a.user_id = p_user_id and a.balance - a.reserved >= p_amount
-  returning a.balance - a.reserved into v_available;
+  -- One statement: lock the account and place the hold, then write the reservation unless its
+  -- key exists already.
+  with held as (
+    update billing.accounts as a
+    set reserved = a.reserved + p_amount, updated_at = now()
+    where a.user_id = p_user_id and a.balance - a.reserved >= p_amount
+    returning a.balance - a.reserved as available
+  ),
 
-  if found then
+  reservation as (
     insert into billing.reservations (user_id, amount, idempotency_key, available_after, expires_at)
-    values (p_user_id, p_amount, p_idempotency_key, v_available, now() + p_ttl)
+    select p_user_id, p_amount, p_idempotency_key, held.available, now() + p_ttl
+    from held
     on conflict (idempotency_key) do nothing
-    returning id into v_reservation_id;
+    returning id, available_after
+  )
 
-    if v_reservation_id is not null then
-      return query select 'applied'::text, v_reservation_id, v_available;
-      return;
-    end if;
+  select
+    exists (select 1 from held),
+    (select reservation.id from reservation),
+    (select reservation.available_after from reservation)
+  into v_held, v_reservation_id, v_available;
 
+  if v_reservation_id is not null then
+    return query select 'applied'::text, v_reservation_id, v_available;
+    return;
+  end if;
+
+  if v_held then
     -- The key was used before: lift the hold again (we still hold the lock) and replay.
     update billing.accounts as a
     set reserved = a.reserved - p_amount
@@ -906,7 +1049,8 @@ begin
   where r.idempotency_key = p_idempotency_key;
 
   if found then
-    if v_first.user_id <> p_user_id or v_first.amount <> p_amount then
+    if v_first.user_id <> p_user_id or v_first.amount <> p_amount
+      or v_first.expires_at - v_first.created_at <> p_ttl then
       raise exception using
         errcode = 'TBKEY',
         message = format(
@@ -990,13 +1134,14 @@ begin
       least(p_amount, v_reserved + greatest(a.balance - a.reserved, 0)) as charge
     from billing.accounts as a
     where a.user_id = v_user_id
-    for update
+    for no key update
   )
 
   update billing.accounts as a
   set
     reserved = a.reserved - v_reserved,
     balance = a.balance - before.charge,
+    undrawn = a.undrawn + before.charge,
     updated_at = now()
   from before
   where a.user_id = before.user_id
@@ -1011,8 +1156,6 @@ begin
     p_reservation_id, 'Settled reservation'
   )
   returning id into v_entry_id;
-
-  perform billing.consume_buckets(v_user_id, v_charge);
 
   return query select
     case when v_charge < p_amount then 'partial' else 'applied' end,
@@ -1124,11 +1267,20 @@ as $$
   left join pending_totals as p on a.user_id = p.user_id
   where a.reserved <> coalesce(p.total, 0)
   union all
-  select a.user_id, 'sum(buckets.remaining) = greatest(balance, 0)', greatest(a.balance, 0),
-    coalesce(b.total, 0)
+  select
+    a.user_id, 'greatest(sum(buckets.remaining) - undrawn, 0) = greatest(balance, 0)',
+    greatest(a.balance, 0), greatest(coalesce(b.total, 0) - a.undrawn, 0)
   from billing.accounts as a
   left join bucket_totals as b on a.user_id = b.user_id
-  where coalesce(b.total, 0) <> greatest(a.balance, 0)
+  where greatest(coalesce(b.total, 0) - a.undrawn, 0) <> greatest(a.balance, 0)
+  union all
+  select e.user_id, format('entry %s without an account', e.id), null, null
+  from billing.ledger_entries as e
+  where not exists (select 1 from billing.accounts as a where a.user_id = e.user_id)
+  union all
+  select r.user_id, format('reservation %s without an account', r.id), null, null
+  from billing.reservations as r
+  where not exists (select 1 from billing.accounts as a where a.user_id = r.user_id)
   union all
   select c.user_id, format('entry %s: balance_after = running sum', c.id), c.running::bigint,
     c.balance_after
@@ -1204,7 +1356,8 @@ begin
     where b.remaining > 0 and b.expires_at <= p_as_of
     order by b.user_id
   loop
-    perform 1 from billing.accounts as a where a.user_id = v_user_id for update;
+    -- Lock the account and draw its undrawn debits first: they came out of these buckets.
+    perform billing.draw_buckets(v_user_id);
 
     for v_bucket in
       with due as (
@@ -2989,6 +3142,8 @@ declare
   v_attempts integer := 1;
   v_status text;
   v_detail text;
+  v_sqlstate text;
+  v_message text;
 begin
   perform billing.require_stripe_event(p_event);
   v_event_id := p_event ->> 'id';
@@ -3015,7 +3170,20 @@ begin
     v_attempts := v_stored.attempts + 1;
   end if;
 
-  select a.status, a.detail into v_status, v_detail from billing.apply_stripe_event(v_payload) as a;
+  begin
+    select a.status, a.detail into v_status, v_detail from billing.apply_stripe_event(v_payload) as a;
+  exception when data_exception or check_violation or not_null_violation then
+    -- A value the records cannot hold (an object id of the wrong shape, a date out of range):
+    -- the event is malformed, like the ones require_stripe_event refuses, and so is refused
+    -- the same way (22023, nothing stored) rather than failing as an internal error.
+    get stacked diagnostics v_sqlstate = returned_sqlstate, v_message = message_text;
+    if v_sqlstate = '22023' then
+      raise;
+    end if;
+    raise exception using
+      errcode = '22023',
+      message = format('p_event %s cannot be applied: %s (%s)', v_event_id, v_message, v_sqlstate);
+  end;
 
   update billing.stripe_events as e
   set status = v_status, detail = v_detail, attempts = v_attempts, processed_at = now()
@@ -3226,5 +3394,140 @@ comment on function public.set_product_stripe_price(text, text) is
 revoke all on function public.set_product_stripe_price(text, text)
 from public, anon, authenticated;
 grant execute on function public.set_product_stripe_price(text, text) to service_role;
+
+-- migration: 20261121001200_balance_notify.sql
+-- Migration: balance change notifications for deployments without Supabase Realtime.
+--
+-- Purpose: on Supabase, Realtime streams billing.accounts to the browser (the supabase_realtime
+-- publication). A self-hosted Postgres or the local `make dev` stack has no Realtime, so the
+-- service's GET /v1/balance/stream listens on the channel `token_billing_balance` instead, and
+-- this trigger announces which user's account changed. The payload is the user id alone: the
+-- service reads the row itself (as service_role), so no balance travels on a shared channel and
+-- the payload stays far below pg_notify's 8000-byte limit.
+-- Objects: billing.tg_accounts__notify_balance(), trigger tg_accounts__90_notify_balance.
+--
+-- Off by default, and free when off: NOTIFY makes every committing transaction that sent one
+-- take a database-wide lock, in commit order, and deduct_tokens is the hot path. The trigger's
+-- WHEN condition is evaluated before the function is even called, so unless the database (or
+-- a session) sets `token_billing.notify_balance = 'on'` no notification is queued and commits
+-- never touch that lock. Enable it where the stream is served:
+--   alter database postgres set token_billing.notify_balance = 'on';
+
+create function billing.tg_accounts__notify_balance() returns trigger
+language plpgsql
+set search_path = ''
+as $$
+begin
+  -- Identical payloads in one transaction are folded into one notification by Postgres.
+  perform pg_catalog.pg_notify('token_billing_balance', new.user_id::text);
+  return null;
+end;
+$$;
+
+comment on function billing.tg_accounts__notify_balance() is
+'Trigger: notifies channel token_billing_balance with the user id of a changed account, for the '
+'service''s balance stream. Fires only when token_billing.notify_balance is on.';
+
+revoke all on function billing.tg_accounts__notify_balance() from public;
+
+create trigger tg_accounts__90_notify_balance
+after insert or update of balance, reserved, plan, subscription_status on billing.accounts
+for each row
+when (pg_catalog.current_setting('token_billing.notify_balance', true) = 'on')
+execute function billing.tg_accounts__notify_balance();
+
+-- migration: 20261121001300_ledger_history.sql
+-- Migration: a user's recent ledger entries, for the service's GET /v1/ledger.
+--
+-- Purpose: the page shows the last few balance changes. The service reads them as service_role
+-- (through PostgREST too, where the billing schema is not exposed), for the user id it verified
+-- from the access token. Descriptions and kinds only: metadata (Stripe ids, request ids) and
+-- idempotency keys stay server-side.
+-- Objects: public.list_ledger_entries().
+
+create function public.list_ledger_entries(p_user_id uuid, p_limit integer default 20)
+returns table (
+  id bigint,
+  amount bigint,
+  balance_after bigint,
+  kind text,
+  description text,
+  created_at timestamptz
+)
+language plpgsql stable
+security invoker
+set search_path = ''
+as $$
+begin
+  if p_user_id is null then
+    raise exception using errcode = '22023', message = 'p_user_id must not be null';
+  end if;
+  if p_limit is null or p_limit not between 1 and 100 then
+    raise exception using
+      errcode = '22023',
+      message = format('p_limit must be between 1 and 100, got %s', coalesce(p_limit::text, 'null'));
+  end if;
+
+  -- Newest first, through ledger_entries_user_id_id_idx.
+  return query
+  select e.id, e.amount, e.balance_after, e.kind, e.description, e.created_at
+  from billing.ledger_entries as e
+  where e.user_id = p_user_id
+  order by e.id desc
+  limit p_limit;
+end;
+$$;
+
+comment on function public.list_ledger_entries(uuid, integer) is
+'The user''s last p_limit (1 to 100, default 20) ledger entries, newest first: amount, balance '
+'after, kind, description, time. Security invoker: service_role reads the ledger itself. 22023 '
+'on a null user or a limit out of range.';
+
+revoke all on function public.list_ledger_entries(uuid, integer) from public, anon, authenticated;
+grant execute on function public.list_ledger_entries(uuid, integer) to service_role;
+
+-- migration: 20261121002000_ledger_key_namespaces.sql
+-- Migration: the idempotency keys token-billing writes for itself are its own.
+--
+-- Purpose: the ledger's idempotency keys are one namespace (unique across the ledger), shared by
+-- callers' keys and the keys the functions make: `signup:<user>` (the signup grant),
+-- `expiry:<bucket>` (expire_tokens), `reservation:<id>` (settle_reservation) and `stripe:...`
+-- (handle_stripe_event). A caller that passes one of those shapes as its own key -- typically a
+-- backend that forwards a client's request id as the key -- would take the key first, and the
+-- function that owns it would then fail on the unique constraint every time it runs: one
+-- `deduct_tokens(..., 'expiry:42')` stopped expire_tokens (the pg_cron job) for every user,
+-- leaving expired tokens spendable and abandoned holds reserved forever; one
+-- `deduct_tokens(..., 'reservation:<id>')` made that reservation impossible to settle.
+-- tests/test_hostile_input.py (key squatting) guards this.
+-- Objects: check constraint ledger_entries_internal_key on billing.ledger_entries.
+--
+-- Each internal shape is accepted only on the entry it describes: the signup grant, an expiry,
+-- the settlement of that very reservation, or a Stripe effect (which records its event id).
+-- Anything else is refused with SQLSTATE 23514 and nothing is written. A check constraint, not
+-- a trigger: it costs the hot path (deduct_tokens) nothing measurable.
+-- `not valid`: rows written before this migration are not re-read (a squatted key, if any, is
+-- history; it stays); every new row is checked.
+
+alter table billing.ledger_entries
+add constraint ledger_entries_internal_key check (
+  (idempotency_key not like 'signup:%' or kind = 'signup')
+  and (idempotency_key not like 'expiry:%' or kind = 'expiry')
+  and (
+    idempotency_key not like 'reservation:%'
+    -- Spelled out for a null reservation_id: a check that evaluates to null passes.
+    or (reservation_id is not null and idempotency_key = 'reservation:' || reservation_id::text)
+  )
+  and (
+    idempotency_key not like 'stripe:%'
+    or (
+      kind in ('purchase', 'subscription', 'clawback', 'dispute', 'dispute_won')
+      and metadata ? 'stripe_event_id'
+    )
+  )
+) not valid;
+
+comment on constraint ledger_entries_internal_key on billing.ledger_entries is
+'Keys shaped like the ones token-billing makes (signup:, expiry:, reservation:, stripe:) only on '
+'the entries that make them: a caller cannot take a key a function will need.';
 
 commit;

@@ -12,11 +12,13 @@ create table billing.accounts (
   user_id uuid primary key,
   balance bigint not null default 0,
   reserved bigint not null default 0,
+  undrawn bigint not null default 0,
   plan text not null default 'free' references billing.products (code) on update cascade,
   subscription_status text not null default 'none',
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now(),
   constraint accounts_reserved_not_negative check (reserved >= 0),
+  constraint accounts_undrawn_not_negative check (undrawn >= 0),
   constraint accounts_subscription_status_known check (
     subscription_status in (
       'none', 'incomplete', 'incomplete_expired', 'trialing', 'active', 'past_due', 'canceled',
@@ -37,6 +39,9 @@ comment on column billing.accounts.balance is
 comment on column billing.accounts.reserved is
 'Tokens held by pending reservations; available = balance - reserved, never taken below zero '
 'by usage.';
+comment on column billing.accounts.undrawn is
+'Tokens debited since the buckets were last drawn. Usage only moves this counter (the hot path '
+'touches no bucket); the next credit or expiry draws it from the buckets in consumption order.';
 comment on column billing.accounts.plan is 'Current plan (a billing.products code of kind plan).';
 comment on column billing.accounts.subscription_status is
 'Stripe subscription status of the current plan, or none.';

@@ -11,17 +11,50 @@
 -- Concurrency: every function locks the account row first (the update of billing.accounts),
 -- then touches that user's buckets and reservations. One lock order, no deadlocks.
 --
+-- The hot path is one statement: a debit updates the account (lock, funds check, new balance)
+-- and inserts its entry in a single statement, and touches no bucket. It only adds the amount to
+-- accounts.undrawn; the next credit or expiry of that user draws the undrawn tokens from the
+-- buckets in consumption order before it changes them. Between two draws no bucket is added or
+-- removed, so drawing late takes exactly the tokens drawing at once would have.
+--
+-- ledger_entries.user_id has no foreign key: every entry is written in the statement that
+-- updates (and so proves) its account, and a foreign key would add a query per entry to the hot
+-- path. billing.check_invariants() reports an entry without an account.
+--
 -- Idempotency: ledger_entries.idempotency_key is unique across the ledger. The fast path does
 -- not look the key up first: it debits, then inserts `on conflict do nothing`; only when the key
 -- already exists does it undo the debit (still under the same lock, so nobody saw it) and answer
 -- `duplicate`, or raise TBKEY when the first call had other arguments.
 --
--- Buckets hold exactly the positive part of the balance: sum(remaining) = greatest(balance, 0).
--- A credit first pays off debt, then the rest lands in its bucket.
+-- Buckets hold exactly the positive part of the balance, less what is undrawn:
+-- greatest(sum(remaining) - undrawn, 0) = greatest(balance, 0). A credit first pays off debt,
+-- then the rest lands in its bucket.
+
+-- A CHECK expression is rebuilt at the start of every statement that writes the table; a long
+-- list of constants there costs the hot path microseconds per insert. In a function, the
+-- constants are parsed once per session.
+create function billing.entry_kind_matches_sign(p_kind text, p_amount bigint) returns boolean
+language plpgsql immutable
+set search_path = ''
+as $$
+begin
+  return (
+    p_kind in (
+      'purchase', 'subscription', 'promotion', 'adjustment', 'refund', 'signup', 'dispute_won'
+    ) and p_amount > 0
+  ) or (p_kind in ('usage', 'expiry', 'clawback', 'dispute') and p_amount < 0);
+end;
+$$;
+
+comment on function billing.entry_kind_matches_sign(text, bigint) is
+'CHECK helper: credits (purchase, subscription, promotion, adjustment, refund, signup, '
+'dispute_won) are positive, debits (usage, expiry, clawback, dispute) negative.';
+
+revoke all on function billing.entry_kind_matches_sign(text, bigint) from public;
 
 create table billing.ledger_entries (
   id bigint generated always as identity primary key,
-  user_id uuid not null references billing.accounts (user_id),
+  user_id uuid not null,
   amount bigint not null,
   balance_after bigint not null,
   kind text not null,
@@ -32,12 +65,7 @@ create table billing.ledger_entries (
   created_at timestamptz not null default now(),
   constraint ledger_entries_idempotency_key_unique unique (idempotency_key),
   constraint ledger_entries_key_length check (length(idempotency_key) between 1 and 255),
-  constraint ledger_entries_kind_sign check (
-    (kind in (
-      'purchase', 'subscription', 'promotion', 'adjustment', 'refund', 'signup', 'dispute_won'
-    ) and amount > 0)
-    or (kind in ('usage', 'expiry', 'clawback', 'dispute') and amount < 0)
-  ),
+  constraint ledger_entries_kind_sign check (billing.entry_kind_matches_sign(kind, amount)),
   constraint ledger_entries_metadata_object check (jsonb_typeof(metadata) = 'object')
 );
 
@@ -195,6 +223,28 @@ comment on function billing.require_object(text, jsonb) is
 
 revoke all on function billing.require_object(text, jsonb) from public;
 
+create function billing.require_caller_key(p_name text, p_key text) returns void
+language plpgsql immutable
+set search_path = ''
+as $$
+begin
+  perform billing.require_key(p_name, p_key);
+  if p_key ~ '^(signup|expiry|reservation|stripe):' then
+    raise exception using
+      errcode = '22023',
+      message = format(
+        '%s must not start with signup:, expiry:, reservation: or stripe: (token-billing''s own keys)',
+        p_name);
+  end if;
+end;
+$$;
+
+comment on function billing.require_caller_key(text, text) is
+'Raises 22023 unless the key is valid and outside the namespaces token-billing writes itself '
+'(signup:, expiry:, reservation:, stripe:), so a caller can never take a key a function needs.';
+
+revoke all on function billing.require_caller_key(text, text) from public;
+
 -- Replays -------------------------------------------------------------------------------------
 
 create function billing.replay_entry(
@@ -244,6 +294,68 @@ comment on function billing.replay_entry(text, uuid, bigint, text, timestamptz, 
 revoke all on function billing.replay_entry(text, uuid, bigint, text, timestamptz, boolean) from public;
 
 -- Primitives ----------------------------------------------------------------------------------
+
+create function billing.consume_buckets(p_user_id uuid, p_amount bigint) returns void
+language plpgsql
+set search_path = ''
+as $$
+begin
+  with live as (
+    select
+      b.id,
+      b.remaining,
+      sum(b.remaining) over (order by b.expires_at asc nulls last, b.id asc) - b.remaining
+        as consumed_before
+    from billing.credit_buckets as b
+    where b.user_id = p_user_id and b.remaining > 0
+  )
+
+  update billing.credit_buckets as b
+  set remaining = b.remaining - least(live.remaining, p_amount - live.consumed_before)
+  from live
+  where b.id = live.id and live.consumed_before < p_amount;
+end;
+$$;
+
+comment on function billing.consume_buckets(uuid, bigint) is
+'Takes p_amount from the user''s live buckets, soonest expiry first, then oldest never-expiring; '
+'takes what there is when the buckets hold less (debt). Call only under the account lock.';
+
+revoke all on function billing.consume_buckets(uuid, bigint) from public;
+
+create function billing.draw_buckets(p_user_id uuid) returns void
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_undrawn bigint;
+begin
+  with drawn as (
+    select a.user_id, a.undrawn
+    from billing.accounts as a
+    where a.user_id = p_user_id
+    -- The lock an update takes: `for update` would also wait for (and deadlock with) the key
+    -- share lock a concurrent foreign-key check holds, e.g. a Stripe payment row being written.
+    for no key update
+  )
+
+  update billing.accounts as a
+  set undrawn = 0
+  from drawn
+  where a.user_id = drawn.user_id and drawn.undrawn > 0
+  returning drawn.undrawn into v_undrawn;
+
+  if v_undrawn > 0 then
+    perform billing.consume_buckets(p_user_id, v_undrawn);
+  end if;
+end;
+$$;
+
+comment on function billing.draw_buckets(uuid) is
+'Draws the account''s undrawn debits from its buckets (consumption order) and zeroes undrawn. '
+'Locks the account; run before anything adds, expires or reads buckets.';
+
+revoke all on function billing.draw_buckets(uuid) from public;
 
 create function billing.credit(
   p_user_id uuid,
@@ -300,6 +412,9 @@ begin
     return;
   end if;
 
+  -- Earlier debits come out of the earlier buckets, before this one exists.
+  perform billing.draw_buckets(p_user_id);
+
   -- Debt is paid off first; the rest of the credit is what the bucket holds.
   insert into billing.credit_buckets (user_id, entry_id, amount, remaining, expires_at)
   values (
@@ -332,93 +447,81 @@ language plpgsql
 set search_path = ''
 as $$
 declare
+  v_debited boolean;
   v_balance bigint;
   v_entry_id bigint;
 begin
-  perform billing.require_amount('p_amount', p_amount);
-  perform billing.require_key('p_idempotency_key', p_idempotency_key);
-  perform billing.require_object('p_metadata', p_metadata);
-
-  -- Lock the account and debit it in one statement; usage never takes available below zero.
-  update billing.accounts as a
-  set balance = a.balance - p_amount, updated_at = now()
-  where a.user_id = p_user_id
-    and (p_allow_debt or a.balance - a.reserved >= p_amount)
-  returning a.balance into v_balance;
-
-  if not found then
-    return query select * from billing.replay_entry(
-      p_idempotency_key, p_user_id, -p_amount, p_kind);
-    if found then
-      return;
-    end if;
-    return query
-    select 'insufficient_funds'::text, a.balance, null::bigint
-    from billing.accounts as a
-    where a.user_id = p_user_id;
-    if not found then
-      return query select 'unknown_account'::text, null::bigint, null::bigint;
-    end if;
-    return;
+  -- The checks inline; the helpers (which word the error) only run when one fails.
+  if p_amount is null or p_amount <= 0 or p_amount > 1000000000000000
+    or p_idempotency_key is null or length(p_idempotency_key) > 255
+    or length(btrim(p_idempotency_key)) = 0
+    or (p_metadata is not null and jsonb_typeof(p_metadata) <> 'object') then
+    perform billing.require_amount('p_amount', p_amount);
+    perform billing.require_key('p_idempotency_key', p_idempotency_key);
+    perform billing.require_object('p_metadata', p_metadata);
   end if;
 
-  insert into billing.ledger_entries (
-    user_id, amount, balance_after, kind, idempotency_key, description, metadata
-  )
-  values (
-    p_user_id, -p_amount, v_balance, p_kind, p_idempotency_key, p_description,
-    coalesce(p_metadata, '{}')
-  )
-  on conflict (idempotency_key) do nothing
-  returning id into v_entry_id;
-
-  if v_entry_id is null then
+  -- One statement: lock and debit the account (usage never takes available below zero), then
+  -- write the entry, unless its key exists already.
+  with debited as (
     update billing.accounts as a
-    set balance = a.balance + p_amount
-    where a.user_id = p_user_id;
-    return query select * from billing.replay_entry(
-      p_idempotency_key, p_user_id, -p_amount, p_kind);
+    set balance = a.balance - p_amount, undrawn = a.undrawn + p_amount, updated_at = now()
+    where a.user_id = p_user_id
+      and (p_allow_debt or a.balance - a.reserved >= p_amount)
+    returning a.balance
+  ),
+
+  entry as (
+    insert into billing.ledger_entries (
+      user_id, amount, balance_after, kind, idempotency_key, description, metadata
+    )
+    select
+      p_user_id, -p_amount, debited.balance, p_kind, p_idempotency_key, p_description,
+      coalesce(p_metadata, '{}')
+    from debited
+    on conflict (idempotency_key) do nothing
+    returning id, balance_after
+  )
+
+  select
+    exists (select 1 from debited),
+    (select entry.id from entry),
+    (select entry.balance_after from entry)
+  into v_debited, v_entry_id, v_balance;
+
+  if v_entry_id is not null then
+    return query select 'applied'::text, v_balance, v_entry_id;
     return;
   end if;
 
-  perform billing.consume_buckets(p_user_id, p_amount);
+  if v_debited then
+    -- The key was used before: take the debit back (nobody saw it, we hold the lock).
+    update billing.accounts as a
+    set balance = a.balance + p_amount, undrawn = a.undrawn - p_amount
+    where a.user_id = p_user_id;
+  end if;
 
-  return query select 'applied'::text, v_balance, v_entry_id;
+  return query select * from billing.replay_entry(
+    p_idempotency_key, p_user_id, -p_amount, p_kind);
+  if found then
+    return;
+  end if;
+  return query
+  select 'insufficient_funds'::text, a.balance, null::bigint
+  from billing.accounts as a
+  where a.user_id = p_user_id;
+  if not found then
+    return query select 'unknown_account'::text, null::bigint, null::bigint;
+  end if;
 end;
 $$;
 
 comment on function billing.debit(uuid, bigint, text, text, text, jsonb, boolean) is
-'Debits an account: one ledger entry, buckets consumed in expiry order, or the first result as '
-'duplicate. Without p_allow_debt, refuses to take available below zero (insufficient_funds). '
-'Statuses: applied, duplicate, insufficient_funds, unknown_account.';
+'Debits an account in one statement: one ledger entry, the amount added to undrawn, or the '
+'first result as duplicate. Without p_allow_debt, refuses to take available below zero '
+'(insufficient_funds). Statuses: applied, duplicate, insufficient_funds, unknown_account.';
 
 revoke all on function billing.debit(uuid, bigint, text, text, text, jsonb, boolean) from public;
-
-create function billing.consume_buckets(p_user_id uuid, p_amount bigint) returns void
-language sql
-set search_path = ''
-as $$
-  with live as (
-    select
-      b.id,
-      b.remaining,
-      sum(b.remaining) over (order by b.expires_at asc nulls last, b.id asc) - b.remaining
-        as consumed_before
-    from billing.credit_buckets as b
-    where b.user_id = p_user_id and b.remaining > 0
-  )
-
-  update billing.credit_buckets as b
-  set remaining = b.remaining - least(live.remaining, p_amount - live.consumed_before)
-  from live
-  where b.id = live.id and live.consumed_before < p_amount;
-$$;
-
-comment on function billing.consume_buckets(uuid, bigint) is
-'Takes p_amount from the user''s live buckets, soonest expiry first, then oldest never-expiring; '
-'takes what there is when the buckets hold less (debt). Call only under the account lock.';
-
-revoke all on function billing.consume_buckets(uuid, bigint) from public;
 
 -- The public RPCs -----------------------------------------------------------------------------
 
@@ -445,6 +548,7 @@ begin
         'p_kind must be one of purchase, subscription, promotion, adjustment, refund, got %s',
         coalesce(quote_literal(p_kind), 'null'));
   end if;
+  perform billing.require_caller_key('p_idempotency_key', p_idempotency_key);
   if p_expires_at is not null and p_expires_at <= now() then
     raise exception using
       errcode = '22023',
@@ -471,13 +575,18 @@ create function public.deduct_tokens(
   p_description text default null,
   p_metadata jsonb default '{}'
 ) returns table (status text, balance bigint, entry_id bigint)
-language sql
+language plpgsql
 -- Definer: the caller (service_role) has no write privilege on billing tables by design.
 security definer
 set search_path = ''
 as $$
-  select * from billing.debit(
+begin
+  if p_idempotency_key ~ '^(signup|expiry|reservation|stripe):' then
+    perform billing.require_caller_key('p_idempotency_key', p_idempotency_key);
+  end if;
+  return query select * from billing.debit(
     p_user_id, p_amount, p_idempotency_key, 'usage', p_description, p_metadata, false);
+end;
 $$;
 
 comment on function public.deduct_tokens(uuid, bigint, text, text, jsonb) is

@@ -13,7 +13,9 @@
 
 create table billing.reservations (
   id uuid primary key default gen_random_uuid(),
-  user_id uuid not null references billing.accounts (user_id),
+  -- No foreign key: reserve_tokens writes the row in the statement that locks its account (a
+  -- foreign key would cost a query per hold); billing.check_invariants() reports an orphan.
+  user_id uuid not null,
   amount bigint not null,
   idempotency_key text not null,
   status text not null default 'pending',
@@ -113,34 +115,52 @@ security definer
 set search_path = ''
 as $$
 declare
+  v_held boolean;
   v_available bigint;
   v_reservation_id uuid;
   v_first billing.reservations;
 begin
-  perform billing.require_amount('p_amount', p_amount);
-  perform billing.require_key('p_idempotency_key', p_idempotency_key);
+  if p_amount is null or p_amount <= 0 or p_amount > 1000000000000000
+    or p_idempotency_key is null or length(p_idempotency_key) > 255
+    or length(btrim(p_idempotency_key)) = 0 then
+    perform billing.require_amount('p_amount', p_amount);
+    perform billing.require_key('p_idempotency_key', p_idempotency_key);
+  end if;
   if p_ttl is null or p_ttl <= interval '0' or p_ttl > interval '7 days' then
     raise exception using
       errcode = '22023',
       message = format('p_ttl must be between 0 and 7 days, got %s', coalesce(p_ttl::text, 'null'));
   end if;
 
-  update billing.accounts as a
-  set reserved = a.reserved + p_amount, updated_at = now()
-  where a.user_id = p_user_id and a.balance - a.reserved >= p_amount
-  returning a.balance - a.reserved into v_available;
+  -- One statement: lock the account and place the hold, then write the reservation unless its
+  -- key exists already.
+  with held as (
+    update billing.accounts as a
+    set reserved = a.reserved + p_amount, updated_at = now()
+    where a.user_id = p_user_id and a.balance - a.reserved >= p_amount
+    returning a.balance - a.reserved as available
+  ),
 
-  if found then
+  reservation as (
     insert into billing.reservations (user_id, amount, idempotency_key, available_after, expires_at)
-    values (p_user_id, p_amount, p_idempotency_key, v_available, now() + p_ttl)
+    select p_user_id, p_amount, p_idempotency_key, held.available, now() + p_ttl
+    from held
     on conflict (idempotency_key) do nothing
-    returning id into v_reservation_id;
+    returning id, available_after
+  )
 
-    if v_reservation_id is not null then
-      return query select 'applied'::text, v_reservation_id, v_available;
-      return;
-    end if;
+  select
+    exists (select 1 from held),
+    (select reservation.id from reservation),
+    (select reservation.available_after from reservation)
+  into v_held, v_reservation_id, v_available;
 
+  if v_reservation_id is not null then
+    return query select 'applied'::text, v_reservation_id, v_available;
+    return;
+  end if;
+
+  if v_held then
     -- The key was used before: lift the hold again (we still hold the lock) and replay.
     update billing.accounts as a
     set reserved = a.reserved - p_amount
@@ -152,7 +172,8 @@ begin
   where r.idempotency_key = p_idempotency_key;
 
   if found then
-    if v_first.user_id <> p_user_id or v_first.amount <> p_amount then
+    if v_first.user_id <> p_user_id or v_first.amount <> p_amount
+      or v_first.expires_at - v_first.created_at <> p_ttl then
       raise exception using
         errcode = 'TBKEY',
         message = format(
@@ -236,13 +257,14 @@ begin
       least(p_amount, v_reserved + greatest(a.balance - a.reserved, 0)) as charge
     from billing.accounts as a
     where a.user_id = v_user_id
-    for update
+    for no key update
   )
 
   update billing.accounts as a
   set
     reserved = a.reserved - v_reserved,
     balance = a.balance - before.charge,
+    undrawn = a.undrawn + before.charge,
     updated_at = now()
   from before
   where a.user_id = before.user_id
@@ -257,8 +279,6 @@ begin
     p_reservation_id, 'Settled reservation'
   )
   returning id into v_entry_id;
-
-  perform billing.consume_buckets(v_user_id, v_charge);
 
   return query select
     case when v_charge < p_amount then 'partial' else 'applied' end,
@@ -370,11 +390,20 @@ as $$
   left join pending_totals as p on a.user_id = p.user_id
   where a.reserved <> coalesce(p.total, 0)
   union all
-  select a.user_id, 'sum(buckets.remaining) = greatest(balance, 0)', greatest(a.balance, 0),
-    coalesce(b.total, 0)
+  select
+    a.user_id, 'greatest(sum(buckets.remaining) - undrawn, 0) = greatest(balance, 0)',
+    greatest(a.balance, 0), greatest(coalesce(b.total, 0) - a.undrawn, 0)
   from billing.accounts as a
   left join bucket_totals as b on a.user_id = b.user_id
-  where coalesce(b.total, 0) <> greatest(a.balance, 0)
+  where greatest(coalesce(b.total, 0) - a.undrawn, 0) <> greatest(a.balance, 0)
+  union all
+  select e.user_id, format('entry %s without an account', e.id), null, null
+  from billing.ledger_entries as e
+  where not exists (select 1 from billing.accounts as a where a.user_id = e.user_id)
+  union all
+  select r.user_id, format('reservation %s without an account', r.id), null, null
+  from billing.reservations as r
+  where not exists (select 1 from billing.accounts as a where a.user_id = r.user_id)
   union all
   select c.user_id, format('entry %s: balance_after = running sum', c.id), c.running::bigint,
     c.balance_after

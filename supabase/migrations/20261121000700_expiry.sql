@@ -59,7 +59,8 @@ begin
     where b.remaining > 0 and b.expires_at <= p_as_of
     order by b.user_id
   loop
-    perform 1 from billing.accounts as a where a.user_id = v_user_id for update;
+    -- Lock the account and draw its undrawn debits first: they came out of these buckets.
+    perform billing.draw_buckets(v_user_id);
 
     for v_bucket in
       with due as (

@@ -16,7 +16,10 @@ select col_type_is('billing', 'accounts', 'reserved', 'bigint', 'accounts.reserv
 select col_type_is('billing', 'accounts', 'user_id', 'uuid', 'accounts.user_id should be uuid');
 select columns_are(
   'billing', 'accounts',
-  array['user_id', 'balance', 'reserved', 'plan', 'subscription_status', 'created_at', 'updated_at'],
+  array[
+    'user_id', 'balance', 'reserved', 'undrawn', 'plan', 'subscription_status', 'created_at',
+    'updated_at'
+  ],
   'accounts should have the contract''s columns'
 );
 select col_type_is(

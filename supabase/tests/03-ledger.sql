@@ -1,7 +1,7 @@
 -- add_tokens and deduct_tokens: every status, idempotency, invalid input, bucket order, debt.
 begin;
 set local search_path = extensions, public;
-select plan(49);
+select plan(51);
 
 insert into auth.users (id, email) values
 ('00000000-0000-0000-0000-00000000000c', 'c@example.com'),
@@ -219,6 +219,16 @@ select results_eq(
 reset role;
 
 select results_eq(
+  $$select undrawn from billing.accounts where user_id = '00000000-0000-0000-0000-00000000000d'$$,
+  $$values (45::bigint)$$,
+  'usage should touch no bucket: it waits in undrawn until buckets change'
+);
+select lives_ok(
+  $$select billing.draw_buckets('00000000-0000-0000-0000-00000000000d')$$,
+  'drawing the undrawn debits should succeed'
+);
+
+select results_eq(
   $$select e.idempotency_key, b.remaining
     from billing.credit_buckets as b join billing.ledger_entries as e on e.id = b.entry_id
     where b.user_id = '00000000-0000-0000-0000-00000000000d' order by b.id$$,
@@ -230,6 +240,7 @@ select results_eq(
 set local role service_role;
 select * from public.deduct_tokens('00000000-0000-0000-0000-00000000000d', 135, 'b-use-2');
 reset role;
+select billing.draw_buckets('00000000-0000-0000-0000-00000000000d');
 select results_eq(
   $$select e.idempotency_key, b.remaining
     from billing.credit_buckets as b join billing.ledger_entries as e on e.id = b.entry_id
@@ -246,6 +257,7 @@ select results_eq(
   $$values ('applied'::text, -60::bigint)$$,
   'a clawback with debt allowed should take the balance below zero'
 );
+select billing.draw_buckets('00000000-0000-0000-0000-00000000000d');
 select is(
   (
     select sum(remaining)::bigint from billing.credit_buckets
