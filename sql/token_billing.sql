@@ -1090,22 +1090,64 @@ security definer
 set search_path = ''
 as $$
 declare
-  v_user_id uuid;
-  v_reserved bigint;
   v_charge bigint;
   v_balance bigint;
   v_entry_id bigint;
   v_first billing.reservations;
 begin
-  perform billing.require_amount('p_amount', p_amount);
+  if p_amount is null or p_amount <= 0 or p_amount > 1000000000000000 then
+    perform billing.require_amount('p_amount', p_amount);
+  end if;
 
-  -- Resolve the reservation first: this row lock is what makes it resolve exactly once.
-  update billing.reservations as r
-  set status = 'settled', settle_amount = p_amount, resolved_at = now()
-  where r.id = p_reservation_id and r.status = 'pending'
-  returning r.user_id, r.amount into v_user_id, v_reserved;
+  -- One statement. Resolve the reservation first: that row lock is what makes it resolve
+  -- exactly once. Then lock the account: up to the reserved amount the charge always
+  -- succeeds; the excess comes from what is available besides this hold, never below zero.
+  -- Then write the entry.
+  with resolved as (
+    update billing.reservations as r
+    set status = 'settled', settle_amount = p_amount, resolved_at = now()
+    where r.id = p_reservation_id and r.status = 'pending'
+    returning r.user_id, r.amount
+  ),
 
-  if not found then
+  before as (
+    select
+      a.user_id,
+      resolved.amount as held,
+      least(p_amount, resolved.amount + greatest(a.balance - a.reserved, 0)) as charge
+    from billing.accounts as a
+    inner join resolved on a.user_id = resolved.user_id
+    for no key update of a
+  ),
+
+  charged as (
+    update billing.accounts as a
+    set
+      reserved = a.reserved - before.held,
+      balance = a.balance - before.charge,
+      undrawn = a.undrawn + before.charge,
+      updated_at = now()
+    from before
+    where a.user_id = before.user_id
+    returning a.user_id, a.balance, before.charge
+  ),
+
+  entry as (
+    insert into billing.ledger_entries (
+      user_id, amount, balance_after, kind, idempotency_key, reservation_id, description
+    )
+    select
+      charged.user_id, -charged.charge, charged.balance, 'usage',
+      'reservation:' || p_reservation_id::text, p_reservation_id, 'Settled reservation'
+    from charged
+    returning id, balance_after, -amount as charge
+  )
+
+  select entry.id, entry.balance_after, entry.charge
+  into v_entry_id, v_balance, v_charge
+  from entry;
+
+  if v_entry_id is null then
     select * into v_first from billing.reservations as r where r.id = p_reservation_id;
     if not found then
       raise exception using
@@ -1125,37 +1167,6 @@ begin
     where a.user_id = v_first.user_id;
     return;
   end if;
-
-  -- Up to the reserved amount the charge always succeeds; the excess comes from what is
-  -- available besides this hold, never below zero.
-  with before as (
-    select
-      a.user_id,
-      least(p_amount, v_reserved + greatest(a.balance - a.reserved, 0)) as charge
-    from billing.accounts as a
-    where a.user_id = v_user_id
-    for no key update
-  )
-
-  update billing.accounts as a
-  set
-    reserved = a.reserved - v_reserved,
-    balance = a.balance - before.charge,
-    undrawn = a.undrawn + before.charge,
-    updated_at = now()
-  from before
-  where a.user_id = before.user_id
-  returning a.balance, before.charge
-  into v_balance, v_charge;
-
-  insert into billing.ledger_entries (
-    user_id, amount, balance_after, kind, idempotency_key, reservation_id, description
-  )
-  values (
-    v_user_id, -v_charge, v_balance, 'usage', 'reservation:' || p_reservation_id::text,
-    p_reservation_id, 'Settled reservation'
-  )
-  returning id into v_entry_id;
 
   return query select
     case when v_charge < p_amount then 'partial' else 'applied' end,
