@@ -22,7 +22,6 @@
 --   20261121001100_service_api.sql
 --   20261121001200_balance_notify.sql
 --   20261121001300_ledger_history.sql
---   20261121002000_ledger_key_namespaces.sql
 
 begin;
 
@@ -269,7 +268,29 @@ create table billing.ledger_entries (
   constraint ledger_entries_idempotency_key_unique unique (idempotency_key),
   constraint ledger_entries_key_length check (length(idempotency_key) between 1 and 255),
   constraint ledger_entries_kind_sign check (billing.entry_kind_matches_sign(kind, amount)),
-  constraint ledger_entries_metadata_object check (jsonb_typeof(metadata) = 'object')
+  constraint ledger_entries_metadata_object check (jsonb_typeof(metadata) = 'object'),
+  -- Keys shaped like the ones token-billing makes for itself are accepted only on the entry they
+  -- describe. Callers' keys share the ledger's one namespace: a caller's 'expiry:42' or
+  -- 'reservation:<id>' would otherwise take the key first and make expire_tokens (the pg_cron
+  -- job, for every user) or that settlement fail on the unique constraint from then on.
+  -- add_tokens and deduct_tokens refuse such keys with 22023 first; this is the backstop for any
+  -- other writer (23514).
+  constraint ledger_entries_internal_key check (
+    (idempotency_key not like 'signup:%' or kind = 'signup')
+    and (idempotency_key not like 'expiry:%' or kind = 'expiry')
+    and (
+      idempotency_key not like 'reservation:%'
+      -- Spelled out for a null reservation_id: a check that evaluates to null passes.
+      or (reservation_id is not null and idempotency_key = 'reservation:' || reservation_id::text)
+    )
+    and (
+      idempotency_key not like 'stripe:%'
+      or (
+        kind in ('purchase', 'subscription', 'clawback', 'dispute', 'dispute_won')
+        and metadata ? 'stripe_event_id'
+      )
+    )
+  )
 );
 
 create index ledger_entries_user_id_id_idx on billing.ledger_entries (user_id, id);
@@ -3496,49 +3517,5 @@ comment on function public.list_ledger_entries(uuid, integer) is
 
 revoke all on function public.list_ledger_entries(uuid, integer) from public, anon, authenticated;
 grant execute on function public.list_ledger_entries(uuid, integer) to service_role;
-
--- migration: 20261121002000_ledger_key_namespaces.sql
--- Migration: the idempotency keys token-billing writes for itself are its own.
---
--- Purpose: the ledger's idempotency keys are one namespace (unique across the ledger), shared by
--- callers' keys and the keys the functions make: `signup:<user>` (the signup grant),
--- `expiry:<bucket>` (expire_tokens), `reservation:<id>` (settle_reservation) and `stripe:...`
--- (handle_stripe_event). A caller that passes one of those shapes as its own key -- typically a
--- backend that forwards a client's request id as the key -- would take the key first, and the
--- function that owns it would then fail on the unique constraint every time it runs: one
--- `deduct_tokens(..., 'expiry:42')` stopped expire_tokens (the pg_cron job) for every user,
--- leaving expired tokens spendable and abandoned holds reserved forever; one
--- `deduct_tokens(..., 'reservation:<id>')` made that reservation impossible to settle.
--- tests/test_hostile_input.py (key squatting) guards this.
--- Objects: check constraint ledger_entries_internal_key on billing.ledger_entries.
---
--- Each internal shape is accepted only on the entry it describes: the signup grant, an expiry,
--- the settlement of that very reservation, or a Stripe effect (which records its event id).
--- Anything else is refused with SQLSTATE 23514 and nothing is written. A check constraint, not
--- a trigger: it costs the hot path (deduct_tokens) nothing measurable.
--- `not valid`: rows written before this migration are not re-read (a squatted key, if any, is
--- history; it stays); every new row is checked.
-
-alter table billing.ledger_entries
-add constraint ledger_entries_internal_key check (
-  (idempotency_key not like 'signup:%' or kind = 'signup')
-  and (idempotency_key not like 'expiry:%' or kind = 'expiry')
-  and (
-    idempotency_key not like 'reservation:%'
-    -- Spelled out for a null reservation_id: a check that evaluates to null passes.
-    or (reservation_id is not null and idempotency_key = 'reservation:' || reservation_id::text)
-  )
-  and (
-    idempotency_key not like 'stripe:%'
-    or (
-      kind in ('purchase', 'subscription', 'clawback', 'dispute', 'dispute_won')
-      and metadata ? 'stripe_event_id'
-    )
-  )
-) not valid;
-
-comment on constraint ledger_entries_internal_key on billing.ledger_entries is
-'Keys shaped like the ones token-billing makes (signup:, expiry:, reservation:, stripe:) only on '
-'the entries that make them: a caller cannot take a key a function will need.';
 
 commit;

@@ -66,7 +66,29 @@ create table billing.ledger_entries (
   constraint ledger_entries_idempotency_key_unique unique (idempotency_key),
   constraint ledger_entries_key_length check (length(idempotency_key) between 1 and 255),
   constraint ledger_entries_kind_sign check (billing.entry_kind_matches_sign(kind, amount)),
-  constraint ledger_entries_metadata_object check (jsonb_typeof(metadata) = 'object')
+  constraint ledger_entries_metadata_object check (jsonb_typeof(metadata) = 'object'),
+  -- Keys shaped like the ones token-billing makes for itself are accepted only on the entry they
+  -- describe. Callers' keys share the ledger's one namespace: a caller's 'expiry:42' or
+  -- 'reservation:<id>' would otherwise take the key first and make expire_tokens (the pg_cron
+  -- job, for every user) or that settlement fail on the unique constraint from then on.
+  -- add_tokens and deduct_tokens refuse such keys with 22023 first; this is the backstop for any
+  -- other writer (23514).
+  constraint ledger_entries_internal_key check (
+    (idempotency_key not like 'signup:%' or kind = 'signup')
+    and (idempotency_key not like 'expiry:%' or kind = 'expiry')
+    and (
+      idempotency_key not like 'reservation:%'
+      -- Spelled out for a null reservation_id: a check that evaluates to null passes.
+      or (reservation_id is not null and idempotency_key = 'reservation:' || reservation_id::text)
+    )
+    and (
+      idempotency_key not like 'stripe:%'
+      or (
+        kind in ('purchase', 'subscription', 'clawback', 'dispute', 'dispute_won')
+        and metadata ? 'stripe_event_id'
+      )
+    )
+  )
 );
 
 create index ledger_entries_user_id_id_idx on billing.ledger_entries (user_id, id);
