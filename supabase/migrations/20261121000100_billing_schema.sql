@@ -13,7 +13,7 @@
 --   TBAPP  append-only violation: a ledger entry, or a resolved reservation, cannot be changed.
 --   TBCUS  Stripe customer already linked to another user. Nothing was written.
 --   22023  also: an idempotency key shaped like one token-billing makes for itself (signup:,
---          expiry:, reservation:, stripe:); the check constraint ledger_entries_internal_key
+--          expiry:, reservation:, stripe:); the check constraint ledger_entries_valid
 --          (23514) is the backstop for any other writer. Nothing was written.
 --   22xxx  other data exceptions, raised by Postgres while reading an argument: 22P02 not a
 --          uuid or not JSON, 22P05 \u0000 in JSON, 22007/22008 a timestamp or interval that is

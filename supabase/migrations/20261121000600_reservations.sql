@@ -11,6 +11,45 @@
 -- the reservation (the update that resolves it), then the account. Nothing locks an account and
 -- then waits for an existing reservation, so the two orders cannot deadlock.
 
+-- One function holds the row rules, for the reason given at billing.ledger_entry_is_valid: a
+-- CHECK is parsed again by every statement that writes the table, and a reservation is written
+-- twice (reserve, settle) on the hot path.
+create function billing.reservation_is_valid(
+  p_amount bigint,
+  p_idempotency_key text,
+  p_status text,
+  p_settle_amount bigint,
+  p_resolved_at timestamptz
+) returns boolean
+language plpgsql immutable
+set search_path = ''
+as $$
+begin
+  return coalesce(
+    p_amount > 0
+    and length(p_idempotency_key) between 1 and 255
+    and (
+      (p_status = 'pending' and p_resolved_at is null and p_settle_amount is null)
+      or (p_status = 'settled' and p_resolved_at is not null and p_settle_amount > 0)
+      or (
+        p_status in ('released', 'expired')
+        and p_resolved_at is not null
+        and p_settle_amount is null
+      )
+    ),
+    false
+  );
+end;
+$$;
+
+comment on function billing.reservation_is_valid(bigint, text, text, bigint, timestamptz) is
+'CHECK of billing.reservations: a positive amount, a key of 1..255 characters, and a status '
+'consistent with its resolution (pending: unresolved; settled: resolved with a positive '
+'settle_amount; released or expired: resolved without one).';
+
+revoke all on function billing.reservation_is_valid(bigint, text, text, bigint, timestamptz)
+from public;
+
 create table billing.reservations (
   id uuid primary key default gen_random_uuid(),
   -- No foreign key: reserve_tokens writes the row in the statement that locks its account (a
@@ -25,15 +64,8 @@ create table billing.reservations (
   created_at timestamptz not null default now(),
   resolved_at timestamptz,
   constraint reservations_idempotency_key_unique unique (idempotency_key),
-  constraint reservations_key_length check (length(idempotency_key) between 1 and 255),
-  constraint reservations_amount_positive check (amount > 0),
-  constraint reservations_status_known check (
-    status in ('pending', 'settled', 'released', 'expired')
-  ),
-  constraint reservations_resolution_consistent check (
-    (status = 'pending' and resolved_at is null and settle_amount is null)
-    or (status = 'settled' and resolved_at is not null and settle_amount > 0)
-    or (status in ('released', 'expired') and resolved_at is not null and settle_amount is null)
+  constraint reservations_valid check (
+    billing.reservation_is_valid(amount, idempotency_key, status, settle_amount, resolved_at)
   )
 );
 
@@ -115,9 +147,6 @@ security definer
 set search_path = ''
 as $$
 declare
-  v_held boolean;
-  v_available bigint;
-  v_reservation_id uuid;
   v_first billing.reservations;
 begin
   if p_amount is null or p_amount <= 0 or p_amount > 1000000000000000
@@ -133,7 +162,8 @@ begin
   end if;
 
   -- One statement: lock the account and place the hold, then write the reservation unless its
-  -- key exists already.
+  -- key exists already. One row if the hold was placed, with the reservation's id unless the key
+  -- was taken.
   with held as (
     update billing.accounts as a
     set reserved = a.reserved + p_amount, updated_at = now()
@@ -146,21 +176,21 @@ begin
     select p_user_id, p_amount, p_idempotency_key, held.available, now() + p_ttl
     from held
     on conflict (idempotency_key) do nothing
-    returning id, available_after
+    returning id
   )
 
-  select
-    exists (select 1 from held),
-    (select reservation.id from reservation),
-    (select reservation.available_after from reservation)
-  into v_held, v_reservation_id, v_available;
+  select held.available, reservation.id
+  into available, reservation_id
+  from held
+  left join reservation on true;
 
-  if v_reservation_id is not null then
-    return query select 'applied'::text, v_reservation_id, v_available;
+  if reservation_id is not null then
+    status := 'applied';
+    return next;
     return;
   end if;
 
-  if v_held then
+  if available is not null then
     -- The key was used before: lift the hold again (we still hold the lock) and replay.
     update billing.accounts as a
     set reserved = a.reserved - p_amount
@@ -291,10 +321,10 @@ begin
     return;
   end if;
 
-  return query select
-    case when v_charge < p_amount then 'partial' else 'applied' end,
-    v_balance,
-    v_entry_id;
+  status := case when v_charge < p_amount then 'partial' else 'applied' end;
+  balance := v_balance;
+  entry_id := v_entry_id;
+  return next;
 end;
 $$;
 
