@@ -167,6 +167,7 @@ def round_groups(with_stripe: bool) -> list[list[Job]]:
         ]
         if clients == 8:
             group += [
+                Job("floor_rpc/8", "floor_rpc_deduct", 8),
                 Job("reserve_settle/8", "reserve_settle", 8, ledger=True),
                 Job("add_tokens/8", "add_tokens", 8, ledger=True),
             ]
@@ -251,6 +252,16 @@ def throughput_rows(runs: dict[str, list[Run]], with_stripe: bool) -> list[Row]:
                 target_floor,
             ),
         ]
+    rows.append(
+        Row(
+            "the floor's statement in a plpgsql RPC (ceiling of any RPC) vs floor",
+            "8",
+            "tps",
+            tps(runs, "floor_rpc/8"),
+            "floor",
+            tps(runs, "floor/8"),
+        )
+    )
     for clients in (8, 32):
         rows += [
             Row(

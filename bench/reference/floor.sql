@@ -24,3 +24,34 @@ create table bench_floor.ledger (
 grant usage on schema bench_floor to service_role;
 grant select, update on bench_floor.accounts to service_role;
 grant select, insert on bench_floor.ledger to service_role;
+
+-- The floor's statement as an RPC: the same one statement inside a security definer plpgsql
+-- function with `set search_path = ''`, returning (status, balance, entry_id) as
+-- public.deduct_tokens does. No idempotency, no funds check, no CHECK constraints. Measured next
+-- to the floor, it is the ceiling any function-based RPC can reach on this machine; the bench
+-- reports it as information (script bench/scripts/floor_rpc_deduct.sql).
+create function bench_floor.deduct(p_user_id uuid, p_amount bigint)
+returns table (status text, balance bigint, entry_id bigint)
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  with debited as (
+    update bench_floor.accounts as a
+    set balance = a.balance - p_amount
+    where a.user_id = p_user_id
+    returning a.user_id, a.balance
+  )
+
+  insert into bench_floor.ledger (user_id, amount, balance_after)
+  select d.user_id, -p_amount, d.balance
+  from debited as d
+  returning ledger.balance_after, ledger.id into balance, entry_id;
+  status := 'applied';
+  return next;
+end;
+$$;
+
+revoke all on function bench_floor.deduct(uuid, bigint) from public;
+grant execute on function bench_floor.deduct(uuid, bigint) to service_role;
