@@ -231,8 +231,7 @@ $publication$;
 -- optional expiry; debits consume the buckets that expire soonest first, then never-expiring
 -- ones oldest first.
 -- Objects: billing.ledger_entries (+ append-only trigger), billing.credit_buckets,
---   billing.credit(), billing.debit(), billing.debit_not_applied(), billing.consume_buckets(),
---   billing.replay_entry(),
+--   billing.credit(), billing.debit(), billing.consume_buckets(), billing.replay_entry(),
 --   public.add_tokens(), public.deduct_tokens().
 --
 -- Concurrency: every function locks the account row first (the update of billing.accounts),
@@ -700,46 +699,6 @@ comment on function billing.credit(uuid, bigint, text, text, text, timestamptz, 
 
 revoke all on function billing.credit(uuid, bigint, text, text, text, timestamptz, jsonb) from public;
 
-create function billing.debit_not_applied(
-  p_user_id uuid,
-  p_amount bigint,
-  p_idempotency_key text,
-  p_kind text,
-  p_debited boolean
-) returns table (status text, balance bigint, entry_id bigint)
-language plpgsql
-set search_path = ''
-as $$
-begin
-  if p_debited then
-    -- The key was used before: take the debit back (nobody saw it, we hold the lock).
-    update billing.accounts as a
-    set balance = a.balance + p_amount, undrawn = a.undrawn - p_amount
-    where a.user_id = p_user_id;
-  end if;
-
-  return query select * from billing.replay_entry(
-    p_idempotency_key, p_user_id, -p_amount, p_kind);
-  if found then
-    return;
-  end if;
-  return query
-  select 'insufficient_funds'::text, a.balance, null::bigint
-  from billing.accounts as a
-  where a.user_id = p_user_id;
-  if not found then
-    return query select 'unknown_account'::text, null::bigint, null::bigint;
-  end if;
-end;
-$$;
-
-comment on function billing.debit_not_applied(uuid, bigint, text, text, boolean) is
-'The answer of a debit statement that wrote no entry: undoes the debit if one was made (its key '
-'existed), then replays the key (duplicate, or TBKEY), else insufficient_funds or '
-'unknown_account. Call only right after the debit statement, under its lock.';
-
-revoke all on function billing.debit_not_applied(uuid, bigint, text, text, boolean) from public;
-
 create function billing.debit(
   p_user_id uuid,
   p_amount bigint,
@@ -796,8 +755,26 @@ begin
     return next;
     return;
   end if;
-  return query select * from billing.debit_not_applied(
-    p_user_id, p_amount, p_idempotency_key, p_kind, balance is not null);
+
+  if balance is not null then
+    -- The key was used before: take the debit back (nobody saw it, we hold the lock).
+    update billing.accounts as a
+    set balance = a.balance + p_amount, undrawn = a.undrawn - p_amount
+    where a.user_id = p_user_id;
+  end if;
+
+  return query select * from billing.replay_entry(
+    p_idempotency_key, p_user_id, -p_amount, p_kind);
+  if found then
+    return;
+  end if;
+  return query
+  select 'insufficient_funds'::text, a.balance, null::bigint
+  from billing.accounts as a
+  where a.user_id = p_user_id;
+  if not found then
+    return query select 'unknown_account'::text, null::bigint, null::bigint;
+  end if;
 end;
 $$;
 
@@ -866,51 +843,11 @@ security definer
 set search_path = ''
 as $$
 begin
-  if p_amount is null or p_amount <= 0 or p_amount > 1000000000000000
-    or p_idempotency_key is null or length(p_idempotency_key) > 255
-    or length(btrim(p_idempotency_key)) = 0
-    or (p_metadata is not null and jsonb_typeof(p_metadata) <> 'object') then
-    perform billing.require_amount('p_amount', p_amount);
-    perform billing.require_key('p_idempotency_key', p_idempotency_key);
-    perform billing.require_object('p_metadata', p_metadata);
-  end if;
   if p_idempotency_key ~ '^(signup|expiry|reservation|stripe):' then
     perform billing.require_caller_key('p_idempotency_key', p_idempotency_key);
   end if;
-
-  -- billing.debit's statement for kind usage, inlined: this is the hot path, and the nested
-  -- call (a second plpgsql frame and search_path switch) cost about 10% of its throughput.
-  with debited as (
-    update billing.accounts as a
-    set balance = a.balance - p_amount, undrawn = a.undrawn + p_amount, updated_at = now()
-    where a.user_id = p_user_id and a.balance - a.reserved >= p_amount
-    returning a.balance
-  ),
-
-  entry as (
-    insert into billing.ledger_entries (
-      user_id, amount, balance_after, kind, idempotency_key, description, metadata
-    )
-    select
-      p_user_id, -p_amount, debited.balance, 'usage', p_idempotency_key, p_description,
-      coalesce(p_metadata, '{}')
-    from debited
-    on conflict (idempotency_key) do nothing
-    returning id
-  )
-
-  select debited.balance, entry.id
-  into balance, entry_id
-  from debited
-  left join entry on true;
-
-  if entry_id is not null then
-    status := 'applied';
-    return next;
-    return;
-  end if;
-  return query select * from billing.debit_not_applied(
-    p_user_id, p_amount, p_idempotency_key, 'usage', balance is not null);
+  return query select * from billing.debit(
+    p_user_id, p_amount, p_idempotency_key, 'usage', p_description, p_metadata, false);
 end;
 $$;
 
