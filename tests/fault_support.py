@@ -108,6 +108,21 @@ class Counter:
             self.value += n
 
 
+def ready_within(
+    readyz_status: Callable[[], int], seconds: float, interval: float = 0.1
+) -> tuple[int, float]:
+    """Poll /readyz (through `readyz_status`) until it answers 200 or `seconds` pass: the last
+    status, and how long it took."""
+    started = time.monotonic()
+    status = 0
+    while time.monotonic() - started < seconds:
+        status = readyz_status()
+        if status == 200:
+            break
+        time.sleep(interval)
+    return status, time.monotonic() - started
+
+
 def superuser(db: Database) -> psycopg.Connection[tuple[Any, ...]]:
     return db.connect_superuser()
 

@@ -44,6 +44,7 @@ from tests.fault_support import (
     STRESS_SCALE,
     Counter,
     cluster_back_up,
+    ready_within,
     report,
     restart,
     retry,
@@ -376,17 +377,6 @@ class Chaos:
             self.anomalies.append(f"negative available mid-run: {negative}")
 
 
-def _ready_within(client: TestClient, seconds: float) -> tuple[int, float]:
-    started = time.monotonic()
-    status = 0
-    while time.monotonic() - started < seconds:
-        status = client.get("/readyz").status_code
-        if status == 200:
-            break
-        time.sleep(0.2)
-    return status, time.monotonic() - started
-
-
 @pytest.mark.timeout(240 * STRESS_SCALE)
 def test_bank_workload_under_faults_loses_nothing_and_mints_nothing(
     chaos_db: Database, chaos_cluster: tuple[PgCluster, Database]
@@ -428,7 +418,7 @@ def test_bank_workload_under_faults_loses_nothing_and_mints_nothing(
         workload_seconds = time.monotonic() - started
 
         # The service recovers by itself: same app, same pool, no restart.
-        ready, ready_after = _ready_within(client, 30.0)
+        ready, ready_after = ready_within(lambda: client.get("/readyz").status_code, 30.0)
         assert ready == 200, "the service should be ready again without a restart"
         profile = client.portal.call(TokenBilling(rt.db).balance, USERS[0])
         assert profile["balance"] >= 0

@@ -41,6 +41,7 @@ from tests.app_support import (
 from tests.fault_support import (
     STRESS_SCALE,
     cluster_back_up,
+    ready_within,
     report,
     scaled,
     terminate,
@@ -284,19 +285,6 @@ class Outage:
                 time.sleep(rng.uniform(0.02, 0.08))
 
 
-def _ready_within(url: str, seconds: float) -> tuple[int, float]:
-    """The first 200 of /readyz within `seconds` (else the last status), and how long it took."""
-    started = time.monotonic()
-    status = 0
-    with httpx2.Client(base_url=url, timeout=10) as http:
-        while time.monotonic() - started < seconds:
-            status = http.get("/readyz").status_code
-            if status == 200:
-                break
-            time.sleep(0.1)
-    return status, time.monotonic() - started
-
-
 @pytest.mark.timeout(240 * STRESS_SCALE)
 def test_webhook_storm_across_a_restart_credits_each_purchase_once(
     chaos_db: Database, chaos_cluster: tuple[PgCluster, Database]
@@ -335,7 +323,8 @@ def test_webhook_storm_across_a_restart_credits_each_purchase_once(
             outage.stop.set()
             outage_thread.join()
         seconds = time.monotonic() - started
-        ready_after, ready_seconds = _ready_within(url, 30.0)
+        with httpx2.Client(base_url=url, timeout=10) as http:
+            ready_after, ready_seconds = ready_within(lambda: http.get("/readyz").status_code, 30.0)
         # An operator's replay of whatever is parked (nothing should be: every event names its
         # user and a known product).
         with db.as_service_role() as conn:
