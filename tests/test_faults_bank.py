@@ -63,6 +63,7 @@ OPS_PER_CLIENT = scaled(400)
 # Long enough that nothing expires during the run; expire_tokens is then run past it.
 TTL = timedelta(hours=1)
 CALL_DEADLINE_SECONDS = 90.0
+KILL_EVERY = 20  # operations per killed backend
 
 T = TypeVar("T")
 
@@ -320,8 +321,10 @@ class RpcClient(Client):
 
 @dataclass
 class Chaos:
-    """Kills backends all along; wipes the service's pool once and restarts Postgres once, at
-    fixed points of the workload's progress (not of the clock, so every run injects both)."""
+    """Kills a busy backend every KILL_EVERY operations; wipes the service's pool once and
+    restarts Postgres once, at fixed points of the workload's progress. Progress, not the clock,
+    paces every fault: every run injects them all, and a slow machine gets no more of them per
+    operation than a fast one."""
 
     db: Database
     cluster: PgCluster
@@ -338,6 +341,7 @@ class Chaos:
 
     def run(self) -> None:
         rng = random.Random(11)
+        next_kill = KILL_EVERY
         while not self.stop.is_set():
             done = self.progress.value
             try:
@@ -350,12 +354,16 @@ class Chaos:
                     self.down_seconds = restart(self.cluster, down_seconds=0.5)
                     self.restarts += 1
                 else:
-                    self.kills += terminate(
-                        self.db,
-                        "state = 'active' and (application_name = 'token-billing' "
-                        "or application_name like 'tb-bank-%%')",
-                        limit=1,
-                    )
+                    if done >= next_kill:
+                        killed = terminate(
+                            self.db,
+                            "state = 'active' and (application_name = 'token-billing' "
+                            "or application_name like 'tb-bank-%%')",
+                            limit=1,
+                        )
+                        self.kills += killed
+                        if killed:
+                            next_kill = done + KILL_EVERY
                     if rng.random() < 0.2:
                         self.sample()
             except psycopg.OperationalError:
