@@ -2,7 +2,7 @@
 
 For deployments without Supabase Realtime (a self-hosted Postgres, the local `make dev` stack).
 The trigger of migration 20261121001200 notifies channel `token_billing_balance` with the id of
-a user whose account changed, when the database has `token_billing.notify_balance = 'on'`.
+a user whose account changed, once `billing.set_balance_notify(true)` has installed it.
 
 One `BalanceBroker` per service process holds ONE listening connection and fans notifications
 out to the open streams. It reads a changed row (as service_role, through the pool) only when

@@ -174,8 +174,8 @@ def migrate(cluster: PgCluster) -> Database:
             "values (%s, %s, 'authenticated', 'authenticated', now()) on conflict (id) do nothing",
             [DEMO_USER_ID, DEMO_EMAIL],
         )
-    # The balance stream's trigger is off unless the database turns it on (new sessions see it).
-    cluster.psql(DBNAME, f"alter database {DBNAME} set token_billing.notify_balance = 'on'")
+    # The balance stream's trigger exists only once it is turned on.
+    cluster.psql(DBNAME, "select billing.set_balance_notify(true)")
     return db
 
 

@@ -30,19 +30,21 @@ from tests.app_support import bearer, free_port, new_user, settings_for
 HEARTBEAT_SECONDS = 0.5
 
 
-def enable_notify(db: Database) -> None:
-    """What `make dev` does: new sessions of this database announce balance changes."""
-    db.psql(f"alter database \"{db.name}\" set token_billing.notify_balance = 'on'")
+def enable_notify(db: Database, enabled: bool = True) -> None:
+    """What `make dev` does: install the trigger that announces balance changes."""
+    db.psql(f"select billing.set_balance_notify({str(enabled).lower()})")
 
 
 def deduct(db: Database, user: uuid.UUID, amount: int, *, notify: bool = True) -> int:
+    if not notify:
+        enable_notify(db, False)
     with db.as_service_role() as conn:
-        if not notify:
-            conn.execute("set token_billing.notify_balance = 'off'")
         row = conn.execute(
             "select status, balance from public.deduct_tokens(%s, %s, %s)",
             [str(user), amount, f"stream-{uuid.uuid4()}"],
         ).fetchone()
+    if not notify:
+        enable_notify(db)
     assert row is not None
     assert row[0] == "applied"
     return int(row[1])
@@ -182,7 +184,7 @@ def client() -> httpx.AsyncClient:
 # --- the trigger -------------------------------------------------------------------------------
 
 
-def test_notifications_should_be_off_unless_the_database_enables_them(db: Database) -> None:
+def test_notifications_should_be_off_until_they_are_turned_on(db: Database) -> None:
     """The hot path pays nothing by default; turned on, the payload is the user id alone."""
     user = new_user(db)
     with psycopg.connect(db.dsn(), autocommit=True) as listener:
@@ -329,7 +331,7 @@ def test_stream_should_survive_a_postgres_restart_and_resend_the_balance(
         async with client() as http, open_stream(http, url, user) as events:
             assert await events.next("status") == {"live": True}
             assert (await events.next("balance"))["balance"] == 100
-            # A change nobody announces (notifications off in that session): not sent now...
+            # A change nobody announces (notifications off meanwhile): not sent now...
             assert deduct(db, user, 7, notify=False) == 93
             await events.none("balance", 1.0)
 

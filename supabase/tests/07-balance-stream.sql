@@ -1,28 +1,26 @@
--- What the service's balance stream and ledger history read: the notify trigger (off unless
--- enabled) and list_ledger_entries(). Shape, then privileges, then behaviour.
+-- What the service's balance stream and ledger history read: the notify trigger (absent unless
+-- turned on) and list_ledger_entries(). Shape, then privileges, then behaviour.
 begin;
 set local search_path = extensions, public;
-select plan(18);
+select plan(22);
 
 insert into auth.users (id, email) values
 ('00000000-0000-0000-0000-000000000c01', 'c1@example.com'),
 ('00000000-0000-0000-0000-000000000c02', 'c2@example.com');
 
 -- Shape ---------------------------------------------------------------------------------------
+select hasnt_trigger(
+  'billing', 'accounts', 'tg_accounts__90_notify_balance',
+  'the notify trigger should not exist until it is turned on (the hot path pays nothing)'
+);
+select is(
+  billing.set_balance_notify(true), true,
+  'set_balance_notify(true) should report notifications on'
+);
 select trigger_is(
   'billing', 'accounts', 'tg_accounts__90_notify_balance',
   'billing', 'tg_accounts__notify_balance',
-  'billing.accounts should announce changes through the notify trigger'
-);
-select ok(
-  (
-    select
-      pg_get_triggerdef(t.oid)
-      like '%WHEN ((current_setting(''token_billing.notify_balance''::text, true) = ''on''::text))%'
-    from pg_trigger as t
-    where t.tgname = 'tg_accounts__90_notify_balance'
-  ),
-  'the notify trigger should fire only when token_billing.notify_balance is on'
+  'turned on, billing.accounts should announce changes through the notify trigger'
 );
 select is(
   (
@@ -33,9 +31,17 @@ select is(
   0,
   'the notify trigger should run after the change (never block or rewrite it)'
 );
+select lives_ok(
+  $$select billing.set_balance_notify(true)$$,
+  'turning notifications on twice should be harmless'
+);
 select is(
-  current_setting('token_billing.notify_balance', true), null,
-  'notifications should be off unless a database enables them'
+  billing.set_balance_notify(false), false,
+  'set_balance_notify(false) should report notifications off'
+);
+select hasnt_trigger(
+  'billing', 'accounts', 'tg_accounts__90_notify_balance',
+  'turned off, the notify trigger should be gone'
 );
 select has_function(
   'public', 'list_ledger_entries', array['uuid', 'integer'],
@@ -58,6 +64,10 @@ select function_privs_are(
 select function_privs_are(
   'public', 'list_ledger_entries', array['uuid', 'integer'],
   'anon', array[]::text[], 'anon should not execute list_ledger_entries'
+);
+select function_privs_are(
+  'billing', 'set_balance_notify', array['boolean'],
+  'service_role', array[]::text[], 'service_role should not turn notifications on or off'
 );
 select function_privs_are(
   'billing', 'tg_accounts__notify_balance', array[]::text[],
