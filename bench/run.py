@@ -32,6 +32,10 @@ RESULTS = BENCH / "results" / "latest.md"
 TEMPLATE = "tb_bench_template"
 MAIN_DB = "tb_bench"
 TPCB_DB = "tb_tpcb"
+# Reservations per settle_reservations call in the batch script: its reserve_tokens calls.
+BATCH_SETTLE_SIZE = (
+    (BENCH / "scripts" / "reserve_settle_batch.sql").read_text().count("public.reserve_tokens(")
+)
 SCALE_DBS = {"small": "tb_scale_small", "large": "tb_scale_large"}
 
 # Durability stays off as in the tests (scripts/pgcluster.py); room for a 10^7-row ledger.
@@ -146,7 +150,8 @@ def entries_since(cluster: PgCluster, dbname: str, high_water: int) -> int:
 
 @dataclass(frozen=True)
 class Job:
-    """One pgbench run of a round. `ledger` jobs check that each transaction wrote one entry."""
+    """One pgbench run of a round. `ledger` jobs check that each transaction wrote `per_txn`
+    entries; throughput is reported per unit of work (pgbench transactions x `per_txn`)."""
 
     key: str
     script: str
@@ -154,6 +159,7 @@ class Job:
     ledger: bool = False
     builtin: str | None = None
     dbname: str = MAIN_DB
+    per_txn: int = 1
 
 
 def round_groups(with_stripe: bool) -> list[list[Job]]:
@@ -169,6 +175,13 @@ def round_groups(with_stripe: bool) -> list[list[Job]]:
             group += [
                 Job("floor_rpc/8", "floor_rpc_deduct", 8),
                 Job("reserve_settle/8", "reserve_settle", 8, ledger=True),
+                Job(
+                    "reserve_settle_batch/8",
+                    "reserve_settle_batch",
+                    8,
+                    ledger=True,
+                    per_txn=BATCH_SETTLE_SIZE,
+                ),
                 Job("add_tokens/8", "add_tokens", 8, ledger=True),
             ]
             if with_stripe:
@@ -209,11 +222,14 @@ def run_rounds(
                 )
                 if job.ledger:
                     written = entries_since(cluster, job.dbname, high_water)
-                    if written < run.processed:
+                    if written < run.processed * job.per_txn:
                         shortfalls.append(
                             f"round {index + 1} {job.key}: {run.processed} transactions wrote "
-                            f"{written} ledger entries (not every call was applied)"
+                            f"{written} ledger entries, not {job.per_txn} each "
+                            "(not every call was applied)"
                         )
+                if job.per_txn != 1:
+                    run.tps *= job.per_txn
                 runs.setdefault(job.key, []).append(run)
         log(f"round {index + 1}/{opts.rounds} done in {time.monotonic() - started:.0f}s")
     return runs, shortfalls
@@ -289,6 +305,18 @@ def throughput_rows(runs: dict[str, list[Run]], with_stripe: bool) -> list[Row]:
             "8",
             "pairs/s",
             tps(runs, "reserve_settle/8"),
+            "deduct_tokens",
+            tps(runs, "deduct/8"),
+            ">=",
+            0.5,
+            reference_unit="tps",
+        ),
+        Row(
+            f"reserve_tokens x{BATCH_SETTLE_SIZE}, then one settle_reservations of them, "
+            "vs deduct_tokens",
+            "8",
+            "pairs/s",
+            tps(runs, "reserve_settle_batch/8"),
             "deduct_tokens",
             tps(runs, "deduct/8"),
             ">=",
