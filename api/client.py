@@ -79,6 +79,11 @@ class Reservation:
         self.released: Result | None = None
 
     async def __aenter__(self) -> Reservation:
+        return await self.open()
+
+    async def open(self) -> Reservation:
+        """Place the hold without a block, for work settled later (`TokenBilling.settle_many`);
+        nothing releases it but a settle, a release or its TTL."""
         row = _one(
             await self._billing.db.rpc(
                 "reserve_tokens",
@@ -219,6 +224,26 @@ class TokenBilling:
         if row["status"] == "unknown_account":
             raise UnknownAccount(f"no billing account for user {user_id}")
         return Result(row["status"], row.get("balance"), row.get("entry_id"))
+
+    async def settle_many(self, settlements: Mapping[uuid.UUID | str, int]) -> dict[str, Result]:
+        """Settle many reservations (id -> actual tokens, at most 1000) in one call and one
+        transaction; each as `Reservation.settle` would, keyed by reservation id in the answer.
+        A malformed item (22023) or an unknown reservation (TBRES) refuses them all."""
+        rows = await self.db.rpc(
+            "settle_reservations",
+            {
+                "p_settlements": [
+                    {"reservation_id": str(reservation_id), "amount": amount}
+                    for reservation_id, amount in settlements.items()
+                ]
+            },
+        )
+        return {
+            str(row["reservation_id"]): Result(
+                row["status"], row.get("balance"), row.get("entry_id")
+            )
+            for row in rows
+        }
 
     async def balance(self, user_id: uuid.UUID | str) -> dict[str, Any]:
         """balance, available, reserved, plan and subscription_status of the user."""

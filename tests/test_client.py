@@ -52,6 +52,35 @@ def test_reserve_then_settle_should_charge_the_actual_amount(db: Database) -> No
     assert account(db, user) == {"balance": 75, "reserved": 0, "plan": "free", "status": "none"}
 
 
+def test_settle_many_should_settle_each_hold_once(db: Database) -> None:
+    first, second = new_user(db), new_user(db)
+
+    async def body(tokens: TokenBilling) -> tuple[dict[str, str], dict[str, str], str]:
+        holds = [
+            await tokens.reserve(first, 30).open(),
+            await tokens.reserve(first, 20).open(),
+            await tokens.reserve(second, 50).open(),
+        ]
+        actual = {hold.id: used for hold, used in zip(holds, (10, 20, 60), strict=True)}
+        settled = await tokens.settle_many({h: n for h, n in actual.items() if h is not None})
+        replayed = await tokens.settle_many({h: n for h, n in actual.items() if h is not None})
+        with pytest.raises(DatabaseError) as refused:
+            await tokens.settle_many({holds[0].id or "": 10, uuid.uuid4(): 5})
+        return (
+            {key: r.status for key, r in settled.items()},
+            {key: r.status for key, r in replayed.items()},
+            str(refused.value.sqlstate),
+        )
+
+    settled, replayed, sqlstate = run(db, body)
+    assert sorted(settled.values()) == ["applied", "applied", "applied"]
+    assert set(replayed.values()) == {"duplicate"}
+    assert settled.keys() == replayed.keys()
+    assert sqlstate == "TBRES", "an unknown reservation should refuse the batch"
+    assert account(db, first) == {"balance": 70, "reserved": 0, "plan": "free", "status": "none"}
+    assert account(db, second) == {"balance": 40, "reserved": 0, "plan": "free", "status": "none"}
+
+
 def test_exception_inside_the_block_should_release_the_hold(db: Database) -> None:
     user = new_user(db)
 
