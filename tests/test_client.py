@@ -19,11 +19,11 @@ from tests.app_support import account, new_user, scalar
 T = TypeVar("T")
 
 
-def run(db: Database, body: Callable[[TokenBilling], Awaitable[T]]) -> T:
+def run(db: Database, body: Callable[[TokenBilling], Awaitable[T]], *, max_size: int = 2) -> T:
     """Run `body` with a TokenBilling on its own pool, in a fresh event loop."""
 
     async def main() -> T:
-        database = PostgresDatabase(db.dsn(), min_size=1, max_size=2)
+        database = PostgresDatabase(db.dsn(), min_size=1, max_size=max_size)
         await database.open()
         try:
             return await body(TokenBilling(database))
@@ -79,6 +79,36 @@ def test_settle_many_should_settle_each_hold_once(db: Database) -> None:
     assert sqlstate == "TBRES", "an unknown reservation should refuse the batch"
     assert account(db, first) == {"balance": 70, "reserved": 0, "plan": "free", "status": "none"}
     assert account(db, second) == {"balance": 40, "reserved": 0, "plan": "free", "status": "none"}
+
+
+def test_a_call_on_dead_pooled_connections_should_be_retried_on_a_new_one(db: Database) -> None:
+    # The pool does not test a connection on checkout (a round trip per call); a call whose
+    # connection died (a Postgres restart, a killed backend) is retried on the next one.
+    user = new_user(db)
+
+    async def body(tokens: TokenBilling) -> tuple[int, str, int]:
+        database = tokens.db
+        assert isinstance(database, PostgresDatabase)
+        await asyncio.gather(*(tokens.balance(user) for _ in range(4)))  # fill the pool
+        with db.connect_superuser() as conn:
+            killed = conn.execute(
+                "select count(*) filter (where pg_terminate_backend(pid)) from pg_stat_activity "
+                "where datname = %s and application_name = 'token-billing'",
+                [db.name],
+            ).fetchone()
+        await asyncio.sleep(0.2)  # the backends are gone; the pool has not noticed
+        result = await tokens.deduct(user, 5, key="after-the-kill")
+        await database.ping()
+        return (
+            int(killed[0]) if killed else 0,
+            result.status,
+            (await tokens.balance(user))["balance"],
+        )
+
+    killed, status, balance = run(db, body, max_size=4)
+    assert killed >= 2, "the pool's connections should have been killed"
+    assert status == "applied", "the call should have been retried on a live connection"
+    assert balance == 95
 
 
 def test_exception_inside_the_block_should_release_the_hold(db: Database) -> None:
