@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import history, stream, web
 from api.auth import Authenticator, User
-from api.db import Database, database_from_settings
+from api.db import Database, JsonText, database_from_settings
 from api.errors import EXCEPTION_HANDLERS, ApiError, DatabaseError, DatabaseUnavailable
 from api.metrics import CONTENT_TYPE_LATEST, Metrics
 from api.settings import Settings, load_settings
@@ -356,7 +356,11 @@ async def stripe_webhook(request: Request) -> Response:
         outcome = "error"
         handled_at = time.perf_counter()
         try:
-            rows = await rt.db.rpc("handle_stripe_event", {"p_event": event})
+            # The verified body as it was signed (UTF-8, or the signature check refused it):
+            # jsonb reads it directly, without a second serialization of the parsed event.
+            rows = await rt.db.rpc(
+                "handle_stripe_event", {"p_event": JsonText(payload.decode("utf-8"))}
+            )
         except DatabaseUnavailable:
             outcome = "database_unavailable"
             raise

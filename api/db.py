@@ -11,6 +11,7 @@ reached, DatabaseError with the SQLSTATE when a function refused the call.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -63,6 +64,32 @@ class Database(Protocol):
         """Raise DatabaseUnavailable unless the database answers."""
 
 
+class JsonText(str):
+    """A JSON document already serialized (a webhook's verified body): sent to jsonb as it is,
+    instead of being parsed and dumped again."""
+
+
+def _as_is(text: Any) -> str:
+    return str(text)
+
+
+@functools.lru_cache(maxsize=256)
+def _call_sql(name: str, keys: tuple[str, ...]) -> str:
+    """`select * from public.<name>(k => %(k)s, ...)`, composed once per name and arguments."""
+    _check_name(name)
+    return (
+        sql.SQL("select * from public.{}({})")
+        .format(
+            sql.Identifier(name),
+            sql.SQL(", ").join(
+                sql.SQL("{} => {}").format(sql.Identifier(key), sql.Placeholder(key))
+                for key in keys
+            ),
+        )
+        .as_string(None)
+    )
+
+
 def _check_name(name: str) -> None:
     if not _FUNCTION_NAME.match(name):
         raise ValueError(f"not an RPC name: {name!r}")
@@ -77,6 +104,8 @@ def _adapt(name: str, value: Any) -> Any:
     An int beyond bigint is refused here with the SQLSTATE Postgres would use (22003): psycopg
     would send it as numeric, and no function would match.
     """
+    if isinstance(value, JsonText):
+        return Jsonb(value, dumps=_as_is)
     if isinstance(value, dict | list):
         return Jsonb(value)
     if isinstance(value, int) and not BIGINT_MIN <= value <= BIGINT_MAX:
@@ -187,15 +216,8 @@ class PostgresDatabase:
     async def rpc(
         self, name: str, params: Mapping[str, Any] | None = None, *, user: User | None = None
     ) -> list[Row]:
-        _check_name(name)
         params = dict(params or {})
-        call = sql.SQL("select * from public.{}({})").format(
-            sql.Identifier(name),
-            sql.SQL(", ").join(
-                sql.SQL("{} => {}").format(sql.Identifier(key), sql.Placeholder(key))
-                for key in params
-            ),
-        )
+        call = _call_sql(name, tuple(params))
         try:
             values = {key: _adapt(key, value) for key, value in params.items()}
         except DatabaseError as exc:
@@ -261,6 +283,8 @@ def _postgrest_error(exc: Exception, function: str) -> Exception:
 
 def _plain(value: Any) -> Any:
     """Parameters as JSON for PostgREST."""
+    if isinstance(value, JsonText):
+        return json.loads(value)
     if isinstance(value, timedelta):
         return f"{value.total_seconds()} seconds"
     if isinstance(value, dict | list | str | int | float | bool) or value is None:

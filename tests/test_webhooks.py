@@ -95,6 +95,26 @@ def test_signed_checkout_should_credit_the_pack_once(db: Database, client: TestC
     )
 
 
+def test_the_event_should_be_stored_as_the_signed_body_says(
+    db: Database, client: TestClient
+) -> None:
+    # The body goes to jsonb as it was signed, not parsed and dumped again: escapes, non-ASCII
+    # text and numbers must arrive value for value.
+    user = new_user(db)
+    event = derived_checkout_event(user, "pack_100")
+    event["data"]["object"]["metadata"]["note"] = 'caf\u00e9 \u2603 "q" \\ / \U0001f600 \t'
+    event["data"]["object"]["metadata"]["ratio"] = 0.1
+    payloads = [encode(event), json.dumps(event, ensure_ascii=False, indent=2).encode()]
+
+    answers = [deliver(client, payload) for payload in payloads]
+
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    assert [a.json()["status"] for a in answers] == ["applied", "duplicate"]
+    stored = scalar(db, "select payload from billing.stripe_events where id = %s", [event["id"]])
+    assert stored == event, "the stored event should be the signed one, value for value"
+    assert account(db, user)["balance"] == 100 + 100
+
+
 def test_redelivery_should_answer_duplicate_and_credit_nothing(
     db: Database, client: TestClient
 ) -> None:
