@@ -3618,9 +3618,12 @@ grant execute on function public.list_ledger_entries(uuid, integer) to service_r
 -- reservation (TBRES), refuses the whole batch and changes nothing.
 -- Objects: public.settle_reservations().
 --
--- Lock order: the items are settled ordered by account, then by their position in the array,
--- so two batches that touch the same accounts lock them in the same order and cannot deadlock
--- on each other. The rows come back in that order, each naming its reservation.
+-- Lock order: the items are settled ordered by account, then by reservation id, so batches
+-- that touch the same accounts and reservations take their locks in one order and cannot
+-- deadlock on each other. (Settling one reservation at the same time through
+-- settle_reservation or release_reservation can still deadlock with a batch; Postgres then
+-- aborts one of the two with 40P01, and its retry answers duplicate or not_pending.) The rows
+-- come back in that order, each naming its reservation.
 
 create function public.settle_reservations(p_settlements jsonb)
 returns table (reservation_id uuid, status text, balance bigint, entry_id bigint)
@@ -3679,7 +3682,7 @@ begin
       from jsonb_array_elements(p_settlements) with ordinality as i (item, position)
     ) as s
     left join billing.reservations as r on s.id = r.id
-    order by r.user_id, s.position
+    order by r.user_id, s.id, s.position
   loop
     return query
     select v_item.id, settled.status, settled.balance, settled.entry_id
@@ -3691,7 +3694,8 @@ $$;
 comment on function public.settle_reservations(jsonb) is
 'Settles many reservations in one transaction: p_settlements is a JSON array (at most 1000) of '
 '{"reservation_id": uuid, "amount": positive integer}. Each item is settle_reservation '
-'(statuses applied, partial, duplicate, not_pending); rows come back ordered by account. '
+'(statuses applied, partial, duplicate, not_pending); rows come back ordered by account, '
+'then reservation id. '
 '22023 for a malformed item and TBRES for an unknown reservation refuse the whole batch.';
 
 revoke all on function public.settle_reservations(jsonb) from public, anon, authenticated;
