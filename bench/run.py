@@ -520,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             scale_rows, scale_notes = scaling_rows(cluster, opts)
             rows += scale_rows
             notes += scale_notes
-        rows += webhook_rows(cluster, opts, notes)
+        rows += webhook_rows(cluster, opts, notes, tps(runs, "stripe/8"))
         text = render(rows, notes, opts, cluster, time.monotonic() - started)
     print(text)
     opts.output.parent.mkdir(parents=True, exist_ok=True)
@@ -529,12 +529,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def webhook_rows(cluster: PgCluster, opts: Options, notes: list[str]) -> list[Row]:
+def webhook_rows(
+    cluster: PgCluster, opts: Options, notes: list[str], handler_tps: list[float]
+) -> list[Row]:
     if opts.skip_webhooks:
         return [Row("webhooks end to end", "32", "ev/s", [], note="skipped")]
     from bench import webhooks
 
-    return webhooks.webhook_rows(cluster, opts, notes)
+    return webhooks.webhook_rows(cluster, opts, notes, handler_tps)
 
 
 if __name__ == "__main__":
