@@ -88,7 +88,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="load pg_stat_statements (track=all) and print the costliest statements",
+        help="load pg_stat_statements (track=all) and print the costliest statements; "
+        "sample the service with py-spy during one more webhook run",
     )
     ns = parser.parse_args(argv)
     return Options(

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from bench import stripe
+from bench import pyspy, stripe
 from bench.report import Row
 from scripts.pgcluster import OWNER, ROOT, PgCluster, free_port
 
@@ -180,6 +180,16 @@ def webhook_rows(
                     else:
                         service_runs.append(load(service_port, bodies, secret, opts.seconds))
             rss = _rss_peak_mib(service_pid)
+            if opts.profile:
+                # One more run under py-spy, after the measured ones (sampling costs CPU).
+                raw = workdir / "py-spy.txt"
+                spy = pyspy.record(service_pid, opts.seconds, raw)
+                if spy is None:
+                    print("py-spy is not installed: no profile of the service", file=sys.stderr)
+                else:
+                    load(service_port, bodies, secret, opts.seconds)
+                    spy.wait(timeout=opts.seconds + 30)
+                    print(pyspy.summary(raw), file=sys.stderr)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
