@@ -15,9 +15,9 @@ import functools
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import httpx
 import psycopg
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("api.db")
 
 Row = dict[str, Any]
+T = TypeVar("T")
 
 # RPC names are identifiers we write ourselves; refuse anything else before it reaches SQL.
 _FUNCTION_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -223,43 +224,51 @@ class PostgresDatabase:
         except DatabaseError as exc:
             exc.function = name
             raise
-        for attempt in range(1, self._attempts + 1):
-            try:
-                async with self._pool.connection() as conn:
-                    if user is None:
-                        cur = await conn.execute(call, values)
-                        return await cur.fetchall()
-                    async with conn.transaction():
-                        # What PostgREST does for a request with the user's JWT; both revert at
-                        # commit, back to service_role.
-                        await conn.execute(
-                            "select set_config('request.jwt.claims', %s, true)",
-                            [json.dumps(dict(user.claims))],
-                        )
-                        await conn.execute("set local role authenticated")
-                        cur = await conn.execute(call, values)
-                        return await cur.fetchall()
-            except psycopg.Error as exc:
-                if attempt < self._attempts and _connection_lost(exc):
-                    continue
-                raise _translate(exc, name) from exc
-            except UnicodeEncodeError as exc:
-                # A lone surrogate in a text argument: not UTF-8, so nothing was sent.
-                raise DatabaseError(
-                    "22021", f"an argument of {name} is not valid UTF-8 text", function=name
-                ) from exc
-        raise AssertionError("unreachable: the last attempt returns or raises")
+
+        async def call_as(conn: psycopg.AsyncConnection[DictRow]) -> list[Row]:
+            if user is None:
+                cur = await conn.execute(call, values)
+                return await cur.fetchall()
+            async with conn.transaction():
+                # What PostgREST does for a request with the user's JWT; both revert at commit,
+                # back to service_role.
+                await conn.execute(
+                    "select set_config('request.jwt.claims', %s, true)",
+                    [json.dumps(dict(user.claims))],
+                )
+                await conn.execute("set local role authenticated")
+                cur = await conn.execute(call, values)
+                return await cur.fetchall()
+
+        try:
+            return await self._on_a_connection(name, call_as)
+        except UnicodeEncodeError as exc:
+            # A lone surrogate in a text argument: not UTF-8, so nothing was sent.
+            raise DatabaseError(
+                "22021", f"an argument of {name} is not valid UTF-8 text", function=name
+            ) from exc
 
     async def ping(self) -> None:
-        for attempt in range(1, self._attempts + 1):
+        async def select_1(conn: psycopg.AsyncConnection[DictRow]) -> None:
+            await conn.execute("select 1")
+
+        await self._on_a_connection("ping", select_1)
+
+    async def _on_a_connection(
+        self, name: str, work: Callable[[psycopg.AsyncConnection[DictRow]], Awaitable[T]]
+    ) -> T:
+        """`work` on a pooled connection; on the next one while the connection it got turns out
+        dead (see _connection_lost), up to pool size + 1 times; psycopg errors as api.errors."""
+        attempt = 1
+        while True:
             try:
                 async with self._pool.connection() as conn:
-                    await conn.execute("select 1")
-                    return
+                    return await work(conn)
             except psycopg.Error as exc:
                 if attempt < self._attempts and _connection_lost(exc):
+                    attempt += 1
                     continue
-                raise _translate(exc, "ping") from exc
+                raise _translate(exc, name) from exc
 
 
 def _postgrest_error(exc: Exception, function: str) -> Exception:
