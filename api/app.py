@@ -287,7 +287,7 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _parse_event(payload: bytes) -> dict[str, Any]:
+def _parse_event(payload: str) -> dict[str, Any]:
     # Strict JSON, as jsonb reads it: no NaN/Infinity, no float that overflows; and a nesting
     # too deep for the parser is a bad payload like any other, not a server error.
     try:
@@ -317,20 +317,24 @@ def _parse_event(payload: bytes) -> dict[str, Any]:
     return event
 
 
-def _verify_signature(payload: bytes, header: str | None, settings: Settings) -> None:
+def _verify_signature(payload: bytes, header: str | None, settings: Settings) -> str:
+    """The body as text once its signature holds for one of the secrets (Stripe signs UTF-8);
+    decoded once here for the signature check, the parser and the RPC."""
     if not header:
         raise ApiError(400, "invalid_signature", "the Stripe-Signature header is missing")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_payload", "the body is not UTF-8") from None
     failure: stripe.SignatureVerificationError | None = None
     for secret in settings.webhook_secrets:
         try:
             stripe.WebhookSignature.verify_header(
-                payload, header, secret, settings.webhook_tolerance_seconds
+                text, header, secret, settings.webhook_tolerance_seconds
             )
-            return
+            return text
         except stripe.SignatureVerificationError as exc:
             failure = exc
-        except UnicodeDecodeError:
-            raise ApiError(400, "invalid_payload", "the body is not UTF-8") from None
     message = failure.user_message if failure and failure.user_message else str(failure)
     raise ApiError(400, "invalid_signature", f"signature verification failed: {message}")
 
@@ -348,19 +352,17 @@ async def stripe_webhook(request: Request) -> Response:
             outcome = "too_large" if exc.status == 413 else "invalid_payload"
             raise
         outcome = "invalid_signature"
-        _verify_signature(payload, request.headers.get("stripe-signature"), rt.settings)
+        body = _verify_signature(payload, request.headers.get("stripe-signature"), rt.settings)
         outcome = "invalid_payload"
-        event = _parse_event(payload)
+        event = _parse_event(body)
         event_type = str(event["type"])
         fields.update(event_id=event["id"], event_type=event_type, livemode=event.get("livemode"))
         outcome = "error"
         handled_at = time.perf_counter()
         try:
-            # The verified body as it was signed (UTF-8, or the signature check refused it):
-            # jsonb reads it directly, without a second serialization of the parsed event.
-            rows = await rt.db.rpc(
-                "handle_stripe_event", {"p_event": JsonText(payload.decode("utf-8"))}
-            )
+            # The verified body as it was signed: jsonb reads it directly, without a second
+            # serialization of the parsed event.
+            rows = await rt.db.rpc("handle_stripe_event", {"p_event": JsonText(body)})
         except DatabaseUnavailable:
             outcome = "database_unavailable"
             raise
