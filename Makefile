@@ -7,11 +7,15 @@ PY := $(VENV)/bin/python
 SQL_DIRS := supabase sql
 PY_DIRS := api tests scripts bench
 
-.PHONY: test dev dev-reset lint lint-py lint-sql typecheck fmt bundle check-bundle pytest stress bootstrap bench \
+.PHONY: test dev dev-reset lock lint lint-py lint-sql typecheck fmt bundle check-bundle pytest stress bootstrap bench \
 	web dev-stop clean distclean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
+
+# Pin the newest versions of the Python dependencies in constraints.txt (then run `make test`).
+lock:
+	@bash scripts/lock_python.sh
 
 # Every check runs even when an earlier one fails; the exit status says whether all passed.
 # pytest runs last so that its summary closes the output.

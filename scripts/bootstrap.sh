@@ -2,7 +2,8 @@
 # Install what the project needs on a fresh Debian machine, and nothing when it is already there:
 #   - Debian packages: Postgres 15 server and contrib, pgTAP, plpgsql_check, wal2json, pg_cron,
 #     pg_prove, and Chromium for the browser tests (apt-get update runs only when one is missing);
-#   - .venv with `pip install -e '.[dev]'`, redone only when pyproject.toml changes;
+#   - .venv with `pip install -e '.[dev]'` at the versions pinned in constraints.txt, redone only
+#     when pyproject.toml or constraints.txt changes;
 #   - node_modules with `npm ci` (the pinned Supabase CLI, esbuild, tsc, supabase-js, and
 #     playwright-core, which drives Debian's Chromium and never downloads a browser), redone only
 #     when package-lock.json changes.
@@ -76,14 +77,15 @@ fi
 PYTHON="${PYTHON:-python3}"
 stamp_of() { sha256sum "$@" | sha256sum | cut -d' ' -f1; }
 
-py_stamp="$(stamp_of pyproject.toml)"
+py_stamp="$(stamp_of pyproject.toml constraints.txt)"
 if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.tb-stamp 2>/dev/null || true)" != "$py_stamp" ]; then
   if [ ! -x .venv/bin/python ]; then
     log "creating .venv"
     "$PYTHON" -m venv .venv
   fi
-  log "pip install -e '.[dev]'"
-  .venv/bin/python -m pip install --quiet --quiet --disable-pip-version-check -e '.[dev]'
+  log "pip install -e '.[dev]' -c constraints.txt"
+  .venv/bin/python -m pip install --quiet --quiet --disable-pip-version-check \
+    -c constraints.txt -e '.[dev]'
   echo "$py_stamp" > .venv/.tb-stamp
 fi
 
