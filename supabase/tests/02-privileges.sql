@@ -2,7 +2,7 @@
 -- the row and as another user) and service_role. Privileges before behaviour.
 begin;
 set local search_path = extensions, public;
-select plan(65);
+select plan(68);
 
 -- Two users: A owns the rows under test, B is another signed-in user.
 insert into auth.users (id, email) values
@@ -119,6 +119,18 @@ select function_privs_are(
 select function_privs_are(
   'public', 'expire_tokens', array['timestamp with time zone'],
   'authenticated', array[]::text[], 'authenticated should not execute expire_tokens'
+);
+select function_privs_are(
+  'public', 'settle_reservations', array['jsonb'],
+  'anon', array[]::text[], 'anon should not execute settle_reservations'
+);
+select function_privs_are(
+  'public', 'settle_reservations', array['jsonb'],
+  'authenticated', array[]::text[], 'authenticated should not execute settle_reservations'
+);
+select function_privs_are(
+  'public', 'settle_reservations', array['jsonb'],
+  'service_role', array['EXECUTE'], 'service_role should execute settle_reservations'
 );
 select function_privs_are(
   'public', 'my_tokens', array[]::text[],
