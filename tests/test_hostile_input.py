@@ -56,9 +56,9 @@ from tests.fault_support import STRESS_SCALE, report, scaled
 # Hypothesis flags a strategy as using `random` when the global `random` state changes during a
 # draw. Here the service runs beside the draws, and psycopg_pool draws each new connection's
 # lifetime jitter from that global state in the event loop's thread, whenever the pool opens,
-# grows or replaces a connection. CI failed on that once (the first example of the signed fuzz,
-# drawn while the pool connected). These strategies use only `draw` and uuid4 (os.urandom), so
-# the warning is ignored here, and only that warning.
+# grows or replaces a connection (a probe saw both: the first connection, and growth after an
+# error). CI failed on that once, in the signed-event fuzz. These strategies use only `draw` and
+# uuid4 (os.urandom), so the warning is ignored here, and only that warning.
 pytestmark = [
     pytest.mark.stress,
     pytest.mark.filterwarnings(
