@@ -1,6 +1,6 @@
 -- Migration: what token-billing remembers about Stripe.
 --
--- Purpose: the records the Stripe event handler (20261121001000_stripe_events.sql) reads and
+-- Purpose: the records the Stripe event handler (20261121001000_stripe_common.sql onward) reads and
 -- writes besides the ledger: which user a Stripe customer belongs to, the state of each
 -- subscription, every event received with its outcome, and every payment that credited tokens,
 -- with its refunds and disputes, so that a refund or a dispute takes back exactly the tokens
@@ -372,3 +372,5 @@ comment on function public.link_stripe_customer(uuid, text) is
 
 revoke all on function public.link_stripe_customer(uuid, text) from public, anon, authenticated;
 grant execute on function public.link_stripe_customer(uuid, text) to service_role;
+
+insert into billing.schema_migrations (version, name) values ('20261121000900', 'stripe_records');
