@@ -1,10 +1,12 @@
--- Seed: the product catalog (token packs and plans), as in the contract.
+-- Seed: an example product catalog (token packs and plans), as in the contract.
 --
--- Idempotent: running it again restores names, tokens and prices but never touches
--- stripe_price_id, which each deployment sets to its own Stripe prices (and tests set to theirs):
---   update billing.products set stripe_price_id = 'price_...' where code = 'starter';
--- The free plan exists already (migration 20261121000200_products.sql); it is upserted here so
--- the catalog reads in one place.
+-- An example to copy into your own seed or run once: it inserts the products that are missing
+-- and never changes one that exists, so running it again never resets what you edited (names,
+-- tokens, prices, the Stripe price ids `token-billing stripe sync-products` stores). Edit the
+-- catalog with updates, as the owner:
+--   update billing.products set tokens = 6000 where code = 'starter';
+-- The free plan exists already (migration 20261121000200_products.sql): every account starts on
+-- it.
 
 insert into billing.products as p (
   code, kind, name, description, tokens, price_cents, currency, rollover, active, sort_order
@@ -22,23 +24,4 @@ values
   'pro', 'plan', 'Pro', '25,000 tokens a month; unused tokens expire at the period end.',
   25000, 9900, 'usd', false, true, 50
 )
-on conflict (code) do update
-  set
-    kind = excluded.kind,
-    name = excluded.name,
-    description = excluded.description,
-    tokens = excluded.tokens,
-    price_cents = excluded.price_cents,
-    currency = excluded.currency,
-    rollover = excluded.rollover,
-    active = excluded.active,
-    sort_order = excluded.sort_order,
-    updated_at = now()
-  where (
-    p.kind, p.name, p.description, p.tokens, p.price_cents, p.currency, p.rollover, p.active,
-    p.sort_order
-  )
-  is distinct from (
-    excluded.kind, excluded.name, excluded.description, excluded.tokens,
-    excluded.price_cents, excluded.currency, excluded.rollover, excluded.active, excluded.sort_order
-  );
+on conflict (code) do nothing;

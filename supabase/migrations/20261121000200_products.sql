@@ -60,3 +60,5 @@ grant select on billing.products to authenticated, service_role;
 insert into billing.products (code, kind, name, description, tokens, price_cents, sort_order)
 values ('free', 'plan', 'Free', 'Every new account: 100 tokens on signup.', 100, 0, 0)
 on conflict (code) do nothing;
+
+insert into billing.schema_migrations (version, name) values ('20261121000200', 'products');

@@ -72,7 +72,11 @@ create table billing.reservations (
 -- expire_tokens() finds the pending reservations past their TTL.
 create index reservations_pending_expiry_idx on billing.reservations (expires_at)
 where status = 'pending';
-create index reservations_user_id_idx on billing.reservations (user_id);
+-- What is held now, per user (RLS reads, operators). Partial: settling or releasing changes the
+-- status, which the expiry index's predicate reads, so that update is never HOT and writes an
+-- entry into every full index; a resolved reservation leaves this one instead.
+create index reservations_pending_user_id_idx on billing.reservations (user_id)
+where status = 'pending';
 
 comment on table billing.reservations is
 'Holds on tokens: pending, then settled, released or expired exactly once, never edited again. '
@@ -457,3 +461,5 @@ comment on function billing.check_invariants() is
 'reserved equals pending reservations, buckets hold the positive balance, balance_after chains.';
 
 revoke all on function billing.check_invariants() from public;
+
+insert into billing.schema_migrations (version, name) values ('20261121000600', 'reservations');

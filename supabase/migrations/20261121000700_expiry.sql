@@ -113,3 +113,5 @@ begin
   end if;
 end
 $schedule$;
+
+insert into billing.schema_migrations (version, name) values ('20261121000700', 'expiry');

@@ -23,3 +23,5 @@ comment on function public.my_tokens() is
 
 revoke all on function public.my_tokens() from public, anon, service_role;
 grant execute on function public.my_tokens() to authenticated;
+
+insert into billing.schema_migrations (version, name) values ('20261121000800', 'browser');

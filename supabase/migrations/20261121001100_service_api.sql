@@ -127,3 +127,5 @@ comment on function public.set_product_stripe_price(text, text) is
 revoke all on function public.set_product_stripe_price(text, text)
 from public, anon, authenticated;
 grant execute on function public.set_product_stripe_price(text, text) to service_role;
+
+insert into billing.schema_migrations (version, name) values ('20261121001100', 'service_api');

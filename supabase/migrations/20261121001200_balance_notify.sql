@@ -11,9 +11,8 @@
 -- Off by default, and free when off: the trigger exists only while it is turned on. NOTIFY
 -- makes every committing transaction that sent one take a database-wide lock, in commit order,
 -- and deduct_tokens is the hot path. Even a trigger that never fires costs every debit: its WHEN
--- condition is parsed per statement and the after-row trigger machinery runs per row (measured:
--- deduct_tokens at 8 clients, no trigger against the gated one while off, 11 pgbench pairs:
--- median 1.08x, 0.99-1.18). Turn it on where the stream is served, as the owner of
+-- condition is parsed per statement and the after-row trigger machinery runs per row (see
+-- bench/results/ for the measurement). Turn it on where the stream is served, as the owner of
 -- billing.accounts (postgres):
 --   select billing.set_balance_notify(true);
 
@@ -57,3 +56,5 @@ comment on function billing.set_balance_notify(boolean) is
 'GET /v1/balance/stream needs it on, Supabase Realtime does not.';
 
 revoke all on function billing.set_balance_notify(boolean) from public;
+
+insert into billing.schema_migrations (version, name) values ('20261121001200', 'balance_notify');

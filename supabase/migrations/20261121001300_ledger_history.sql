@@ -46,3 +46,5 @@ comment on function public.list_ledger_entries(uuid, integer) is
 
 revoke all on function public.list_ledger_entries(uuid, integer) from public, anon, authenticated;
 grant execute on function public.list_ledger_entries(uuid, integer) to service_role;
+
+insert into billing.schema_migrations (version, name) values ('20261121001300', 'ledger_history');

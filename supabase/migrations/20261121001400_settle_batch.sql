@@ -89,3 +89,5 @@ comment on function public.settle_reservations(jsonb) is
 
 revoke all on function public.settle_reservations(jsonb) from public, anon, authenticated;
 grant execute on function public.settle_reservations(jsonb) to service_role;
+
+insert into billing.schema_migrations (version, name) values ('20261121001400', 'settle_batch');

@@ -94,7 +94,7 @@ select results_eq(
     from public.list_ledger_entries('00000000-0000-0000-0000-000000000c01')$$,
   $$values (-20::bigint, 130::bigint, 'usage'::text, 'a chat'::text),
     (50::bigint, 150::bigint, 'purchase'::text, 'pack'::text),
-    (100::bigint, 100::bigint, 'signup'::text, 'Signup grant (free plan)'::text)$$,
+    (100::bigint, 100::bigint, 'signup'::text, 'Signup grant'::text)$$,
   'list_ledger_entries should return the user''s entries newest first, nobody else''s'
 );
 select results_eq(
