@@ -98,3 +98,25 @@ def chaos_db(chaos_cluster: tuple[PgCluster, Database]) -> Iterator[Database]:
     db = _clone(cluster, template, "tb_chaos")
     yield db
     cluster.drop_database(db.name)
+
+
+CRON_DB = "tb_cron"
+
+
+@pytest.fixture
+def cron_cluster() -> Iterator[PgCluster]:
+    """A cluster of its own with pg_cron preloaded and bound to the database `tb_cron` (pg_cron
+    serves one database per cluster), which the test creates; the compat layer is applied."""
+    with temporary_cluster(
+        shared_preload_libraries="'pg_cron'", **{"cron.database_name": f"'{CRON_DB}'"}
+    ) as cluster:
+        cluster.apply_compat("postgres")
+        yield cluster
+
+
+def create_cron_database(cluster: PgCluster) -> Database:
+    """`tb_cron` as on Supabase: pg_cron enabled by the platform and usable by postgres."""
+    cluster.create_database(CRON_DB)
+    cluster.psql(CRON_DB, "create extension pg_cron; grant usage on schema cron to postgres")
+    cluster.apply_compat(CRON_DB)
+    return Database(cluster, CRON_DB)

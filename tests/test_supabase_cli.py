@@ -65,12 +65,13 @@ def test_db_advisors_should_raise_no_warning(shared_db: Database) -> None:
 
 
 def test_migration_history_should_list_every_migration(shared_db: Database) -> None:
-    """`supabase db push` should have recorded each migration file in its history table."""
-    from scripts.bundle_sql import migration_files
+    """`supabase db push` should have recorded each migration file in its history table, and
+    each migration should have recorded itself in billing.schema_migrations too."""
+    from scripts.bundle_sql import migrations
 
-    versions = shared_db.psql(
-        "select string_agg(version || '_' || name, ',' order by version) "
-        "from supabase_migrations.schema_migrations"
-    ).strip()
-    expected = ",".join(p.stem for p in migration_files())
-    assert versions == expected
+    expected = ",".join(m.path.stem for m in migrations())
+    for table in ("supabase_migrations.schema_migrations", "billing.schema_migrations"):
+        versions = shared_db.psql(
+            f"select string_agg(version || '_' || name, ',' order by version) from {table}"
+        ).strip()
+        assert versions == expected, table
