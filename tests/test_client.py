@@ -1,4 +1,4 @@
-"""api.client.TokenBilling over the real RPCs (PostgresDatabase on a fresh database)."""
+"""token_billing.client.TokenBilling over the real RPCs (PostgresDatabase on a fresh database)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from typing import TypeVar
 
 import pytest
 
-from api.client import InsufficientTokens, TokenBilling, UnknownAccount
-from api.db import PostgresDatabase
-from api.errors import DatabaseError
 from scripts.pgcluster import Database
 from tests.app_support import account, new_user, scalar
+from token_billing.client import InsufficientTokens, TokenBilling, UnknownAccount
+from token_billing.db import PostgresDatabase
+from token_billing.errors import DatabaseError
 
 T = TypeVar("T")
 

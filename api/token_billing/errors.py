@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-logger = logging.getLogger("api.errors")
+logger = logging.getLogger("token_billing.errors")
 
 
 class ApiError(Exception):

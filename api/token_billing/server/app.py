@@ -24,13 +24,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import history, stream, web
-from api.auth import Authenticator, User
-from api.db import Database, JsonText, database_from_settings
-from api.errors import EXCEPTION_HANDLERS, ApiError, DatabaseError, DatabaseUnavailable
-from api.metrics import CONTENT_TYPE_LATEST, Metrics
-from api.settings import Settings, load_settings
-from api.stripe_api import StripeGateway, idempotency_key
+from token_billing.db import Database, JsonText, database_from_settings
+from token_billing.errors import EXCEPTION_HANDLERS, ApiError, DatabaseError, DatabaseUnavailable
+from token_billing.server import stream
+from token_billing.server.auth import Authenticator, User
+from token_billing.server.metrics import CONTENT_TYPE_LATEST, Metrics
+from token_billing.server.routes import dev, ledger
+from token_billing.server.settings import Settings, load_settings
+from token_billing.server.stripe_api import StripeGateway, idempotency_key
 
 # Subscription statuses in which the user already has a plan: a second one is refused.
 SUBSCRIBED_STATUSES = frozenset({"active", "trialing", "past_due"})
@@ -416,7 +417,7 @@ class AccessLog:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
-        self.logger = logging.getLogger("api.access")
+        self.logger = logging.getLogger("token_billing.access")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -493,7 +494,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await http.aclose()
 
     app = Starlette(
-        routes=[*routes, *history.routes, *stream.routes, *web.routes(settings)],
+        routes=[*routes, *ledger.routes, *stream.routes, *dev.routes(settings)],
         exception_handlers=dict(EXCEPTION_HANDLERS),
         lifespan=lifespan,
     )

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
 
-from api.db import Database
+from token_billing.db import Database
 
 BALANCE_FIELDS = ("balance", "available", "reserved", "plan", "subscription_status")
 
@@ -148,7 +148,7 @@ class Reservation:
 
 
 class TokenBilling:
-    """The token-billing RPCs for a backend, over any `api.db.Database`."""
+    """The token-billing RPCs for a backend, over any `token_billing.db.Database`."""
 
     def __init__(self, db: Database) -> None:
         self.db = db

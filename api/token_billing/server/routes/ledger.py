@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from api.errors import ApiError
+from token_billing.errors import ApiError
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
@@ -33,7 +33,7 @@ def _entry(row: dict[str, Any]) -> dict[str, Any]:
 
 
 async def list_ledger(request: Request) -> Response:
-    from api.app import runtime, signed_in
+    from token_billing.server.app import runtime, signed_in
 
     rt = runtime(request)
     user = await signed_in(request, rt)

@@ -36,7 +36,7 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str = "INFO") -> None:
     """Send the `api` loggers to stderr as JSON lines (idempotent)."""
-    logger = logging.getLogger("api")
+    logger = logging.getLogger("token_billing")
     logger.setLevel(level)
     if not any(getattr(h, _CONFIGURED, False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)

@@ -38,11 +38,11 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from api.db import Database
-from api.errors import ApiError, DatabaseError, DatabaseUnavailable
-from api.settings import Settings
+from token_billing.db import Database
+from token_billing.errors import ApiError, DatabaseError, DatabaseUnavailable
+from token_billing.server.settings import Settings
 
-logger = logging.getLogger("api.stream")
+logger = logging.getLogger("token_billing.stream")
 
 CHANNEL: Final = "token_billing_balance"
 BALANCE_FIELDS: Final = ("balance", "available", "reserved", "plan", "subscription_status")
@@ -375,7 +375,7 @@ def broker_of(request: Request) -> BalanceBroker:
 
 
 async def balance_stream(request: Request) -> Response:
-    from api.app import runtime, signed_in
+    from token_billing.server.app import runtime, signed_in
 
     rt = runtime(request)
     broker = broker_of(request)

@@ -20,9 +20,10 @@ from typing import TextIO
 
 import httpx
 
-from api.settings import ConfigError, Settings, load_settings
+from token_billing.server.settings import ConfigError, Settings, load_settings
 
-# Seconds a shutdown waits for requests in flight (balance streams end at once, see api.stream).
+# Seconds a shutdown waits for requests in flight (balance streams end at once: see
+# token_billing.server.stream).
 GRACEFUL_SHUTDOWN_SECONDS = 10
 
 
@@ -41,9 +42,9 @@ def _settings(out: TextIO, env_file: Path | None = None) -> Settings | None:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from api.app import create_app
-    from api.logs import configure_logging
-    from api.stream import Server
+    from token_billing.server.app import create_app
+    from token_billing.server.logs import configure_logging
+    from token_billing.server.stream import Server
 
     settings = _settings(sys.stderr, args.env_file)
     if settings is None:
@@ -64,7 +65,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 async def _product(settings: Settings, code: str) -> dict[str, object] | None:
-    from api.db import database_from_settings
+    from token_billing.db import database_from_settings
 
     db = database_from_settings(settings)
     await db.open()
@@ -76,7 +77,7 @@ async def _product(settings: Settings, code: str) -> dict[str, object] | None:
 
 
 def trigger(args: argparse.Namespace) -> int:
-    from api.events import Product, build_event, stripe_signature
+    from token_billing.cli.stripe_events import Product, build_event, stripe_signature
 
     settings = _settings(sys.stderr, args.env_file)
     if settings is None:
@@ -132,9 +133,9 @@ def trigger(args: argparse.Namespace) -> int:
 async def _sync(settings: Settings) -> int:
     import stripe
 
-    from api.catalog import sync_products
-    from api.db import database_from_settings
-    from api.stripe_api import make_client
+    from token_billing.db import database_from_settings
+    from token_billing.server.catalog import sync_products
+    from token_billing.server.stripe_api import make_client
 
     client, http = make_client(settings)
     db = database_from_settings(settings)
@@ -158,7 +159,7 @@ def sync(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from api.events import TRIGGERABLE
+    from token_billing.cli.stripe_events import TRIGGERABLE
 
     p = argparse.ArgumentParser(prog="token-billing", description=__doc__.split("\n")[0])
     p.add_argument(

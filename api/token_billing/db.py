@@ -5,7 +5,7 @@ connections act as `service_role`, exactly the rights the Data API's service rol
 `SupabaseDatabase` calls the same functions with supabase-py `.rpc()` through PostgREST, for
 deployments that only have SUPABASE_URL and the service role key.
 
-Both raise the same errors (api.errors): DatabaseUnavailable when the database cannot be
+Both raise the same errors (token_billing.errors): DatabaseUnavailable when the database cannot be
 reached, DatabaseError with the SQLSTATE when a function refused the call.
 """
 
@@ -26,14 +26,14 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
-from api.errors import DatabaseError, DatabaseUnavailable
+from token_billing.errors import DatabaseError, DatabaseUnavailable
 
 if TYPE_CHECKING:
-    from api.auth import User
-    from api.settings import Settings
     from supabase import AsyncClient
+    from token_billing.server.auth import User
+    from token_billing.server.settings import Settings
 
-logger = logging.getLogger("api.db")
+logger = logging.getLogger("token_billing.db")
 
 Row = dict[str, Any]
 T = TypeVar("T")
@@ -115,7 +115,7 @@ def _adapt(name: str, value: Any) -> Any:
 
 
 def _translate(exc: psycopg.Error, function: str) -> Exception:
-    """The api.errors exception for a psycopg error."""
+    """The token_billing.errors exception for a psycopg error."""
     sqlstate = exc.sqlstate
     if sqlstate is None and isinstance(exc, psycopg.DataError):
         # Refused by psycopg before sending (a NUL byte in a text): what Postgres says of one.
@@ -258,7 +258,8 @@ class PostgresDatabase:
         self, name: str, work: Callable[[psycopg.AsyncConnection[DictRow]], Awaitable[T]]
     ) -> T:
         """`work` on a pooled connection; on the next one while the connection it got turns out
-        dead (see _connection_lost), up to pool size + 1 times; psycopg errors as api.errors."""
+        dead (see _connection_lost), up to pool size + 1 times; psycopg errors as
+        token_billing.errors."""
         attempt = 1
         while True:
             try:
@@ -272,7 +273,7 @@ class PostgresDatabase:
 
 
 def _postgrest_error(exc: Exception, function: str) -> Exception:
-    """The api.errors exception for a PostgREST error (its `code` is the SQLSTATE)."""
+    """The token_billing.errors exception for a PostgREST error (its `code` is the SQLSTATE)."""
     code = getattr(exc, "code", None)
     message = getattr(exc, "message", None) or str(exc)
     if code is None or str(code).startswith(("PGRST0", "08")):
