@@ -48,7 +48,7 @@ from tests.fault_support import (
     scaled,
     terminate,
 )
-from token_billing.client import InsufficientTokens, Reservation, TokenBilling
+from token_billing import InsufficientTokens, Reservation, TokenBilling
 from token_billing.db import Database as ServiceDatabase
 from token_billing.server.app import Runtime, create_app
 

@@ -46,8 +46,8 @@ from tests.app_support import (
     settings_for,
 )
 from tests.fault_support import STRESS_SCALE, report, scaled
+from token_billing import InsufficientTokens, TokenBilling, UnknownAccount
 from token_billing.cli.stripe_events import stripe_signature
-from token_billing.client import InsufficientTokens, TokenBilling, UnknownAccount
 from token_billing.db import PostgresDatabase
 from token_billing.errors import DatabaseError
 from token_billing.server.app import create_app

@@ -21,24 +21,9 @@ from types import TracebackType
 from typing import Any
 
 from token_billing.db import Database
+from token_billing.errors import InsufficientTokens, UnknownAccount
 
 BALANCE_FIELDS = ("balance", "available", "reserved", "plan", "subscription_status")
-
-
-class InsufficientTokens(Exception):
-    """The user's available tokens do not cover the amount."""
-
-    def __init__(self, user_id: uuid.UUID | str, requested: int, available: int | None) -> None:
-        super().__init__(
-            f"user {user_id} has {available} tokens available, {requested} were requested"
-        )
-        self.user_id = user_id
-        self.requested = requested
-        self.available = available
-
-
-class UnknownAccount(Exception):
-    """No billing account exists for the user."""
 
 
 @dataclass(frozen=True)

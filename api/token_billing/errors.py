@@ -1,53 +1,45 @@
-"""Every error the service answers with, and the one table from SQLSTATE to HTTP status.
+"""The errors the client and the database layer raise, all under one base class.
 
-Responses are `{"error": {"code": ..., "message": ...}}`. Messages are written for the caller:
-no stack traces, no SQL, no secrets. What the caller cannot act on (a misconfigured database, a
-bug) is logged in full and answered with a generic message.
+    try:
+        async with tokens.reserve(user_id, estimate, key=request_id) as r:
+            ...
+    except InsufficientTokens as exc:
+        ...  # exc.requested, exc.available: the numbers the database answered with
+    except TokenBillingError:
+        ...  # anything else token-billing refused, or the database being unreachable
+
+Nothing here knows HTTP: the service maps these to statuses in token_billing.server.http_errors.
 """
 
 from __future__ import annotations
 
-import logging
+import uuid
 from collections.abc import Mapping
-from typing import Any
-
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-
-logger = logging.getLogger("token_billing.errors")
+from typing import Final
 
 
-class ApiError(Exception):
-    """An error answered as JSON with `status`; `message` is safe to show the caller."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = dict(headers or {})
+class TokenBillingError(Exception):
+    """The base class of every error token-billing raises on purpose."""
 
 
-class DatabaseUnavailable(ApiError):
+class DatabaseUnavailable(TokenBillingError):
     """The database cannot be reached (connection refused or lost, pool exhausted, timeout).
 
-    503: the caller (Stripe, for webhooks) should retry; nothing was committed.
+    Nothing was committed by the call that raised it: retry it with the same idempotency key.
     """
 
     def __init__(self, message: str = "the database is unavailable; retry later") -> None:
-        super().__init__(503, "database_unavailable", message, headers={"Retry-After": "5"})
+        super().__init__(message)
+        self.message = message
 
 
-class DatabaseError(Exception):
-    """A database call failed with a SQLSTATE. Translated into an ApiError by `from_sqlstate`."""
+class DatabaseError(TokenBillingError):
+    """A database call failed with a SQLSTATE (`sqlstate`), in the function `function`.
+
+    The RPCs raise documented SQLSTATEs on purpose: 22023 for an invalid argument (the message
+    names it), TBKEY for an idempotency key reused with other arguments, TBRES for an unknown
+    reservation. Those three raise the subclasses below; any other SQLSTATE raises this class.
+    """
 
     def __init__(self, sqlstate: str | None, message: str, *, function: str = "") -> None:
         super().__init__(message)
@@ -56,108 +48,63 @@ class DatabaseError(Exception):
         self.function = function
 
 
-# SQLSTATE -> (HTTP status, error code, whether the database's message may be shown).
-# The token-billing functions raise these on purpose (see 20261121000100_billing_schema.sql).
-SQLSTATE_STATUS: Mapping[str, tuple[int, str, bool]] = {
-    "22023": (400, "invalid_argument", True),
-    "TBKEY": (409, "idempotency_key_reused", True),
-    "TBRES": (404, "reservation_not_found", True),
-    "TBAPP": (409, "append_only", True),
-    "TBCUS": (409, "customer_conflict", True),
-    "23505": (409, "conflict", True),  # unique violation, e.g. a Stripe price on two products
-    # Privileges: the service's role lacks a grant. The caller cannot fix it; an operator must.
-    "42501": (500, "misconfigured", False),
-    # The function does not exist: a migration is missing.
-    "42883": (500, "misconfigured", False),
-    "57014": (503, "database_timeout", False),  # statement_timeout
-    "40001": (503, "database_busy", False),  # serialization failure
-    "40P01": (503, "database_busy", False),  # deadlock
-    "53300": (503, "database_unavailable", False),  # too many connections
-    "57P01": (503, "database_unavailable", False),  # admin shutdown
-    "57P02": (503, "database_unavailable", False),
-    "57P03": (503, "database_unavailable", False),
+class InvalidArgument(DatabaseError):
+    """SQLSTATE 22023: an argument is null, out of range or of an unknown kind."""
+
+
+class IdempotencyConflict(DatabaseError):
+    """SQLSTATE TBKEY: the idempotency key was used before with other arguments."""
+
+
+class ReservationNotFound(DatabaseError):
+    """SQLSTATE TBRES: no reservation has this id."""
+
+
+_BY_SQLSTATE: Final[Mapping[str, type[DatabaseError]]] = {
+    "22023": InvalidArgument,
+    "TBKEY": IdempotencyConflict,
+    "TBRES": ReservationNotFound,
 }
 
 
-# Class 22 (data exception) beyond the codes above: Postgres could not take a value the caller
-# sent (22P02 not a uuid or not JSON, 22P05 \u0000 in JSON, 22008 a date out of range, 22021 a
-# NUL byte, 22003 a number beyond bigint). The caller's input is at fault, so a 400.
-DATA_EXCEPTION = (400, "invalid_argument", True)
+def database_error(sqlstate: str | None, message: str, *, function: str = "") -> DatabaseError:
+    """The DatabaseError for a SQLSTATE: its subclass when it has one."""
+    cls = _BY_SQLSTATE.get(sqlstate or "", DatabaseError)
+    return cls(sqlstate, message, function=function)
 
 
-def from_sqlstate(exc: DatabaseError) -> ApiError:
-    """The ApiError for a failed database call; unknown SQLSTATEs are a 500, logged."""
-    sqlstate = exc.sqlstate or ""
-    fallback = DATA_EXCEPTION if sqlstate.startswith("22") else (500, "internal_error", False)
-    status, code, public = SQLSTATE_STATUS.get(sqlstate, fallback)
-    if status >= 500:
-        logger.log(
-            logging.WARNING if status == 503 else logging.ERROR,
-            "database call failed",
-            extra={
-                "fields": {
-                    "function": exc.function,
-                    "sqlstate": exc.sqlstate,
-                    "detail": exc.message,
-                }
-            },
-        )
-    if public:
-        return ApiError(status, code, exc.message)
-    if status == 503:
-        return DatabaseUnavailable("the database is busy or unavailable; retry later")
-    return ApiError(status, code, "internal error: the operator has been told")
+class UnknownAccount(TokenBillingError):
+    """No billing account exists for the user."""
 
 
-def error_body(code: str, message: str) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message}}
+class InsufficientTokens(TokenBillingError):
+    """The user's available tokens do not cover the amount; nothing was charged or held.
 
+    `available` is what `reserve_tokens` answered (balance minus what is reserved); `balance`
+    is what `deduct_tokens` answered. Each is None when the call did not return it.
+    """
 
-def error_response(
-    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(error_body(code, message), status_code=status, headers=dict(headers or {}))
-
-
-_HTTP_CODES: Mapping[int, str] = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    422: "invalid_request",
-}
-
-
-async def handle_api_error(request: Request, exc: Exception) -> Response:
-    if not isinstance(exc, ApiError):
-        return await handle_unexpected(request, exc)
-    return error_response(exc.status, exc.code, exc.message, exc.headers)
-
-
-async def handle_database_error(request: Request, exc: Exception) -> Response:
-    if not isinstance(exc, DatabaseError):
-        return await handle_unexpected(request, exc)
-    return await handle_api_error(request, from_sqlstate(exc))
-
-
-async def handle_http_exception(request: Request, exc: Exception) -> Response:
-    if not isinstance(exc, HTTPException):
-        return await handle_unexpected(request, exc)
-    code = _HTTP_CODES.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail), exc.headers)
-
-
-async def handle_unexpected(request: Request, exc: Exception) -> Response:
-    logger.error("unhandled error", exc_info=exc)
-    return error_response(500, "internal_error", "internal error: the operator has been told")
-
-
-EXCEPTION_HANDLERS: Mapping[Any, Any] = {
-    ApiError: handle_api_error,
-    DatabaseError: handle_database_error,
-    HTTPException: handle_http_exception,
-    Exception: handle_unexpected,
-}
+    def __init__(
+        self,
+        user_id: uuid.UUID | str,
+        requested: int,
+        available: int | None = None,
+        *,
+        balance: int | None = None,
+    ) -> None:
+        if available is not None:
+            message = f"user {user_id} has {available} tokens available, {requested} were requested"
+        elif balance is not None:
+            message = (
+                f"user {user_id} has a balance of {balance} tokens, not enough available "
+                f"for the {requested} requested"
+            )
+        else:
+            message = (
+                f"user {user_id} has not enough tokens available for the {requested} requested"
+            )
+        super().__init__(message)
+        self.user_id = user_id
+        self.requested = requested
+        self.available = available
+        self.balance = balance

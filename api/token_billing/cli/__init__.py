@@ -65,7 +65,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 async def _product(settings: Settings, code: str) -> dict[str, object] | None:
-    from token_billing.db import database_from_settings
+    from token_billing.server.database import database_from_settings
 
     db = database_from_settings(settings)
     await db.open()
@@ -133,8 +133,8 @@ def trigger(args: argparse.Namespace) -> int:
 async def _sync(settings: Settings) -> int:
     import stripe
 
-    from token_billing.db import database_from_settings
     from token_billing.server.catalog import sync_products
+    from token_billing.server.database import database_from_settings
     from token_billing.server.stripe_api import make_client
 
     client, http = make_client(settings)

@@ -24,10 +24,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from token_billing.db import Database, JsonText, database_from_settings
-from token_billing.errors import EXCEPTION_HANDLERS, ApiError, DatabaseError, DatabaseUnavailable
+from token_billing.db import Database, JsonText
+from token_billing.errors import DatabaseError, DatabaseUnavailable
 from token_billing.server import stream
 from token_billing.server.auth import Authenticator, User
+from token_billing.server.database import database_from_settings
+from token_billing.server.http_errors import EXCEPTION_HANDLERS, ApiError
 from token_billing.server.metrics import CONTENT_TYPE_LATEST, Metrics
 from token_billing.server.routes import dev, ledger
 from token_billing.server.settings import Settings, load_settings

@@ -19,7 +19,7 @@ import httpx
 import jwt
 from jwt import PyJWK
 
-from token_billing.errors import ApiError
+from token_billing.server.http_errors import ApiError
 from token_billing.server.settings import Settings
 
 AUDIENCE = "authenticated"

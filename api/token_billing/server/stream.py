@@ -39,7 +39,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from token_billing.db import Database
-from token_billing.errors import ApiError, DatabaseError, DatabaseUnavailable
+from token_billing.errors import DatabaseError, DatabaseUnavailable
+from token_billing.server.http_errors import ApiError
 from token_billing.server.settings import Settings
 
 logger = logging.getLogger("token_billing.stream")

@@ -14,7 +14,7 @@ from typing import Any
 
 import stripe
 
-from token_billing.errors import ApiError
+from token_billing.server.http_errors import ApiError
 from token_billing.server.metrics import Metrics
 from token_billing.server.settings import Settings
 

@@ -20,8 +20,8 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from token_billing.errors import ApiError
 from token_billing.server.auth import AUDIENCE
+from token_billing.server.http_errors import ApiError
 from token_billing.server.settings import Settings
 
 # The repository's examples/web: the demo page runs from a clone (`make dev`), never from a wheel.

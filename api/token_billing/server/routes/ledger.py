@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from token_billing.errors import ApiError
+from token_billing.server.http_errors import ApiError
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
