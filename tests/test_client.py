@@ -167,6 +167,8 @@ def test_reserving_more_than_available_should_raise(db: Database) -> None:
     with pytest.raises(InsufficientTokens) as caught:
         run(db, body)
     assert caught.value.available == 100
+    assert caught.value.requested == 101
+    assert str(caught.value) == f"user {user} has 100 tokens available, 101 were requested"
 
 
 def test_a_retried_request_should_reuse_its_reservation(db: Database) -> None:
@@ -221,9 +223,14 @@ def test_deducting_more_than_available_should_raise_and_change_nothing(db: Datab
     async def body(tokens: TokenBilling) -> None:
         await tokens.deduct(user, 101, key="too-much")
 
-    with pytest.raises(InsufficientTokens):
+    with pytest.raises(InsufficientTokens) as caught:
         run(db, body)
     assert account(db, user)["balance"] == 100
+    assert (caught.value.requested, caught.value.balance) == (101, 100), "the numbers it answered"
+    assert "None" not in str(caught.value), "the message should name real numbers"
+    assert str(caught.value) == (
+        f"user {user} has a balance of 100 tokens, not enough available for the 101 requested"
+    )
 
 
 def test_key_reused_with_other_arguments_should_raise_tbkey(db: Database) -> None:

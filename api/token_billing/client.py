@@ -174,7 +174,8 @@ class TokenBilling:
             "deduct_tokens",
         )
         if row["status"] == "insufficient_funds":
-            raise InsufficientTokens(user_id, amount, None)
+            # deduct_tokens answers the balance (reserve_tokens answers what is available).
+            raise InsufficientTokens(user_id, amount, balance=row.get("balance"))
         if row["status"] == "unknown_account":
             raise UnknownAccount(f"no billing account for user {user_id}")
         return Result(row["status"], row.get("balance"), row.get("entry_id"))
