@@ -50,7 +50,8 @@ from tests.fault_support import (
 )
 from token_billing import InsufficientTokens, Reservation, TokenBilling
 from token_billing.db import Database as ServiceDatabase
-from token_billing.server.app import Runtime, create_app
+from token_billing.server.app import create_app
+from token_billing.server.deps import Runtime
 
 pytestmark = pytest.mark.stress
 

@@ -14,6 +14,10 @@ from typing import Any
 
 _CONFIGURED = "_token_billing_json"
 
+# Where a request keeps the fields of its one access log line (the ASGI scope, so the routes and
+# the middleware share them without a context variable).
+LOG_SCOPE_KEY = "token_billing.log"
+
 
 class JsonFormatter(logging.Formatter):
     """`{"ts", "level", "logger", "message", ...fields}` on one line."""
