@@ -12,7 +12,6 @@ extra (`pip install 'token-billing[server]'`) and say so when it is missing.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,7 +35,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     code: int = args.run(args)
     return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
