@@ -91,7 +91,7 @@ dev-stop:
 
 clean:
 	@if [ -f .dev/pgdata/postmaster.pid ] || [ -f .dev/service.pid ]; then $(PY) -m scripts.dev --stop; fi
-	rm -rf .dev examples/web/dist tests/artifacts .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
+	rm -rf .dev examples/web/dist tests/artifacts .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info api/*.egg-info
 	find . -name __pycache__ -type d -not -path './node_modules/*' -not -path './.venv/*' -prune -exec rm -rf {} +
 
 # Also the installed tools: the next `make` reinstalls them.

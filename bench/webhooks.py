@@ -37,8 +37,8 @@ VENV_BIN = Path(sys.executable).parent
 
 def service_missing() -> str | None:
     """Why the service cannot be benched yet, or None."""
-    if not (ROOT / "api" / "app.py").exists():
-        return "api/app.py (create_app) is not there yet"
+    if not (ROOT / "api" / "token_billing" / "server" / "app.py").exists():
+        return "api/token_billing/server/app.py (create_app) is not there yet"
     if shutil.which("token-billing", path=str(VENV_BIN)) is None:
         return "the token-billing command is not installed in the venv"
     if not stripe.fixtures_present():

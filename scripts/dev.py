@@ -56,7 +56,9 @@ DEV_DIR = ROOT / ".dev"
 DEFAULT_PORT = 54322
 DEFAULT_API_PORT = 8000
 DBNAME = "postgres"  # as on Supabase: the application database is `postgres`
-DEMO_USER_ID = "00000000-0000-0000-0000-000000000001"  # api.web.DEMO_USER_ID
+DEMO_USER_ID = (
+    "00000000-0000-0000-0000-000000000001"  # token_billing.server.routes.dev.DEMO_USER_ID
+)
 DEMO_EMAIL = "demo@example.com"
 DEMO_PRODUCT = "pack_100"
 ENV_FILE_NAME = "dev.env"
@@ -208,13 +210,13 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 def _real(value: str | None, prefixes: tuple[str, ...]) -> bool:
-    from api.settings import is_placeholder
+    from token_billing.server.settings import is_placeholder
 
     return bool(value) and not is_placeholder(value or "") and (value or "").startswith(prefixes)
 
 
 def settings_names() -> list[str]:
-    from api.settings import Settings
+    from token_billing.server.settings import Settings
 
     return [name.upper() for name in Settings.model_fields]
 
@@ -281,7 +283,7 @@ def write_env_file(path: Path, values: Mapping[str, str]) -> None:
 def cli_command() -> list[str]:
     """How to run `token-billing` from this virtualenv."""
     script = Path(sys.executable).parent / "token-billing"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "api.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "token_billing.cli"]
 
 
 def shown_cli() -> str:
@@ -307,7 +309,9 @@ def _is_service(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return _alive(pid)
-    return b"serve" in cmdline and any(b"token-billing" in p or b"api.cli" in p for p in cmdline)
+    return b"serve" in cmdline and any(
+        b"token-billing" in p or b"token_billing.cli" in p for p in cmdline
+    )
 
 
 def stop_service(layout: Layout, *, timeout: float = 15.0) -> bool:

@@ -16,9 +16,9 @@ import jwt
 import stripe
 import uvicorn
 
-from api.app import create_app
-from api.settings import Settings
 from scripts.pgcluster import Database
+from token_billing.server.app import create_app
+from token_billing.server.settings import Settings
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "stripe-fixtures"
 

@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from api.errors import DatabaseError, DatabaseUnavailable
 from scripts.pgcluster import Database, PgCluster
+from token_billing.errors import DatabaseError, DatabaseUnavailable
 
 
 def _scale() -> int:

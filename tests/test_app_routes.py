@@ -6,7 +6,6 @@ import pytest
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from api.app import create_app
 from scripts.pgcluster import Database
 from tests.app_support import (
     JWT_SECRET,
@@ -20,6 +19,7 @@ from tests.app_support import (
     set_price,
     settings_for,
 )
+from token_billing.server.app import create_app
 
 CONTRACT_ROUTES = {
     ("/v1/checkout/sessions", "POST"),

@@ -26,10 +26,6 @@ import pytest
 from psycopg import sql
 from starlette.testclient import TestClient
 
-from api.app import create_app
-from api.client import TokenBilling
-from api.db import SupabaseDatabase
-from api.errors import DatabaseError
 from scripts.pgcluster import Database
 from tests.app_support import (
     JWT_SECRET,
@@ -41,6 +37,10 @@ from tests.app_support import (
     settings_for,
     sign,
 )
+from token_billing.client import TokenBilling
+from token_billing.db import SupabaseDatabase
+from token_billing.errors import DatabaseError
+from token_billing.server.app import create_app
 
 # PostgREST's HTTP status for a SQLSTATE (its documented table, the part that matters here).
 _STATUS = {"23505": 409, "42501": 403, "42883": 404, "P0001": 400}

@@ -18,11 +18,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from starlette.testclient import TestClient
 
-from api.app import create_app
-from api.auth import Authenticator, User
-from api.errors import ApiError
 from scripts.pgcluster import Database
 from tests.app_support import JWT_SECRET, bearer, new_user, settings_for, user_token
+from token_billing.server.app import create_app
+from token_billing.server.auth import Authenticator, User
+from token_billing.server.http_errors import ApiError
 
 USER = uuid.UUID("00000000-0000-0000-0000-0000000000a1")
 OTHER_PROJECT_SECRET = "another-project-secret-0123456789ab"  # noqa: S105 - a test value

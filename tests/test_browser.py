@@ -26,7 +26,6 @@ import httpx
 import psycopg
 import pytest
 
-from api.events import customer_id_for
 from scripts import web as web_build
 from scripts.dev import DEMO_USER_ID, read_env_file
 from scripts.pgcluster import ROOT, port_in_use
@@ -40,6 +39,7 @@ from tests.app_support import (
 )
 from tests.browser_support import ARTIFACTS, Browser, missing_prerequisites
 from tests.stripe_double import StripeDouble
+from token_billing.cli.stripe_events import customer_id_for
 
 pytestmark = pytest.mark.slow
 

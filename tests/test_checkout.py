@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from api.app import create_app
 from scripts.pgcluster import Database
 from tests.app_support import (
     APP_URL,
@@ -28,6 +27,7 @@ from tests.app_support import (
     settings_for,
 )
 from tests.stripe_double import StripeDouble
+from token_billing.server.app import create_app
 
 CHECKOUT = "/v1/checkout/sessions"
 PORTAL = "/v1/portal/sessions"

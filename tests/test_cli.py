@@ -13,8 +13,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.cli import main
-from api.events import stripe_signature
 from scripts.pgcluster import Database
 from tests.app_support import (
     JWT_SECRET,
@@ -30,6 +28,8 @@ from tests.app_support import (
     settings_for,
 )
 from tests.stripe_double import StripeDouble
+from token_billing.cli import main
+from token_billing.cli.stripe_events import stripe_signature
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -235,7 +235,7 @@ def test_serve_should_run_the_app_under_uvicorn(db: Database, cli_env: dict[str,
     port = free_port()
     env = {**os.environ, **cli_env}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "token_billing.cli", "serve", "--port", str(port)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -1,4 +1,4 @@
-"""api.client.TokenBilling over the real RPCs (PostgresDatabase on a fresh database)."""
+"""token_billing.client.TokenBilling over the real RPCs (PostgresDatabase on a fresh database)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,19 @@ from typing import TypeVar
 
 import pytest
 
-from api.client import InsufficientTokens, TokenBilling, UnknownAccount
-from api.db import PostgresDatabase
-from api.errors import DatabaseError
 from scripts.pgcluster import Database
 from tests.app_support import account, new_user, scalar
+from token_billing import (
+    DatabaseError,
+    IdempotencyConflict,
+    InsufficientTokens,
+    InvalidArgument,
+    ReservationNotFound,
+    TokenBilling,
+    TokenBillingError,
+    UnknownAccount,
+)
+from token_billing.db import PostgresDatabase
 
 T = TypeVar("T")
 
@@ -55,7 +63,7 @@ def test_reserve_then_settle_should_charge_the_actual_amount(db: Database) -> No
 def test_settle_many_should_settle_each_hold_once(db: Database) -> None:
     first, second = new_user(db), new_user(db)
 
-    async def body(tokens: TokenBilling) -> tuple[dict[str, str], dict[str, str], str]:
+    async def body(tokens: TokenBilling) -> tuple[dict[str, str], dict[str, str], DatabaseError]:
         holds = [
             await tokens.reserve(first, 30).open(),
             await tokens.reserve(first, 20).open(),
@@ -69,14 +77,15 @@ def test_settle_many_should_settle_each_hold_once(db: Database) -> None:
         return (
             {key: r.status for key, r in settled.items()},
             {key: r.status for key, r in replayed.items()},
-            str(refused.value.sqlstate),
+            refused.value,
         )
 
-    settled, replayed, sqlstate = run(db, body)
+    settled, replayed, refused = run(db, body)
     assert sorted(settled.values()) == ["applied", "applied", "applied"]
     assert set(replayed.values()) == {"duplicate"}
     assert settled.keys() == replayed.keys()
-    assert sqlstate == "TBRES", "an unknown reservation should refuse the batch"
+    assert refused.sqlstate == "TBRES", "an unknown reservation should refuse the batch"
+    assert isinstance(refused, ReservationNotFound), "TBRES should raise its typed error"
     assert account(db, first) == {"balance": 70, "reserved": 0, "plan": "free", "status": "none"}
     assert account(db, second) == {"balance": 40, "reserved": 0, "plan": "free", "status": "none"}
 
@@ -158,6 +167,8 @@ def test_reserving_more_than_available_should_raise(db: Database) -> None:
     with pytest.raises(InsufficientTokens) as caught:
         run(db, body)
     assert caught.value.available == 100
+    assert caught.value.requested == 101
+    assert str(caught.value) == f"user {user} has 100 tokens available, 101 were requested"
 
 
 def test_a_retried_request_should_reuse_its_reservation(db: Database) -> None:
@@ -179,8 +190,9 @@ def test_unknown_user_should_raise_unknown_account(db: Database) -> None:
         async with tokens.reserve(uuid.uuid4(), 1):
             pass
 
-    with pytest.raises(UnknownAccount):
+    with pytest.raises(UnknownAccount) as caught:
         run(db, body)
+    assert isinstance(caught.value, TokenBillingError), "every client error has one base class"
 
 
 def test_deduct_add_and_balance_should_round_trip(db: Database) -> None:
@@ -211,9 +223,14 @@ def test_deducting_more_than_available_should_raise_and_change_nothing(db: Datab
     async def body(tokens: TokenBilling) -> None:
         await tokens.deduct(user, 101, key="too-much")
 
-    with pytest.raises(InsufficientTokens):
+    with pytest.raises(InsufficientTokens) as caught:
         run(db, body)
     assert account(db, user)["balance"] == 100
+    assert (caught.value.requested, caught.value.balance) == (101, 100), "the numbers it answered"
+    assert "None" not in str(caught.value), "the message should name real numbers"
+    assert str(caught.value) == (
+        f"user {user} has a balance of 100 tokens, not enough available for the 101 requested"
+    )
 
 
 def test_key_reused_with_other_arguments_should_raise_tbkey(db: Database) -> None:
@@ -223,9 +240,10 @@ def test_key_reused_with_other_arguments_should_raise_tbkey(db: Database) -> Non
         await tokens.deduct(user, 5, key="k")
         await tokens.deduct(user, 6, key="k")
 
-    with pytest.raises(DatabaseError) as caught:
+    with pytest.raises(IdempotencyConflict) as caught:
         run(db, body)
     assert caught.value.sqlstate == "TBKEY"
+    assert isinstance(caught.value, DatabaseError), "a typed error should still be a DatabaseError"
 
 
 def test_invalid_amount_should_raise_22023_naming_the_argument(db: Database) -> None:
@@ -234,7 +252,7 @@ def test_invalid_amount_should_raise_22023_naming_the_argument(db: Database) -> 
     async def body(tokens: TokenBilling) -> None:
         await tokens.add(user, 0, key="zero")
 
-    with pytest.raises(DatabaseError) as caught:
+    with pytest.raises(InvalidArgument) as caught:
         run(db, body)
     assert caught.value.sqlstate == "22023"
     assert "p_amount" in caught.value.message

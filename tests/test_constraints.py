@@ -29,11 +29,34 @@ def _pins() -> dict[str, str]:
     return pins
 
 
+# The extras `pip install -e '.[dev]'` installs (dev pulls in server and supabase); `embedded`
+# is not among them.
+INSTALLED_EXTRAS = ("server", "supabase", "dev")
+
+
 def _declared() -> list[Requirement]:
+    """Every requirement the dev venv installs; the project's own extras (token-billing[...])
+    are those extras' requirements, listed already."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    return [
-        Requirement(r) for r in [*project["dependencies"], *project["optional-dependencies"]["dev"]]
+    extras = project["optional-dependencies"]
+    requirements = [
+        Requirement(r)
+        for r in [*project["dependencies"], *(r for name in INSTALLED_EXTRAS for r in extras[name])]
     ]
+    return [r for r in requirements if _name(r.name) != _name(project["name"])]
+
+
+def test_dev_should_install_every_extra_but_embedded() -> None:
+    """`pip install -e '.[dev]'` is what bootstrap.sh and `make lock` install: it must bring the
+    server and supabase extras, or their pins would go stale unseen."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    pulled: set[str] = set()
+    for raw in project["optional-dependencies"]["dev"]:
+        requirement = Requirement(raw)
+        if _name(requirement.name) == _name(project["name"]):
+            pulled |= requirement.extras
+    assert pulled == {"server", "supabase"}, f"dev pulls in {sorted(pulled)}"
+    assert set(project["optional-dependencies"]) == {*INSTALLED_EXTRAS, "embedded"}
 
 
 def test_every_declared_dependency_should_be_pinned() -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from api.settings import load_settings
 from scripts.dev import Layout, banner, dev_settings, read_env_file, write_env_file
 from scripts.pgcluster import Database, PgCluster
+from token_billing.server.settings import load_settings
 
 REAL_TEST_KEY = "sk_test_51Hdeveloper0wnKey9876543210"
 REAL_HOOK = "whsec_fromStripeListen0123456789abcdef"

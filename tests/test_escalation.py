@@ -29,9 +29,6 @@ import pytest
 from psycopg import sql
 from starlette.testclient import TestClient
 
-from api.app import create_app
-from api.db import PostgresDatabase
-from api.settings import Settings
 from scripts.pgcluster import Database
 from tests.app_support import (
     JWT_SECRET,
@@ -43,6 +40,9 @@ from tests.app_support import (
 )
 from tests.fault_support import report
 from tests.stripe_double import StripeDouble
+from token_billing.db import PostgresDatabase
+from token_billing.server.app import create_app
+from token_billing.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 ALICE = uuid.UUID("00000000-0000-0000-0000-0000000e5c0a")
@@ -298,7 +298,7 @@ def test_user_context_never_outlives_its_request_on_a_pooled_connection(
     """The service runs a user's call as `authenticated` with their claims (set local) on a
     pooled connection: the next call on that connection must be service_role again, claims
     gone, even when the user's call failed."""
-    from api.auth import User
+    from token_billing.server.auth import User
 
     db = two_users
     with db.connect() as owner:

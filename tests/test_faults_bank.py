@@ -35,9 +35,6 @@ import pytest
 from anyio.from_thread import BlockingPortal
 from starlette.testclient import TestClient
 
-from api.app import Runtime, create_app
-from api.client import InsufficientTokens, Reservation, TokenBilling
-from api.db import Database as ServiceDatabase
 from scripts.pgcluster import Database, PgCluster
 from tests.app_support import settings_for
 from tests.fault_support import (
@@ -51,6 +48,10 @@ from tests.fault_support import (
     scaled,
     terminate,
 )
+from token_billing import InsufficientTokens, Reservation, TokenBilling
+from token_billing.db import Database as ServiceDatabase
+from token_billing.server.app import create_app
+from token_billing.server.deps import Runtime
 
 pytestmark = pytest.mark.stress
 

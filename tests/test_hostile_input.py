@@ -36,12 +36,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from api.app import create_app
-from api.client import InsufficientTokens, TokenBilling, UnknownAccount
-from api.db import PostgresDatabase
-from api.errors import DatabaseError
-from api.events import stripe_signature
-from api.logs import JsonFormatter
 from scripts.pgcluster import Database
 from tests.app_support import (
     JWT_SECRET,
@@ -52,6 +46,12 @@ from tests.app_support import (
     settings_for,
 )
 from tests.fault_support import STRESS_SCALE, report, scaled
+from token_billing import InsufficientTokens, TokenBilling, UnknownAccount
+from token_billing.cli.stripe_events import stripe_signature
+from token_billing.db import PostgresDatabase
+from token_billing.errors import DatabaseError
+from token_billing.server.app import create_app
+from token_billing.server.logs import JsonFormatter
 
 # Hypothesis flags a strategy as using `random` when the global `random` state changes during a
 # draw. Here the service runs beside the draws, and psycopg_pool draws each new connection's
@@ -505,7 +505,7 @@ def test_webhook_without_a_valid_signature_has_no_effect(
     db = books
     codes: Tally[int] = Tally()
     before = _books(db)
-    with caplog.at_level(logging.INFO, logger="api"):
+    with caplog.at_level(logging.INFO, logger="token_billing"):
 
         @FUZZ
         @given(data=st.data(), body=bodies, content_type=st.one_of(st.none(), printable))
@@ -620,7 +620,7 @@ def test_signed_mangled_events_never_make_a_500(
 ) -> None:
     db = books
     answers: Tally[str] = Tally()
-    with caplog.at_level(logging.INFO, logger="api"):
+    with caplog.at_level(logging.INFO, logger="token_billing"):
 
         @FUZZ
         @given(body=mangled_events())
@@ -668,7 +668,7 @@ def test_checkout_body_fuzz_is_always_a_4xx(
 ) -> None:
     codes: Tally[int] = Tally()
     user = USERS[0]
-    with caplog.at_level(logging.INFO, logger="api"):
+    with caplog.at_level(logging.INFO, logger="token_billing"):
 
         @FUZZ
         @given(

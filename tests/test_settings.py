@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from api.settings import ConfigError, Settings, is_placeholder, load_settings
+from token_billing.server.settings import ConfigError, Settings, is_placeholder, load_settings
 
 # Every variable the service reads; cleared so the developer's environment cannot leak in.
 VARIABLES = (

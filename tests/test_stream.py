@@ -1,7 +1,7 @@
 """GET /v1/balance/stream: Server-Sent Events fed by the accounts trigger's NOTIFY.
 
-The service runs under real uvicorn (api.stream.Server, as `token-billing serve` runs it) against
-a real database; the streams are read with httpx as a browser's fetch reads them.
+The service runs under real uvicorn (token_billing.server.stream.Server, as `token-billing serve`
+runs it) against a real database; the streams are read with httpx as a browser's fetch reads them.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 
-from api import stream
-from api.app import create_app
-from api.settings import Settings
 from scripts.pgcluster import Database, build_template, temporary_cluster
 from tests.app_support import bearer, free_port, new_user, settings_for
+from token_billing.server import stream
+from token_billing.server.app import create_app
+from token_billing.server.settings import Settings
 
 HEARTBEAT_SECONDS = 0.5
 

@@ -14,10 +14,10 @@ import os
 import pytest
 from starlette.testclient import TestClient
 
-from api.app import create_app
-from api.cli import main
 from scripts.pgcluster import Database
 from tests.app_support import JWT_SECRET, bearer, new_user, settings_for
+from token_billing.cli import main
+from token_billing.server.app import create_app
 
 KEY = os.environ.get("STRIPE_TEST_SECRET_KEY", "")
 

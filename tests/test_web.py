@@ -11,12 +11,12 @@ import jwt
 import pytest
 from starlette.testclient import TestClient
 
-from api import web
-from api.app import create_app
 from scripts import web as web_build
 from scripts.dev import DEMO_USER_ID
 from scripts.pgcluster import Database
 from tests.app_support import JWT_SECRET, bearer, new_user, settings_for
+from token_billing.server.app import create_app
+from token_billing.server.routes import dev
 
 PAGE_PATHS = [
     ("GET", "/"),
@@ -51,7 +51,7 @@ def test_page_should_be_served_in_development(db: Database, bundle: None) -> Non
         config = client.get("/config.json")
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
-    assert page.text == (web.WEB_DIR / "index.html").read_text(), "the copyable example, as is"
+    assert page.text == (dev.WEB_DIR / "index.html").read_text(), "the copyable example, as is"
     assert '<script type="module" src="dist/main.js">' in page.text
     assert script.status_code == 200
     assert "javascript" in script.headers["content-type"]
@@ -78,22 +78,22 @@ def test_config_should_offer_realtime_when_supabase_is_configured(db: Database) 
 
 
 def test_page_script_should_bundle_supabase_js_and_load_nothing_from_a_cdn(bundle: None) -> None:
-    html = (web.WEB_DIR / "index.html").read_text()
+    html = (dev.WEB_DIR / "index.html").read_text()
     assert "http://" not in html
     assert "https://" not in html
-    chunks = list((web.DIST_DIR / "chunks").glob("*.js"))
+    chunks = list((dev.DIST_DIR / "chunks").glob("*.js"))
     # supabase-js's Realtime client connects to <project>/realtime/v1.
     assert any("realtime/v1" in chunk.read_text() for chunk in chunks), (
         "supabase-js (realtime-js) should be bundled into a chunk of its own"
     )
-    assert "realtime/v1" not in web.BUNDLE.read_text(), (
+    assert "realtime/v1" not in dev.BUNDLE.read_text(), (
         "the main script should load supabase-js only when Realtime is configured"
     )
 
 
 def test_demo_sign_in_should_give_a_token_the_service_accepts(db: Database) -> None:
     db.create_user(DEMO_USER_ID, "demo@example.com")
-    assert str(web.DEMO_USER_ID) == DEMO_USER_ID, "make dev and the service should agree"
+    assert str(dev.DEMO_USER_ID) == DEMO_USER_ID, "make dev and the service should agree"
     with TestClient(create_app(settings_for(db, environment="development"))) as client:
         session = client.post("/dev/session")
         token = session.json()["access_token"]

@@ -30,7 +30,6 @@ import httpx2
 import psycopg
 import pytest
 
-from api import events as stripe_events
 from scripts.pgcluster import Database, PgCluster
 from tests.app_support import (
     derived_checkout_event,
@@ -49,6 +48,7 @@ from tests.fault_support import (
     terminate,
 )
 from tests.stripe_fixtures import derive, fixture_event
+from token_billing.cli import stripe_events
 
 pytestmark = pytest.mark.stress
 

@@ -22,7 +22,6 @@ import psycopg
 import pytest
 from starlette.testclient import TestClient
 
-from api.app import create_app
 from scripts.pgcluster import Database, PgCluster
 from tests.app_support import (
     FIXTURES,
@@ -37,6 +36,7 @@ from tests.app_support import (
     settings_for,
     sign,
 )
+from token_billing.server.app import create_app
 
 WEBHOOK = "/v1/webhooks/stripe"
 OTHER_SECRET = "whsec_someone_else_0123456789"  # noqa: S105 - a test value, not a secret
@@ -453,9 +453,9 @@ def test_log_line_should_name_the_event_and_never_the_secret(
     event = derived_checkout_event(new_user(db), "pack_100")
     payload = encode(event)
     header = sign(payload)
-    with caplog.at_level(logging.INFO, logger="api"):
+    with caplog.at_level(logging.INFO, logger="token_billing"):
         deliver(client, payload, header=header)
-    lines = [r for r in caplog.records if r.name == "api.access"]
+    lines = [r for r in caplog.records if r.name == "token_billing.access"]
     assert len(lines) == 1, "one line per request"
     fields = lines[0].__dict__["fields"]
     assert fields["event_id"] == event["id"]

@@ -1,8 +1,9 @@
-"""GET /v1/balance/stream: the signed-in user's balance as Server-Sent Events.
+"""The balance broker behind GET /v1/balance/stream (token_billing.server.routes.balance).
 
-For deployments without Supabase Realtime (a self-hosted Postgres, the local `make dev` stack).
-The trigger of migration 20261121001200 notifies channel `token_billing_balance` with the id of
-a user whose account changed, once `billing.set_balance_notify(true)` has installed it.
+Server-Sent Events of the signed-in user's balance, for deployments without Supabase Realtime (a
+self-hosted Postgres, the local `make dev` stack). The trigger of migration 20261121001200
+notifies channel `token_billing_balance` with the id of a user whose account changed, once
+`billing.set_balance_notify(true)` has installed it.
 
 One `BalanceBroker` per service process holds ONE listening connection and fans notifications
 out to the open streams. It reads a changed row (as service_role, through the pool) only when
@@ -33,16 +34,15 @@ from typing import Any, Final
 import psycopg
 import uvicorn
 from psycopg import sql
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from api.db import Database
-from api.errors import ApiError, DatabaseError, DatabaseUnavailable
-from api.settings import Settings
+from token_billing.db import Database
+from token_billing.errors import DatabaseError, DatabaseUnavailable
+from token_billing.server.http_errors import ApiError
+from token_billing.server.settings import Settings
 
-logger = logging.getLogger("api.stream")
+logger = logging.getLogger("token_billing.stream")
 
 CHANNEL: Final = "token_billing_balance"
 BALANCE_FIELDS: Final = ("balance", "available", "reserved", "plan", "subscription_status")
@@ -325,7 +325,7 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-# --- the route ---------------------------------------------------------------------------------
+# --- the response ------------------------------------------------------------------------------
 
 
 def _event(name: str, data: Mapping[str, Any]) -> bytes:
@@ -365,31 +365,3 @@ class EventStream(StreamingResponse):
         finally:
             self._broker.unsubscribe(self._sub)
             await self._events.aclose()
-
-
-def broker_of(request: Request) -> BalanceBroker:
-    broker = getattr(request.app.state, "balances", None)
-    if not isinstance(broker, BalanceBroker):
-        raise RuntimeError("the app's lifespan has not run (use TestClient as a context manager)")
-    return broker
-
-
-async def balance_stream(request: Request) -> Response:
-    from api.app import runtime, signed_in
-
-    rt = runtime(request)
-    broker = broker_of(request)
-    user = await signed_in(request, rt)
-    if not broker.available:
-        raise ApiError(
-            404,
-            "stream_unavailable",
-            "the balance stream needs DATABASE_URL; on Supabase, subscribe to billing.accounts "
-            "with Realtime instead",
-        )
-    if not await rt.db.rpc("get_billing_profile", {"p_user_id": str(user.id)}):
-        raise ApiError(404, "unknown_account", "no billing account exists for this user")
-    return EventStream(broker, broker.subscribe(user.id))
-
-
-routes = [Route("/v1/balance/stream", balance_stream, methods=["GET"])]

@@ -20,11 +20,12 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from api.auth import AUDIENCE
-from api.errors import ApiError
-from api.settings import Settings
+from token_billing.server.auth import AUDIENCE
+from token_billing.server.http_errors import ApiError
+from token_billing.server.settings import Settings
 
-WEB_DIR = Path(__file__).resolve().parent.parent / "examples" / "web"
+# The repository's examples/web: the demo page runs from a clone (`make dev`), never from a wheel.
+WEB_DIR = Path(__file__).resolve().parents[4] / "examples" / "web"
 DIST_DIR = WEB_DIR / "dist"
 BUNDLE = DIST_DIR / "main.js"
 

@@ -14,6 +14,10 @@ from typing import Any
 
 _CONFIGURED = "_token_billing_json"
 
+# Where a request keeps the fields of its one access log line (the ASGI scope, so the routes and
+# the middleware share them without a context variable).
+LOG_SCOPE_KEY = "token_billing.log"
+
 
 class JsonFormatter(logging.Formatter):
     """`{"ts", "level", "logger", "message", ...fields}` on one line."""
@@ -36,7 +40,7 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str = "INFO") -> None:
     """Send the `api` loggers to stderr as JSON lines (idempotent)."""
-    logger = logging.getLogger("api")
+    logger = logging.getLogger("token_billing")
     logger.setLevel(level)
     if not any(getattr(h, _CONFIGURED, False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)

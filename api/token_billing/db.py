@@ -3,10 +3,15 @@
 `PostgresDatabase` (DATABASE_URL) is the default and the fast path: a bounded psycopg pool whose
 connections act as `service_role`, exactly the rights the Data API's service role key has.
 `SupabaseDatabase` calls the same functions with supabase-py `.rpc()` through PostgREST, for
-deployments that only have SUPABASE_URL and the service role key.
+deployments that only have SUPABASE_URL and the service role key (the `supabase` extra: it is
+imported only when a SupabaseDatabase opens).
 
-Both raise the same errors (api.errors): DatabaseUnavailable when the database cannot be
+Both raise the same errors (token_billing.errors): DatabaseUnavailable when the database cannot be
 reached, DatabaseError with the SQLSTATE when a function refused the call.
+
+    db = PostgresDatabase(os.environ["DATABASE_URL"])
+    await db.open()
+    tokens = TokenBilling(db)
 """
 
 from __future__ import annotations
@@ -19,27 +24,38 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import httpx
 import psycopg
 from psycopg import sql
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
-from api.errors import DatabaseError, DatabaseUnavailable
+from token_billing.errors import DatabaseError, DatabaseUnavailable, database_error
 
 if TYPE_CHECKING:
-    from api.auth import User
-    from api.settings import Settings
+    import httpx
+
     from supabase import AsyncClient
 
-logger = logging.getLogger("api.db")
+logger = logging.getLogger("token_billing.db")
 
 Row = dict[str, Any]
 T = TypeVar("T")
 
 # RPC names are identifiers we write ourselves; refuse anything else before it reaches SQL.
 _FUNCTION_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class SignedInUser(Protocol):
+    """A verified signed-in user a call can run as (token_billing.server.auth.User is one)."""
+
+    @property
+    def claims(self) -> Mapping[str, Any]:
+        """The access token's claims, as PostgREST sets them for the request."""
+
+    @property
+    def token(self) -> str:
+        """The access token itself."""
 
 
 class Database(Protocol):
@@ -52,7 +68,11 @@ class Database(Protocol):
         """Release every connection."""
 
     async def rpc(
-        self, name: str, params: Mapping[str, Any] | None = None, *, user: User | None = None
+        self,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        user: SignedInUser | None = None,
     ) -> list[Row]:
         """Call `public.<name>(...)` with named arguments; return its rows.
 
@@ -115,14 +135,14 @@ def _adapt(name: str, value: Any) -> Any:
 
 
 def _translate(exc: psycopg.Error, function: str) -> Exception:
-    """The api.errors exception for a psycopg error."""
+    """The token_billing.errors exception for a psycopg error."""
     sqlstate = exc.sqlstate
     if sqlstate is None and isinstance(exc, psycopg.DataError):
         # Refused by psycopg before sending (a NUL byte in a text): what Postgres says of one.
         return DatabaseError("22021", str(exc), function=function)
     if sqlstate is not None and not sqlstate.startswith("08"):
         primary = exc.diag.message_primary or str(exc)
-        return DatabaseError(sqlstate, primary, function=function)
+        return database_error(sqlstate, primary, function=function)
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
         logger.warning(
             "database unavailable",
@@ -187,19 +207,6 @@ class PostgresDatabase:
             name="token-billing",
         )
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> PostgresDatabase:
-        if settings.database_url is None:
-            raise ValueError("DATABASE_URL is not set")
-        return cls(
-            settings.database_url.get_secret_value(),
-            min_size=settings.db_pool_min_size,
-            max_size=settings.db_pool_max_size,
-            timeout_seconds=settings.db_pool_timeout_seconds,
-            connect_timeout_seconds=settings.db_connect_timeout_seconds,
-            statement_timeout_ms=settings.db_statement_timeout_ms,
-        )
-
     async def _configure(self, conn: psycopg.AsyncConnection[DictRow]) -> None:
         # The login role (postgres or authenticator) may do more than the service needs; the
         # service must not. service_role is what the Data API's service key gets.
@@ -215,7 +222,11 @@ class PostgresDatabase:
         await self._pool.close()
 
     async def rpc(
-        self, name: str, params: Mapping[str, Any] | None = None, *, user: User | None = None
+        self,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        user: SignedInUser | None = None,
     ) -> list[Row]:
         params = dict(params or {})
         call = _call_sql(name, tuple(params))
@@ -258,7 +269,8 @@ class PostgresDatabase:
         self, name: str, work: Callable[[psycopg.AsyncConnection[DictRow]], Awaitable[T]]
     ) -> T:
         """`work` on a pooled connection; on the next one while the connection it got turns out
-        dead (see _connection_lost), up to pool size + 1 times; psycopg errors as api.errors."""
+        dead (see _connection_lost), up to pool size + 1 times; psycopg errors as
+        token_billing.errors."""
         attempt = 1
         while True:
             try:
@@ -272,7 +284,7 @@ class PostgresDatabase:
 
 
 def _postgrest_error(exc: Exception, function: str) -> Exception:
-    """The api.errors exception for a PostgREST error (its `code` is the SQLSTATE)."""
+    """The token_billing.errors exception for a PostgREST error (its `code` is the SQLSTATE)."""
     code = getattr(exc, "code", None)
     message = getattr(exc, "message", None) or str(exc)
     if code is None or str(code).startswith(("PGRST0", "08")):
@@ -287,7 +299,7 @@ def _postgrest_error(exc: Exception, function: str) -> Exception:
     if str(code).startswith("PGRST3"):
         # JWT problems: the service role key is wrong or the user's token was refused.
         return DatabaseError("42501", message, function=function)
-    return DatabaseError(str(code), message, function=function)
+    return database_error(str(code), message, function=function)
 
 
 def _plain(value: Any) -> Any:
@@ -311,17 +323,9 @@ class SupabaseDatabase:
         self._client: AsyncClient | None = None
         self._http: httpx.AsyncClient | None = None
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> SupabaseDatabase:
-        if settings.supabase_base is None or settings.supabase_service_role_key is None:
-            raise ValueError("SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY are not set")
-        return cls(
-            settings.supabase_base,
-            settings.supabase_service_role_key.get_secret_value(),
-            timeout_seconds=settings.db_statement_timeout_ms / 1000 + 5,
-        )
-
     async def open(self) -> None:
+        import httpx
+
         from supabase import AsyncClientOptions, acreate_client
 
         self._http = httpx.AsyncClient(timeout=self._timeout)
@@ -340,8 +344,13 @@ class SupabaseDatabase:
         self._http = None
 
     async def rpc(
-        self, name: str, params: Mapping[str, Any] | None = None, *, user: User | None = None
+        self,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        user: SignedInUser | None = None,
     ) -> list[Row]:
+        import httpx
         from postgrest import APIError, AsyncPostgrestClient
 
         _check_name(name)
@@ -371,6 +380,8 @@ class SupabaseDatabase:
         return [dict(data)] if isinstance(data, dict) else [{name: data}]
 
     async def ping(self) -> None:
+        import httpx
+
         if self._http is None:
             raise RuntimeError("SupabaseDatabase.open() was not called")
         try:
@@ -383,10 +394,3 @@ class SupabaseDatabase:
             raise DatabaseUnavailable() from exc
         if response.status_code >= 500:
             raise DatabaseUnavailable()
-
-
-def database_from_settings(settings: Settings) -> Database:
-    """PostgresDatabase when DATABASE_URL is set, else SupabaseDatabase."""
-    if settings.database_url is not None:
-        return PostgresDatabase.from_settings(settings)
-    return SupabaseDatabase.from_settings(settings)

@@ -16,8 +16,8 @@ from typing import Any
 
 import stripe
 
-from api.db import Database
-from api.stripe_api import idempotency_key
+from token_billing.db import Database
+from token_billing.server.stripe_api import idempotency_key
 
 
 def lookup_key(code: str) -> str:

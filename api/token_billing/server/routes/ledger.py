@@ -12,9 +12,10 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
-from api.errors import ApiError
+from token_billing.server.deps import runtime, signed_in
+from token_billing.server.http_errors import ApiError
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
@@ -33,8 +34,6 @@ def _entry(row: dict[str, Any]) -> dict[str, Any]:
 
 
 async def list_ledger(request: Request) -> Response:
-    from api.app import runtime, signed_in
-
     rt = runtime(request)
     user = await signed_in(request, rt)
     raw = request.query_params.get("limit", str(DEFAULT_LIMIT))
@@ -48,4 +47,4 @@ async def list_ledger(request: Request) -> Response:
     return JSONResponse({"entries": [_entry(row) for row in rows]})
 
 
-routes = [Route("/v1/ledger", list_ledger, methods=["GET"])]
+routes: list[BaseRoute] = [Route("/v1/ledger", list_ledger, methods=["GET"])]

@@ -19,8 +19,8 @@ import httpx
 import jwt
 from jwt import PyJWK
 
-from api.errors import ApiError
-from api.settings import Settings
+from token_billing.server.http_errors import ApiError
+from token_billing.server.settings import Settings
 
 AUDIENCE = "authenticated"
 ASYMMETRIC_ALGORITHMS = ("ES256", "RS256")

@@ -2,7 +2,8 @@
 
 Responses are `{"error": {"code": ..., "message": ...}}`. Messages are written for the caller:
 no stack traces, no SQL, no secrets. What the caller cannot act on (a misconfigured database, a
-bug) is logged in full and answered with a generic message.
+bug) is logged in full and answered with a generic message. The database layer's own errors
+(token_billing.errors: DatabaseError, DatabaseUnavailable) become responses here too.
 """
 
 from __future__ import annotations
@@ -15,10 +16,15 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-logger = logging.getLogger("api.errors")
+from token_billing.errors import DatabaseError, DatabaseUnavailable, TokenBillingError
+
+logger = logging.getLogger("token_billing.errors")
+
+# Seconds a client is told to wait before retrying a call the database could not take.
+DATABASE_RETRY_AFTER = {"Retry-After": "5"}
 
 
-class ApiError(Exception):
+class ApiError(TokenBillingError):
     """An error answered as JSON with `status`; `message` is safe to show the caller."""
 
     def __init__(
@@ -36,24 +42,10 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
 
 
-class DatabaseUnavailable(ApiError):
-    """The database cannot be reached (connection refused or lost, pool exhausted, timeout).
-
-    503: the caller (Stripe, for webhooks) should retry; nothing was committed.
-    """
-
-    def __init__(self, message: str = "the database is unavailable; retry later") -> None:
-        super().__init__(503, "database_unavailable", message, headers={"Retry-After": "5"})
-
-
-class DatabaseError(Exception):
-    """A database call failed with a SQLSTATE. Translated into an ApiError by `from_sqlstate`."""
-
-    def __init__(self, sqlstate: str | None, message: str, *, function: str = "") -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
-        self.message = message
-        self.function = function
+def unavailable(message: str) -> ApiError:
+    """503 database_unavailable: the caller (Stripe, for webhooks) should retry; nothing was
+    committed."""
+    return ApiError(503, "database_unavailable", message, headers=DATABASE_RETRY_AFTER)
 
 
 # SQLSTATE -> (HTTP status, error code, whether the database's message may be shown).
@@ -105,7 +97,7 @@ def from_sqlstate(exc: DatabaseError) -> ApiError:
     if public:
         return ApiError(status, code, exc.message)
     if status == 503:
-        return DatabaseUnavailable("the database is busy or unavailable; retry later")
+        return unavailable("the database is busy or unavailable; retry later")
     return ApiError(status, code, "internal error: the operator has been told")
 
 
@@ -143,6 +135,12 @@ async def handle_database_error(request: Request, exc: Exception) -> Response:
     return await handle_api_error(request, from_sqlstate(exc))
 
 
+async def handle_database_unavailable(request: Request, exc: Exception) -> Response:
+    if not isinstance(exc, DatabaseUnavailable):
+        return await handle_unexpected(request, exc)
+    return await handle_api_error(request, unavailable(exc.message))
+
+
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
     if not isinstance(exc, HTTPException):
         return await handle_unexpected(request, exc)
@@ -158,6 +156,7 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS: Mapping[Any, Any] = {
     ApiError: handle_api_error,
     DatabaseError: handle_database_error,
+    DatabaseUnavailable: handle_database_unavailable,
     HTTPException: handle_http_exception,
     Exception: handle_unexpected,
 }

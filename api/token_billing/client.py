@@ -20,25 +20,10 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
 
-from api.db import Database
+from token_billing.db import Database
+from token_billing.errors import InsufficientTokens, UnknownAccount
 
 BALANCE_FIELDS = ("balance", "available", "reserved", "plan", "subscription_status")
-
-
-class InsufficientTokens(Exception):
-    """The user's available tokens do not cover the amount."""
-
-    def __init__(self, user_id: uuid.UUID | str, requested: int, available: int | None) -> None:
-        super().__init__(
-            f"user {user_id} has {available} tokens available, {requested} were requested"
-        )
-        self.user_id = user_id
-        self.requested = requested
-        self.available = available
-
-
-class UnknownAccount(Exception):
-    """No billing account exists for the user."""
 
 
 @dataclass(frozen=True)
@@ -148,7 +133,7 @@ class Reservation:
 
 
 class TokenBilling:
-    """The token-billing RPCs for a backend, over any `api.db.Database`."""
+    """The token-billing RPCs for a backend, over any `token_billing.db.Database`."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -189,7 +174,8 @@ class TokenBilling:
             "deduct_tokens",
         )
         if row["status"] == "insufficient_funds":
-            raise InsufficientTokens(user_id, amount, None)
+            # deduct_tokens answers the balance (reserve_tokens answers what is available).
+            raise InsufficientTokens(user_id, amount, balance=row.get("balance"))
         if row["status"] == "unknown_account":
             raise UnknownAccount(f"no billing account for user {user_id}")
         return Result(row["status"], row.get("balance"), row.get("entry_id"))

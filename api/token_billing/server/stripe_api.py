@@ -14,11 +14,11 @@ from typing import Any
 
 import stripe
 
-from api.errors import ApiError
-from api.metrics import Metrics
-from api.settings import Settings
+from token_billing.server.http_errors import ApiError
+from token_billing.server.metrics import Metrics
+from token_billing.server.settings import Settings
 
-logger = logging.getLogger("api.stripe")
+logger = logging.getLogger("token_billing.stripe")
 
 
 def idempotency_key(*parts: object) -> str:

@@ -1,1 +1,0 @@
-"""token-billing: the HTTP service and Python client."""

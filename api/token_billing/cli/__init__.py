@@ -1,0 +1,37 @@
+"""The `token-billing` command.
+
+    token-billing [--env-file PATH] serve [--host H] [--port P]
+    token-billing [--env-file PATH] stripe trigger EVENT --user USER_ID --product CODE [--url URL]
+    token-billing [--env-file PATH] stripe sync-products
+
+Settings come from the environment and `.env` (or --env-file), as for the service (see
+.env.example); `make dev` writes its own to .dev/dev.env. `serve` and `stripe` need the server
+extra (`pip install 'token-billing[server]'`) and say so when it is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from token_billing.cli import serve, stripe
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="token-billing", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--env-file",
+        type=Path,
+        help="read settings from this file instead of .env (the environment still wins)",
+    )
+    commands = p.add_subparsers(dest="command", required=True)
+    serve.add_parser(commands)
+    stripe.add_parser(commands)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    code: int = args.run(args)
+    return code

@@ -1,0 +1,140 @@
+"""`token-billing stripe trigger` (a signed, realistic event to the running service) and
+`token-billing stripe sync-products` (Stripe Products and Prices from billing.products)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+from token_billing.cli.settings import server_settings
+from token_billing.cli.stripe_events import TRIGGERABLE
+
+if TYPE_CHECKING:
+    from token_billing.server.settings import Settings
+
+
+def add_parser(commands: Any) -> None:
+    """`stripe trigger` and `stripe sync-products` under `commands` (argparse subparsers)."""
+    stripe_cmd = commands.add_parser("stripe", help="Stripe helpers")
+    stripe_commands = stripe_cmd.add_subparsers(dest="stripe_command", required=True)
+
+    t = stripe_commands.add_parser(
+        "trigger",
+        help="send a signed, realistic Stripe event to the running service",
+        description="Builds the event Stripe would send, signs it with STRIPE_WEBHOOK_SECRET "
+        "and posts it to URL/v1/webhooks/stripe.",
+    )
+    t.add_argument("event", choices=TRIGGERABLE)
+    t.add_argument("--user", required=True, help="the user id (auth.users.id)")
+    t.add_argument("--product", required=True, help="a billing.products code, e.g. pack_100")
+    t.add_argument("--quantity", type=int, default=1)
+    t.add_argument("--url", default="http://127.0.0.1:8000", help="where the service runs")
+    t.add_argument("--customer", help="Stripe customer id (default: one derived from the user)")
+    t.add_argument("--payment-intent", help="pi_... of the purchase (charge.refunded)")
+    t.add_argument("--amount", type=int, help="refunded amount in cents (default: all)")
+    t.set_defaults(run=trigger)
+
+    y = stripe_commands.add_parser(
+        "sync-products",
+        help="create or update Stripe Products and Prices from billing.products",
+    )
+    y.set_defaults(run=sync)
+
+
+async def _product(settings: Settings, code: str) -> dict[str, object] | None:
+    from token_billing.server.database import database_from_settings
+
+    db = database_from_settings(settings)
+    await db.open()
+    try:
+        rows = await db.rpc("list_products", {"p_include_inactive": True})
+    finally:
+        await db.close()
+    return next((row for row in rows if row["code"] == code), None)
+
+
+def trigger(args: argparse.Namespace) -> int:
+    settings = server_settings("stripe trigger", args.env_file)
+    if settings is None:
+        return 2
+    import httpx
+
+    from token_billing.cli.stripe_events import Product, build_event, stripe_signature
+
+    row = asyncio.run(_product(settings, args.product))
+    if row is None:
+        print(f"token-billing: no product {args.product!r} in billing.products", file=sys.stderr)
+        return 2
+    try:
+        event = build_event(
+            args.event,
+            args.user,
+            Product.from_row(row),
+            quantity=args.quantity,
+            customer=args.customer,
+            payment_intent=args.payment_intent,
+            amount_cents=args.amount,
+        )
+    except ValueError as exc:
+        print(f"token-billing: {exc}", file=sys.stderr)
+        return 2
+    if (
+        row["kind"] == "plan"
+        and not row.get("stripe_price_id")
+        and args.event.startswith("invoice")
+    ):
+        print(
+            f"note: {args.product} has no stripe_price_id, so the invoice cannot be mapped to "
+            "the plan and will be parked; run `token-billing stripe sync-products` first",
+            file=sys.stderr,
+        )
+    payload = json.dumps(event, separators=(",", ":")).encode()
+    header = stripe_signature(payload, settings.webhook_secrets[0])
+    url = args.url.rstrip("/") + "/v1/webhooks/stripe"
+    obj = event["data"]["object"]
+    print(f"-> {event['type']} {event['id']} ({obj['object']} {obj['id']})")
+    if obj.get("payment_intent"):
+        print(f"   payment_intent {obj['payment_intent']}")
+    try:
+        response = httpx.post(
+            url,
+            content=payload,
+            headers={"Content-Type": "application/json", "Stripe-Signature": header},
+            timeout=30.0,
+        )
+    except httpx.HTTPError as exc:
+        print(f"token-billing: cannot reach {url}: {exc}", file=sys.stderr)
+        return 1
+    print(f"<- {response.status_code} {response.text}")
+    return 0 if response.is_success else 1
+
+
+async def _sync(settings: Settings) -> int:
+    import stripe
+
+    from token_billing.server.catalog import sync_products
+    from token_billing.server.database import database_from_settings
+    from token_billing.server.stripe_api import make_client
+
+    client, http = make_client(settings)
+    db = database_from_settings(settings)
+    await db.open()
+    try:
+        await sync_products(client, db, lambda result: print(result.line()))
+    except stripe.StripeError as exc:
+        print(f"token-billing: Stripe refused: {exc.user_message or exc}", file=sys.stderr)
+        return 1
+    finally:
+        await db.close()
+        await http.close_async()  # type: ignore[no-untyped-call]
+    return 0
+
+
+def sync(args: argparse.Namespace) -> int:
+    settings = server_settings("stripe sync-products", args.env_file)
+    if settings is None:
+        return 2
+    return asyncio.run(_sync(settings))

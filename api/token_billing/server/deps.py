@@ -1,0 +1,121 @@
+"""What the routes need of a request: the app's runtime, the caller, the body, log fields.
+
+Routes import this module, never the app: the app imports the routes to list them, so a route
+that imported the app back would make a cycle.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from starlette.requests import Request
+
+from token_billing.db import Database
+from token_billing.server.auth import Authenticator, User
+from token_billing.server.http_errors import ApiError
+from token_billing.server.logs import LOG_SCOPE_KEY
+from token_billing.server.metrics import Metrics
+from token_billing.server.settings import Settings
+from token_billing.server.stream import BalanceBroker
+from token_billing.server.stripe_api import StripeGateway, idempotency_key
+
+# Bodies of the JSON API routes are tiny; the webhook has its own (larger) limit.
+MAX_JSON_BODY_BYTES = 16 * 1024
+
+
+@dataclass
+class Runtime:
+    """What the lifespan opens: shared by every request of one app."""
+
+    settings: Settings
+    metrics: Metrics
+    db: Database
+    auth: Authenticator
+    stripe: StripeGateway
+    http: httpx.AsyncClient
+
+
+def runtime(request: Request) -> Runtime:
+    rt = getattr(request.app.state, "runtime", None)
+    if not isinstance(rt, Runtime):
+        raise RuntimeError("the app's lifespan has not run (use TestClient as a context manager)")
+    return rt
+
+
+def log_fields(request: Request) -> dict[str, Any]:
+    """Fields added to this request's single log line."""
+    fields: dict[str, Any] = request.scope.setdefault(LOG_SCOPE_KEY, {})
+    return fields
+
+
+def broker(request: Request) -> BalanceBroker:
+    """The app's balance broker (the lifespan starts it; GET /v1/balance/stream reads it)."""
+    value = getattr(request.app.state, "balances", None)
+    if not isinstance(value, BalanceBroker):
+        raise RuntimeError("the app's lifespan has not run (use TestClient as a context manager)")
+    return value
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refused with 413 as soon as it is known to exceed `limit` (never read on)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            too_large = int(declared) > limit
+        except ValueError:
+            raise ApiError(400, "bad_request", "invalid Content-Length") from None
+        if too_large:
+            raise ApiError(413, "payload_too_large", f"the body exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "payload_too_large", f"the body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json_object(request: Request) -> dict[str, Any]:
+    body = await read_body(request, MAX_JSON_BODY_BYTES)
+    try:
+        value = json.loads(body or b"{}")
+    except ValueError:
+        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, "invalid_json", "the body must be a JSON object")
+    return value
+
+
+async def signed_in(request: Request, rt: Runtime) -> User:
+    user = await rt.auth.user(request.headers.get("authorization"))
+    log_fields(request)["user_id"] = str(user.id)
+    return user
+
+
+def buyer(user: User) -> User:
+    if user.is_anonymous:
+        raise ApiError(
+            403,
+            "anonymous_user",
+            "anonymous users cannot buy: link an email or sign in first",
+        )
+    return user
+
+
+def request_key(request: Request, *parts: object) -> str:
+    """The Idempotency-Key of a Stripe POST made for this request.
+
+    A client that sends its own Idempotency-Key gets the same Stripe object back on a retry; a
+    client that does not gets a fresh key (the stripe library still reuses it on its retries).
+    """
+    client_key = request.headers.get("idempotency-key")
+    return idempotency_key(*parts, client_key if client_key else uuid.uuid4())
+
+
+async def active_products(rt: Runtime) -> list[dict[str, Any]]:
+    return await rt.db.rpc("list_products", {"p_include_inactive": False})

@@ -1,0 +1,1 @@
+"""The service's routes, one module per resource; `token_billing.server.app` lists them."""

@@ -1,0 +1,47 @@
+"""GET /v1/balance and GET /v1/balance/stream: the signed-in user's balance, now and as it changes.
+
+GET /v1/balance reads `public.my_tokens()` as the user (through RLS). The stream is Server-Sent
+Events from the app's BalanceBroker (token_billing.server.stream), for deployments without
+Supabase Realtime.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from token_billing.server.deps import broker, runtime, signed_in
+from token_billing.server.http_errors import ApiError
+from token_billing.server.stream import EventStream, balance_fields
+
+
+async def get_balance(request: Request) -> Response:
+    rt = runtime(request)
+    user = await signed_in(request, rt)
+    rows = await rt.db.rpc("my_tokens", {}, user=user)
+    if not rows:
+        raise ApiError(404, "unknown_account", "no billing account exists for this user")
+    return JSONResponse(balance_fields(rows[0]))
+
+
+async def balance_stream(request: Request) -> Response:
+    rt = runtime(request)
+    balances = broker(request)
+    user = await signed_in(request, rt)
+    if not balances.available:
+        raise ApiError(
+            404,
+            "stream_unavailable",
+            "the balance stream needs DATABASE_URL; on Supabase, subscribe to billing.accounts "
+            "with Realtime instead",
+        )
+    if not await rt.db.rpc("get_billing_profile", {"p_user_id": str(user.id)}):
+        raise ApiError(404, "unknown_account", "no billing account exists for this user")
+    return EventStream(balances, balances.subscribe(user.id))
+
+
+routes: list[BaseRoute] = [
+    Route("/v1/balance", get_balance, methods=["GET"]),
+    Route("/v1/balance/stream", balance_stream, methods=["GET"]),
+]

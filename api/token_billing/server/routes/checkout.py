@@ -1,0 +1,139 @@
+"""POST /v1/checkout/sessions and POST /v1/portal/sessions: Stripe Checkout and the portal.
+
+The user's Stripe customer is created and stored in billing.customers before any checkout, so
+every later event can be tied to the user; Checkout Sessions carry the user and the product in
+their metadata (the contract's `client_reference_id`, `metadata.user_id`, `metadata.product`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from token_billing.server.auth import User
+from token_billing.server.deps import (
+    Runtime,
+    active_products,
+    buyer,
+    log_fields,
+    read_json_object,
+    request_key,
+    runtime,
+    signed_in,
+)
+from token_billing.server.http_errors import ApiError
+from token_billing.server.stripe_api import StripeGateway
+
+# Subscription statuses in which the user already has a plan: a second one is refused.
+SUBSCRIBED_STATUSES = frozenset({"active", "trialing", "past_due"})
+MAX_PACK_QUANTITY = 100
+
+
+async def billing_profile(rt: Runtime, user: User) -> dict[str, Any]:
+    rows = await rt.db.rpc("get_billing_profile", {"p_user_id": str(user.id)})
+    if not rows:
+        raise ApiError(409, "unknown_account", "no billing account exists for this user")
+    return rows[0]
+
+
+async def ensure_customer(rt: Runtime, user: User, profile: Mapping[str, Any]) -> str:
+    """The user's Stripe customer id, created and stored in billing.customers first if new."""
+    existing = profile.get("stripe_customer_id")
+    if existing:
+        return str(existing)
+    # The key is derived from the user: concurrent or retried first checkouts get one customer.
+    customer_id = await rt.stripe.create_customer(str(user.id), user.email)
+    # Stored before any checkout exists, so every later event can be tied to the user.
+    # Statuses applied or duplicate; a customer of another user raises TBCUS (409).
+    await rt.db.rpc(
+        "link_stripe_customer",
+        {"p_user_id": str(user.id), "p_stripe_customer_id": customer_id},
+    )
+    return customer_id
+
+
+async def create_checkout_session(request: Request) -> Response:
+    rt = runtime(request)
+    user = buyer(await signed_in(request, rt))
+    body = await read_json_object(request)
+    code = body.get("product")
+    quantity = body.get("quantity", 1)
+    if not isinstance(code, str) or not code:
+        raise ApiError(422, "invalid_request", "product must be a product code, e.g. pack_100")
+    if not isinstance(quantity, int) or isinstance(quantity, bool):
+        raise ApiError(422, "invalid_quantity", "quantity must be an integer")
+    log_fields(request).update(product=code, quantity=quantity)
+
+    product = next((p for p in await active_products(rt) if p["code"] == code), None)
+    if product is None:
+        raise ApiError(404, "unknown_product", f"no active product {code!r}")
+    kind = product["kind"]
+    if kind == "pack" and not 1 <= quantity <= MAX_PACK_QUANTITY:
+        raise ApiError(
+            422, "invalid_quantity", f"quantity must be between 1 and {MAX_PACK_QUANTITY}"
+        )
+    if kind == "plan" and quantity != 1:
+        raise ApiError(422, "invalid_quantity", "a plan is bought with quantity 1")
+    price_id = product.get("stripe_price_id")
+    if not price_id:
+        raise ApiError(
+            409,
+            "product_not_priced",
+            f"product {code!r} has no Stripe price; run `token-billing stripe sync-products`",
+        )
+
+    profile = await billing_profile(rt, user)
+    if kind == "plan" and profile.get("subscription_status") in SUBSCRIBED_STATUSES:
+        raise ApiError(
+            409,
+            "already_subscribed",
+            f"already subscribed to {profile.get('plan')!r}: change plans in the billing portal",
+        )
+    customer_id = await ensure_customer(rt, user, profile)
+
+    metadata = StripeGateway.metadata({"user_id": user.id, "product": code, "quantity": quantity})
+    params: dict[str, Any] = {
+        "mode": "payment" if kind == "pack" else "subscription",
+        "customer": customer_id,
+        "client_reference_id": str(user.id),
+        "line_items": [{"price": price_id, "quantity": quantity}],
+        "metadata": metadata,
+        "success_url": rt.settings.app_link(rt.settings.checkout_success_path),
+        "cancel_url": rt.settings.app_link(rt.settings.checkout_cancel_path),
+    }
+    if kind == "pack":
+        # Copied onto the charge, so refunds and disputes name the user and the product too.
+        params["payment_intent_data"] = {"metadata": metadata}
+    else:
+        params["subscription_data"] = {"metadata": metadata}
+    key = request_key(request, "checkout", user.id)
+    session_id, url = await rt.stripe.create_checkout_session(params, key)
+    rt.metrics.checkout_sessions.labels(kind).inc()
+    log_fields(request).update(checkout_session_id=session_id, stripe_customer_id=customer_id)
+    return JSONResponse({"id": session_id, "url": url}, status_code=201)
+
+
+async def create_portal_session(request: Request) -> Response:
+    rt = runtime(request)
+    user = buyer(await signed_in(request, rt))
+    profile = await billing_profile(rt, user)
+    customer_id = profile.get("stripe_customer_id")
+    if not customer_id:
+        raise ApiError(409, "no_customer", "no Stripe customer yet: buy a pack or a plan first")
+    url = await rt.stripe.create_portal_session(
+        str(customer_id),
+        rt.settings.app_link(rt.settings.portal_return_path),
+        request_key(request, "portal", user.id),
+    )
+    rt.metrics.portal_sessions.inc()
+    return JSONResponse({"url": url}, status_code=201)
+
+
+routes: list[BaseRoute] = [
+    Route("/v1/checkout/sessions", create_checkout_session, methods=["POST"]),
+    Route("/v1/portal/sessions", create_portal_session, methods=["POST"]),
+]
