@@ -77,15 +77,18 @@ fi
 PYTHON="${PYTHON:-python3}"
 stamp_of() { sha256sum "$@" | sha256sum | cut -d' ' -f1; }
 
-py_stamp="$(stamp_of pyproject.toml constraints.txt)"
+py_stamp="$(stamp_of pyproject.toml constraints.txt scripts/bootstrap.sh)"
 if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.tb-stamp 2>/dev/null || true)" != "$py_stamp" ]; then
   if [ ! -x .venv/bin/python ]; then
     log "creating .venv"
     "$PYTHON" -m venv .venv
   fi
   log "pip install -e '.[dev]' -c constraints.txt"
+  # editable_mode=compat: a plain .pth pointing at api/, which mypy follows. The package maps
+  # token_billing.sql to sql/ for the wheel, and with that mapping setuptools' default editable
+  # mode installs an import hook instead, which mypy cannot see (the SQL is found in sql/ then).
   .venv/bin/python -m pip install --quiet --quiet --disable-pip-version-check \
-    -c constraints.txt -e '.[dev]'
+    -c constraints.txt -e '.[dev]' --config-settings editable_mode=compat
   echo "$py_stamp" > .venv/.tb-stamp
 fi
 

@@ -29,7 +29,6 @@ import hashlib
 import json
 import re
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,8 +138,12 @@ def public_functions(text: str) -> list[str]:
 
 
 def _project_version() -> str:
-    with (ROOT / "pyproject.toml").open("rb") as handle:
-        return str(tomllib.load(handle)["project"]["version"])
+    """token_billing.__version__ (pyproject's version is read from it), without importing it."""
+    source = (ROOT / "api" / "token_billing" / "__init__.py").read_text(encoding="utf-8")
+    match = re.search(r'^__version__ = "([^"]+)"$', source, re.MULTILINE)
+    if not match:
+        raise SystemExit("api/token_billing/__init__.py has no __version__")
+    return match[1]
 
 
 def _sql_array(values: list[str]) -> str:
@@ -278,7 +281,7 @@ def release(version: str, found: list[Migration], manifest: dict[str, object]) -
     if version in releases:
         raise SystemExit(f"release {version} exists already: a released file never changes")
     if _project_version() != version:
-        raise SystemExit(f"pyproject.toml says version {_project_version()}, not {version}")
+        raise SystemExit(f"token_billing.__version__ is {_project_version()}, not {version}")
     installer = render_all(found, manifest)[INSTALLER]
     RELEASES.mkdir(parents=True, exist_ok=True)
     path = RELEASES / f"token_billing-{version}.sql"

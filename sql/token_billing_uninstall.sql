@@ -40,6 +40,7 @@ declare
   v_confirm text := coalesce(current_setting('token_billing.confirm_uninstall', true), '');
   v_entries bigint;
   v_name text;
+  v_level text;
 begin
   if not exists (select 1 from pg_catalog.pg_namespace where nspname = 'billing') then
     raise notice 'token-billing is not installed: nothing to do';
@@ -80,7 +81,11 @@ begin
   end loop;
   -- The cascade also drops the triggers on auth.users, through their functions in billing: a
   -- DROP checks ownership of what it names only, and postgres does not own auth.users.
+  -- The cascade's notice lists every object of the schema: noise next to the one line below.
+  v_level := current_setting('client_min_messages');
+  perform set_config('client_min_messages', 'warning', true);
   drop schema billing cascade;
+  perform set_config('client_min_messages', v_level, true);
   if exists (
     select 1 from pg_catalog.pg_trigger
     where tgrelid = 'auth.users'::regclass and tgname = any(v_triggers)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-
-from token_billing import doctor
+from pathlib import Path
 
 from scripts.pgcluster import OWNER, Database, PgCluster
 from tests.conftest import create_cron_database
-from tests.test_install import PROFILES_APP, TUTORIAL, _run_installer, new_host
+from tests.test_install import PROFILES_APP, TUTORIAL, _cli, _run_installer, new_host
+from token_billing import doctor
 
 __all__ = ["new_host"]  # the fixture, shared with test_install
 
@@ -100,3 +101,21 @@ def test_doctor_reads_the_expiry_jobs_runs(cron_cluster: PgCluster) -> None:
     expiry = _by_check(doctor.run(cron_db.dsn(OWNER)))["expiry_job"]
     assert expiry.level == "error"
     assert "out of cheese" in expiry.message
+
+
+def test_the_doctor_command_exits_non_zero_on_errors(
+    new_host: Callable[[str], Database], tmp_path: Path
+) -> None:
+    sick, healthy = new_host(TUTORIAL), new_host(PROFILES_APP)
+    _run_installer(healthy)
+    result = _cli("doctor", "--db-url", sick.dsn(OWNER), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "error  definer_executable_by_anon:" in result.stdout
+    assert "       fix: revoke execute on function public.add_tokens(" in result.stdout
+    result = _cli("doctor", "--db-url", healthy.dsn(OWNER), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout
+    findings = json.loads(result.stdout)
+    assert {f["level"] for f in findings} <= {"ok", "warn"}
+    unreachable = _cli("doctor", "--db-url", "postgresql://nobody@127.0.0.1:1/none", cwd=tmp_path)
+    assert unreachable.returncode == 2
+    assert unreachable.stderr.startswith("token-billing doctor: cannot reach the database")

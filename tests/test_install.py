@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -21,12 +23,12 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from token_billing import install
 
 from scripts import bundle_sql
 from scripts.pgcluster import OWNER, ROOT, Database, PgCluster, run_supabase
 from tests.catalog import diff, snapshot
 from tests.conftest import create_cron_database
+from token_billing import install
 
 RELEASE_0_1_0 = ROOT / "sql" / "releases" / "token_billing-0.1.0.sql"
 
@@ -153,6 +155,18 @@ def _run_installer(db: Database, settings: str = "") -> str:
 
 def _uninstall(db: Database) -> None:
     install.apply(db.dsn(OWNER), install.Choices(drop_ledger=True), uninstall=True)
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The `token-billing` command, as a host runs it from its project directory."""
+    return subprocess.run(
+        [sys.executable, "-m", "token_billing.cli", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 # --- the generated SQL ---------------------------------------------------------------------------
@@ -516,26 +530,52 @@ def test_install_into_a_cli_project_with_newer_migrations(
     push()
     before = snapshot(db)
 
-    written = install.write_migration(migrations, install.Choices(signup_grant=0))
-    assert written.path is not None
-    assert written.path.name > HOST_MIGRATION, "the install must sort after the host's history"
-    assert "token_billing_" in written.path.name
+    cli = _cli("install", "--signup-grant", "0", cwd=project)
+    assert cli.returncode == 0, cli.stderr
+    (written,) = sorted(set(migrations.glob("*.sql")) - {migrations / HOST_MIGRATION})
+    assert written.name > HOST_MIGRATION, "the install must sort after the host's history"
+    assert written.name.endswith(
+        f"_token_billing_{install.current_version().replace('.', '_')}.sql"
+    )
+    assert cli.stdout == f"wrote {written.relative_to(project)}: it installs token-billing " + (
+        f"{install.current_version()} on `supabase db push`\nnext: supabase db push\n"
+    )
     output = push()
-    assert written.path.name in output
+    assert written.name in output
     _assert_only_ours_added(before, snapshot(db))
     assert db.psql("select signup_grant from billing.settings").strip() == "0"
     jobs = db.psql("select jobname from cron.job order by 1").split()
     assert jobs == ["host-nightly", "token-billing-expire"]
 
-    again = install.write_migration(migrations)
-    assert again.path is None
-    assert "already installed" in again.message
+    again = _cli("install", cwd=project)
+    assert again.returncode == 0
+    assert "already installed" in again.stdout
     assert "Remote database is up to date" in push()
 
-    removal = install.write_migration(migrations, install.Choices(drop_ledger=True), uninstall=True)
-    assert removal.path is not None
-    push()
+    removal = _cli("uninstall", cwd=project)
+    assert removal.returncode == 0, removal.stderr
+    assert "it uninstalls token-billing" in removal.stdout
+    assert "token_billing_uninstall.sql" in push()
     assert diff(before, snapshot(db)) == ""
+
+
+def test_uninstall_should_refuse_a_ledger_with_entries_unless_told(
+    new_host: Callable[[str], Database], tmp_path: Path
+) -> None:
+    db = new_host(PROFILES_APP)
+    _run_installer(db)
+    db.create_user("00000000-0000-0000-0000-0000000ba0fe")  # a signup: one ledger entry
+    before = snapshot(db)
+    refused = _cli("uninstall", "--db-url", db.dsn(OWNER), cwd=tmp_path)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith(
+        "token-billing uninstall: billing.ledger_entries holds 1 entries, which uninstalling "
+        "deletes; nothing was removed"
+    )
+    assert diff(before, snapshot(db)) == ""
+    removed = _cli("uninstall", "--db-url", db.dsn(OWNER), "--drop-ledger", cwd=tmp_path)
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout == "token-billing removed\n"
 
 
 def test_write_migration_should_refuse_a_folder_from_a_newer_release(tmp_path: Path) -> None:

@@ -55,8 +55,12 @@ def _in_package(name: str, *packages: str) -> bool:
     return any(name == p or name.startswith(p + ".") for p in packages)
 
 
-def _run(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def _run(
+    *args: str | Path, cwd: Path | None = None, drop: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    for name in drop:
+        env.pop(name, None)
     return subprocess.run(
         [str(a) for a in args], capture_output=True, text=True, env=env, check=False, cwd=cwd
     )
@@ -87,6 +91,7 @@ def core_install(tmp_path_factory: pytest.TempPathFactory) -> CoreInstall:
     shutil.copytree(
         SOURCES, source / "api", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
     )
+    shutil.copytree(ROOT / "sql", source / "sql")
     dist = work / "dist"
     pip = (sys.executable, "-m", "pip")
     _ok(_run(*pip, "wheel", source, "--no-deps", "--no-build-isolation", "--quiet", "-w", dist))
@@ -103,12 +108,17 @@ def core_install(tmp_path_factory: pytest.TempPathFactory) -> CoreInstall:
 # --- the wheel -----------------------------------------------------------------------------------
 
 
+SQL_FILES = [p for p in (ROOT / "sql").rglob("*") if p.is_file()]
+
+
 @pytest.mark.slow
 def test_the_wheel_should_ship_the_package_with_py_typed_and_nothing_else(
     core_install: CoreInstall,
 ) -> None:
     names = zipfile.ZipFile(core_install.wheel).namelist()
     assert "token_billing/py.typed" in names, "mypy in a host needs the PEP 561 marker"
+    shipped = {f"token_billing/sql/{p.relative_to(ROOT / 'sql').as_posix()}" for p in SQL_FILES}
+    assert shipped <= set(names), f"SQL missing from the wheel: {sorted(shipped - set(names))}"
     sources = {p.relative_to(SOURCES).as_posix() for p in PACKAGE.rglob("*.py")}
     assert sources <= set(names), f"modules missing from the wheel: {sorted(sources - set(names))}"
     tops = {name.split("/")[0] for name in names}
@@ -156,6 +166,21 @@ def test_the_client_should_import_without_the_server_extra(core_install: CoreIns
     assert report["loaded"] == [], "importing the client should load nothing of the server"
     assert report["installed"] == [], "the core install should have no server dependency"
     assert "site-packages" in report["file"], "the installed wheel, not the sources, was tested"
+
+
+@pytest.mark.slow
+def test_install_and_doctor_should_work_from_a_core_install(core_install: CoreInstall) -> None:
+    """The commands that install the SQL need only psycopg, and the wheel carries the SQL."""
+    command = core_install.bin / "token-billing"
+    printed = _ok(_run(command, "install", "--print", "--signup-grant", "0", cwd=core_install.bin))
+    installer = (ROOT / "sql" / "token_billing.sql").read_text(encoding="utf-8")
+    assert printed.endswith(installer)
+    assert "select pg_catalog.set_config('token_billing.signup_grant', '0', true);" in printed
+    removal = _ok(_run(command, "uninstall", "--print", cwd=core_install.bin))
+    assert removal.endswith((ROOT / "sql" / "token_billing_uninstall.sql").read_text())
+    result = _run(command, "doctor", cwd=core_install.bin, drop=("DATABASE_URL",))
+    assert result.returncode == 2
+    assert result.stderr == "token-billing doctor: give --db-url or set DATABASE_URL\n"
 
 
 @pytest.mark.slow

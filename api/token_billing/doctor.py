@@ -38,11 +38,11 @@ class Finding:
 
 
 def _rows(conn: psycopg.Connection[Any], query: str, params: Sequence[Any] = ()) -> list[Any]:
-    return conn.execute(query, params or None).fetchall()  # type: ignore[call-overload, no-any-return]
+    return conn.execute(query, params or None).fetchall()
 
 
 def _one(conn: psycopg.Connection[Any], query: str, params: Sequence[Any] = ()) -> Any:
-    row = conn.execute(query, params or None).fetchone()  # type: ignore[call-overload]
+    row = conn.execute(query, params or None).fetchone()
     return row[0] if row else None
 
 

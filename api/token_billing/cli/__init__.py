@@ -1,5 +1,8 @@
 """The `token-billing` command.
 
+    token-billing install [--migrations-dir DIR | --db-url URL | --print] [--signup-grant N] ...
+    token-billing uninstall [--migrations-dir DIR | --db-url URL | --print] [--drop-ledger]
+    token-billing doctor [--db-url URL] [--json]
     token-billing [--env-file PATH] serve [--host H] [--port P]
     token-billing [--env-file PATH] stripe trigger EVENT --user USER_ID --product CODE [--url URL]
     token-billing [--env-file PATH] stripe sync-products
@@ -15,7 +18,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from token_billing.cli import serve, stripe
+from token_billing.cli import doctor, install, serve, stripe
 
 
 def parser() -> argparse.ArgumentParser:
@@ -26,6 +29,8 @@ def parser() -> argparse.ArgumentParser:
         help="read settings from this file instead of .env (the environment still wins)",
     )
     commands = p.add_subparsers(dest="command", required=True)
+    install.add_parser(commands)
+    doctor.add_parser(commands)
     serve.add_parser(commands)
     stripe.add_parser(commands)
     return p
