@@ -1,4 +1,4 @@
-"""Real Stripe payloads from ../shared/stripe-fixtures, and the events tests derive from them.
+"""Real Stripe payloads from tests/fixtures/stripe, and the events tests derive from them.
 
 Every file is read verbatim and checked against the sha256 its INDEX.json records, so a test can
 only start from the real payload. Whatever a test changes goes through `derive`, which records
@@ -16,8 +16,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-# CI checks out shared/ beside the repository.
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "stripe-fixtures"
+# Copied verbatim into the repository, with their provenance and licences (README.md there).
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "stripe"
 
 JsonObject = dict[str, Any]
 

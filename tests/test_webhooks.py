@@ -2,7 +2,7 @@
 
 Every delivery goes through the Starlette app (TestClient as a context manager, so the lifespan
 opens the psycopg pool) into `public.handle_stripe_event` of a fresh migrated database. Fixtures
-come from ../shared/stripe-fixtures; the ones changed to belong to a test user are marked
+come from tests/fixtures/stripe; the ones changed to belong to a test user are marked
 "derived" where they are built (tests/app_support.py).
 """
 
@@ -25,7 +25,6 @@ from starlette.testclient import TestClient
 from api.app import create_app
 from scripts.pgcluster import Database, PgCluster
 from tests.app_support import (
-    FIXTURES,
     OLD_WEBHOOK_SECRET,
     WEBHOOK_SECRET,
     account,
@@ -37,6 +36,7 @@ from tests.app_support import (
     settings_for,
     sign,
 )
+from tests.stripe_fixtures import FIXTURES
 
 WEBHOOK = "/v1/webhooks/stripe"
 OTHER_SECRET = "whsec_someone_else_0123456789"  # noqa: S105 - a test value, not a secret

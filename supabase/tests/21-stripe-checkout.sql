@@ -11,7 +11,7 @@ insert into auth.users (id, email) values
 ('00000000-0000-0000-0000-000000000213', 'cat@example.com'),
 ('00000000-0000-0000-0000-000000000215', 'eve@example.com');
 
--- Fixtures: real Stripe payloads from ../shared/stripe-fixtures (see its README), trimmed to the
+-- Fixtures: real Stripe payloads from tests/fixtures/stripe (see its README), trimmed to the
 -- fields the handler reads; values unchanged. pg_temp.event() derives each test event from one,
 -- and the patch it is given is the whole of the adaptation (ids, user, product metadata, ...).
 create temp table stripe_fixtures (name text primary key, event jsonb not null) on commit drop;

@@ -16,7 +16,7 @@ where code = 'starter';
 update billing.products set stripe_price_id = 'price_1234'
 where code = 'pro';
 
--- Fixtures: real Stripe payloads from ../shared/stripe-fixtures (see its README), trimmed to the
+-- Fixtures: real Stripe payloads from tests/fixtures/stripe (see its README), trimmed to the
 -- fields the handler reads; values unchanged. pg_temp.event() derives each test event from one,
 -- and the patch it is given is the whole of the adaptation (ids, user, product metadata, ...).
 create temp table stripe_fixtures (name text primary key, event jsonb not null) on commit drop;

@@ -12,7 +12,7 @@ insert into auth.users (id, email) values
 update billing.products set stripe_price_id = 'price_000000000000000000000000'
 where code = 'starter';
 
--- Fixtures: real Stripe payloads from ../shared/stripe-fixtures (see its README), trimmed to the
+-- Fixtures: real Stripe payloads from tests/fixtures/stripe (see its README), trimmed to the
 -- fields the handler reads; values unchanged. pg_temp.event() derives each test event from one,
 -- and the patch it is given is the whole of the adaptation (ids, user, product metadata, ...).
 create temp table stripe_fixtures (name text primary key, event jsonb not null) on commit drop;
