@@ -1,6 +1,6 @@
 """The HTTP service: checkout, billing portal, balance, catalog, and the Stripe webhook.
 
-Routes and statuses are the public contract (../shared/CONTRACT.md). Everything that touches
+Routes and statuses are the public contract (docs/contract.md). Everything that touches
 money is a database function: the service authenticates, talks to Stripe, and calls one RPC.
 """
 
