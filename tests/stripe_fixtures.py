@@ -46,10 +46,15 @@ def load(name: str) -> JsonObject:
 
 
 def fixture_names(folder: str, *, envelopes_only: bool = False) -> list[str]:
-    """Fixture files of one folder, sorted; with `envelopes_only`, just the full events."""
+    """Fixture files of one folder, sorted; with `envelopes_only`, just the full events. Never
+    empty: a missing or emptied folder would otherwise drop its test cases without a word."""
     names = sorted(f"{folder}/{path.name}" for path in (FIXTURES / folder).glob("*.json"))
     if envelopes_only:
         names = [name for name in names if load(name).get("object") == "event"]
+    if not names:
+        raise FileNotFoundError(
+            f"no {'envelopes' if envelopes_only else 'fixtures'} in {FIXTURES / folder}"
+        )
     return names
 
 

@@ -16,6 +16,8 @@ from scripts.pgcluster import OWNER, ROOT, Database
 
 PGTAP_DIR = ROOT / "supabase" / "tests"
 PGTAP_FILES = sorted(PGTAP_DIR.glob("*.sql"))
+if not PGTAP_FILES:
+    raise FileNotFoundError(f"no pgTAP files in {PGTAP_DIR}: the suite would run none of them")
 
 
 def _pg_prove() -> str:
