@@ -4,7 +4,7 @@ SHELL := /bin/bash
 
 VENV := .venv
 PY := $(VENV)/bin/python
-SQL_DIRS := supabase sql
+SQL_DIRS := supabase sql tests/sql
 PY_DIRS := api tests scripts bench
 
 .PHONY: test dev dev-reset lock lint lint-py lint-sql typecheck fmt bundle check-bundle pytest stress bootstrap bench \

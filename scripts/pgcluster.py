@@ -2,9 +2,9 @@
 
 Used by the test suite (one cluster per pytest session), by `make dev` (a persistent cluster in
 `.dev/pgdata`) and by anything else that needs a real database: it starts Postgres with the
-system binaries, loads `sql/supabase_compat.sql` and applies the migrations with the Supabase CLI,
-the way users will. Standard library only at import time (`Database` imports psycopg lazily),
-so scripts can import it before the venv exists.
+system binaries, loads `tests/sql/supabase_compat.sql` and applies the migrations with the
+Supabase CLI, the way users will. Standard library only at import time (`Database` imports
+psycopg lazily), so scripts can import it before the venv exists.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
-COMPAT_SQL = ROOT / "sql" / "supabase_compat.sql"
+COMPAT_SQL = ROOT / "tests" / "sql" / "supabase_compat.sql"
 SUPABASE_CLI = ROOT / "node_modules" / ".bin" / "supabase"
 PG_MAJOR = 15
 

@@ -1,7 +1,7 @@
 """Fixtures: one Supabase-shaped Postgres cluster per test session, migrated once.
 
 The session starts its own cluster (scripts/pgcluster.py) in a temp dir on a free port, builds
-`tb_template` the way users deploy (sql/supabase_compat.sql, then `supabase db push` of
+`tb_template` the way users deploy (tests/sql/supabase_compat.sql, then `supabase db push` of
 supabase/migrations and supabase/seed.sql), and marks it a template. Each test that asks for `db`
 gets a fresh copy of it (`create database ... template tb_template`, about 0.1 s), dropped after.
 

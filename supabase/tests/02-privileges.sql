@@ -10,7 +10,7 @@ insert into auth.users (id, email) values
 ('00000000-0000-0000-0000-00000000000b', 'b@example.com');
 
 -- The trap is real here: a function a migration creates in public is executable by anon unless
--- revoked (Supabase's default privileges, reproduced by sql/supabase_compat.sql).
+-- revoked (Supabase's default privileges, reproduced by tests/sql/supabase_compat.sql).
 set local role postgres;
 create function public.tutorial_mint() returns int language sql as 'select 1';
 reset role;
