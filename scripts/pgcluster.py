@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPAT_SQL = ROOT / "tests" / "sql" / "supabase_compat.sql"
+# The `tests` schema the pgTAP files share (test template only: never `make dev`, never shipped).
+PGTAP_HELPERS_SQL = ROOT / "tests" / "sql" / "pgtap_helpers.sql"
 SUPABASE_CLI = ROOT / "node_modules" / ".bin" / "supabase"
 PG_MAJOR = 15
 
@@ -519,11 +521,13 @@ def build_template(
     extensions: Sequence[str] = TEST_EXTENSIONS,
     include_seed: bool = True,
     as_template: bool = True,
+    pgtap_helpers: Path | None = PGTAP_HELPERS_SQL,
 ) -> None:
     """Make `dbname` a migrated Supabase-shaped database.
 
     Compat runs first in the maintenance database so the cluster-wide roles (`postgres` among
-    them) exist before the database is created owned by `postgres`, as on Supabase.
+    them) exist before the database is created owned by `postgres`, as on Supabase. The pgTAP
+    helpers (they need the pgtap extension) load last, as `postgres`, in one transaction.
     """
     cluster.apply_compat("postgres", compat)
     if cluster.database_exists(dbname):
@@ -532,6 +536,8 @@ def build_template(
     cluster.apply_compat(dbname, compat)
     cluster.create_extensions(dbname, extensions)
     cluster.push_migrations(dbname, workdir=workdir, include_seed=include_seed)
+    if pgtap_helpers is not None:
+        cluster.psql(dbname, file=pgtap_helpers, user=OWNER, extra=["--single-transaction"])
     if as_template:
         cluster.mark_template(dbname)
 

@@ -41,9 +41,8 @@ select is(
 update billing.products set tokens = 250
 where code = 'free';
 insert into auth.users (id, email) values ('00000000-0000-0000-0000-000000000a02', 'more@example.com');
-select results_eq(
-  $$select balance from billing.accounts where user_id = '00000000-0000-0000-0000-000000000a02'$$,
-  $$values (250::bigint)$$,
+select is(
+  tests.balance('00000000-0000-0000-0000-000000000a02'), 250::bigint,
   'the grant should follow the free plan''s tokens'
 );
 
@@ -57,10 +56,7 @@ select results_eq(
   'a free plan of 0 tokens should open the account without a grant'
 );
 
-select is_empty(
-  $$select * from billing.check_invariants()$$,
-  'the invariants should hold after signups'
-);
+select tests.invariants_hold('the invariants should hold after signups');
 
 select * from finish();
 rollback;
