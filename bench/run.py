@@ -111,7 +111,7 @@ def prepare(cluster: PgCluster, opts: Options) -> list[str]:
     """Template (migrations + seed + variants), the main bench database and TPC-B's."""
     notes: list[str] = []
     started = time.monotonic()
-    build_template(cluster, TEMPLATE, extensions=(), as_template=False)
+    build_template(cluster, TEMPLATE, extensions=(), as_template=False, pgtap_helpers=None)
     for variant in opts.variants:
         cluster.psql(TEMPLATE, file=variant, user=OWNER)
         notes.append(f"variant applied after the migrations: `{variant}`")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from scripts.pgcluster import ROOT, PgCluster
+from scripts.pgcluster import PgCluster
+from tests.stripe_fixtures import FIXTURES as VENDORED
 
 BENCH = Path(__file__).resolve().parent
-FIXTURES = ROOT.parent / "shared" / "stripe-fixtures" / "stripe-ruby-mock-webhook_fixtures"
+FIXTURES = VENDORED / "stripe-ruby-mock-webhook_fixtures"
 TYPES = (
     "checkout.session.completed",
     "customer.subscription.updated",

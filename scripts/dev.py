@@ -1,7 +1,7 @@
 """`make dev`: the local stack: a Supabase-shaped Postgres and the service, with the demo page.
 
 Starts (or reuses) a persistent cluster in .dev/pgdata on port 54322, loads
-sql/supabase_compat.sql, applies supabase/migrations and supabase/seed.sql with `supabase db
+tests/sql/supabase_compat.sql, applies supabase/migrations and supabase/seed.sql with `supabase db
 push` (only what is new, as against a real project), creates a demo user, turns on the balance
 notifications of the stream, then runs the service (`token-billing serve`, one uvicorn worker)
 with development settings it writes to .dev/dev.env: generated local secrets, or your Stripe

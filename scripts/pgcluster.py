@@ -2,9 +2,9 @@
 
 Used by the test suite (one cluster per pytest session), by `make dev` (a persistent cluster in
 `.dev/pgdata`) and by anything else that needs a real database: it starts Postgres with the
-system binaries, loads `sql/supabase_compat.sql` and applies the migrations with the Supabase CLI,
-the way users will. Standard library only at import time (`Database` imports psycopg lazily),
-so scripts can import it before the venv exists.
+system binaries, loads `tests/sql/supabase_compat.sql` and applies the migrations with the
+Supabase CLI, the way users will. Standard library only at import time (`Database` imports
+psycopg lazily), so scripts can import it before the venv exists.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ if TYPE_CHECKING:
     import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
-COMPAT_SQL = ROOT / "sql" / "supabase_compat.sql"
+COMPAT_SQL = ROOT / "tests" / "sql" / "supabase_compat.sql"
+# The `tests` schema the pgTAP files share (test template only: never `make dev`, never shipped).
+PGTAP_HELPERS_SQL = ROOT / "tests" / "sql" / "pgtap_helpers.sql"
 SUPABASE_CLI = ROOT / "node_modules" / ".bin" / "supabase"
 PG_MAJOR = 15
 
@@ -519,11 +521,13 @@ def build_template(
     extensions: Sequence[str] = TEST_EXTENSIONS,
     include_seed: bool = True,
     as_template: bool = True,
+    pgtap_helpers: Path | None = PGTAP_HELPERS_SQL,
 ) -> None:
     """Make `dbname` a migrated Supabase-shaped database.
 
     Compat runs first in the maintenance database so the cluster-wide roles (`postgres` among
-    them) exist before the database is created owned by `postgres`, as on Supabase.
+    them) exist before the database is created owned by `postgres`, as on Supabase. The pgTAP
+    helpers (they need the pgtap extension) load last, as `postgres`, in one transaction.
     """
     cluster.apply_compat("postgres", compat)
     if cluster.database_exists(dbname):
@@ -532,6 +536,8 @@ def build_template(
     cluster.apply_compat(dbname, compat)
     cluster.create_extensions(dbname, extensions)
     cluster.push_migrations(dbname, workdir=workdir, include_seed=include_seed)
+    if pgtap_helpers is not None:
+        cluster.psql(dbname, file=pgtap_helpers, user=OWNER, extra=["--single-transaction"])
     if as_template:
         cluster.mark_template(dbname)
 

@@ -9,7 +9,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import jwt
@@ -17,10 +16,9 @@ import stripe
 import uvicorn
 
 from scripts.pgcluster import Database
+from tests import stripe_fixtures
 from token_billing.server.app import create_app
 from token_billing.server.settings import Settings
-
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "stripe-fixtures"
 
 # Test values, not secrets.
 JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789"  # noqa: S105
@@ -162,8 +160,8 @@ def sign(payload: bytes, secret: str = WEBHOOK_SECRET, timestamp: int | None = N
 
 
 def fixture_event(relative: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((FIXTURES / relative).read_text())
-    return data
+    """A fresh copy of a vendored fixture, verified against its INDEX.json checksum."""
+    return stripe_fixtures.load(relative)
 
 
 def derived_checkout_event(

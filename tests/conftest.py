@@ -1,8 +1,9 @@
 """Fixtures: one Supabase-shaped Postgres cluster per test session, migrated once.
 
 The session starts its own cluster (scripts/pgcluster.py) in a temp dir on a free port, builds
-`tb_template` the way users deploy (sql/supabase_compat.sql, then `supabase db push` of
-supabase/migrations and supabase/seed.sql), and marks it a template. Each test that asks for `db`
+`tb_template` the way users deploy (tests/sql/supabase_compat.sql, then `supabase db push` of
+supabase/migrations and supabase/seed.sql), adds the pgTAP files' `tests` schema
+(tests/sql/pgtap_helpers.sql), and marks it a template. Each test that asks for `db`
 gets a fresh copy of it (`create database ... template tb_template`, about 0.1 s), dropped after.
 
 Ways in (scripts.pgcluster.Database): `db.connect()` as postgres, `db.connect_superuser()`,
@@ -53,7 +54,9 @@ def template_db(pg_cluster: PgCluster) -> Database:
     """The migrated and seeded template. Never connect to it while tests clone it."""
     started = time.monotonic()
     build_template(pg_cluster, TEMPLATE)
-    _TIMINGS["template build (compat + supabase db push)"] = time.monotonic() - started
+    _TIMINGS["template build (compat + supabase db push + pgTAP helpers)"] = (
+        time.monotonic() - started
+    )
     return Database(pg_cluster, TEMPLATE)
 
 

@@ -1,4 +1,4 @@
-"""Real Stripe payloads from ../shared/stripe-fixtures, and the events tests derive from them.
+"""Real Stripe payloads from tests/fixtures/stripe, and the events tests derive from them.
 
 Every file is read verbatim and checked against the sha256 its INDEX.json records, so a test can
 only start from the real payload. Whatever a test changes goes through `derive`, which records
@@ -16,8 +16,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-# CI checks out shared/ beside the repository.
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "stripe-fixtures"
+# Copied verbatim into the repository, with their provenance and licences (README.md there).
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "stripe"
 
 JsonObject = dict[str, Any]
 
@@ -46,10 +46,15 @@ def load(name: str) -> JsonObject:
 
 
 def fixture_names(folder: str, *, envelopes_only: bool = False) -> list[str]:
-    """Fixture files of one folder, sorted; with `envelopes_only`, just the full events."""
+    """Fixture files of one folder, sorted; with `envelopes_only`, just the full events. Never
+    empty: a missing or emptied folder would otherwise drop its test cases without a word."""
     names = sorted(f"{folder}/{path.name}" for path in (FIXTURES / folder).glob("*.json"))
     if envelopes_only:
         names = [name for name in names if load(name).get("object") == "event"]
+    if not names:
+        raise FileNotFoundError(
+            f"no {'envelopes' if envelopes_only else 'fixtures'} in {FIXTURES / folder}"
+        )
     return names
 
 

@@ -47,7 +47,7 @@ from token_billing.server.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 ALICE = uuid.UUID("00000000-0000-0000-0000-0000000e5c0a")
 BOB = uuid.UUID("00000000-0000-0000-0000-0000000e5c0b")
-# The one function a signed-in browser may call (../shared/CONTRACT.md).
+# The one function a signed-in browser may call (docs/contract.md).
 BROWSER_RPCS = {"my_tokens"}
 
 Conn = psycopg.Connection[tuple[Any, ...]]

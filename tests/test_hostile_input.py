@@ -70,7 +70,7 @@ pytestmark = [
 WEBHOOK = "/v1/webhooks/stripe"
 USERS = [uuid.UUID(f"00000000-0000-0000-0000-0000000f0{i:03d}") for i in range(2)]
 
-# What each function may answer (../shared/CONTRACT.md).
+# What each function may answer (docs/contract.md).
 CONTRACT: dict[str, set[str]] = {
     "add_tokens": {"applied", "duplicate", "unknown_account"},
     "deduct_tokens": {"applied", "duplicate", "insufficient_funds", "unknown_account"},

@@ -1,6 +1,6 @@
 """public.handle_stripe_event against real Stripe payloads, through psycopg as service_role.
 
-Events come from ../shared/stripe-fixtures (tests/stripe_fixtures.py verifies each file against
+Events come from tests/fixtures/stripe (tests/stripe_fixtures.py verifies each file against
 its INDEX.json checksum). An event a test adapts says so: `derive` records every change, and the
 event's `str()` in an assertion message names the source file and the changes. Every scenario ends
 with the ledger invariants (`billing.check_invariants()`) holding.

@@ -2,7 +2,7 @@
 
 Every delivery goes through the Starlette app (TestClient as a context manager, so the lifespan
 opens the psycopg pool) into `public.handle_stripe_event` of a fresh migrated database. Fixtures
-come from ../shared/stripe-fixtures; the ones changed to belong to a test user are marked
+come from tests/fixtures/stripe; the ones changed to belong to a test user are marked
 "derived" where they are built (tests/app_support.py).
 """
 
@@ -24,7 +24,6 @@ from starlette.testclient import TestClient
 
 from scripts.pgcluster import Database, PgCluster
 from tests.app_support import (
-    FIXTURES,
     OLD_WEBHOOK_SECRET,
     WEBHOOK_SECRET,
     account,
@@ -36,6 +35,7 @@ from tests.app_support import (
     settings_for,
     sign,
 )
+from tests.stripe_fixtures import FIXTURES
 from token_billing.server.app import create_app
 
 WEBHOOK = "/v1/webhooks/stripe"

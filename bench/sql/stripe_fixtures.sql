@@ -1,4 +1,4 @@
--- Stripe events for the bench: real payloads from ../shared/stripe-fixtures
+-- Stripe events for the bench: real payloads from tests/fixtures/stripe
 -- (stripe-ruby-mock-webhook_fixtures: anonymised captures of test-mode events), stored verbatim
 -- in bench_stripe.templates by bench/stripe.py, and made into a fresh delivery per call by
 -- bench_stripe.instance(): new event, object and payment ids, the creation time of now, and the

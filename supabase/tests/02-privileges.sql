@@ -5,12 +5,11 @@ set local search_path = extensions, public;
 select plan(68);
 
 -- Two users: A owns the rows under test, B is another signed-in user.
-insert into auth.users (id, email) values
-('00000000-0000-0000-0000-00000000000a', 'a@example.com'),
-('00000000-0000-0000-0000-00000000000b', 'b@example.com');
+select tests.create_user('00000000-0000-0000-0000-00000000000a', 'a@example.com');
+select tests.create_user('00000000-0000-0000-0000-00000000000b', 'b@example.com');
 
 -- The trap is real here: a function a migration creates in public is executable by anon unless
--- revoked (Supabase's default privileges, reproduced by sql/supabase_compat.sql).
+-- revoked (Supabase's default privileges, reproduced by tests/sql/supabase_compat.sql).
 set local role postgres;
 create function public.tutorial_mint() returns int language sql as 'select 1';
 reset role;
@@ -383,15 +382,11 @@ select throws_ok(
   $$update billing.ledger_entries set amount = 1000000$$,
   'TBAPP', null, 'a superuser should not update ledger entries either'
 );
-select results_eq(
-  $$select balance from billing.accounts where user_id = '00000000-0000-0000-0000-00000000000a'$$,
-  $$values (105::bigint)$$,
+select is(
+  tests.balance('00000000-0000-0000-0000-00000000000a'), 105::bigint,
   'after every refused attempt the owner''s balance should be what the RPCs made it'
 );
-select is_empty(
-  $$select * from billing.check_invariants()$$,
-  'the ledger invariants should hold after the whole matrix'
-);
+select tests.invariants_hold('the ledger invariants should hold after the whole matrix');
 
 select * from finish();
 rollback;

@@ -3,9 +3,8 @@ begin;
 set local search_path = extensions, public;
 select plan(51);
 
-insert into auth.users (id, email) values
-('00000000-0000-0000-0000-00000000000c', 'c@example.com'),
-('00000000-0000-0000-0000-00000000000d', 'd@example.com');
+select tests.create_user('00000000-0000-0000-0000-00000000000c', 'c@example.com');
+select tests.create_user('00000000-0000-0000-0000-00000000000d', 'd@example.com');
 
 set local role service_role;
 
@@ -30,10 +29,7 @@ select is(
   'a duplicate should write nothing'
 );
 select is(
-  (
-    select balance from billing.accounts
-    where user_id = '00000000-0000-0000-0000-00000000000c'
-  ),
+  tests.balance('00000000-0000-0000-0000-00000000000c'),
   150::bigint, 'a duplicate should not change the balance'
 );
 select throws_ok(
@@ -144,10 +140,7 @@ select is(
   'no invalid call should have written an entry'
 );
 select is(
-  (
-    select balance from billing.accounts
-    where user_id = '00000000-0000-0000-0000-00000000000c'
-  ),
+  tests.balance('00000000-0000-0000-0000-00000000000c'),
   150::bigint, 'no invalid call should have changed the balance'
 );
 
@@ -302,15 +295,9 @@ select throws_ok(
     values ('00000000-0000-0000-0000-00000000000d', 5, 5, 'usage', 'sign-check')$$,
   '23514', null, 'the table should refuse a usage entry with a positive amount'
 );
-select is_empty(
-  $$select * from billing.check_invariants()$$,
-  'balances should equal entry sums, buckets the positive balance, after every case'
-);
+select tests.invariants_hold('balances should equal entry sums, buckets the positive balance, after every case');
 select is(
-  (
-    select balance from billing.accounts
-    where user_id = '00000000-0000-0000-0000-00000000000c'
-  ),
+  tests.balance('00000000-0000-0000-0000-00000000000c'),
   (
     select sum(amount)::bigint from billing.ledger_entries
     where user_id = '00000000-0000-0000-0000-00000000000c'

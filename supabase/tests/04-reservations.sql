@@ -3,9 +3,8 @@ begin;
 set local search_path = extensions, public;
 select plan(37);
 
-insert into auth.users (id, email) values
-('00000000-0000-0000-0000-0000000000e1', 'e1@example.com'),
-('00000000-0000-0000-0000-0000000000e2', 'e2@example.com');
+select tests.create_user('00000000-0000-0000-0000-0000000000e1', 'e1@example.com');
+select tests.create_user('00000000-0000-0000-0000-0000000000e2', 'e2@example.com');
 
 set local role service_role;
 
@@ -223,10 +222,7 @@ select is(
 );
 reset role;
 
-select is_empty(
-  $$select * from billing.check_invariants()$$,
-  'reserved should equal the pending holds and balances the entries after every case'
-);
+select tests.invariants_hold('reserved should equal the pending holds and balances the entries after every case');
 
 select * from finish();
 rollback;

@@ -3,7 +3,7 @@ begin;
 set local search_path = extensions, public;
 select plan(17);
 
-insert into auth.users (id, email) values ('00000000-0000-0000-0000-0000000000f1', 'f1@example.com');
+select tests.create_user('00000000-0000-0000-0000-0000000000f1', 'f1@example.com');
 
 set local role service_role;
 select * from public.add_tokens(
@@ -52,9 +52,8 @@ select results_eq(
   'the later bucket should expire at its own time'
 );
 reset role;
-select results_eq(
-  $$select balance from billing.accounts where user_id = '00000000-0000-0000-0000-0000000000f1'$$,
-  $$values (100::bigint)$$,
+select is(
+  tests.balance('00000000-0000-0000-0000-0000000000f1'), 100::bigint,
   'after both expiries only the never-expiring signup grant should remain'
 );
 select is(
@@ -116,10 +115,7 @@ select is(
   ),
   1, 'an expired hold should write no usage entry'
 );
-select is_empty(
-  $$select * from billing.check_invariants()$$,
-  'the invariants should hold after expiry'
-);
+select tests.invariants_hold('the invariants should hold after expiry');
 
 select * from finish();
 rollback;

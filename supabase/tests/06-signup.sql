@@ -40,9 +40,8 @@ select is(
 -- The grant is a setting (billing.settings), not an edit of a migration; 0 grants nothing.
 update billing.settings set signup_grant = 250;
 insert into auth.users (id, email) values ('00000000-0000-0000-0000-000000000a02', 'more@example.com');
-select results_eq(
-  $$select balance from billing.accounts where user_id = '00000000-0000-0000-0000-000000000a02'$$,
-  $$values (250::bigint)$$,
+select is(
+  tests.balance('00000000-0000-0000-0000-000000000a02'), 250::bigint,
   'the grant should follow billing.settings.signup_grant'
 );
 
@@ -130,10 +129,7 @@ select results_eq(
   'and linking later should not grant a second time'
 );
 
-select is_empty(
-  $$select * from billing.check_invariants()$$,
-  'the invariants should hold after signups'
-);
+select tests.invariants_hold('the invariants should hold after signups');
 
 select * from finish();
 rollback;

@@ -4,9 +4,8 @@ begin;
 set local search_path = extensions, public;
 select plan(22);
 
-insert into auth.users (id, email) values
-('00000000-0000-0000-0000-000000000c01', 'c1@example.com'),
-('00000000-0000-0000-0000-000000000c02', 'c2@example.com');
+select tests.create_user('00000000-0000-0000-0000-000000000c01', 'c1@example.com');
+select tests.create_user('00000000-0000-0000-0000-000000000c02', 'c2@example.com');
 
 -- Shape ---------------------------------------------------------------------------------------
 select hasnt_trigger(

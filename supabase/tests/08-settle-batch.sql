@@ -5,9 +5,8 @@ begin;
 set local search_path = extensions, public;
 select plan(19);
 
-insert into auth.users (id, email) values
-('00000000-0000-0000-0000-0000000000b1', 'b1@example.com'),
-('00000000-0000-0000-0000-0000000000b2', 'b2@example.com');
+select tests.create_user('00000000-0000-0000-0000-0000000000b1', 'b1@example.com');
+select tests.create_user('00000000-0000-0000-0000-0000000000b2', 'b2@example.com');
 
 set local role service_role;
 
@@ -192,10 +191,7 @@ select results_eq(
 );
 
 reset role;
-select is_empty(
-  $$select * from billing.check_invariants()$$,
-  'reserved should equal the pending holds and balances the entries after every batch'
-);
+select tests.invariants_hold('reserved should equal the pending holds and balances the entries after every batch');
 
 select * from finish();
 rollback;

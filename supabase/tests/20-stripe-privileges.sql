@@ -4,9 +4,8 @@ begin;
 set local search_path = extensions, public;
 select plan(43);
 
-insert into auth.users (id, email) values
-('00000000-0000-0000-0000-000000000201', 'link-a@example.com'),
-('00000000-0000-0000-0000-000000000202', 'link-b@example.com');
+select tests.create_user('00000000-0000-0000-0000-000000000201', 'link-a@example.com');
+select tests.create_user('00000000-0000-0000-0000-000000000202', 'link-b@example.com');
 
 -- Shape -----------------------------------------------------------------------------------------
 select has_table('billing', 'customers', 'billing.customers should exist');
@@ -226,15 +225,11 @@ select results_eq(
     ('cus_Link0000000009', '00000000-0000-0000-0000-000000000209')$$,
   'only the applied links should be stored, the refused one not at all'
 );
-select results_eq(
-  $$select balance from billing.accounts where user_id = '00000000-0000-0000-0000-000000000209'$$,
-  $$values (100::bigint)$$,
+select is(
+  tests.balance('00000000-0000-0000-0000-000000000209'), 100::bigint,
   'the user of a linked customer should get an account with the signup grant'
 );
-select is_empty(
-  $$select * from billing.check_invariants()$$,
-  'the ledger invariants should hold after the privilege matrix'
-);
+select tests.invariants_hold('the ledger invariants should hold after the privilege matrix');
 
 select * from finish();
 rollback;

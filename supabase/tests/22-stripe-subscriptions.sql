@@ -5,10 +5,9 @@ set local search_path = extensions, public;
 set local timezone = 'UTC';
 select plan(48);
 
-insert into auth.users (id, email) values
-('00000000-0000-0000-0000-000000000221', 'sue@example.com'),
-('00000000-0000-0000-0000-000000000222', 'bas@example.com'),
-('00000000-0000-0000-0000-000000000223', 'meta@example.com');
+select tests.create_user('00000000-0000-0000-0000-000000000221', 'sue@example.com');
+select tests.create_user('00000000-0000-0000-0000-000000000222', 'bas@example.com');
+select tests.create_user('00000000-0000-0000-0000-000000000223', 'meta@example.com');
 
 -- The plans' Stripe prices: the ruby-mock fixtures' price for starter, pay-rails' for pro.
 update billing.products set stripe_price_id = 'price_000000000000000000000000'
@@ -16,332 +15,9 @@ where code = 'starter';
 update billing.products set stripe_price_id = 'price_1234'
 where code = 'pro';
 
--- Fixtures: real Stripe payloads from ../shared/stripe-fixtures (see its README), trimmed to the
--- fields the handler reads; values unchanged. pg_temp.event() derives each test event from one,
--- and the patch it is given is the whole of the adaptation (ids, user, product metadata, ...).
-create temp table stripe_fixtures (name text primary key, event jsonb not null) on commit drop;
-grant select on stripe_fixtures to service_role;
-insert into stripe_fixtures (name, event) values
--- stripe-ruby-mock-webhook_fixtures/customer.subscription.created.json (full event)
-('stripe-ruby-mock-webhook_fixtures/customer.subscription.created.json', $json$
-{
-  "id": "evt_000000000000000000000000",
-  "object": "event",
-  "api_version": "2020-08-27",
-  "created": 1648320110,
-  "livemode": false,
-  "type": "customer.subscription.created",
-  "data": {
-    "object": {
-      "id": "sub_000000000000000000000000",
-      "object": "subscription",
-      "customer": "cus_00000000000000",
-      "status": "active",
-      "current_period_start": 1648320110,
-      "current_period_end": 1650998510,
-      "cancel_at_period_end": false,
-      "metadata": {},
-      "items": {
-        "object": "list",
-        "data": [
-          {
-            "id": "si_00000000000000",
-            "object": "subscription_item",
-            "quantity": 1,
-            "price": {
-              "id": "price_000000000000000000000000",
-              "object": "price",
-              "product": "prod_00000000000000"
-            }
-          }
-        ]
-      }
-    }
-  }
-}
-$json$),
--- stripe-ruby-mock-webhook_fixtures/customer.subscription.updated.json (full event)
-('stripe-ruby-mock-webhook_fixtures/customer.subscription.updated.json', $json$
-{
-  "id": "evt_000000000000000000000000",
-  "object": "event",
-  "api_version": "2020-08-27",
-  "created": 1648320106,
-  "livemode": false,
-  "type": "customer.subscription.updated",
-  "data": {
-    "object": {
-      "id": "sub_000000000000000000000000",
-      "object": "subscription",
-      "customer": "cus_00000000000000",
-      "status": "active",
-      "current_period_start": 1648320105,
-      "current_period_end": 1650998505,
-      "cancel_at_period_end": false,
-      "metadata": {},
-      "items": {
-        "object": "list",
-        "data": [
-          {
-            "id": "si_00000000000000",
-            "object": "subscription_item",
-            "quantity": 1,
-            "price": {
-              "id": "price_000000000000000000000000",
-              "object": "price",
-              "product": "prod_00000000000000"
-            }
-          }
-        ]
-      }
-    }
-  }
-}
-$json$),
--- stripe-ruby-mock-webhook_fixtures/customer.subscription.deleted.json (full event)
-('stripe-ruby-mock-webhook_fixtures/customer.subscription.deleted.json', $json$
-{
-  "id": "evt_000000000000000000000000",
-  "object": "event",
-  "api_version": "2020-08-27",
-  "created": 1648320097,
-  "livemode": false,
-  "type": "customer.subscription.deleted",
-  "data": {
-    "object": {
-      "id": "sub_000000000000000000000000",
-      "object": "subscription",
-      "customer": "cus_00000000000000",
-      "status": "canceled",
-      "current_period_start": 1648320096,
-      "current_period_end": 1650998496,
-      "cancel_at_period_end": false,
-      "metadata": {},
-      "items": {
-        "object": "list",
-        "data": [
-          {
-            "id": "si_00000000000000",
-            "object": "subscription_item",
-            "quantity": 1,
-            "price": {
-              "id": "price_000000000000000000000000",
-              "object": "price",
-              "product": "prod_00000000000000"
-            }
-          }
-        ]
-      }
-    }
-  }
-}
-$json$),
--- pay-rails-stripe/subscription.updated.json (event.data only)
-('pay-rails-stripe/subscription.updated.json', $json$
-{
-  "data": {
-    "object": {
-      "id": "sub_00000000000000",
-      "object": "subscription",
-      "customer": "cus_00000000000000",
-      "status": "canceled",
-      "cancel_at_period_end": false,
-      "metadata": {},
-      "items": {
-        "object": "list",
-        "data": [
-          {
-            "id": "si_00000000000000",
-            "object": "subscription_item",
-            "current_period_start": 1486568724,
-            "current_period_end": 1488987924,
-            "quantity": 2,
-            "price": {
-              "id": "FFBEGINNER_00000000000000",
-              "object": "price",
-              "product": "prod_00000000000000"
-            }
-          }
-        ]
-      }
-    }
-  }
-}
-$json$),
--- stripe-ruby-mock-webhook_fixtures/invoice.payment_succeeded.json (full event)
-('stripe-ruby-mock-webhook_fixtures/invoice.payment_succeeded.json', $json$
-{
-  "id": "evt_000000000000000000000000",
-  "object": "event",
-  "api_version": "2020-08-27",
-  "created": 1648320015,
-  "livemode": false,
-  "type": "invoice.payment_succeeded",
-  "data": {
-    "object": {
-      "id": "in_000000000000000000000000",
-      "object": "invoice",
-      "amount_paid": 2000,
-      "billing_reason": "manual",
-      "charge": "ch_000000000000000000000000",
-      "currency": "usd",
-      "customer": "cus_00000000000000",
-      "payment_intent": "pi_000000000000000000000000",
-      "status": "paid",
-      "subscription": null,
-      "lines": {
-        "object": "list",
-        "data": [
-          {
-            "id": "il_000000000000000000000000",
-            "object": "line_item",
-            "type": "invoiceitem",
-            "period": {"end": 1648320011, "start": 1648320011},
-            "quantity": 1,
-            "subscription": null,
-            "metadata": {},
-            "price": {
-              "id": "price_000000000000000000000000",
-              "object": "price",
-              "product": "prod_00000000000000"
-            }
-          }
-        ]
-      }
-    }
-  }
-}
-$json$),
--- stripe-ruby-mock-webhook_fixtures/invoice.paid.json (full event)
-('stripe-ruby-mock-webhook_fixtures/invoice.paid.json', $json$
-{
-  "id": "evt_000000000000000000000000",
-  "object": "event",
-  "api_version": "2020-08-27",
-  "created": 1648320015,
-  "livemode": false,
-  "type": "invoice.paid",
-  "data": {
-    "object": {
-      "id": "in_000000000000000000000000",
-      "object": "invoice",
-      "amount_paid": 2000,
-      "billing_reason": "manual",
-      "charge": "ch_000000000000000000000000",
-      "currency": "usd",
-      "customer": "cus_00000000000000",
-      "payment_intent": "pi_000000000000000000000000",
-      "status": "paid",
-      "subscription": null,
-      "lines": {
-        "object": "list",
-        "data": [
-          {
-            "id": "il_000000000000000000000000",
-            "object": "line_item",
-            "type": "invoiceitem",
-            "period": {"end": 1648320011, "start": 1648320011},
-            "quantity": 1,
-            "subscription": null,
-            "metadata": {},
-            "price": {
-              "id": "price_000000000000000000000000",
-              "object": "price",
-              "product": "prod_00000000000000"
-            }
-          }
-        ]
-      }
-    }
-  }
-}
-$json$),
--- pay-rails-stripe/invoice.payment_failed.json (event.data only)
-('pay-rails-stripe/invoice.payment_failed.json', $json$
-{
-  "data": {
-    "object": {
-      "id": "in_1234",
-      "object": "invoice",
-      "amount_paid": 0,
-      "billing_reason": "subscription_cycle",
-      "currency": "usd",
-      "customer": "cus_1234",
-      "status": "open",
-      "parent": {
-        "quote_details": null,
-        "subscription_details": {"metadata": {"license_id": "0"}, "subscription": "sub_1234"},
-        "type": "subscription_details"
-      },
-      "lines": {
-        "object": "list",
-        "data": [
-          {
-            "id": "il_1234",
-            "object": "line_item",
-            "period": {"end": 1776969906, "start": 1745433906},
-            "quantity": 1,
-            "parent": {
-              "invoice_item_details": null,
-              "subscription_item_details": {
-                "invoice_item": null,
-                "proration": false,
-                "proration_details": {"credited_items": null},
-                "subscription": "sub_1234",
-                "subscription_item": "si_1234"
-              },
-              "type": "subscription_item_details"
-            },
-            "metadata": {"license_id": "0"},
-            "pricing": {
-              "price_details": {"price": "price_1234", "product": "prod_1234"},
-              "type": "price_details",
-              "unit_amount_decimal": "24900"
-            }
-          }
-        ]
-      }
-    }
-  }
-}
-$json$);
-
--- Deep merge: objects merge key by key, anything else in p_patch replaces what is in p_base.
-create function pg_temp.merge(p_base jsonb, p_patch jsonb) returns jsonb
-language plpgsql immutable
-as $$
-begin
-  if jsonb_typeof(p_base) <> 'object' or jsonb_typeof(p_patch) <> 'object' then
-    return p_patch;
-  end if;
-  return coalesce((
-    select jsonb_object_agg(k.key, case
-      when p_base ? k.key and p_patch ? k.key then pg_temp.merge(p_base -> k.key, p_patch -> k.key)
-      when p_patch ? k.key then p_patch -> k.key
-      else p_base -> k.key
-    end)
-    from (select jsonb_object_keys(p_base) as key union select jsonb_object_keys(p_patch)) as k
-  ), '{}');
-end;
-$$;
-
--- A test event derived from a fixture: its own id, type and created, and p_patch merged into
--- data.object. Data-only and bare-object fixtures get their envelope here.
-create function pg_temp.event(
-  p_fixture text, p_id text, p_type text, p_created bigint, p_patch jsonb default '{}'
-) returns jsonb
-language sql stable
-as $$
-  select pg_temp.merge(
-    f.event,
-    jsonb_build_object(
-      'id', p_id, 'object', 'event', 'type', p_type, 'created', p_created,
-      'data', jsonb_build_object('object', p_patch)
-    )
-  )
-  from pg_temp.stripe_fixtures as f
-  where f.name = p_fixture
-$$;
+-- Test events come from tests.stripe_event() (tests/sql/pgtap_helpers.sql): a trimmed real payload
+-- of tests/fixtures/stripe with its own id, type and created, and the patch it is given, which is
+-- the whole of the adaptation (ids, user, product metadata, ...).
 
 -- A subscription invoice before API 2025-03-31, derived from the ruby-mock
 -- invoice.payment_succeeded (a manual invoice): billing_reason, subscription and the line's type
@@ -355,7 +31,7 @@ language sql stable
 as $$
   select jsonb_set(
     jsonb_set(
-      pg_temp.event('stripe-ruby-mock-webhook_fixtures/invoice.payment_succeeded.json',
+      tests.stripe_event('stripe-ruby-mock-webhook_fixtures/invoice.payment_succeeded.json',
         p_event_id, p_type, p_created,
         jsonb_build_object(
           'id', p_invoice_id, 'billing_reason', p_reason, 'subscription', p_subscription,
@@ -372,8 +48,8 @@ create function pg_temp.basil_invoice(
 ) returns jsonb
 language sql stable
 as $$
-  select pg_temp.event('pay-rails-stripe/invoice.payment_failed.json', p_event_id, p_type, p_created,
-    pg_temp.merge('{"status": "paid", "amount_paid": 24900}', p_patch))
+  select tests.stripe_event('pay-rails-stripe/invoice.payment_failed.json', p_event_id, p_type, p_created,
+    tests.merge('{"status": "paid", "amount_paid": 24900}', p_patch))
 $$;
 
 set local role service_role;
@@ -381,7 +57,7 @@ set local role service_role;
 -- Before 2025-03-31: a subscription's life -------------------------------------------------------
 -- Derived: the subscription carries metadata.user_id, as the service creates it.
 select results_eq(
-  $$select status, detail from public.handle_stripe_event(pg_temp.event(
+  $$select status, detail from public.handle_stripe_event(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/customer.subscription.created.json',
     'evt_22_created', 'customer.subscription.created', 1700100000,
     '{"metadata": {"user_id": "00000000-0000-0000-0000-000000000221"}}'))$$,
@@ -448,7 +124,7 @@ select results_eq(
 
 -- Out of order: the newer update arrives first.
 select results_eq(
-  $$select status from public.handle_stripe_event(pg_temp.event(
+  $$select status from public.handle_stripe_event(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/customer.subscription.updated.json',
     'evt_22_past_due', 'customer.subscription.updated', 1700100300,
     '{"id": "sub_000000000000000000000000", "status": "past_due"}'))$$,
@@ -456,7 +132,7 @@ select results_eq(
   'a newer customer.subscription.updated should be applied'
 );
 select results_eq(
-  $$select status, detail from public.handle_stripe_event(pg_temp.event(
+  $$select status, detail from public.handle_stripe_event(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/customer.subscription.updated.json',
     'evt_22_active_late', 'customer.subscription.updated', 1700100200,
     '{"id": "sub_000000000000000000000000", "status": "active"}'))$$,
@@ -484,14 +160,13 @@ select results_eq(
   $$values ('applied'::text)$$,
   'a renewal (subscription_cycle) invoice should grant the next period''s tokens'
 );
-select results_eq(
-  $$select balance from billing.accounts where user_id = '00000000-0000-0000-0000-000000000221'$$,
-  $$values (10100::bigint)$$,
+select is(
+  tests.balance('00000000-0000-0000-0000-000000000221'), 10100::bigint,
   'two periods should have granted 2 x 5000 on top of the signup grant'
 );
 
 select results_eq(
-  $$select status from public.handle_stripe_event(pg_temp.event(
+  $$select status from public.handle_stripe_event(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/customer.subscription.deleted.json',
     'evt_22_deleted', 'customer.subscription.deleted', 1700100500))$$,
   $$values ('applied'::text)$$,
@@ -513,7 +188,7 @@ select results_eq(
   'an invoice of a canceled subscription should grant nothing'
 );
 select results_eq(
-  $$select status from public.handle_stripe_event(pg_temp.event(
+  $$select status from public.handle_stripe_event(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/customer.subscription.updated.json',
     'evt_22_update_before_delete', 'customer.subscription.updated', 1700100450))$$,
   $$values ('stale'::text)$$,
@@ -527,7 +202,7 @@ select results_eq(
 
 -- Invoices that grant nothing.
 select results_eq(
-  $$select status, detail from public.handle_stripe_event(pg_temp.event(
+  $$select status, detail from public.handle_stripe_event(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/invoice.paid.json', 'evt_22_manual', 'invoice.paid', 1700100700))$$,
   $$values ('ignored'::text, 'invoice in_000000000000000000000000 (billing_reason manual): only '
     'subscription_create and subscription_cycle invoices grant plan tokens'::text)$$,
@@ -544,7 +219,7 @@ select results_eq(
 -- From 2025-03-31 (basil): prices and periods moved ------------------------------------------------
 -- pay-rails' subscription.updated keeps the period on the item; its price is no plan of ours.
 select results_eq(
-  $$select status, detail from public.handle_stripe_event(pg_temp.event(
+  $$select status, detail from public.handle_stripe_event(tests.stripe_event(
     'pay-rails-stripe/subscription.updated.json', 'evt_22_basil_sub_unknown',
     'customer.subscription.updated', 1700150000))$$,
   $$values ('parked'::text, 'subscription sub_00000000000000: no item''s price is a plan''s stripe_price_id '
@@ -561,7 +236,7 @@ select results_eq(
   'the service should link the basil customer'
 );
 select results_eq(
-  $$select status from public.handle_stripe_event(pg_temp.event(
+  $$select status from public.handle_stripe_event(tests.stripe_event(
     'pay-rails-stripe/subscription.updated.json', 'evt_22_basil_sub',
     'customer.subscription.created', 1700150000,
     '{"id": "sub_22basil", "customer": "cus_1234", "status": "active"}'))$$,
@@ -625,14 +300,14 @@ select results_eq(
 
 -- invoice.payment_failed (basil, pay-rails' real payload with an envelope).
 select results_eq(
-  $$select status from public.handle_stripe_event(pg_temp.event(
+  $$select status from public.handle_stripe_event(tests.stripe_event(
     'pay-rails-stripe/invoice.payment_failed.json', 'evt_22_failed_early', 'invoice.payment_failed',
     1700200050))$$,
   $$values ('parked'::text)$$,
   'a payment failure of a subscription not recorded yet should be parked'
 );
 select results_eq(
-  $$select status from public.handle_stripe_event(pg_temp.event(
+  $$select status from public.handle_stripe_event(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/customer.subscription.created.json',
     'evt_22_sub1234', 'customer.subscription.created', 1700200000,
     '{"id": "sub_1234", "customer": "cus_1234", "items": {"data": [{"price": {"id": "price_1234"}}]}}'))$$,
@@ -640,7 +315,7 @@ select results_eq(
   'the pro subscription should be recorded'
 );
 select results_eq(
-  $$select status, detail from public.handle_stripe_event(pg_temp.event(
+  $$select status, detail from public.handle_stripe_event(tests.stripe_event(
     'pay-rails-stripe/invoice.payment_failed.json', 'evt_22_failed', 'invoice.payment_failed',
     1700200100))$$,
   $$values ('applied'::text, 'subscription sub_1234 of user 00000000-0000-0000-0000-000000000222 is past_due '
@@ -654,14 +329,14 @@ select results_eq(
   'a past_due subscription should keep its plan (Stripe is retrying) and show past_due'
 );
 select results_eq(
-  $$select status from public.handle_stripe_event(pg_temp.event(
+  $$select status from public.handle_stripe_event(tests.stripe_event(
     'pay-rails-stripe/invoice.payment_failed.json', 'evt_22_failed_old', 'invoice.payment_failed',
     1700199000))$$,
   $$values ('stale'::text)$$,
   'a payment failure older than the subscription''s last event should be stale'
 );
 select results_eq(
-  $$select status from public.handle_stripe_event(pg_temp.event(
+  $$select status from public.handle_stripe_event(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/customer.subscription.updated.json',
     'evt_22_sub1234_recovered', 'customer.subscription.updated', 1700200200,
     '{"id": "sub_1234", "customer": "cus_1234", "items": {"data": [{"price": {"id": "price_1234"}}]}}'))$$,
@@ -675,7 +350,7 @@ select results_eq(
   'the account should be active on pro again'
 );
 select results_eq(
-  $$select status from public.handle_stripe_event(pg_temp.event(
+  $$select status from public.handle_stripe_event(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/invoice.payment_succeeded.json', 'evt_22_manual_failed',
     'invoice.payment_failed', 1700200300, '{"status": "open"}'))$$,
   $$values ('ignored'::text)$$,
@@ -707,7 +382,7 @@ update billing.products set stripe_price_id = null
 where code = 'team';
 set local role service_role;
 select results_eq(
-  $$select status from public.handle_stripe_event(pg_temp.event(
+  $$select status from public.handle_stripe_event(tests.stripe_event(
     'pay-rails-stripe/subscription.updated.json', 'evt_22_basil_sub_deleted',
     'customer.subscription.deleted', 1700250000,
     '{"id": "sub_22basil", "customer": "cus_1234"}'))$$,
@@ -724,7 +399,7 @@ select results_eq(
 
 -- Subscription events that cannot be applied.
 select results_eq(
-  $$select status, detail from public.handle_stripe_event(pg_temp.event(
+  $$select status, detail from public.handle_stripe_event(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/customer.subscription.created.json',
     'evt_22_sub_nouser', 'customer.subscription.created', 1700300000,
     '{"id": "sub_22nouser", "customer": "cus_22Nobody"}'))$$,
@@ -733,7 +408,7 @@ select results_eq(
   'a subscription that cannot be tied to a user should be parked'
 );
 select results_eq(
-  $$select status from public.handle_stripe_event(pg_temp.event(
+  $$select status from public.handle_stripe_event(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/customer.subscription.updated.json',
     'evt_22_sub_weird', 'customer.subscription.updated', 1700300100,
     '{"id": "sub_1234", "customer": "cus_1234", "status": "levitating"}'))$$,
@@ -748,10 +423,7 @@ select results_eq(
   $$values ('applied'::text, 13), ('duplicate', 2), ('ignored', 4), ('parked', 6), ('stale', 3)$$,
   'every event should be stored once with its outcome'
 );
-select is_empty(
-  $$select * from billing.check_invariants()$$,
-  'the ledger invariants should hold after every subscription scenario'
-);
+select tests.invariants_hold('the ledger invariants should hold after every subscription scenario');
 
 select * from finish();
 rollback;

@@ -6,202 +6,16 @@ set local search_path = extensions, public;
 set local timezone = 'UTC';
 select plan(50);
 
-insert into auth.users (id, email) values
-('00000000-0000-0000-0000-000000000231', 'refund@example.com'),
-('00000000-0000-0000-0000-000000000232', 'debt@example.com'),
-('00000000-0000-0000-0000-000000000233', 'won@example.com'),
-('00000000-0000-0000-0000-000000000234', 'lost@example.com'),
-('00000000-0000-0000-0000-000000000235', 'early@example.com'),
-('00000000-0000-0000-0000-000000000236', 'partial@example.com');
+select tests.create_user('00000000-0000-0000-0000-000000000231', 'refund@example.com');
+select tests.create_user('00000000-0000-0000-0000-000000000232', 'debt@example.com');
+select tests.create_user('00000000-0000-0000-0000-000000000233', 'won@example.com');
+select tests.create_user('00000000-0000-0000-0000-000000000234', 'lost@example.com');
+select tests.create_user('00000000-0000-0000-0000-000000000235', 'early@example.com');
+select tests.create_user('00000000-0000-0000-0000-000000000236', 'partial@example.com');
 
--- Fixtures: real Stripe payloads from ../shared/stripe-fixtures (see its README), trimmed to the
--- fields the handler reads; values unchanged. pg_temp.event() derives each test event from one,
--- and the patch it is given is the whole of the adaptation (ids, user, product metadata, ...).
-create temp table stripe_fixtures (name text primary key, event jsonb not null) on commit drop;
-grant select on stripe_fixtures to service_role;
-insert into stripe_fixtures (name, event) values
--- stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json (full event)
-('stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json', $json$
-{
-  "id": "evt_000000000000000000000000",
-  "object": "event",
-  "api_version": "2020-08-27",
-  "created": 1648319959,
-  "livemode": false,
-  "type": "checkout.session.completed",
-  "data": {
-    "object": {
-      "id": "cs_test_0000000000000000000000000000000000000000000000000000000000",
-      "object": "checkout.session",
-      "amount_total": 3000,
-      "currency": "usd",
-      "client_reference_id": null,
-      "customer": "cus_00000000000000",
-      "metadata": {},
-      "mode": "payment",
-      "payment_intent": "pi_000000000000000000000000",
-      "payment_status": "paid",
-      "status": "complete",
-      "subscription": null
-    }
-  }
-}
-$json$),
--- stripe-ruby-mock-webhook_fixtures/charge.refunded.json (full event)
-('stripe-ruby-mock-webhook_fixtures/charge.refunded.json', $json$
-{
-  "id": "evt_000000000000000000000000",
-  "object": "event",
-  "api_version": "2020-08-27",
-  "created": 1648319949,
-  "livemode": false,
-  "type": "charge.refunded",
-  "data": {
-    "object": {
-      "id": "ch_000000000000000000000000",
-      "object": "charge",
-      "amount": 100,
-      "amount_captured": 100,
-      "amount_refunded": 100,
-      "currency": "usd",
-      "customer": null,
-      "payment_intent": null,
-      "refunded": true,
-      "status": "succeeded",
-      "refunds": {
-        "object": "list",
-        "data": [
-          {
-            "id": "re_000000000000000000000000",
-            "object": "refund",
-            "amount": 100,
-            "charge": "ch_000000000000000000000000",
-            "payment_intent": null,
-            "status": "succeeded"
-          }
-        ]
-      }
-    }
-  }
-}
-$json$),
--- openapi-fixtures3/refund.json (bare object)
-('openapi-fixtures3/refund.json', $json$
-{
-  "data": {
-    "object": {
-      "id": "re_1Pgc72B7WZ01zgkWqPvrRrPE",
-      "object": "refund",
-      "amount": 100,
-      "charge": "ch_1PgafuB7WZ01zgkWXYmPNZs8",
-      "payment_intent": null,
-      "status": "succeeded",
-      "currency": "usd",
-      "reason": null
-    }
-  }
-}
-$json$),
--- stripe-ruby-mock-webhook_fixtures/charge.dispute.created.json (full event)
-('stripe-ruby-mock-webhook_fixtures/charge.dispute.created.json', $json$
-{
-  "id": "evt_000000000000000000000000",
-  "object": "event",
-  "api_version": "2020-08-27",
-  "created": 1648319940,
-  "livemode": false,
-  "type": "charge.dispute.created",
-  "data": {
-    "object": {
-      "id": "dp_000000000000000000000000",
-      "object": "dispute",
-      "amount": 100,
-      "charge": "ch_000000000000000000000000",
-      "payment_intent": null,
-      "status": "warning_needs_response",
-      "currency": "usd",
-      "reason": "fraudulent"
-    }
-  }
-}
-$json$),
--- stripe-ruby-mock-webhook_fixtures/charge.dispute.updated.json (full event)
-('stripe-ruby-mock-webhook_fixtures/charge.dispute.updated.json', $json$
-{
-  "id": "evt_00000000000000",
-  "object": "event",
-  "created": 1326853478,
-  "livemode": false,
-  "type": "charge.dispute.updated",
-  "data": {
-    "object": {
-      "object": "dispute",
-      "amount": 1000,
-      "charge": "ch_00000000000000",
-      "status": "under_review",
-      "currency": "usd",
-      "reason": "general"
-    }
-  }
-}
-$json$),
--- stripe-ruby-mock-webhook_fixtures/charge.dispute.closed.json (full event)
-('stripe-ruby-mock-webhook_fixtures/charge.dispute.closed.json', $json$
-{
-  "id": "evt_00000000000000",
-  "object": "event",
-  "created": 1326853478,
-  "livemode": false,
-  "type": "charge.dispute.closed",
-  "data": {
-    "object": {
-      "object": "dispute",
-      "amount": 1000,
-      "charge": "ch_00000000000000",
-      "status": "won",
-      "currency": "usd",
-      "reason": "general"
-    }
-  }
-}
-$json$);
-
--- Deep merge: objects merge key by key, anything else in p_patch replaces what is in p_base.
-create function pg_temp.merge(p_base jsonb, p_patch jsonb) returns jsonb
-language plpgsql immutable
-as $$
-begin
-  if jsonb_typeof(p_base) <> 'object' or jsonb_typeof(p_patch) <> 'object' then
-    return p_patch;
-  end if;
-  return coalesce((
-    select jsonb_object_agg(k.key, case
-      when p_base ? k.key and p_patch ? k.key then pg_temp.merge(p_base -> k.key, p_patch -> k.key)
-      when p_patch ? k.key then p_patch -> k.key
-      else p_base -> k.key
-    end)
-    from (select jsonb_object_keys(p_base) as key union select jsonb_object_keys(p_patch)) as k
-  ), '{}');
-end;
-$$;
-
--- A test event derived from a fixture: its own id, type and created, and p_patch merged into
--- data.object. Data-only and bare-object fixtures get their envelope here.
-create function pg_temp.event(
-  p_fixture text, p_id text, p_type text, p_created bigint, p_patch jsonb default '{}'
-) returns jsonb
-language sql stable
-as $$
-  select pg_temp.merge(
-    f.event,
-    jsonb_build_object(
-      'id', p_id, 'object', 'event', 'type', p_type, 'created', p_created,
-      'data', jsonb_build_object('object', p_patch)
-    )
-  )
-  from pg_temp.stripe_fixtures as f
-  where f.name = p_fixture
-$$;
+-- Test events come from tests.stripe_event() (tests/sql/pgtap_helpers.sql): a trimmed real payload
+-- of tests/fixtures/stripe with its own id, type and created, and the patch it is given, which is
+-- the whole of the adaptation (ids, user, product metadata, ...).
 
 -- A paid token-pack checkout, derived from the ruby-mock checkout.session.completed: session id,
 -- payment intent, amount, user and product set. Returns the handler's status.
@@ -210,7 +24,7 @@ create function pg_temp.buy(
 ) returns text
 language sql
 as $$
-  select h.status from public.handle_stripe_event(pg_temp.event(
+  select h.status from public.handle_stripe_event(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_23_buy_' || p_suffix, 'checkout.session.completed', 1700000000,
     jsonb_build_object(
@@ -228,7 +42,7 @@ create function pg_temp.charge_refunded(
 ) returns jsonb
 language sql stable
 as $$
-  select pg_temp.event('stripe-ruby-mock-webhook_fixtures/charge.refunded.json',
+  select tests.stripe_event('stripe-ruby-mock-webhook_fixtures/charge.refunded.json',
     p_event_id, 'charge.refunded', p_created,
     jsonb_build_object(
       'id', 'ch_23' || p_suffix, 'payment_intent', 'pi_23' || p_suffix, 'amount', p_amount,
@@ -243,7 +57,7 @@ create function pg_temp.refund_created(
 ) returns jsonb
 language sql stable
 as $$
-  select pg_temp.event('openapi-fixtures3/refund.json', p_event_id, 'refund.created', p_created,
+  select tests.stripe_event('openapi-fixtures3/refund.json', p_event_id, 'refund.created', p_created,
     jsonb_build_object(
       'id', p_refund_id, 'amount', p_amount, 'status', p_status,
       'charge', 'ch_23' || p_suffix, 'payment_intent', 'pi_23' || p_suffix))
@@ -256,15 +70,9 @@ create function pg_temp.dispute(
 ) returns jsonb
 language sql stable
 as $$
-  select pg_temp.event('stripe-ruby-mock-webhook_fixtures/' || p_fixture || '.json',
+  select tests.stripe_event('stripe-ruby-mock-webhook_fixtures/' || p_fixture || '.json',
     p_event_id, p_type, p_created,
     jsonb_build_object('id', p_dispute_id, 'amount', p_amount, 'status', p_status) || p_purchase)
-$$;
-
-create function pg_temp.balance(p_user_id uuid) returns bigint
-language sql stable
-as $$
-  select a.balance from billing.accounts as a where a.user_id = p_user_id
 $$;
 
 set local role service_role;
@@ -301,7 +109,7 @@ select results_eq(
   'a redelivered refund.created should answer duplicate'
 );
 select is(
-  pg_temp.balance('00000000-0000-0000-0000-000000000231'), 550::bigint,
+  tests.balance('00000000-0000-0000-0000-000000000231'), 550::bigint,
   'one refund described three times should be clawed back once'
 );
 -- The second refund reaches us first through charge.refunded (cumulative 1000).
@@ -358,7 +166,7 @@ select results_eq(
   'the payment should record the full refund and all its tokens clawed back'
 );
 select is(
-  pg_temp.balance('00000000-0000-0000-0000-000000000231'), 100::bigint,
+  tests.balance('00000000-0000-0000-0000-000000000231'), 100::bigint,
   'a fully refunded purchase should leave only the signup grant'
 );
 
@@ -380,7 +188,7 @@ select results_eq(
   'a full refund of spent tokens should still be applied'
 );
 select is(
-  pg_temp.balance('00000000-0000-0000-0000-000000000232'), -50::bigint,
+  tests.balance('00000000-0000-0000-0000-000000000232'), -50::bigint,
   'clawing back spent tokens should drive the balance below zero (debt)'
 );
 select results_eq(
@@ -397,7 +205,7 @@ select results_eq(
 -- A refund of a payment we never recorded: the real fixture as it is.
 select results_eq(
   $$select status, detail from public.handle_stripe_event(
-    (select event from stripe_fixtures where name = 'stripe-ruby-mock-webhook_fixtures/charge.refunded.json'))$$,
+    tests.stripe_fixture('stripe-ruby-mock-webhook_fixtures/charge.refunded.json'))$$,
   $$values ('parked'::text, 'charge ch_000000000000000000000000: no recorded payment with payment intent '
     '(none) or charge ch_000000000000000000000000'::text)$$,
   'a refund of an unknown payment should be parked'
@@ -417,7 +225,7 @@ select results_eq(
   'charge.dispute.created should hold the disputed tokens'
 );
 select is(
-  pg_temp.balance('00000000-0000-0000-0000-000000000233'), 100::bigint,
+  tests.balance('00000000-0000-0000-0000-000000000233'), 100::bigint,
   'held tokens should leave the balance at once, so they cannot be spent'
 );
 select results_eq(
@@ -450,7 +258,7 @@ select results_eq(
   'a won dispute should be a dispute debit and a dispute_won credit, once each'
 );
 select is(
-  pg_temp.balance('00000000-0000-0000-0000-000000000233'), 350::bigint,
+  tests.balance('00000000-0000-0000-0000-000000000233'), 350::bigint,
   'after a won dispute the balance should be whole again'
 );
 
@@ -472,7 +280,7 @@ select results_eq(
   'a dispute of spent tokens should be applied'
 );
 select is(
-  pg_temp.balance('00000000-0000-0000-0000-000000000234'), -50::bigint,
+  tests.balance('00000000-0000-0000-0000-000000000234'), -50::bigint,
   'a dispute of spent tokens should drive the balance into debt'
 );
 select results_eq(
@@ -489,7 +297,7 @@ select results_eq(
   'a lost dispute should be recorded as kept'
 );
 select is(
-  pg_temp.balance('00000000-0000-0000-0000-000000000234'), -50::bigint,
+  tests.balance('00000000-0000-0000-0000-000000000234'), -50::bigint,
   'a lost dispute should credit nothing back'
 );
 select is_empty(
@@ -556,13 +364,13 @@ select results_eq(
   'an inquiry closed without a loss should give the tokens back'
 );
 select is(
-  pg_temp.balance('00000000-0000-0000-0000-000000000236'), 400::bigint,
+  tests.balance('00000000-0000-0000-0000-000000000236'), 400::bigint,
   'after the refund and the closed inquiry the user should keep half the tokens plus the signup grant'
 );
 -- The real dispute fixture with an event id of its own (the ruby-mock fixtures share one): its
 -- charge was never recorded.
 select results_eq(
-  $$select status, detail from public.handle_stripe_event(pg_temp.event(
+  $$select status, detail from public.handle_stripe_event(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/charge.dispute.created.json',
     'evt_23_dp_unknown', 'charge.dispute.created', 1700009000))$$,
   $$values ('parked'::text, 'dispute dp_000000000000000000000000: no recorded payment with payment intent '
@@ -571,10 +379,7 @@ select results_eq(
 );
 reset role;
 
-select is_empty(
-  $$select * from billing.check_invariants()$$,
-  'the ledger invariants should hold after every refund and dispute scenario'
-);
+select tests.invariants_hold('the ledger invariants should hold after every refund and dispute scenario');
 
 select * from finish();
 rollback;

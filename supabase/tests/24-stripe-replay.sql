@@ -5,183 +5,22 @@ set local search_path = extensions, public;
 set local timezone = 'UTC';
 select plan(23);
 
-insert into auth.users (id, email) values
-('00000000-0000-0000-0000-000000000241', 'late@example.com'),
-('00000000-0000-0000-0000-000000000242', 'other@example.com');
+select tests.create_user('00000000-0000-0000-0000-000000000241', 'late@example.com');
+select tests.create_user('00000000-0000-0000-0000-000000000242', 'other@example.com');
 
 update billing.products set stripe_price_id = 'price_000000000000000000000000'
 where code = 'starter';
 
--- Fixtures: real Stripe payloads from ../shared/stripe-fixtures (see its README), trimmed to the
--- fields the handler reads; values unchanged. pg_temp.event() derives each test event from one,
--- and the patch it is given is the whole of the adaptation (ids, user, product metadata, ...).
-create temp table stripe_fixtures (name text primary key, event jsonb not null) on commit drop;
-grant select on stripe_fixtures to service_role;
-insert into stripe_fixtures (name, event) values
--- stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json (full event)
-('stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json', $json$
-{
-  "id": "evt_000000000000000000000000",
-  "object": "event",
-  "api_version": "2020-08-27",
-  "created": 1648319959,
-  "livemode": false,
-  "type": "checkout.session.completed",
-  "data": {
-    "object": {
-      "id": "cs_test_0000000000000000000000000000000000000000000000000000000000",
-      "object": "checkout.session",
-      "amount_total": 3000,
-      "currency": "usd",
-      "client_reference_id": null,
-      "customer": "cus_00000000000000",
-      "metadata": {},
-      "mode": "payment",
-      "payment_intent": "pi_000000000000000000000000",
-      "payment_status": "paid",
-      "status": "complete",
-      "subscription": null
-    }
-  }
-}
-$json$),
--- openapi-fixtures3/refund.json (bare object)
-('openapi-fixtures3/refund.json', $json$
-{
-  "data": {
-    "object": {
-      "id": "re_1Pgc72B7WZ01zgkWqPvrRrPE",
-      "object": "refund",
-      "amount": 100,
-      "charge": "ch_1PgafuB7WZ01zgkWXYmPNZs8",
-      "payment_intent": null,
-      "status": "succeeded",
-      "currency": "usd",
-      "reason": null
-    }
-  }
-}
-$json$),
--- stripe-ruby-mock-webhook_fixtures/customer.subscription.created.json (full event)
-('stripe-ruby-mock-webhook_fixtures/customer.subscription.created.json', $json$
-{
-  "id": "evt_000000000000000000000000",
-  "object": "event",
-  "api_version": "2020-08-27",
-  "created": 1648320110,
-  "livemode": false,
-  "type": "customer.subscription.created",
-  "data": {
-    "object": {
-      "id": "sub_000000000000000000000000",
-      "object": "subscription",
-      "customer": "cus_00000000000000",
-      "status": "active",
-      "current_period_start": 1648320110,
-      "current_period_end": 1650998510,
-      "cancel_at_period_end": false,
-      "metadata": {},
-      "items": {
-        "object": "list",
-        "data": [
-          {
-            "id": "si_00000000000000",
-            "object": "subscription_item",
-            "quantity": 1,
-            "price": {
-              "id": "price_000000000000000000000000",
-              "object": "price",
-              "product": "prod_00000000000000"
-            }
-          }
-        ]
-      }
-    }
-  }
-}
-$json$),
--- stripe-ruby-mock-webhook_fixtures/customer.subscription.updated.json (full event)
-('stripe-ruby-mock-webhook_fixtures/customer.subscription.updated.json', $json$
-{
-  "id": "evt_000000000000000000000000",
-  "object": "event",
-  "api_version": "2020-08-27",
-  "created": 1648320106,
-  "livemode": false,
-  "type": "customer.subscription.updated",
-  "data": {
-    "object": {
-      "id": "sub_000000000000000000000000",
-      "object": "subscription",
-      "customer": "cus_00000000000000",
-      "status": "active",
-      "current_period_start": 1648320105,
-      "current_period_end": 1650998505,
-      "cancel_at_period_end": false,
-      "metadata": {},
-      "items": {
-        "object": "list",
-        "data": [
-          {
-            "id": "si_00000000000000",
-            "object": "subscription_item",
-            "quantity": 1,
-            "price": {
-              "id": "price_000000000000000000000000",
-              "object": "price",
-              "product": "prod_00000000000000"
-            }
-          }
-        ]
-      }
-    }
-  }
-}
-$json$);
-
--- Deep merge: objects merge key by key, anything else in p_patch replaces what is in p_base.
-create function pg_temp.merge(p_base jsonb, p_patch jsonb) returns jsonb
-language plpgsql immutable
-as $$
-begin
-  if jsonb_typeof(p_base) <> 'object' or jsonb_typeof(p_patch) <> 'object' then
-    return p_patch;
-  end if;
-  return coalesce((
-    select jsonb_object_agg(k.key, case
-      when p_base ? k.key and p_patch ? k.key then pg_temp.merge(p_base -> k.key, p_patch -> k.key)
-      when p_patch ? k.key then p_patch -> k.key
-      else p_base -> k.key
-    end)
-    from (select jsonb_object_keys(p_base) as key union select jsonb_object_keys(p_patch)) as k
-  ), '{}');
-end;
-$$;
-
--- A test event derived from a fixture: its own id, type and created, and p_patch merged into
--- data.object. Data-only and bare-object fixtures get their envelope here.
-create function pg_temp.event(
-  p_fixture text, p_id text, p_type text, p_created bigint, p_patch jsonb default '{}'
-) returns jsonb
-language sql stable
-as $$
-  select pg_temp.merge(
-    f.event,
-    jsonb_build_object(
-      'id', p_id, 'object', 'event', 'type', p_type, 'created', p_created,
-      'data', jsonb_build_object('object', p_patch)
-    )
-  )
-  from pg_temp.stripe_fixtures as f
-  where f.name = p_fixture
-$$;
+-- Test events come from tests.stripe_event() (tests/sql/pgtap_helpers.sql): a trimmed real payload
+-- of tests/fixtures/stripe with its own id, type and created, and the patch it is given, which is
+-- the whole of the adaptation (ids, user, product metadata, ...).
 
 set local role service_role;
 
 -- Four events for a customer nobody has linked yet -----------------------------------------------
 -- Derived from the ruby-mock checkout.session.completed: product set, no user named.
 select results_eq(
-  $$select status, detail from public.handle_stripe_event(pg_temp.event(
+  $$select status, detail from public.handle_stripe_event(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_24_checkout', 'checkout.session.completed', 1700000000,
     '{"id": "cs_24Late", "customer": "cus_24Late", "payment_intent": "pi_24Late", "amount_total": 500,
@@ -191,7 +30,7 @@ select results_eq(
   'a paid session of an unlinked customer should be parked'
 );
 select results_eq(
-  $$select status from public.handle_stripe_event(pg_temp.event(
+  $$select status from public.handle_stripe_event(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_24_checkout', 'checkout.session.completed', 1700000000,
     '{"id": "cs_24Late", "customer": "cus_24Late", "payment_intent": "pi_24Late", "amount_total": 500,
@@ -206,7 +45,7 @@ select results_eq(
 );
 -- Derived from the openapi refund: half of that purchase refunded, before the purchase is known.
 select results_eq(
-  $$select status from public.handle_stripe_event(pg_temp.event(
+  $$select status from public.handle_stripe_event(tests.stripe_event(
     'openapi-fixtures3/refund.json', 'evt_24_refund', 'refund.created', 1700000100,
     '{"id": "re_24Late", "amount": 250, "charge": "ch_24Late", "payment_intent": "pi_24Late"}'))$$,
   $$values ('parked'::text)$$,
@@ -214,7 +53,7 @@ select results_eq(
 );
 -- Derived from the ruby-mock subscription events: created active, then updated past_due.
 select results_eq(
-  $$select status from public.handle_stripe_event(pg_temp.event(
+  $$select status from public.handle_stripe_event(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/customer.subscription.created.json',
     'evt_24_sub_created', 'customer.subscription.created', 1700000200,
     '{"id": "sub_24Late", "customer": "cus_24Late"}'))$$,
@@ -222,7 +61,7 @@ select results_eq(
   'a subscription of an unlinked customer should be parked'
 );
 select results_eq(
-  $$select status from public.handle_stripe_event(pg_temp.event(
+  $$select status from public.handle_stripe_event(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/customer.subscription.updated.json',
     'evt_24_sub_updated', 'customer.subscription.updated', 1700000300,
     '{"id": "sub_24Late", "customer": "cus_24Late", "status": "past_due"}'))$$,
@@ -245,10 +84,7 @@ select results_eq(
   'a replay should count an attempt'
 );
 select is(
-  (
-    select balance from billing.accounts
-    where user_id = '00000000-0000-0000-0000-000000000241'
-  ),
+  tests.balance('00000000-0000-0000-0000-000000000241'),
   100::bigint,
   'nothing should be credited while the events are parked'
 );
@@ -289,7 +125,7 @@ select is_empty(
   'a replay with nothing parked should return nothing'
 );
 select results_eq(
-  $$select status from public.handle_stripe_event(pg_temp.event(
+  $$select status from public.handle_stripe_event(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_24_checkout', 'checkout.session.completed', 1700000000,
     '{"id": "cs_24Late", "customer": "cus_24Late", "payment_intent": "pi_24Late", "amount_total": 500,
@@ -300,7 +136,7 @@ select results_eq(
 
 -- A replay that fails stays parked ---------------------------------------------------------------
 select results_eq(
-  $$select status from public.handle_stripe_event(pg_temp.event(
+  $$select status from public.handle_stripe_event(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_24_broken', 'checkout.session.completed', 1700000400,
     '{"id": "cs_24Broken", "customer": "cus_24Broken", "payment_intent": "pi_24Broken",
@@ -341,10 +177,7 @@ select results_eq(
 );
 reset role;
 
-select is_empty(
-  $$select * from billing.check_invariants()$$,
-  'the ledger invariants should hold after every replay'
-);
+select tests.invariants_hold('the ledger invariants should hold after every replay');
 
 select * from finish();
 rollback;

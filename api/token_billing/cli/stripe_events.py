@@ -1,8 +1,8 @@
 """Realistic Stripe events for `token-billing stripe trigger`, and Stripe's webhook signature.
 
 The templates follow the shape of real deliveries (the envelopes in
-../shared/stripe-fixtures/stripe-ruby-mock-webhook_fixtures and the 2025-03-31+ objects in
-openapi-fixtures3), trimmed to the fields a receiver reads, with the metadata the service puts on
+tests/fixtures/stripe/stripe-ruby-mock-webhook_fixtures and the 2025-03-31+ objects of Stripe's
+openapi fixtures3), trimmed to the fields a receiver reads, with the metadata the service puts on
 its own Checkout Sessions and subscriptions. They let `make dev` show a purchase land without a
 Stripe account; with one, `stripe trigger` plus `stripe listen --forward-to` do the same for real.
 """
