@@ -25,7 +25,7 @@ from token_billing.errors import (
     UnknownAccount,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "DatabaseError",
