@@ -6,7 +6,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 SQL_DIRS := supabase sql tests/sql
-PY_DIRS := api tests scripts bench
+PY_DIRS := api tests scripts bench examples
 # The static checks `make lint` and `make test` run.
 LINTS := lint-py typecheck lint-sql
 

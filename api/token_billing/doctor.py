@@ -213,8 +213,9 @@ def check_expiry_job(conn: psycopg.Connection[Any]) -> list[Finding]:
                 "warn",
                 "pg_cron is not installed: nothing runs expire_tokens(), so expired tokens and "
                 "holds stay until something does",
-                "enable pg_cron (Database > Extensions) and reinstall, or call "
-                "`select * from public.expire_tokens()` every minute from your scheduler",
+                "enable pg_cron (Database > Extensions), then run select cron.schedule("
+                "'token-billing-expire', '* * * * *', 'select * from public.expire_tokens()'); "
+                "or call select * from public.expire_tokens() every minute from your scheduler",
             )
         ]
     job = _rows(conn, "select jobid, active from cron.job where jobname = 'token-billing-expire'")
