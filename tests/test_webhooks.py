@@ -29,6 +29,7 @@ from tests.app_support import (
     account,
     derived_checkout_event,
     encode,
+    metrics_text,
     new_user,
     running_server,
     scalar,
@@ -437,7 +438,7 @@ def test_metrics_should_count_events_by_type_and_outcome(db: Database, client: T
     deliver(client, encode(derived_checkout_event(user, "pack_100")))
     deliver(client, b"{}", secret=OTHER_SECRET)
 
-    text = client.get("/metrics").text
+    text = metrics_text(client.app)
 
     applied = 'outcome="applied",type="checkout.session.completed"} 1.0'
     assert f"token_billing_webhook_events_total{{{applied}" in text

@@ -9,22 +9,26 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
-from starlette.requests import Request
+from pydantic import ValidationError
+from starlette.requests import ClientDisconnect, Request
 
 from token_billing.db import Database
 from token_billing.server.auth import Authenticator, User
 from token_billing.server.http_errors import ApiError
 from token_billing.server.logs import LOG_SCOPE_KEY
 from token_billing.server.metrics import Metrics
+from token_billing.server.schemas import Model
 from token_billing.server.settings import Settings
 from token_billing.server.stream import BalanceBroker
 from token_billing.server.stripe_api import StripeGateway, idempotency_key
 
 # Bodies of the JSON API routes are tiny; the webhook has its own (larger) limit.
 MAX_JSON_BODY_BYTES = 16 * 1024
+
+M = TypeVar("M", bound=Model)
 
 
 @dataclass
@@ -72,16 +76,21 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ApiError(413, "payload_too_large", f"the body exceeds {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "payload_too_large", f"the body exceeds {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "payload_too_large", f"the body exceeds {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The client left, or its body took longer than HTTP_BODY_TIMEOUT_SECONDS (408 sent by
+        # token_billing.server.serving): nobody reads this answer, nothing was done.
+        raise ApiError(400, "client_disconnected", "the request body did not arrive") from None
     return b"".join(chunks)
 
 
-async def read_json_object(request: Request) -> dict[str, Any]:
-    body = await read_body(request, MAX_JSON_BODY_BYTES)
+async def read_json_object(request: Request, limit: int = MAX_JSON_BODY_BYTES) -> dict[str, Any]:
+    body = await read_body(request, limit)
     try:
         value = json.loads(body or b"{}")
     except ValueError:
@@ -89,6 +98,45 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ApiError(400, "invalid_json", "the body must be a JSON object")
     return value
+
+
+def _invalid(model: type[Model], exc: ValidationError) -> ApiError:
+    """A 422 naming the first bad field, with the model's code for that field."""
+    first = exc.errors(include_url=False, include_input=False)[0]
+    field = ".".join(str(part) for part in first["loc"]) or "body"
+    top = str(first["loc"][0]) if first["loc"] else ""
+    code = model.error_codes.get(top, "invalid_request")
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return ApiError(422, code, f"{field}: {message[:1].lower()}{message[1:]}")
+
+
+async def read_model(request: Request, model: type[M], limit: int = MAX_JSON_BODY_BYTES) -> M:
+    """The JSON body validated by `model` (400 not JSON, 413 too large, 422 invalid)."""
+    value = await read_json_object(request, limit)
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise _invalid(model, exc) from None
+
+
+def query_model(request: Request, model: type[M]) -> M:
+    """The query string validated by `model` (422 invalid)."""
+    try:
+        return model.model_validate(dict(request.query_params))
+    except ValidationError as exc:
+        raise _invalid(model, exc) from None
+
+
+def require_stripe(rt: Runtime) -> None:
+    """409 when the Stripe key is the one `make dev` made up (the real Stripe would refuse it)."""
+    if rt.settings.stripe_key_generated:
+        raise ApiError(
+            409,
+            "stripe_not_configured",
+            "Stripe is not configured: make dev runs with a generated placeholder key. Put your "
+            "Stripe test key (sk_test_...) in .env as STRIPE_SECRET_KEY and restart make dev "
+            "(then `token-billing stripe sync-products` prices the catalog)",
+        )
 
 
 async def signed_in(request: Request, rt: Runtime) -> User:
