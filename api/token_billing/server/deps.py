@@ -85,7 +85,12 @@ async def read_body(request: Request, limit: int) -> bytes:
     except ClientDisconnect:
         # The client left, or its body took longer than HTTP_BODY_TIMEOUT_SECONDS (408 sent by
         # token_billing.server.serving): nobody reads this answer, nothing was done.
-        raise ApiError(400, "client_disconnected", "the request body did not arrive") from None
+        raise ApiError(
+            408,
+            "request_timeout",
+            "the request body did not arrive (the client left, or took longer than "
+            "HTTP_BODY_TIMEOUT_SECONDS)",
+        ) from None
     return b"".join(chunks)
 
 

@@ -104,13 +104,14 @@ class _Connection(h11.Connection):
     def next_event(self) -> Any:
         try:
             event = super().next_event()
+            if isinstance(event, h11.Request):
+                self._protocol.on_head(event)
+            elif isinstance(event, h11.EndOfMessage):
+                self._protocol.on_body_end()
         except h11.RemoteProtocolError as exc:
+            # uvicorn answers it with send_400_response(), which reads the status from here.
             self._protocol.refusal = exc
             raise
-        if isinstance(event, h11.Request):
-            self._protocol.on_head(event)
-        elif isinstance(event, h11.EndOfMessage):
-            self._protocol.on_body_end()
         return event
 
 

@@ -121,7 +121,7 @@ async def stripe_webhook(request: Request) -> Response:
         try:
             payload = await read_body(request, rt.settings.webhook_max_body_bytes)
         except ApiError as exc:
-            outcome = "too_large" if exc.status == 413 else "invalid_payload"
+            outcome = {413: "too_large", 408: "incomplete"}.get(exc.status, "invalid_payload")
             raise
         outcome = "invalid_signature"
         body = _verify_signature(payload, request.headers.get("stripe-signature"), rt.settings)
