@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -195,6 +197,24 @@ def metrics_text(app: Any) -> str:
 
 def encode(event: Mapping[str, Any]) -> bytes:
     return json.dumps(event).encode()
+
+
+# --- the contract's routes ---------------------------------------------------------------------
+
+CONTRACT = Path(__file__).resolve().parents[1] / "docs" / "contract.md"
+# Routes the contract lists that another issue adds (issue 13: PaymentIntents).
+NOT_YET_SERVED = {("/v1/payment-intents", "POST")}
+
+
+def contract_routes() -> set[tuple[str, str]]:
+    """The `METHOD /path` of each row of docs/contract.md's HTTP service table."""
+    text = CONTRACT.read_text(encoding="utf-8").split("## HTTP service", 1)[1]
+    found = set()
+    for line in text.splitlines():
+        cell = line.split("|")[1] if line.startswith("|") else ""
+        for method, path in re.findall(r"`(GET|POST) (/[^` ]*)`", cell):
+            found.add((path, method))
+    return found
 
 
 # --- a real uvicorn server in a thread ---------------------------------------------------------

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -15,10 +13,12 @@ from starlette.testclient import TestClient
 from scripts.pgcluster import Database
 from tests.app_support import (
     JWT_SECRET,
+    NOT_YET_SERVED,
     PACK_PRICE,
     STRIPE_KEY,
     WEBHOOK_SECRET,
     bearer,
+    contract_routes,
     free_port,
     metrics_text,
     new_user,
@@ -30,25 +30,11 @@ from token_billing import install
 from token_billing.server.app import create_app
 from token_billing.server.database import StartupError
 
-CONTRACT = Path(__file__).resolve().parents[1] / "docs" / "contract.md"
-# Routes the contract lists that another issue adds (issue 13: PaymentIntents).
-NOT_YET_SERVED = {("/v1/payment-intents", "POST")}
 # Reads for the browser page (issue 7): the user's own ledger history and live balance.
 PAGE_ROUTES = {
     ("/v1/ledger", "GET"),
     ("/v1/balance/stream", "GET"),
 }
-
-
-def contract_routes() -> set[tuple[str, str]]:
-    """The `METHOD /path` of each row of docs/contract.md's HTTP service table."""
-    text = CONTRACT.read_text(encoding="utf-8").split("## HTTP service", 1)[1]
-    found = set()
-    for line in text.splitlines():
-        cell = line.split("|")[1] if line.startswith("|") else ""
-        for method, path in re.findall(r"`(GET|POST) (/[^` ]*)`", cell):
-            found.add((path, method))
-    return found
 
 
 def served(app: Starlette) -> set[tuple[str, str]]:

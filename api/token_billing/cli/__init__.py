@@ -20,7 +20,6 @@ from pathlib import Path
 
 from token_billing.cli import doctor, install, serve, stripe
 
-
 DESCRIPTION = (
     "token-billing: token (credit) billing for AI apps on Supabase and Stripe. Install its SQL "
     "into a project, check a database, run the HTTP service, and work with Stripe. Settings come "

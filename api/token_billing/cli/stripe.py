@@ -100,7 +100,6 @@ def trigger(args: argparse.Namespace) -> int:
     import httpx
 
     from token_billing.cli.stripe_events import Product, build_event, stripe_signature
-
     from token_billing.errors import DatabaseError, DatabaseUnavailable
     from token_billing.server.database import describe
 
@@ -159,12 +158,10 @@ def trigger(args: argparse.Namespace) -> int:
 async def _sync(settings: Settings) -> int:
     import stripe
 
-    from token_billing.server.catalog import sync_products
-    from token_billing.server.database import database_from_settings
-    from token_billing.server.stripe_api import make_client
-
     from token_billing.errors import DatabaseError, DatabaseUnavailable
-    from token_billing.server.database import describe
+    from token_billing.server.catalog import sync_products
+    from token_billing.server.database import database_from_settings, describe
+    from token_billing.server.stripe_api import make_client
 
     client, http = make_client(settings)
     db = database_from_settings(settings)

@@ -29,6 +29,7 @@ from token_billing.server.stripe_api import StripeGateway, idempotency_key
 MAX_JSON_BODY_BYTES = 16 * 1024
 
 M = TypeVar("M", bound=Model)
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
 
 @dataclass
@@ -167,6 +168,13 @@ def request_key(request: Request, *parts: object) -> str:
     client that does not gets a fresh key (the stripe library still reuses it on its retries).
     """
     client_key = request.headers.get("idempotency-key")
+    if client_key is not None and len(client_key) > MAX_IDEMPOTENCY_KEY_LENGTH:
+        # Stripe's own bound, so that a key means the same here as there.
+        raise ApiError(
+            400,
+            "invalid_idempotency_key",
+            f"Idempotency-Key must be at most {MAX_IDEMPOTENCY_KEY_LENGTH} characters",
+        )
     return idempotency_key(*parts, client_key if client_key else uuid.uuid4())
 
 

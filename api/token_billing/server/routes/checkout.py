@@ -17,6 +17,7 @@ from starlette.routing import BaseRoute
 from token_billing.server import schemas
 from token_billing.server.auth import User
 from token_billing.server.deps import (
+    MAX_IDEMPOTENCY_KEY_LENGTH,
     Runtime,
     active_products,
     buyer,
@@ -38,7 +39,7 @@ MAX_PACK_QUANTITY = 100
 IDEMPOTENCY_KEY = Header(
     "Idempotency-Key",
     "Send the same key again (a retry, a double click) to get the same Stripe object back.",
-    max_length=255,
+    max_length=MAX_IDEMPOTENCY_KEY_LENGTH,
 )
 
 
@@ -70,6 +71,7 @@ async def create_checkout_session(request: Request) -> Response:
     user = buyer(await signed_in(request, rt))
     require_stripe(rt)
     body = await read_model(request, schemas.PurchaseRequest)
+    key = request_key(request, "checkout", user.id)
     code, quantity = body.product, body.quantity
     log_fields(request).update(product=code, quantity=quantity)
 
@@ -115,7 +117,6 @@ async def create_checkout_session(request: Request) -> Response:
         params["payment_intent_data"] = {"metadata": metadata}
     else:
         params["subscription_data"] = {"metadata": metadata}
-    key = request_key(request, "checkout", user.id)
     session_id, url = await rt.stripe.create_checkout_session(params, key)
     rt.metrics.checkout_sessions.labels(kind).inc()
     log_fields(request).update(checkout_session_id=session_id, stripe_customer_id=customer_id)
@@ -126,6 +127,7 @@ async def create_portal_session(request: Request) -> Response:
     rt = runtime(request)
     user = buyer(await signed_in(request, rt))
     require_stripe(rt)
+    key = request_key(request, "portal", user.id)
     profile = await billing_profile(rt, user)
     customer_id = profile.get("stripe_customer_id")
     if not customer_id:
@@ -133,7 +135,7 @@ async def create_portal_session(request: Request) -> Response:
     url = await rt.stripe.create_portal_session(
         str(customer_id),
         rt.settings.app_link(rt.settings.portal_return_path),
-        request_key(request, "portal", user.id),
+        key,
     )
     rt.metrics.portal_sessions.inc()
     return schemas.respond(schemas.PortalSession(url=url), 201)
@@ -169,6 +171,7 @@ routes: list[BaseRoute] = [
         security="supabaseAuth",
         responses={
             201: schemas.PortalSession,
+            400: schemas.ErrorResponse,
             403: schemas.ErrorResponse,
             409: schemas.ErrorResponse,
             502: schemas.ErrorResponse,
