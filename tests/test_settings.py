@@ -351,3 +351,37 @@ def test_dev_routes_should_need_explicit_development_and_a_test_key(
     if environment is not None:
         monkeypatch.setenv("ENVIRONMENT", environment)
     assert load_settings().dev_routes is served
+
+
+DEPLOYMENT = Path(__file__).resolve().parents[1] / "docs" / "deployment.md"
+
+
+def _default_text(name: str) -> str:
+    from pydantic_core import PydanticUndefined
+
+    default = Settings.model_fields[name].default
+    if default is PydanticUndefined:
+        return "**required**"
+    if default is None:
+        return "unset"
+    if isinstance(default, list):
+        return "empty" if not default else ",".join(default)
+    return f"`{default}`"
+
+
+def test_the_deployment_page_should_list_every_setting_with_its_default() -> None:
+    rows = {
+        line.split("`")[1]: [cell.strip() for cell in line.split("|")[1:-1]]
+        for line in DEPLOYMENT.read_text().splitlines()
+        if line.startswith("| `") and line.split("`")[1].isupper()
+    }
+    names = {name.upper(): name for name in Settings.model_fields}
+    documented = {name for name in rows if name in names}
+    assert documented == set(names), "docs/deployment.md should have a row per setting"
+    wrong = {
+        name: (rows[name][1], _default_text(field))
+        for name, field in names.items()
+        if rows[name][1] != _default_text(field)
+    }
+    assert wrong == {}, "each row should show the setting's real default"
+    assert all(rows[name][2] for name in names), "each row should say what the setting does"
