@@ -23,7 +23,7 @@ from token_billing.server.metrics import Metrics
 from token_billing.server.schemas import Model
 from token_billing.server.settings import Settings
 from token_billing.server.stream import BalanceBroker
-from token_billing.server.stripe_api import StripeGateway, idempotency_key
+from token_billing.server.stripe_api import StripeGateway, idempotency_key, stripe_not_configured
 
 # Bodies of the JSON API routes are tiny; the webhook has its own (larger) limit.
 MAX_JSON_BODY_BYTES = 16 * 1024
@@ -134,15 +134,10 @@ def query_model(request: Request, model: type[M]) -> M:
 
 
 def require_stripe(rt: Runtime) -> None:
-    """409 when the Stripe key is the one `make dev` made up (the real Stripe would refuse it)."""
+    """409 when the Stripe key is the one `make dev` made up (the real Stripe would refuse it);
+    checked before anything else is done (the gateway refuses such calls too)."""
     if rt.settings.stripe_key_generated:
-        raise ApiError(
-            409,
-            "stripe_not_configured",
-            "Stripe is not configured: make dev runs with a generated placeholder key. Put your "
-            "Stripe test key (sk_test_...) in .env as STRIPE_SECRET_KEY and restart make dev "
-            "(then `token-billing stripe sync-products` prices the catalog)",
-        )
+        raise stripe_not_configured()
 
 
 async def signed_in(request: Request, rt: Runtime) -> User:
