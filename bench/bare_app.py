@@ -1,6 +1,6 @@
 """The ceiling of the webhook measurement: a bare Starlette endpoint that reads the body and
-answers 200, served by the same uvicorn setup as `token-billing serve` (one worker, no access
-log). Run: `python -m uvicorn bench.bare_app:app --port P`.
+answers 200, served by the same uvicorn setup as `token-billing serve` (one worker, h11, no
+access log). Run: `python -m uvicorn bench.bare_app:app --http h11 --port P`.
 """
 
 from __future__ import annotations

@@ -161,6 +161,9 @@ def webhook_rows(
         "--host=127.0.0.1",
         f"--port={bare_port}",
         "--workers=1",
+        # The parser `token-billing serve` uses (token_billing.server.serving): h11, not
+        # uvicorn's default httptools, so the ratio measures the service, not the parser.
+        "--http=h11",
         "--no-access-log",
         "--log-level=warning",
     ]

@@ -5,16 +5,19 @@ tests/sql/supabase_compat.sql, applies supabase/migrations and supabase/seed.sql
 push` (only what is new, as against a real project), creates a demo user, turns on the balance
 notifications of the stream, then runs the service (`token-billing serve`, one uvicorn worker)
 with development settings it writes to .dev/dev.env: generated local secrets, or your Stripe
-test keys when .env (or the environment) has real ones. It sends one signed purchase event to
-show a purchase land, prints the URLs and the commands to try, and stays in the foreground until
-Ctrl-C, which stops the service and Postgres.
+test keys when .env (or the environment) has real ones, ENVIRONMENT=development (the demo page
+and its sign-in exist only then) and the metrics listener on --metrics-port. On a fresh database
+it sends one signed purchase event to show a purchase land (once: a restart does not buy again),
+prints the URLs and the commands to try, and stays in the foreground until Ctrl-C, which stops
+the service and Postgres.
 
     python -m scripts.dev             # start everything, wait for Ctrl-C
     python -m scripts.dev --no-wait   # start everything, leave it running, exit
     python -m scripts.dev --stop      # stop a running dev stack (service, then Postgres)
     python -m scripts.dev --reset     # delete .dev/pgdata and start from nothing
 
---port (Postgres), --api-port (the service) and --dir (where state lives) let a second stack,
+--port (Postgres), --api-port (the service), --metrics-port and --dir (where state lives) let a
+second stack,
 such as the browser tests', run beside a developer's.
 """
 
@@ -55,6 +58,8 @@ from scripts.pgcluster import (
 DEV_DIR = ROOT / ".dev"
 DEFAULT_PORT = 54322
 DEFAULT_API_PORT = 8000
+# The metrics listener (METRICS_PORT): /metrics is never on the API port.
+DEFAULT_METRICS_OFFSET = 1
 DBNAME = "postgres"  # as on Supabase: the application database is `postgres`
 DEMO_USER_ID = (
     "00000000-0000-0000-0000-000000000001"  # token_billing.server.routes.dev.DEMO_USER_ID
@@ -78,6 +83,8 @@ OWN_SETTINGS = (
     "CHECKOUT_SUCCESS_PATH",
     "CHECKOUT_CANCEL_PATH",
     "PORTAL_RETURN_PATH",
+    "METRICS_PORT",
+    "METRICS_HOST",
 )
 
 
@@ -181,6 +188,17 @@ def migrate(cluster: PgCluster) -> Database:
     return db
 
 
+def demo_purchased(db: Database) -> bool:
+    """The demo user has bought something already (the startup purchase of an earlier run)."""
+    with db.connect() as conn:
+        row = conn.execute(
+            "select exists (select 1 from billing.ledger_entries "
+            "where user_id = %s and kind = 'purchase')",
+            [DEMO_USER_ID],
+        ).fetchone()
+    return bool(row and row[0])
+
+
 def demo_balance(db: Database) -> int | None:
     with db.connect() as conn:
         row = conn.execute(
@@ -226,6 +244,7 @@ def dev_settings(
     cluster: PgCluster,
     api_port: int,
     user_values: Mapping[str, str],
+    metrics_port: int | None = None,
 ) -> tuple[dict[str, str], bool]:
     """The service's settings, and whether the Stripe keys are the user's real test keys.
 
@@ -262,6 +281,7 @@ def dev_settings(
         "CHECKOUT_SUCCESS_PATH": "/?checkout=success&session_id={CHECKOUT_SESSION_ID}",
         "CHECKOUT_CANCEL_PATH": "/?checkout=cancel",
         "PORTAL_RETURN_PATH": "/",
+        "METRICS_PORT": str(metrics_port or api_port + DEFAULT_METRICS_OFFSET),
     }
     return values, real_keys
 
@@ -417,8 +437,14 @@ def shown_trigger(layout: Layout, url: str) -> str:
 
 
 def demo_purchase(db: Database, layout: Layout, url: str) -> str:
-    """Send one signed purchase event, exactly as the printed command does; say what changed."""
+    """Send one signed purchase event, exactly as the printed command does, unless this database
+    has had it already; say what changed."""
     before = demo_balance(db)
+    if demo_purchased(db):
+        return (
+            f"made when this database was new (balance now {before}); `make dev-reset` starts "
+            "over, the command above buys again"
+        )
     proc = subprocess.run(
         trigger_command(layout, url),
         cwd=ROOT,
@@ -436,7 +462,15 @@ def demo_purchase(db: Database, layout: Layout, url: str) -> str:
     )
 
 
-def banner(db: Database, layout: Layout, url: str, *, real_keys: bool, purchase: str | None) -> str:
+def banner(
+    db: Database,
+    layout: Layout,
+    url: str,
+    *,
+    real_keys: bool,
+    purchase: str | None,
+    metrics_url: str | None = None,
+) -> str:
     # Supabase's local default URL; the dev cluster trusts 127.0.0.1, so any password works.
     dsn = db.cluster.dsn(DBNAME, OWNER, password="postgres")  # noqa: S106
     listen = (
@@ -450,11 +484,14 @@ the catalog once with: {shown_cli()} --env-file {shown(layout.env_file)} stripe 
 """
         if real_keys
         else """
-No Stripe test key in .env: the dev stack uses a generated fake one, so buy buttons stay off
-(no Stripe prices); signed events from the command above still credit the demo user.
+No Stripe test key in .env: the dev stack uses a generated placeholder, so buy buttons stay off
+and checkout and the portal answer 409 saying what to configure (put your sk_test_ key in .env
+as STRIPE_SECRET_KEY); signed events from the command above still credit the demo user.
 """
     )
     done = f"\nDemo purchase: {purchase}\n" if purchase else ""
+    host, _, port = url.rpartition(":")
+    metrics = metrics_url or f"{host}:{int(port) + DEFAULT_METRICS_OFFSET}"
     spend = (
         f"psql '{dsn}' -c \"select * from public.deduct_tokens("
         f"'{DEMO_USER_ID}', 10, gen_random_uuid()::text);\""
@@ -464,7 +501,7 @@ token-billing dev stack is up.
 
   page         {url}/
   service      {url}   (readiness {url}/readyz)
-  metrics      {url}/metrics
+  metrics      {metrics}/metrics   (a listener of its own: never on the API port)
   settings     {shown(layout.env_file)}   (service log: {shown(layout.log_file)})
   DATABASE_URL={dsn}
 
@@ -530,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the local token-billing stack.")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="Postgres port")
     parser.add_argument("--api-port", type=int, default=DEFAULT_API_PORT, help="service port")
+    parser.add_argument(
+        "--metrics-port", type=int, help="metrics listener port (default: the service port + 1)"
+    )
     parser.add_argument("--dir", type=Path, default=DEV_DIR, help="state directory (.dev)")
     parser.add_argument("--stop", action="store_true", help="stop the dev stack and exit")
     parser.add_argument("--reset", action="store_true", help="delete the database first")
@@ -561,7 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     build_page()
     user_values = {**read_env_file(ROOT / ".env"), **{k.upper(): v for k, v in os.environ.items()}}
     user_values = {k: v for k, v in user_values.items() if k in set(settings_names())}
-    values, real_keys = dev_settings(layout, cluster, args.api_port, user_values)
+    metrics_port = args.metrics_port or args.api_port + DEFAULT_METRICS_OFFSET
+    values, real_keys = dev_settings(layout, cluster, args.api_port, user_values, metrics_port)
     write_env_file(layout.env_file, values)
     url = f"http://localhost:{args.api_port}"
     service = start_service(layout, args.api_port, detach=args.no_wait)
@@ -577,7 +618,11 @@ def main(argv: list[str] | None = None) -> int:
     # With real test keys the made-up customer of a triggered event would be linked to the demo
     # user and then refused by Stripe at checkout: buy for real instead (stripe listen).
     purchase = None if real_keys else demo_purchase(db, layout, url)
-    print(banner(db, layout, url, real_keys=real_keys, purchase=purchase), flush=True)
+    metrics_url = f"http://localhost:{metrics_port}"
+    print(
+        banner(db, layout, url, real_keys=real_keys, purchase=purchase, metrics_url=metrics_url),
+        flush=True,
+    )
     print(f"(ready in {time.monotonic() - started:.1f}s)", file=sys.stderr)
     if args.no_wait:
         return 0

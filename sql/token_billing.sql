@@ -46,6 +46,7 @@
 --   20261121001300_ledger_history.sql
 --   20261121001400_settle_batch.sql
 --   20261121001600_signup.sql
+--   20261202300000_installed_migrations.sql
 
 do $token_billing_install$
 declare
@@ -70,7 +71,8 @@ declare
     '20261121001200',
     '20261121001300',
     '20261121001400',
-    '20261121001600'
+    '20261121001600',
+    '20261202300000'
   ]::text[];
   -- Every public function any token-billing version created: on an upgrade these are ours.
   v_known constant text[] := array[
@@ -88,7 +90,8 @@ declare
     'public.get_billing_profile(uuid)',
     'public.set_product_stripe_price(text, text)',
     'public.list_ledger_entries(uuid, integer)',
-    'public.settle_reservations(jsonb)'
+    'public.settle_reservations(jsonb)',
+    'public.installed_migrations()'
   ]::text[];
   -- The names of the public functions this version creates.
   v_names constant text[] := array[
@@ -106,7 +109,8 @@ declare
     'get_billing_profile',
     'set_product_stripe_price',
     'list_ledger_entries',
-    'settle_reservations'
+    'settle_reservations',
+    'installed_migrations'
   ]::text[];
   v_replace text := lower(coalesce(
     nullif(btrim(current_setting('token_billing.replace_conflicting', true)), ''), 'off'
@@ -4224,6 +4228,42 @@ select billing.open_missing_accounts();
 
 insert into billing.schema_migrations (version, name) values ('20261121001600', 'signup');
 $tb_migration_20261121001600$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202300000_installed_migrations.sql
+  if v_installed is null or '20261202300000' <> all(v_installed) then
+    execute $tb_migration_20261202300000$
+-- Migration: the installed schema version, readable over both database paths.
+--
+-- Purpose: the service's GET /readyz answers ready only when every migration its package
+-- expects is applied (token_billing.install.expected_migrations()), so a database that was
+-- never migrated, or is behind the service, is reported instead of failing request by request.
+-- billing.schema_migrations is not exposed through PostgREST, so the service reads it through
+-- this function, as service_role, over DATABASE_URL and over PostgREST alike.
+-- Objects: public.installed_migrations().
+
+create function public.installed_migrations()
+returns table (version text, name text, applied_at timestamptz)
+language sql stable
+security invoker
+set search_path = ''
+as $$
+  select m.version, m.name, m.applied_at
+  from billing.schema_migrations as m
+  order by m.version;
+$$;
+
+comment on function public.installed_migrations() is
+'Every token-billing migration applied to this database (billing.schema_migrations), oldest '
+'first: what the service''s readiness check compares with the migrations its package expects. '
+'Security invoker: service_role may read billing.schema_migrations itself.';
+
+revoke all on function public.installed_migrations() from public, anon, authenticated;
+grant execute on function public.installed_migrations() to service_role;
+
+insert into billing.schema_migrations (version, name) values ('20261202300000', 'installed_migrations');
+$tb_migration_20261202300000$;
     v_applied := v_applied + 1;
   end if;
 

@@ -28,7 +28,8 @@ declare
     'public.get_billing_profile(uuid)',
     'public.set_product_stripe_price(text, text)',
     'public.list_ledger_entries(uuid, integer)',
-    'public.settle_reservations(jsonb)'
+    'public.settle_reservations(jsonb)',
+    'public.installed_migrations()'
   ]::text[];
   v_triggers constant text[] := array[
     'tg_users__50_open_billing_account',

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import jwt
 import stripe
-import uvicorn
 
 from scripts.pgcluster import Database
 from tests import stripe_fixtures
-from token_billing.server.app import create_app
+from token_billing.server.serving import Server, build_server
 from token_billing.server.settings import Settings
 
 # Test values, not secrets.
@@ -188,8 +189,32 @@ def derived_checkout_event(
     return event
 
 
+def metrics_text(app: Any) -> str:
+    """What the app's metrics listener would serve (GET /metrics is not on the API port)."""
+    text: str = app.state.metrics.render().decode()
+    return text
+
+
 def encode(event: Mapping[str, Any]) -> bytes:
     return json.dumps(event).encode()
+
+
+# --- the contract's routes ---------------------------------------------------------------------
+
+CONTRACT = Path(__file__).resolve().parents[1] / "docs" / "contract.md"
+# Routes the contract lists that another issue adds (issue 13: PaymentIntents).
+NOT_YET_SERVED = {("/v1/payment-intents", "POST")}
+
+
+def contract_routes() -> set[tuple[str, str]]:
+    """The `METHOD /path` of each row of docs/contract.md's HTTP service table."""
+    text = CONTRACT.read_text(encoding="utf-8").split("## HTTP service", 1)[1]
+    found = set()
+    for line in text.splitlines():
+        cell = line.split("|")[1] if line.startswith("|") else ""
+        for method, path in re.findall(r"`(GET|POST) (/[^` ]*)`", cell):
+            found.add((path, method))
+    return found
 
 
 # --- a real uvicorn server in a thread ---------------------------------------------------------
@@ -202,13 +227,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(settings: Settings) -> Iterator[str]:
-    """The app under uvicorn on a free port; yields its base URL."""
+def serving(settings: Settings) -> Iterator[tuple[str, Server]]:
+    """The service as `token-billing serve` runs it (token_billing.server.serving: uvicorn with
+    its limits, the metrics listener when METRICS_PORT is set) in a thread, on a free port;
+    yields its base URL and the server."""
     port = free_port()
-    config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
-    )
-    server = uvicorn.Server(config)
+    server = build_server(settings, host="127.0.0.1", port=port, log_level="warning")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -217,7 +241,14 @@ def running_server(settings: Settings) -> Iterator[str]:
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", server
     finally:
         server.should_exit = True
         thread.join(timeout=20)
+
+
+@contextlib.contextmanager
+def running_server(settings: Settings) -> Iterator[str]:
+    """The service as `token-billing serve` runs it, on a free port; yields its base URL."""
+    with serving(settings) as (url, _):
+        yield url

@@ -8,6 +8,7 @@ is driven by playwright-core in Debian's Chromium (tests/browser/driver.mjs).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -15,10 +16,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,10 @@ class Stack:
     state: Path
     settings: dict[str, str]
     banner: str
+    # What started it, so a test can start it again; the port of the page's other origin.
+    args: list[str]
+    env: dict[str, str]
+    page_port: int
 
     def connect(self) -> psycopg.Connection[tuple[Any, ...]]:
         return psycopg.connect(self.settings["DATABASE_URL"], autocommit=True)
@@ -101,12 +108,17 @@ def stack(stripe_double: StripeDouble) -> Iterator[Stack]:
     # Not under pytest's tmp dir: the `postgres` OS user must be able to reach the data dir.
     state = Path(tempfile.mkdtemp(prefix="tb-devstack-", dir="/tmp"))
     os.chmod(state, 0o755)  # noqa: S103
-    pg_port, api_port = free_port(), free_port()
-    args = ["--dir", str(state), "--port", str(pg_port), "--api-port", str(api_port)]
+    pg_port, api_port, metrics_port, page_port = free_port(), free_port(), free_port(), free_port()
+    args = [
+        *("--dir", str(state), "--port", str(pg_port), "--api-port", str(api_port)),
+        *("--metrics-port", str(metrics_port)),
+    ]
     # No Stripe key of ours: make dev generates its fake one, as for a developer without a
     # Stripe account; its requests go to the double.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STRIPE_", "SUPABASE_"))}
     env.update(STRIPE_API_BASE=stripe_double.url, STRIPE_MAX_NETWORK_RETRIES="0")
+    # The page is also served from another origin (other_origin below), which the API allows.
+    env.update(CORS_ORIGINS=f"http://127.0.0.1:{page_port}")
     started = _dev("--no-wait", *args, env=env)
     try:
         assert started.returncode == 0, started.stdout + started.stderr
@@ -118,6 +130,9 @@ def stack(stripe_double: StripeDouble) -> Iterator[Stack]:
             state=state,
             settings=settings,
             banner=started.stdout,
+            args=args,
+            env=env,
+            page_port=page_port,
         )
         # What `token-billing stripe sync-products` stores: pack_100 sells at the double's price.
         with stack.connect() as conn:
@@ -128,10 +143,36 @@ def stack(stripe_double: StripeDouble) -> Iterator[Stack]:
         yield stack
     finally:
         stopped = _dev("--stop", *args)
-        still_up = [port for port in (pg_port, api_port) if port_in_use(port)]
+        still_up = [port for port in (pg_port, api_port, metrics_port) if port_in_use(port)]
         shutil.rmtree(state, ignore_errors=True)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         assert still_up == [], f"--stop should stop the service and Postgres: {still_up} open"
+
+
+@pytest.fixture(scope="module")
+def other_origin(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The page as a host app would serve it: its files on an origin of their own (another
+    port), with a config.json that points at the API's origin."""
+    site = tmp_path_factory.mktemp("site")
+    for name in ("index.html", "styles.css"):
+        shutil.copy(web_build.WEB / name, site / name)
+    shutil.copytree(web_build.DIST, site / "dist")
+    config = {"apiUrl": stack.url, "supabaseUrl": None, "supabaseAnonKey": None, "devSignIn": True}
+    (site / "config.json").write_text(json.dumps(config))
+    handler = functools.partial(_QuietFiles, directory=str(site))
+    server = ThreadingHTTPServer(("127.0.0.1", stack.page_port), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{stack.page_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _QuietFiles(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +212,8 @@ def post_purchase(stack: Stack) -> httpx.Response:
 def test_make_dev_should_print_the_urls_the_demo_user_and_a_working_trigger(stack: Stack) -> None:
     banner, url = stack.banner, stack.url
     assert f"page         {url}/" in banner
-    assert f"{url}/metrics" in banner
+    assert "/metrics   (a listener of its own: never on the API port)" in banner
+    assert httpx.get(f"{url}/metrics").status_code == 404
     assert DEMO_USER_ID in banner
     assert "stripe listen" not in banner, "without a Stripe test key there is nothing to forward"
     assert "checkout.session.completed for pack_100 landed: balance 100 -> 200" in banner, (
@@ -279,6 +321,25 @@ def test_keyboard_should_reach_a_buy_button_and_enter_should_open_checkout(
     browser.wait_for_text("#notice", "Checkout cancelled. Nothing was charged.")
 
 
+def test_the_page_should_work_from_another_origin(
+    browser: Browser, stack: Stack, other_origin: str
+) -> None:
+    """A host app serves the page itself and calls the API cross-origin (CORS_ORIGINS): sign
+    in, the balance, the live stream and the catalog all work through the preflights."""
+    browser.goto(f"{other_origin}/")
+    if browser.visible("#sign-in-button"):
+        browser.click("#sign-in-button")
+    browser.wait_for_text("#available", f"^{stack.balance():,}$", 5000)
+    browser.wait_for_text("#live-text", "^Live$", 5000)
+    assert browser.text('button[data-product="pack_100"]') == "Buy"
+    before = stack.balance()
+    response = post_purchase(stack)
+    assert response.status_code == 200, response.text
+    browser.wait_for_text("#available", f"^{before + 100:,}$", 5000)
+    assert browser.call("url") == f"{other_origin}/"
+    browser.screenshot(ARTIFACTS / "web-page-other-origin.png")
+
+
 @pytest.mark.parametrize(
     ("failure", "message"),
     [
@@ -325,3 +386,16 @@ def test_an_expired_session_should_say_so_and_offer_to_sign_in_again(
     browser.click("#error-sign-in")
     browser.wait_for_text("#available", f"^{stack.balance():,}$")
     assert not browser.visible("#error")
+
+
+# --- a second start ------------------------------------------------------------------------------
+
+
+def test_a_second_make_dev_should_not_buy_again(stack: Stack) -> None:
+    """The startup purchase lands once per fresh dev database, not at every start."""
+    before = stack.balance()
+    again = _dev("--no-wait", *stack.args, env=stack.env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "Demo purchase: made when this database was new" in again.stdout
+    assert "landed: balance" not in again.stdout
+    assert stack.balance() == before, "a restart should not credit the demo user again"

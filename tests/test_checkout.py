@@ -21,6 +21,7 @@ from tests.app_support import (
     PLAN_PRICE,
     STRIPE_KEY,
     bearer,
+    metrics_text,
     new_user,
     put_product,
     scalar,
@@ -334,7 +335,7 @@ def test_stripe_errors_should_map_to_clean_json(
     assert response.json()["error"]["code"] == code
     assert "sk_test" not in response.text, "no Stripe internals or keys in the answer"
     assert "Traceback" not in response.text
-    metrics = client.get("/metrics").text
+    metrics = metrics_text(client.app)
     assert 'token_billing_stripe_errors_total{error="' in metrics
 
 

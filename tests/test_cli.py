@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -260,3 +261,72 @@ def test_serve_should_run_the_app_under_uvicorn(db: Database, cli_env: dict[str,
     assert any(entry.get("route") == "/readyz" and entry["status"] == 200 for entry in access), err
     assert STRIPE_KEY not in err
     assert WEBHOOK_SECRET not in err
+
+
+# --- help and errors ------------------------------------------------------------------------
+
+
+def _parsers(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield parser.prog, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def test_every_command_and_option_should_have_help_text() -> None:
+    from token_billing.cli import parser
+
+    root = parser()
+    missing = []
+    commands = []
+    for prog, p in _parsers(root):
+        commands.append(prog)
+        if not p.description:
+            missing.append(f"{prog}: no description")
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:
+                    if not choice.help:
+                        missing.append(f"{prog} {choice.dest}: no help")
+                continue
+            if not action.help:
+                missing.append(f"{prog} {'/'.join(action.option_strings) or action.dest}")
+    assert {
+        "token-billing install",
+        "token-billing uninstall",
+        "token-billing doctor",
+        "token-billing serve",
+        "token-billing stripe trigger",
+        "token-billing stripe sync-products",
+    } <= set(commands)
+    assert missing == []
+    assert "The `token-billing` command." not in root.format_help()
+
+
+def test_sync_products_should_say_when_stripe_cannot_be_reached(
+    cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("STRIPE_API_BASE", nowhere)
+    assert main(["stripe", "sync-products"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"token-billing: could not reach Stripe at {nowhere} "), err
+    assert "refused" not in err.split(":")[1]
+
+
+def test_sync_products_should_say_when_stripe_refuses(
+    cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with StripeDouble() as stripe_double:
+        monkeypatch.setenv("STRIPE_API_BASE", stripe_double.url)
+        stripe_double.fail_next(
+            status=401, error_type="invalid_request_error", message="Invalid API Key provided"
+        )
+        assert main(["stripe", "sync-products"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("token-billing: Stripe refused the key (401): check STRIPE_SECRET_KEY"), (
+        err
+    )

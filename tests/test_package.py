@@ -33,6 +33,7 @@ PACKAGE = SOURCES / "token_billing"
 SERVER_ONLY = (
     "starlette",
     "uvicorn",
+    "h11",
     "stripe",
     "pydantic",
     "pydantic_settings",

@@ -196,7 +196,14 @@ LOCK_WAITERS = (
 def test_exhausted_pool_answers_503_quickly_and_recovers(db: Database) -> None:
     user = new_user(db)
     pool_timeout = 1.0
-    settings = settings_for(db, db_pool_max_size=2, db_pool_timeout_seconds=pool_timeout)
+    # The held calls must outlast the burst however loaded the machine is (several test suites
+    # share two cores): statement_timeout is another test's subject.
+    settings = settings_for(
+        db,
+        db_pool_max_size=2,
+        db_pool_timeout_seconds=pool_timeout,
+        db_statement_timeout_ms=90_000,
+    )
     with running_server(settings) as url:
         # Hold the user's account row: two deliveries for that user take both pool connections
         # and wait on the lock.

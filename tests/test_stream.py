@@ -22,7 +22,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from scripts.pgcluster import Database, build_template, temporary_cluster
-from tests.app_support import bearer, free_port, new_user, settings_for
+from tests.app_support import bearer, free_port, new_user, settings_for, user_token
 from token_billing.server import stream
 from token_billing.server.app import create_app
 from token_billing.server.settings import Settings
@@ -306,6 +306,106 @@ def test_server_shutdown_should_end_streams_and_release_every_connection(db: Dat
             break
         time.sleep(0.1)
     assert service_connections(db) == {}, "the listener and the pool should be closed"
+
+
+# --- per-user caps and token expiry -----------------------------------------------------------
+
+
+def test_a_sixth_stream_of_one_user_should_be_refused_while_others_get_theirs(
+    db: Database,
+) -> None:
+    enable_notify(db)
+    alice, bob = new_user(db), new_user(db)
+    settings = settings_for(db, balance_stream_heartbeat_seconds=HEARTBEAT_SECONDS)
+
+    async def scenario(url: str) -> tuple[int, dict[str, Any], str | None, int, int]:
+        async with client() as http, contextlib.AsyncExitStack() as stack:
+            for _ in range(5):
+                events = await stack.enter_async_context(open_stream(http, url, alice))
+                await events.next("balance")
+            sixth = await http.get(f"{url}/v1/balance/stream", headers=bearer(alice))
+            open_after = broker(app).stream_count
+            async with open_stream(http, url, bob) as theirs:
+                bob_first = (await theirs.next("balance"))["balance"]
+            return (
+                sixth.status_code,
+                sixth.json(),
+                sixth.headers.get("retry-after"),
+                bob_first,
+                open_after,
+            )
+
+    with serving(settings) as (url, app, _):
+        status, body, retry, bob_first, open_after = asyncio.run(scenario(url))
+    assert status == 429
+    assert body["error"] == {
+        "code": "too_many_streams",
+        "message": "this user already has 5 balance streams open (the most one user may): "
+        "close one, e.g. another tab",
+    }
+    assert retry == "5"
+    assert bob_first == 100, "another user's first stream should be served"
+    assert open_after == 5, "the refused stream should hold no slot"
+
+
+def test_the_process_wide_cap_should_still_hold(db: Database) -> None:
+    enable_notify(db)
+    users = [new_user(db) for _ in range(3)]
+    settings = settings_for(db, balance_streams_max=2)
+
+    async def scenario(url: str) -> httpx.Response:
+        async with (
+            client() as http,
+            open_stream(http, url, users[0]),
+            open_stream(http, url, users[1]),
+        ):
+            return await http.get(f"{url}/v1/balance/stream", headers=bearer(users[2]))
+
+    with serving(settings) as (url, _, _):
+        third = asyncio.run(scenario(url))
+    assert third.status_code == 503
+    assert third.json()["error"]["code"] == "too_many_streams"
+
+
+def test_a_stream_should_close_when_its_token_expires(db: Database) -> None:
+    enable_notify(db)
+    user = new_user(db)
+    settings = settings_for(db, balance_stream_heartbeat_seconds=30.0, jwt_leeway_seconds=0)
+
+    async def scenario(url: str, app: Starlette) -> tuple[Any, Any, int]:
+        headers = {"Authorization": f"Bearer {user_token(user, expires_in=2)}"}
+        async with (
+            client() as http,
+            http.stream("GET", f"{url}/v1/balance/stream", headers=headers) as response,
+        ):
+            assert response.status_code == 200
+            events = Events(response)
+            task = asyncio.create_task(events.pump())
+            await events.next("balance")
+            ended = await events.next("end", 15.0)  # the service's `end` event
+            closed = await _closed(events)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                await task
+        for _ in range(100):
+            if broker(app).stream_count == 0:
+                break
+            await asyncio.sleep(0.05)
+        return ended, closed, broker(app).stream_count
+
+    with serving(settings) as (url, app, _):
+        ended, closed, still_open = asyncio.run(scenario(url, app))
+    assert ended == {"reason": "token_expired"}, "the stream should say why it ends"
+    assert closed is None, "then the response should end (the client reconnects)"
+    assert still_open == 0
+
+
+async def _closed(events: Events) -> Any:
+    """The end of the response itself (the pump's ("end", None), after the `end` event)."""
+    while True:
+        event, data = await asyncio.wait_for(events.queue.get(), 15.0)
+        if event == "end" and data is None:
+            return None
 
 
 # --- a Postgres restart (on a cluster of its own: the session's is shared) ---------------------

@@ -6,7 +6,9 @@ The page itself is tested in a real browser in tests/test_browser.py.
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
+import httpx
 import jwt
 import pytest
 from starlette.testclient import TestClient
@@ -14,9 +16,18 @@ from starlette.testclient import TestClient
 from scripts import web as web_build
 from scripts.dev import DEMO_USER_ID
 from scripts.pgcluster import Database
-from tests.app_support import JWT_SECRET, bearer, new_user, settings_for
+from tests.app_support import (
+    JWT_SECRET,
+    STRIPE_KEY,
+    WEBHOOK_SECRET,
+    bearer,
+    new_user,
+    running_server,
+    settings_for,
+)
 from token_billing.server.app import create_app
 from token_billing.server.routes import dev
+from token_billing.server.settings import load_settings
 
 PAGE_PATHS = [
     ("GET", "/"),
@@ -41,6 +52,60 @@ def test_page_and_demo_sign_in_should_404_outside_development(
         answers = {(method, path): client.request(method, path) for method, path in PAGE_PATHS}
     assert {key: r.status_code for key, r in answers.items()} == dict.fromkeys(answers, 404)
     assert not any("access_token" in r.text for r in answers.values())
+
+
+def test_demo_sign_in_should_exist_only_when_development_is_explicit(
+    db: Database, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A deployment that forgot ENVIRONMENT is production: nothing is signed. Against the
+    service under uvicorn, with its settings read from the environment as `serve` reads them."""
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    for name in ("ENVIRONMENT", "CORS_ORIGINS", "METRICS_PORT", "SUPABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {
+        "DATABASE_URL": db.dsn(),
+        "SUPABASE_JWT_SECRET": JWT_SECRET,
+        "STRIPE_SECRET_KEY": STRIPE_KEY,
+        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+    }.items():
+        monkeypatch.setenv(name, value)
+    answers = {}
+    for environment in (None, "production", "test", "development"):
+        if environment is not None:
+            monkeypatch.setenv("ENVIRONMENT", environment)
+        with running_server(load_settings()) as url:
+            answers[environment] = httpx.post(f"{url}/dev/session", timeout=10)
+    assert {env: r.status_code for env, r in answers.items()} == {
+        None: 404,
+        "production": 404,
+        "test": 404,
+        "development": 200,
+    }
+    assert "access_token" in answers["development"].json()
+
+
+def test_checkout_and_portal_should_say_what_to_configure_with_a_generated_key(
+    db: Database,
+) -> None:
+    """make dev without a Stripe test key: a clear 409 at once, not a 503 after Stripe refused
+    the made-up key."""
+    settings = settings_for(
+        db,
+        environment="development",
+        stripe_secret_key="sk_test_tbdev_0123456789abcdef01234567",  # noqa: S106 - made up
+        stripe_api_base="https://api.stripe.com",
+    )
+    user = new_user(db)
+    with TestClient(create_app(settings)) as client:
+        checkout = client.post(
+            "/v1/checkout/sessions", json={"product": "pack_100"}, headers=bearer(user)
+        )
+        portal = client.post("/v1/portal/sessions", headers=bearer(user))
+    for response in (checkout, portal):
+        assert response.status_code == 409
+        assert response.json()["error"]["code"] == "stripe_not_configured"
+        assert "STRIPE_SECRET_KEY" in response.json()["error"]["message"]
+        assert "sk_test_" in response.json()["error"]["message"]
 
 
 def test_page_should_be_served_in_development(db: Database, bundle: None) -> None:

@@ -2,7 +2,7 @@
 -- the row and as another user) and service_role. Privileges before behaviour.
 begin;
 set local search_path = extensions, public;
-select plan(68);
+select plan(71);
 
 -- Two users: A owns the rows under test, B is another signed-in user.
 select tests.create_user('00000000-0000-0000-0000-00000000000a', 'a@example.com');
@@ -362,6 +362,20 @@ select is(
   'service_role should read every user''s account (bypassrls)'
 );
 reset role;
+
+-- The readiness check's read of the installed version (20261202300000_installed_migrations).
+select function_privs_are(
+  'public', 'installed_migrations', array[]::text[],
+  'service_role', array['EXECUTE'], 'service_role should execute installed_migrations'
+);
+select function_privs_are(
+  'public', 'installed_migrations', array[]::text[],
+  'anon', array[]::text[], 'anon should not execute installed_migrations'
+);
+select function_privs_are(
+  'public', 'installed_migrations', array[]::text[],
+  'authenticated', array[]::text[], 'authenticated should not execute installed_migrations'
+);
 
 -- Even the owner cannot edit the ledger: append-only for every role.
 set local role postgres;

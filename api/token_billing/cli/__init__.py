@@ -1,4 +1,4 @@
-"""The `token-billing` command.
+"""token-billing: token (credit) billing for AI apps on Supabase and Stripe.
 
     token-billing install [--migrations-dir DIR | --db-url URL | --print] [--signup-grant N] ...
     token-billing uninstall [--migrations-dir DIR | --db-url URL | --print] [--drop-ledger]
@@ -20,15 +20,23 @@ from pathlib import Path
 
 from token_billing.cli import doctor, install, serve, stripe
 
+DESCRIPTION = (
+    "token-billing: token (credit) billing for AI apps on Supabase and Stripe. Install its SQL "
+    "into a project, check a database, run the HTTP service, and work with Stripe. Settings come "
+    "from the environment and .env (see .env.example)."
+)
+
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="token-billing", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="token-billing", description=DESCRIPTION)
     p.add_argument(
         "--env-file",
         type=Path,
         help="read settings from this file instead of .env (the environment still wins)",
     )
-    commands = p.add_subparsers(dest="command", required=True)
+    commands = p.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="what to do (COMMAND --help)"
+    )
     install.add_parser(commands)
     doctor.add_parser(commands)
     serve.add_parser(commands)

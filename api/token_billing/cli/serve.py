@@ -1,4 +1,8 @@
-"""`token-billing serve`: the service under uvicorn, one worker, settings from the environment."""
+"""`token-billing serve`: the service under uvicorn, one worker, settings from the environment.
+
+uvicorn runs with the limits of token_billing.server.serving (h11, bounded heads, read
+timeouts, connections per client) and, when METRICS_PORT is set, the metrics listener beside it.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,24 @@ from typing import Any
 
 from token_billing.cli.settings import server_settings
 
-# Seconds a shutdown waits for requests in flight (balance streams end at once: see
-# token_billing.server.stream).
-GRACEFUL_SHUTDOWN_SECONDS = 10
-
 
 def add_parser(commands: Any) -> None:
     """`serve` as a subcommand of `commands` (an argparse subparsers action)."""
-    s = commands.add_parser("serve", help="run the HTTP service (uvicorn, one worker)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s = commands.add_parser(
+        "serve",
+        help="run the HTTP service (uvicorn, one worker)",
+        description="Run the HTTP service with the settings of the environment and .env (see "
+        ".env.example and docs/deployment.md). It exits with status 3 when the database "
+        "cannot be reached within DB_STARTUP_TIMEOUT_SECONDS, 2 when the settings are invalid.",
+    )
+    s.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)",
+    )
+    s.add_argument(
+        "--port", type=int, default=8000, help="port of the API (default: 8000)", metavar="PORT"
+    )
     s.set_defaults(run=run)
 
 
@@ -24,22 +36,13 @@ def run(args: argparse.Namespace) -> int:
     settings = server_settings("serve", args.env_file)
     if settings is None:
         return 2
-    import uvicorn
-
-    from token_billing.server.app import create_app
     from token_billing.server.logs import configure_logging
-    from token_billing.server.stream import Server
+    from token_billing.server.serving import STARTUP_FAILURE, build_server
 
     configure_logging(settings.log_level)
-    config = uvicorn.Config(
-        create_app(settings),
-        host=args.host,
-        port=args.port,
-        workers=1,
-        access_log=False,  # the app writes one JSON line per request itself
-        log_level=settings.log_level.lower(),
-        proxy_headers=True,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-    )
-    Server(config).run()
+    server = build_server(settings, host=args.host, port=args.port)
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn's way to say startup failed
+        return int(exc.code) if isinstance(exc.code, int) else STARTUP_FAILURE
     return 0

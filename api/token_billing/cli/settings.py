@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 SERVER_EXTRA_MODULES = (
     "starlette",
     "uvicorn",
+    "h11",
     "pydantic_settings",
     "stripe",
     "jwt",

@@ -18,8 +18,15 @@ if TYPE_CHECKING:
 
 def add_parser(commands: Any) -> None:
     """`stripe trigger` and `stripe sync-products` under `commands` (argparse subparsers)."""
-    stripe_cmd = commands.add_parser("stripe", help="Stripe helpers")
-    stripe_commands = stripe_cmd.add_subparsers(dest="stripe_command", required=True)
+    stripe_cmd = commands.add_parser(
+        "stripe",
+        help="Stripe helpers: send a test event, sync the catalog",
+        description="Stripe helpers. They read STRIPE_SECRET_KEY, STRIPE_WEBHOOK_SECRET and the "
+        "database settings like the service.",
+    )
+    stripe_commands = stripe_cmd.add_subparsers(
+        dest="stripe_command", required=True, metavar="COMMAND", help="trigger or sync-products"
+    )
 
     t = stripe_commands.add_parser(
         "trigger",
@@ -27,11 +34,22 @@ def add_parser(commands: Any) -> None:
         description="Builds the event Stripe would send, signs it with STRIPE_WEBHOOK_SECRET "
         "and posts it to URL/v1/webhooks/stripe.",
     )
-    t.add_argument("event", choices=TRIGGERABLE)
+    t.add_argument(
+        "event",
+        choices=TRIGGERABLE,
+        metavar="EVENT",
+        help="the event type: " + ", ".join(TRIGGERABLE),
+    )
     t.add_argument("--user", required=True, help="the user id (auth.users.id)")
     t.add_argument("--product", required=True, help="a billing.products code, e.g. pack_100")
-    t.add_argument("--quantity", type=int, default=1)
-    t.add_argument("--url", default="http://127.0.0.1:8000", help="where the service runs")
+    t.add_argument(
+        "--quantity", type=int, default=1, help="packs bought (checkout events; default 1)"
+    )
+    t.add_argument(
+        "--url",
+        default="http://127.0.0.1:8000",
+        help="where the service runs (default: http://127.0.0.1:8000)",
+    )
     t.add_argument("--customer", help="Stripe customer id (default: one derived from the user)")
     t.add_argument("--payment-intent", help="pi_... of the purchase (charge.refunded)")
     t.add_argument("--amount", type=int, help="refunded amount in cents (default: all)")
@@ -40,8 +58,27 @@ def add_parser(commands: Any) -> None:
     y = stripe_commands.add_parser(
         "sync-products",
         help="create or update Stripe Products and Prices from billing.products",
+        description="Make Stripe's Products and Prices match billing.products and store each "
+        "price id back; running it again changes nothing unless the catalog changed.",
     )
     y.set_defaults(run=sync)
+
+
+def stripe_failure(exc: Exception, settings: Settings) -> str:
+    """What went wrong with a Stripe call: Stripe answered and refused, or was not reached."""
+    import stripe
+
+    if isinstance(exc, stripe.APIConnectionError):
+        return (
+            f"could not reach Stripe at {settings.stripe_api_base_url} (network, DNS or proxy; "
+            f"STRIPE_API_BASE): {exc.user_message or exc}"
+        )
+    if isinstance(exc, stripe.StripeError):
+        status = f" ({exc.http_status}{' ' + exc.code if exc.code else ''})"
+        if isinstance(exc, stripe.AuthenticationError | stripe.PermissionError):
+            return f"Stripe refused the key{status}: check STRIPE_SECRET_KEY: {exc.user_message}"
+        return f"Stripe refused the request{status}: {exc.user_message or exc}"
+    return f"the Stripe call failed: {exc}"
 
 
 async def _product(settings: Settings, code: str) -> dict[str, object] | None:
@@ -63,8 +100,14 @@ def trigger(args: argparse.Namespace) -> int:
     import httpx
 
     from token_billing.cli.stripe_events import Product, build_event, stripe_signature
+    from token_billing.errors import DatabaseError, DatabaseUnavailable
+    from token_billing.server.database import describe
 
-    row = asyncio.run(_product(settings, args.product))
+    try:
+        row = asyncio.run(_product(settings, args.product))
+    except (DatabaseUnavailable, DatabaseError) as exc:
+        print(f"token-billing: the database ({describe(settings)}) failed: {exc}", file=sys.stderr)
+        return 1
     if row is None:
         print(f"token-billing: no product {args.product!r} in billing.products", file=sys.stderr)
         return 2
@@ -115,8 +158,9 @@ def trigger(args: argparse.Namespace) -> int:
 async def _sync(settings: Settings) -> int:
     import stripe
 
+    from token_billing.errors import DatabaseError, DatabaseUnavailable
     from token_billing.server.catalog import sync_products
-    from token_billing.server.database import database_from_settings
+    from token_billing.server.database import database_from_settings, describe
     from token_billing.server.stripe_api import make_client
 
     client, http = make_client(settings)
@@ -125,7 +169,10 @@ async def _sync(settings: Settings) -> int:
     try:
         await sync_products(client, db, lambda result: print(result.line()))
     except stripe.StripeError as exc:
-        print(f"token-billing: Stripe refused: {exc.user_message or exc}", file=sys.stderr)
+        print(f"token-billing: {stripe_failure(exc, settings)}", file=sys.stderr)
+        return 1
+    except (DatabaseUnavailable, DatabaseError) as exc:
+        print(f"token-billing: the database ({describe(settings)}) failed: {exc}", file=sys.stderr)
         return 1
     finally:
         await db.close()

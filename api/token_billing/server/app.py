@@ -1,28 +1,59 @@
 """The HTTP service: the app factory, its lifespan, middleware and routes.
 
-Routes and statuses are the public contract (the README lists them). Everything that touches money
+Routes and statuses are the public contract (docs/contract.md). Everything that touches money
 is a database function: the service authenticates, talks to Stripe, and calls one RPC. Each
-resource's routes are a module of token_billing.server.routes.
+resource's routes are a module of token_billing.server.routes; each declares its OpenAPI
+operation (token_billing.server.openapi), served at GET /openapi.json.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 import httpx
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
 
+import token_billing
 from token_billing.server import stream
 from token_billing.server.auth import Authenticator
-from token_billing.server.database import database_from_settings
+from token_billing.server.database import database_from_settings, describe, wait_until_reachable
 from token_billing.server.deps import Runtime
 from token_billing.server.http_errors import EXCEPTION_HANDLERS
 from token_billing.server.metrics import Metrics
-from token_billing.server.middleware import AccessLog
+from token_billing.server.middleware import AccessLog, Cors
+from token_billing.server.openapi import openapi_document
 from token_billing.server.routes import balance, checkout, dev, health, ledger, products, webhooks
 from token_billing.server.settings import Settings, load_settings
 from token_billing.server.stripe_api import StripeGateway
+
+logger = logging.getLogger("token_billing.server")
+
+API_TITLE = "token-billing"
+API_DESCRIPTION = (
+    "Token (credit) billing for AI apps on Supabase and Stripe: checkout, the billing portal, "
+    "the user's balance and ledger, the catalog, and Stripe's webhook."
+)
+
+
+def _metrics_where(settings: Settings) -> str:
+    places = []
+    if settings.metrics_port is not None:
+        places.append(f"http://{settings.metrics_host}:{settings.metrics_port}/metrics")
+    if settings.metrics_token is not None:
+        places.append("/metrics on the API port with METRICS_TOKEN")
+    return ", ".join(places) or "off (set METRICS_PORT or METRICS_TOKEN)"
+
+
+def _stripe_mode(settings: Settings) -> str:
+    if settings.stripe_key_generated:
+        return "generated placeholder key: checkout and the portal answer 409"
+    live = settings.stripe_secret_key.get_secret_value().startswith(("sk_live_", "rk_live_"))
+    return f"{'live' if live else 'test'} key, {settings.stripe_api_base_url}"
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -35,7 +66,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
         http = httpx.AsyncClient(timeout=10.0)
         db = database_from_settings(settings)
         gateway = StripeGateway(settings, metrics)
-        await db.open()
+        try:
+            await db.open()
+            waited = await wait_until_reachable(settings, db)
+        except BaseException:
+            await db.close()
+            await gateway.close()
+            await http.aclose()
+            raise
         balances = stream.BalanceBroker.from_settings(settings, db)
         await balances.start()
         app.state.balances = balances
@@ -47,6 +85,22 @@ def create_app(settings: Settings | None = None) -> Starlette:
             stripe=gateway,
             http=http,
         )
+        logger.info(
+            "service started",
+            extra={
+                "fields": {
+                    "version": token_billing.__version__,
+                    "mode": settings.mode,
+                    "environment": settings.environment,
+                    "dev_routes": settings.dev_routes,
+                    "database": describe(settings),
+                    "database_wait_s": round(waited, 2),
+                    "cors_origins": settings.cors_origins or "same origin only",
+                    "metrics": _metrics_where(settings),
+                    "stripe": _stripe_mode(settings),
+                }
+            },
+        )
         try:
             yield
         finally:
@@ -55,18 +109,31 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await gateway.close()
             await http.aclose()
 
+    routes: list[BaseRoute] = [
+        *checkout.routes,
+        *balance.routes,
+        *products.routes,
+        *webhooks.routes,
+        *health.routes(settings),
+        *ledger.routes,
+        *dev.routes(settings),
+    ]
+    document = openapi_document(
+        routes, title=API_TITLE, version=token_billing.__version__, description=API_DESCRIPTION
+    )
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document)
+
+    routes.append(Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False))
     app = Starlette(
-        routes=[
-            *checkout.routes,
-            *balance.routes,
-            *products.routes,
-            *webhooks.routes,
-            *health.routes,
-            *ledger.routes,
-            *dev.routes(settings),
-        ],
+        routes=routes,
         exception_handlers=dict(EXCEPTION_HANDLERS),
         lifespan=lifespan,
     )
+    app.state.metrics = metrics
+    app.state.openapi = document
+    # Outermost last: the access log sees every answer, CORS refusals included.
+    app.add_middleware(Cors, origins=settings.cors_origins)
     app.add_middleware(AccessLog, metrics=metrics)
     return app

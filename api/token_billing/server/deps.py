@@ -9,22 +9,27 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
-from starlette.requests import Request
+from pydantic import ValidationError
+from starlette.requests import ClientDisconnect, Request
 
 from token_billing.db import Database
 from token_billing.server.auth import Authenticator, User
 from token_billing.server.http_errors import ApiError
 from token_billing.server.logs import LOG_SCOPE_KEY
 from token_billing.server.metrics import Metrics
+from token_billing.server.schemas import Model
 from token_billing.server.settings import Settings
 from token_billing.server.stream import BalanceBroker
-from token_billing.server.stripe_api import StripeGateway, idempotency_key
+from token_billing.server.stripe_api import StripeGateway, idempotency_key, stripe_not_configured
 
 # Bodies of the JSON API routes are tiny; the webhook has its own (larger) limit.
 MAX_JSON_BODY_BYTES = 16 * 1024
+
+M = TypeVar("M", bound=Model)
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
 
 @dataclass
@@ -72,16 +77,26 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ApiError(413, "payload_too_large", f"the body exceeds {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "payload_too_large", f"the body exceeds {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "payload_too_large", f"the body exceeds {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The client left, or its body took longer than HTTP_BODY_TIMEOUT_SECONDS (408 sent by
+        # token_billing.server.serving): nobody reads this answer, nothing was done.
+        raise ApiError(
+            408,
+            "request_timeout",
+            "the request body did not arrive (the client left, or took longer than "
+            "HTTP_BODY_TIMEOUT_SECONDS)",
+        ) from None
     return b"".join(chunks)
 
 
-async def read_json_object(request: Request) -> dict[str, Any]:
-    body = await read_body(request, MAX_JSON_BODY_BYTES)
+async def read_json_object(request: Request, limit: int = MAX_JSON_BODY_BYTES) -> dict[str, Any]:
+    body = await read_body(request, limit)
     try:
         value = json.loads(body or b"{}")
     except ValueError:
@@ -89,6 +104,40 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ApiError(400, "invalid_json", "the body must be a JSON object")
     return value
+
+
+def _invalid(model: type[Model], exc: ValidationError) -> ApiError:
+    """A 422 naming the first bad field, with the model's code for that field."""
+    first = exc.errors(include_url=False, include_input=False)[0]
+    field = ".".join(str(part) for part in first["loc"]) or "body"
+    top = str(first["loc"][0]) if first["loc"] else ""
+    code = model.error_codes.get(top, "invalid_request")
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return ApiError(422, code, f"{field}: {message[:1].lower()}{message[1:]}")
+
+
+async def read_model(request: Request, model: type[M], limit: int = MAX_JSON_BODY_BYTES) -> M:
+    """The JSON body validated by `model` (400 not JSON, 413 too large, 422 invalid)."""
+    value = await read_json_object(request, limit)
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise _invalid(model, exc) from None
+
+
+def query_model(request: Request, model: type[M]) -> M:
+    """The query string validated by `model` (422 invalid)."""
+    try:
+        return model.model_validate(dict(request.query_params))
+    except ValidationError as exc:
+        raise _invalid(model, exc) from None
+
+
+def require_stripe(rt: Runtime) -> None:
+    """409 when the Stripe key is the one `make dev` made up (the real Stripe would refuse it);
+    checked before anything else is done (the gateway refuses such calls too)."""
+    if rt.settings.stripe_key_generated:
+        raise stripe_not_configured()
 
 
 async def signed_in(request: Request, rt: Runtime) -> User:
@@ -114,6 +163,13 @@ def request_key(request: Request, *parts: object) -> str:
     client that does not gets a fresh key (the stripe library still reuses it on its retries).
     """
     client_key = request.headers.get("idempotency-key")
+    if client_key is not None and len(client_key) > MAX_IDEMPOTENCY_KEY_LENGTH:
+        # Stripe's own bound, so that a key means the same here as there.
+        raise ApiError(
+            400,
+            "invalid_idempotency_key",
+            f"Idempotency-Key must be at most {MAX_IDEMPOTENCY_KEY_LENGTH} characters",
+        )
     return idempotency_key(*parts, client_key if client_key else uuid.uuid4())
 
 

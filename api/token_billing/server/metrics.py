@@ -31,7 +31,8 @@ class Metrics:
         self.webhook_events = Counter(
             "token_billing_webhook_events",
             "Stripe webhook deliveries by event type and outcome (handle_stripe_event status, or "
-            "invalid_signature, invalid_payload, too_large, database_unavailable, error).",
+            "invalid_signature, invalid_payload, too_large, incomplete, database_unavailable, "
+            "error).",
             ["type", "outcome"],
             registry=self.registry,
         )

@@ -1,15 +1,27 @@
-"""The access log: one JSON line and the HTTP metrics per request."""
+"""The access log (one JSON line and the HTTP metrics per request) and CORS."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from token_billing.server.logs import LOG_SCOPE_KEY
 from token_billing.server.metrics import Metrics
+
+# What a page on another origin may send: the routes' methods, the user's token, a JSON body,
+# the client's Idempotency-Key and request id. It may read Retry-After (429/503) and the id.
+CORS_METHODS = ("GET", "POST")
+CORS_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id")
+CORS_EXPOSED = ("Retry-After", "X-Request-Id")
+# How long a browser may reuse a preflight's answer.
+CORS_MAX_AGE_SECONDS = 600
 
 
 class AccessLog:
@@ -59,3 +71,53 @@ class AccessLog:
                     }
                 },
             )
+
+
+class Cors(CORSMiddleware):
+    """Starlette's CORS middleware, answering only the origins of CORS_ORIGINS.
+
+    Starlette's own adds `Access-Control-Allow-Credentials: true` to every answer, a refused
+    origin's included; here a refused origin gets no Access-Control-* header at all, and a
+    refused preflight is the service's JSON error (400).
+    """
+
+    def __init__(self, app: ASGIApp, origins: Sequence[str]) -> None:
+        super().__init__(
+            app,
+            allow_origins=list(origins),
+            allow_methods=CORS_METHODS,
+            allow_headers=CORS_HEADERS,
+            allow_credentials=True,
+            expose_headers=CORS_EXPOSED,
+            max_age=CORS_MAX_AGE_SECONDS,
+        )
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code == 200:
+            return response
+        origin = request_headers["origin"]
+        if not self.is_allowed_origin(origin):
+            message = "this origin may not call the API from a browser (it is not in CORS_ORIGINS)"
+            code = "cors_origin_refused"
+        else:
+            message = bytes(response.body).decode().replace("Disallowed CORS", "refused CORS")
+            code = "cors_refused"
+        return JSONResponse(
+            {"error": {"code": code, "message": message}},
+            status_code=400,
+            headers={"Vary": "Origin"},
+        )
+
+    async def send(self, message: Message, send: Send, request_headers: Headers) -> None:
+        origin = request_headers.get("origin")
+        if (
+            message["type"] != "http.response.start"
+            or origin is None
+            or self.is_allowed_origin(origin)
+        ):
+            await super().send(message, send, request_headers)
+            return
+        headers = MutableHeaders(scope=message)
+        headers.append("Vary", "Origin")
+        await send(message)

@@ -6,8 +6,12 @@ all. Secrets are `SecretStr`, so they never show in a repr, a log line or an err
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
+from psycopg import ProgrammingError
+from psycopg.conninfo import conninfo_to_dict
 from pydantic import (
     AnyHttpUrl,
     Field,
@@ -57,9 +61,18 @@ def is_placeholder(value: str) -> bool:
     )
 
 
-def _require_real(name: str, value: str) -> None:
+# What `make dev` (scripts/dev.py) puts in STRIPE_SECRET_KEY when the developer has no Stripe
+# test key: a made-up key that only a local Stripe double (STRIPE_API_BASE) accepts.
+GENERATED_STRIPE_KEY_PREFIX = "sk_test_tbdev_"
+STRIPE_API = "https://api.stripe.com"
+TEST_KEY_PREFIXES = ("sk_test_", "rk_test_")
+LIVE_KEY_PREFIXES = ("sk_live_", "rk_live_")
+
+
+def _require_real(value: str) -> None:
+    # The variable's name is added by ConfigError (from the error's location): never here too.
     if is_placeholder(value):
-        raise ValueError(f"{name} is empty or a placeholder; set the real value")
+        raise ValueError("is empty or a placeholder; set the real value")
 
 
 class Settings(BaseSettings):
@@ -75,8 +88,9 @@ class Settings(BaseSettings):
         hide_input_in_errors=True,
     )
 
-    environment: Environment = "development"
-    """development, test or production. Only production may use a live Stripe key."""
+    environment: Environment = "production"
+    """production (the default), test or development. Only production may use a live Stripe
+    key; only development, with a Stripe test key, serves the demo page and POST /dev/session."""
 
     database_url: SecretStr | None = None
     """Postgres URL (libpq form), the fast path. Log in as `postgres` or `authenticator`: every
@@ -163,6 +177,68 @@ class Settings(BaseSettings):
     """Seconds between the comment lines that keep an idle GET /v1/balance/stream open through
     proxies (and between checks that the service's LISTEN connection is alive)."""
 
+    balance_streams_max: int = Field(default=500, ge=1, le=100_000)
+    """Most balance streams open at once in one process (then 503 too_many_streams); kept below
+    HTTP_MAX_CONNECTIONS so that streams never take every connection."""
+
+    balance_streams_per_user: int = Field(default=5, ge=1, le=100)
+    """Most balance streams one user may hold open at once (then 429 too_many_streams): one user
+    cannot take the slots of the others. A page needs one per tab."""
+
+    cors_origins: Annotated[list[str], NoDecode] = []
+    """Web origins (scheme://host[:port], comma-separated) whose pages may call the API from a
+    browser: preflights are answered and credentials allowed for them only. Empty: same origin
+    only."""
+
+    metrics_port: int | None = Field(default=None, ge=1, le=65_535)
+    """Port of a separate listener that serves GET /metrics (Prometheus text) and nothing else.
+    Unset: no metrics listener."""
+
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics listener binds (0.0.0.0 for a Prometheus on another host: keep the
+    port off the internet)."""
+
+    metrics_token: SecretStr | None = None
+    """A bearer token that GET /metrics then requires (`Authorization: Bearer <token>`); with it,
+    /metrics is also served on the API port. At least 16 characters."""
+
+    db_startup_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    """How long startup waits for the database to answer before the service exits (status 3)
+    instead of running without it."""
+
+    http_max_head_bytes: int = Field(default=32_768, ge=4096, le=1_048_576)
+    """Largest request head (request line and headers together); larger is a 431 and the
+    connection closes. Bounds what one connection can make the service hold before a request."""
+
+    http_max_request_line_bytes: int = Field(default=8192, ge=256, le=1_048_576)
+    """Longest request target (path and query); longer is a 414."""
+
+    http_max_header_bytes: int = Field(default=8192, ge=256, le=1_048_576)
+    """Longest single header (name and value); longer is a 431."""
+
+    http_max_headers: int = Field(default=100, ge=10, le=10_000)
+    """Most headers in one request; more is a 431."""
+
+    http_header_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    """Seconds a client has to send a whole request head, from the connection's start or the
+    end of its previous response (then 408 and the connection closes): slow heads hold nothing
+    for long."""
+
+    http_body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    """Seconds a client has to send a request's whole body after its head (then 408)."""
+
+    http_keep_alive_seconds: int = Field(default=5, ge=1, le=3600)
+    """How long an idle keep-alive connection stays open between requests. Behind a proxy or
+    load balancer, make it longer than the proxy's own upstream idle timeout."""
+
+    http_max_connections: int = Field(default=1000, ge=1, le=1_000_000)
+    """Most connections (and requests in flight) at once; past it requests get 503 at once."""
+
+    http_max_connections_per_client: int = Field(default=100, ge=0, le=1_000_000)
+    """Most connections at once from one client address (TCP peer); one more is answered 503
+    and closed. 0: no limit. Behind a reverse proxy every connection comes from the proxy: set 0
+    and let the proxy limit per client."""
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Level of the JSON log lines written to stderr."""
 
@@ -179,52 +255,110 @@ class Settings(BaseSettings):
     @classmethod
     def _check_webhook_secrets(cls, value: list[SecretStr]) -> list[SecretStr]:
         if not value:
-            raise ValueError("STRIPE_WEBHOOK_SECRET is empty; set the endpoint's whsec_ secret")
+            raise ValueError("is empty; set the endpoint's whsec_ secret")
         for secret in value:
             raw = secret.get_secret_value()
-            _require_real("STRIPE_WEBHOOK_SECRET", raw)
+            _require_real(raw)
             if not raw.startswith("whsec_"):
-                raise ValueError("STRIPE_WEBHOOK_SECRET must start with whsec_")
+                raise ValueError("must start with whsec_ (the endpoint's signing secret)")
         return value
 
     @field_validator("stripe_secret_key")
     @classmethod
     def _check_stripe_key(cls, value: SecretStr) -> SecretStr:
         raw = value.get_secret_value()
-        _require_real("STRIPE_SECRET_KEY", raw)
-        if not raw.startswith(("sk_test_", "sk_live_", "rk_test_", "rk_live_")):
-            raise ValueError("STRIPE_SECRET_KEY must be a secret (sk_) or restricted (rk_) key")
+        _require_real(raw)
+        if not raw.startswith((*TEST_KEY_PREFIXES, *LIVE_KEY_PREFIXES)):
+            raise ValueError("must be a secret (sk_) or restricted (rk_) key")
         return value
 
-    @field_validator("database_url", "supabase_service_role_key", "supabase_jwt_secret")
+    @field_validator(
+        "database_url", "supabase_service_role_key", "supabase_jwt_secret", "metrics_token"
+    )
     @classmethod
     def _check_optional_secret(
         cls, value: SecretStr | None, info: ValidationInfo
     ) -> SecretStr | None:
         if value is None:
             return None
-        _require_real(str(info.field_name).upper(), value.get_secret_value())
+        _require_real(value.get_secret_value())
+        if info.field_name == "metrics_token" and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (e.g. `openssl rand -hex 24`)")
         return value
 
-    @model_validator(mode="after")
-    def _check_combination(self) -> Settings:
-        live = self.stripe_secret_key.get_secret_value().startswith(("sk_live_", "rk_live_"))
-        if live and self.environment != "production":
-            raise ValueError(
-                "STRIPE_SECRET_KEY is a live key but ENVIRONMENT is "
-                f"{self.environment!r}; live keys are accepted only with ENVIRONMENT=production"
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        raw = value.get_secret_value().strip()
+        # The reason psycopg gives quotes the text, which may hold a password: never shown.
+        shape = "write it as postgresql://USER:PASSWORD@HOST:5432/DBNAME"
+        try:
+            parts = conninfo_to_dict(raw)
+        except ProgrammingError:
+            raise ValueError(f"is not a Postgres connection URL; {shape}") from None
+        if "://" in raw and not raw.startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"is not a Postgres connection URL; {shape}")
+        port = str(parts.get("port") or "5432")
+        if not all(p.isdigit() and 0 < int(p) < 65_536 for p in port.split(",")):
+            raise ValueError(f"has a port that is not a number from 1 to 65535; {shape}")
+        return SecretStr(raw)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, value: list[str]) -> list[str]:
+        origins = []
+        for origin in value:
+            if origin == "*":
+                raise ValueError(
+                    "must list the origins themselves: '*' would let every site call the API"
+                )
+            parts = urlsplit(origin)
+            if (
+                parts.scheme not in ("http", "https")
+                or not parts.hostname
+                or parts.path not in ("", "/")
+                or parts.query
+                or parts.fragment
+                or parts.username
+            ):
+                raise ValueError(
+                    f"has {origin!r}, which is not an origin (scheme://host[:port], no path)"
+                )
+            origins.append(f"{parts.scheme}://{parts.netloc.lower()}")
+        return origins
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _check_whole(cls, data: Any, handler: Callable[[Any], Settings]) -> Settings:
+        """Every problem at once: the fields' own, and those of combinations of fields, which
+        are read from the raw values so that they are found even when some field is invalid."""
+        problems: dict[str, str] = {}
+        settings: Settings | None = None
+        try:
+            settings = handler(data)
+        except ValidationError as exc:
+            for error in exc.errors():
+                name = str(error["loc"][0]) if error["loc"] else ""
+                problems.setdefault(name, _problem(error["type"], str(error["msg"])))
+        if isinstance(data, Mapping):
+            for name, problem in _combination_problems(data):
+                problems.setdefault(name, problem)
+        if problems or settings is None:
+            order = list(cls.model_fields)
+            ranked = sorted(
+                problems.items(), key=lambda item: order.index(item[0]) if item[0] in order else -1
             )
-        if self.database_url is None and (
-            self.supabase_url is None or self.supabase_service_role_key is None
-        ):
-            raise ValueError("set DATABASE_URL, or both SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY")
-        if self.supabase_jwt_secret is None and self.supabase_url is None:
-            raise ValueError(
-                "set SUPABASE_JWT_SECRET (HS256) or SUPABASE_URL (its JWKS verifies user tokens)"
-            )
-        if self.db_pool_min_size > self.db_pool_max_size:
-            raise ValueError("DB_POOL_MIN_SIZE must not exceed DB_POOL_MAX_SIZE")
-        return self
+            raise ConfigError([(name.upper(), problem) for name, problem in ranked])
+        return settings
 
     # --- derived values ---------------------------------------------------------------------
     @property
@@ -255,21 +389,124 @@ class Settings(BaseSettings):
     def stripe_api_base_url(self) -> str:
         return str(self.stripe_api_base).rstrip("/")
 
+    @property
+    def dev_routes(self) -> bool:
+        """The demo page and POST /dev/session are served: only when ENVIRONMENT is development
+        (set explicitly: the default is production) and the Stripe key is a test key."""
+        key = self.stripe_secret_key.get_secret_value()
+        return self.environment == "development" and key.startswith(TEST_KEY_PREFIXES)
+
+    @property
+    def stripe_key_generated(self) -> bool:
+        """The Stripe key is the made-up one `make dev` writes, against the real Stripe API,
+        which would refuse it: Checkout and the portal answer 409 saying what to configure."""
+        key = self.stripe_secret_key.get_secret_value()
+        return (
+            key.startswith(GENERATED_STRIPE_KEY_PREFIX) and self.stripe_api_base_url == STRIPE_API
+        )
+
+    @property
+    def mode(self) -> str:
+        """What the startup log calls this configuration."""
+        if self.dev_routes:
+            return "development (demo page and POST /dev/session served)"
+        return f"{self.environment} (no demo page, no /dev routes)"
+
+
+def _problem(error_type: str, message: str) -> str:
+    """A pydantic error as the rest of a sentence that starts with the variable's name."""
+    if error_type == "missing":
+        return "is required but not set"
+    if message.startswith("Value error, "):
+        return message.removeprefix("Value error, ")
+    return "is invalid: " + message[:1].lower() + message[1:]
+
+
+def _raw(data: Mapping[str, Any], name: str) -> str | None:
+    """A setting as given (environment, .env or keyword), as text; None when unset."""
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    text = str(value).strip()
+    return text or None
+
+
+def _raw_int(data: Mapping[str, Any], name: str, default: int) -> int | None:
+    text = _raw(data, name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        return None  # the field reports it
+
+
+def _combination_problems(data: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Problems no single field has, from the values as given (each field also checks itself)."""
+    problems: list[tuple[str, str]] = []
+    environment = _raw(data, "environment") or "production"
+    key = _raw(data, "stripe_secret_key") or ""
+    if key.startswith(LIVE_KEY_PREFIXES) and environment.lower() in ("development", "test"):
+        problems.append(
+            (
+                "stripe_secret_key",
+                f"is a live key but ENVIRONMENT is {environment.lower()!r}; live keys are "
+                "accepted only with ENVIRONMENT=production",
+            )
+        )
+    database_url = _raw(data, "database_url")
+    supabase_url = _raw(data, "supabase_url")
+    if database_url is None and supabase_url is None:
+        problems.append(
+            (
+                "database_url",
+                "is required but not set (or set SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY to "
+                "reach the database through PostgREST)",
+            )
+        )
+    elif database_url is None and _raw(data, "supabase_service_role_key") is None:
+        problems.append(
+            (
+                "supabase_service_role_key",
+                "is required when DATABASE_URL is not set (the RPCs then go through PostgREST)",
+            )
+        )
+    if _raw(data, "supabase_jwt_secret") is None and supabase_url is None:
+        problems.append(
+            (
+                "supabase_jwt_secret",
+                "is required but not set (or set SUPABASE_URL: its JWKS then verifies user tokens)",
+            )
+        )
+    low, high = _raw_int(data, "db_pool_min_size", 1), _raw_int(data, "db_pool_max_size", 10)
+    if low is not None and high is not None and low > high:
+        problems.append(("db_pool_min_size", f"must not exceed DB_POOL_MAX_SIZE ({high})"))
+    streams = _raw_int(data, "balance_streams_max", 500)
+    connections = _raw_int(data, "http_max_connections", 1000)
+    if streams is not None and connections is not None and streams >= connections:
+        problems.append(
+            ("balance_streams_max", f"must be below HTTP_MAX_CONNECTIONS ({connections})")
+        )
+    return problems
+
 
 class ConfigError(RuntimeError):
-    """The environment does not make valid settings; the message names each variable."""
+    """The environment does not make valid settings; one line per variable, each named once."""
+
+    def __init__(self, problems: Sequence[tuple[str, str]] | str) -> None:
+        self.problems = [("", problems)] if isinstance(problems, str) else list(problems)
+        lines = [f"{name} {problem}".strip() for name, problem in self.problems]
+        if len(lines) == 1:
+            text = f"invalid settings: {lines[0]}"
+        else:
+            text = f"invalid settings ({len(lines)} problems):\n" + "\n".join(
+                f"  {line}" for line in lines
+            )
+        super().__init__(text)
 
 
 def load_settings(**overrides: object) -> Settings:
     """Settings from the environment and `.env`, or a ConfigError naming every bad variable."""
-    try:
-        return Settings(**overrides)  # type: ignore[arg-type]
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            variable = "_".join(str(part) for part in error["loc"][:1]).upper()
-            message = str(error["msg"]).removeprefix("Value error, ")
-            if error["type"] == "missing":
-                message = "is required but not set"
-            problems.append(f"{variable} {message}" if variable else message)
-        raise ConfigError("invalid settings: " + "; ".join(problems)) from None
+    return Settings(**overrides)  # type: ignore[arg-type]

@@ -17,7 +17,12 @@ The listener reconnects with backoff when Postgres restarts; streams get `status
 every subscribed user, since notifications sent meanwhile are lost. Comment lines every
 BALANCE_STREAM_HEARTBEAT_SECONDS keep proxies from closing idle streams.
 
-Events: `status` `{"live": bool}`; `balance` with the fields of GET /v1/balance.
+Streams are bounded per process (BALANCE_STREAMS_MAX, then 503) and per user
+(BALANCE_STREAMS_PER_USER, then 429), so one user cannot take the slots of the others. A stream
+lasts as long as the access token it was opened with: at the token's `exp` it sends `end`
+`{"reason": "token_expired"}` and closes, and the client reconnects with a fresh token.
+
+Events: `status` `{"live": bool}`; `balance` with the fields of GET /v1/balance; `end`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 import weakref
 from collections.abc import AsyncGenerator, Mapping
@@ -47,7 +53,8 @@ logger = logging.getLogger("token_billing.stream")
 CHANNEL: Final = "token_billing_balance"
 BALANCE_FIELDS: Final = ("balance", "available", "reserved", "plan", "subscription_status")
 QUEUE_SIZE: Final = 16
-MAX_STREAMS: Final = 1000
+MAX_STREAMS: Final = 500
+MAX_STREAMS_PER_USER: Final = 5
 RETRY_MS: Final = 2000  # how long a browser waits before it reconnects a dropped stream
 _BACKOFF_FIRST_SECONDS: Final = 0.25
 _BACKOFF_MAX_SECONDS: Final = 5.0
@@ -114,12 +121,14 @@ class BalanceBroker:
         heartbeat_seconds: float = 15.0,
         connect_timeout_seconds: int = 5,
         max_streams: int = MAX_STREAMS,
+        max_streams_per_user: int = MAX_STREAMS_PER_USER,
     ) -> None:
         self._conninfo = conninfo
         self._db = db
         self.heartbeat_seconds = heartbeat_seconds
         self._connect_timeout = connect_timeout_seconds
         self._max_streams = max_streams
+        self._max_streams_per_user = max_streams_per_user
         self._subscriptions: dict[uuid.UUID, set[Subscription]] = {}
         self._dirty: set[uuid.UUID] = set()
         self._readers: dict[uuid.UUID, asyncio.Task[None]] = {}
@@ -138,6 +147,8 @@ class BalanceBroker:
             db,
             heartbeat_seconds=settings.balance_stream_heartbeat_seconds,
             connect_timeout_seconds=settings.db_connect_timeout_seconds,
+            max_streams=settings.balance_streams_max,
+            max_streams_per_user=settings.balance_streams_per_user,
         )
 
     @property
@@ -184,6 +195,14 @@ class BalanceBroker:
                 503,
                 "too_many_streams",
                 "too many open balance streams; retry shortly",
+                headers={"Retry-After": "5"},
+            )
+        if len(self._subscriptions.get(user_id, ())) >= self._max_streams_per_user:
+            raise ApiError(
+                429,
+                "too_many_streams",
+                f"this user already has {self._max_streams_per_user} balance streams open (the "
+                "most one user may): close one, e.g. another tab",
                 headers={"Retry-After": "5"},
             )
         sub = Subscription(user_id)
@@ -333,11 +352,15 @@ def _event(name: str, data: Mapping[str, Any]) -> bytes:
 
 
 class EventStream(StreamingResponse):
-    """A subscription as `text/event-stream`; unsubscribes however the response ends."""
+    """A subscription as `text/event-stream`, until `expires_at` (the access token's exp, Unix
+    time) when given; unsubscribes however the response ends."""
 
-    def __init__(self, broker: BalanceBroker, sub: Subscription) -> None:
+    def __init__(
+        self, broker: BalanceBroker, sub: Subscription, *, expires_at: float | None = None
+    ) -> None:
         self._broker = broker
         self._sub = sub
+        self._expires_at = expires_at
         self._events = self._generate()
         super().__init__(
             self._events,
@@ -351,8 +374,17 @@ class EventStream(StreamingResponse):
     async def _generate(self) -> AsyncGenerator[bytes]:
         yield f"retry: {RETRY_MS}\n\n".encode()
         while True:
-            message = await self._sub.next(self._broker.heartbeat_seconds)
+            wait = self._broker.heartbeat_seconds
+            if self._expires_at is not None:
+                left = self._expires_at - time.time()
+                if left <= 0:
+                    yield _event("end", {"reason": "token_expired"})
+                    return
+                wait = min(wait, left)
+            message = await self._sub.next(wait)
             if message is None:
+                if self._expires_at is not None and time.time() >= self._expires_at:
+                    continue  # the token ran out, not the heartbeat interval
                 yield b": heartbeat\n\n"
             elif isinstance(message, _End):
                 return

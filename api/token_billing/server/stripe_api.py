@@ -74,6 +74,17 @@ def stripe_error(exc: stripe.StripeError, operation: str) -> ApiError:
     return ApiError(502, "stripe_error", "the payment provider failed the request" + suffix)
 
 
+def stripe_not_configured() -> ApiError:
+    """409 for a Stripe call with the key `make dev` made up, which the real Stripe refuses."""
+    return ApiError(
+        409,
+        "stripe_not_configured",
+        "Stripe is not configured: make dev runs with a generated placeholder key. Put your "
+        "Stripe test key (sk_test_...) in .env as STRIPE_SECRET_KEY and restart make dev "
+        "(then `token-billing stripe sync-products` prices the catalog)",
+    )
+
+
 class HTTPXClient(stripe.HTTPXClient):
     """stripe's async httpx transport, sending the form body as `content=`.
 
@@ -115,11 +126,15 @@ class StripeGateway:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.client, self._http = make_client(settings)
         self._metrics = metrics
+        self._placeholder_key = settings.stripe_key_generated
 
     async def close(self) -> None:
         await self._http.close_async()  # type: ignore[no-untyped-call]
 
     async def _call(self, operation: str, coro: Any) -> Any:
+        if self._placeholder_key:
+            coro.close()  # never sent: Stripe would refuse the key after a network round trip
+            raise stripe_not_configured()
         started = time.perf_counter()
         try:
             return await coro

@@ -8,11 +8,13 @@ Supabase Realtime.
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.responses import Response
+from starlette.routing import BaseRoute
 
+from token_billing.server import schemas
 from token_billing.server.deps import broker, runtime, signed_in
 from token_billing.server.http_errors import ApiError
+from token_billing.server.openapi import ApiRoute
 from token_billing.server.stream import EventStream, balance_fields
 
 
@@ -22,7 +24,7 @@ async def get_balance(request: Request) -> Response:
     rows = await rt.db.rpc("my_tokens", {}, user=user)
     if not rows:
         raise ApiError(404, "unknown_account", "no billing account exists for this user")
-    return JSONResponse(balance_fields(rows[0]))
+    return schemas.respond(schemas.Balance.model_validate(balance_fields(rows[0])))
 
 
 async def balance_stream(request: Request) -> Response:
@@ -38,10 +40,34 @@ async def balance_stream(request: Request) -> Response:
         )
     if not await rt.db.rpc("get_billing_profile", {"p_user_id": str(user.id)}):
         raise ApiError(404, "unknown_account", "no billing account exists for this user")
-    return EventStream(balances, balances.subscribe(user.id))
+    # The stream ends when the access token does: the client reconnects with a fresh one.
+    expires_at = float(user.claims["exp"])
+    return EventStream(balances, balances.subscribe(user.id), expires_at=expires_at)
 
 
 routes: list[BaseRoute] = [
-    Route("/v1/balance", get_balance, methods=["GET"]),
-    Route("/v1/balance/stream", balance_stream, methods=["GET"]),
+    ApiRoute(
+        "/v1/balance",
+        get_balance,
+        methods=["GET"],
+        summary="The signed-in user's balance (public.my_tokens())",
+        security="supabaseAuth",
+        responses={200: schemas.Balance, 404: schemas.ErrorResponse, **schemas.SIGNED_IN_ERRORS},
+    ),
+    ApiRoute(
+        "/v1/balance/stream",
+        balance_stream,
+        methods=["GET"],
+        summary="The signed-in user's balance as Server-Sent Events, on every change",
+        description="At most BALANCE_STREAMS_PER_USER streams per user (then 429) and "
+        "BALANCE_STREAMS_MAX per process (then 503); a stream ends when its access token "
+        "expires.",
+        security="supabaseAuth",
+        responses={
+            200: schemas.EVENT_STREAM,
+            404: schemas.ErrorResponse,
+            429: schemas.ErrorResponse,
+            **schemas.SIGNED_IN_ERRORS,
+        },
+    ),
 ]

@@ -11,26 +11,36 @@ from collections.abc import Mapping
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.responses import Response
+from starlette.routing import BaseRoute
 
+from token_billing.server import schemas
 from token_billing.server.auth import User
 from token_billing.server.deps import (
+    MAX_IDEMPOTENCY_KEY_LENGTH,
     Runtime,
     active_products,
     buyer,
     log_fields,
-    read_json_object,
+    read_model,
     request_key,
+    require_stripe,
     runtime,
     signed_in,
 )
 from token_billing.server.http_errors import ApiError
+from token_billing.server.openapi import ApiRoute, Header
 from token_billing.server.stripe_api import StripeGateway
 
 # Subscription statuses in which the user already has a plan: a second one is refused.
 SUBSCRIBED_STATUSES = frozenset({"active", "trialing", "past_due"})
 MAX_PACK_QUANTITY = 100
+
+IDEMPOTENCY_KEY = Header(
+    "Idempotency-Key",
+    "Send the same key again (a retry, a double click) to get the same Stripe object back.",
+    max_length=MAX_IDEMPOTENCY_KEY_LENGTH,
+)
 
 
 async def billing_profile(rt: Runtime, user: User) -> dict[str, Any]:
@@ -59,13 +69,10 @@ async def ensure_customer(rt: Runtime, user: User, profile: Mapping[str, Any]) -
 async def create_checkout_session(request: Request) -> Response:
     rt = runtime(request)
     user = buyer(await signed_in(request, rt))
-    body = await read_json_object(request)
-    code = body.get("product")
-    quantity = body.get("quantity", 1)
-    if not isinstance(code, str) or not code:
-        raise ApiError(422, "invalid_request", "product must be a product code, e.g. pack_100")
-    if not isinstance(quantity, int) or isinstance(quantity, bool):
-        raise ApiError(422, "invalid_quantity", "quantity must be an integer")
+    require_stripe(rt)
+    body = await read_model(request, schemas.PurchaseRequest)
+    key = request_key(request, "checkout", user.id)
+    code, quantity = body.product, body.quantity
     log_fields(request).update(product=code, quantity=quantity)
 
     product = next((p for p in await active_products(rt) if p["code"] == code), None)
@@ -110,16 +117,17 @@ async def create_checkout_session(request: Request) -> Response:
         params["payment_intent_data"] = {"metadata": metadata}
     else:
         params["subscription_data"] = {"metadata": metadata}
-    key = request_key(request, "checkout", user.id)
     session_id, url = await rt.stripe.create_checkout_session(params, key)
     rt.metrics.checkout_sessions.labels(kind).inc()
     log_fields(request).update(checkout_session_id=session_id, stripe_customer_id=customer_id)
-    return JSONResponse({"id": session_id, "url": url}, status_code=201)
+    return schemas.respond(schemas.CheckoutSession(id=session_id, url=url), 201)
 
 
 async def create_portal_session(request: Request) -> Response:
     rt = runtime(request)
     user = buyer(await signed_in(request, rt))
+    require_stripe(rt)
+    key = request_key(request, "portal", user.id)
     profile = await billing_profile(rt, user)
     customer_id = profile.get("stripe_customer_id")
     if not customer_id:
@@ -127,13 +135,47 @@ async def create_portal_session(request: Request) -> Response:
     url = await rt.stripe.create_portal_session(
         str(customer_id),
         rt.settings.app_link(rt.settings.portal_return_path),
-        request_key(request, "portal", user.id),
+        key,
     )
     rt.metrics.portal_sessions.inc()
-    return JSONResponse({"url": url}, status_code=201)
+    return schemas.respond(schemas.PortalSession(url=url), 201)
 
 
 routes: list[BaseRoute] = [
-    Route("/v1/checkout/sessions", create_checkout_session, methods=["POST"]),
-    Route("/v1/portal/sessions", create_portal_session, methods=["POST"]),
+    ApiRoute(
+        "/v1/checkout/sessions",
+        create_checkout_session,
+        methods=["POST"],
+        summary="A Stripe Checkout Session for a pack (payment) or a plan (subscription)",
+        body=schemas.PurchaseRequest,
+        headers=[IDEMPOTENCY_KEY],
+        security="supabaseAuth",
+        responses={
+            201: schemas.CheckoutSession,
+            400: schemas.ErrorResponse,
+            403: schemas.ErrorResponse,
+            404: schemas.ErrorResponse,
+            409: schemas.ErrorResponse,
+            413: schemas.ErrorResponse,
+            422: schemas.ErrorResponse,
+            502: schemas.ErrorResponse,
+            **schemas.SIGNED_IN_ERRORS,
+        },
+    ),
+    ApiRoute(
+        "/v1/portal/sessions",
+        create_portal_session,
+        methods=["POST"],
+        summary="A Stripe billing portal session for the user's customer",
+        headers=[IDEMPOTENCY_KEY],
+        security="supabaseAuth",
+        responses={
+            201: schemas.PortalSession,
+            400: schemas.ErrorResponse,
+            403: schemas.ErrorResponse,
+            409: schemas.ErrorResponse,
+            502: schemas.ErrorResponse,
+            **schemas.SIGNED_IN_ERRORS,
+        },
+    ),
 ]

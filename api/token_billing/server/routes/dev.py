@@ -1,10 +1,12 @@
-"""The demo page, served by the service only when ENVIRONMENT=development.
+"""The demo page, served by the service only in development with a Stripe test key.
 
 `/` is examples/web/index.html (the copyable example, unchanged) with its stylesheet, its bundle
 (examples/web/dist, built by `make web` with esbuild) and `/config.json`, which tells the page
 where the API is and whether Supabase Realtime is configured. `POST /dev/session` signs an
 access token for the demo user with SUPABASE_JWT_SECRET, so a person can try the flow without a
-Supabase Auth server. None of these routes exist in any other environment: they 404.
+Supabase Auth server. These routes exist only when ENVIRONMENT is explicitly `development` (the
+default is production) and the Stripe key is a test key (Settings.dev_routes); anywhere else
+they 404, and a deployment that forgot ENVIRONMENT signs nothing.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from typing import Any
 
 import jwt
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from token_billing.server import schemas
 from token_billing.server.auth import AUDIENCE
 from token_billing.server.http_errors import ApiError
+from token_billing.server.openapi import ApiRoute
 from token_billing.server.settings import Settings
 
 # The repository's examples/web: the demo page runs from a clone (`make dev`), never from a wheel.
@@ -63,8 +67,8 @@ def dev_token(settings: Settings, *, expires_in: int = DEV_TOKEN_SECONDS) -> str
 
 
 def routes(settings: Settings) -> list[BaseRoute]:
-    """The page's routes in development; none at all anywhere else."""
-    if settings.environment != "development":
+    """The page's routes in development (with a Stripe test key); none at all anywhere else."""
+    if not settings.dev_routes:
         return []
 
     async def page(request: Request) -> Response:
@@ -80,32 +84,46 @@ def routes(settings: Settings) -> list[BaseRoute]:
 
     async def config(request: Request) -> Response:
         realtime = settings.supabase_base is not None and bool(settings.supabase_anon_key)
-        return JSONResponse(
-            {
-                "apiUrl": "",
-                "supabaseUrl": settings.supabase_base if realtime else None,
-                "supabaseAnonKey": settings.supabase_anon_key if realtime else None,
-                "devSignIn": settings.supabase_jwt_secret is not None,
-            },
+        return schemas.respond(
+            schemas.PageConfig(
+                apiUrl="",
+                supabaseUrl=settings.supabase_base if realtime else None,
+                supabaseAnonKey=settings.supabase_anon_key if realtime else None,
+                devSignIn=settings.supabase_jwt_secret is not None,
+            ),
             headers=_NO_CACHE,
         )
 
     async def dev_session(request: Request) -> Response:
         token = dev_token(settings)
-        return JSONResponse(
-            {
-                "access_token": token,
-                "token_type": "bearer",
-                "expires_in": DEV_TOKEN_SECONDS,
-                "user": {"id": str(DEMO_USER_ID), "email": DEMO_EMAIL},
-            },
+        return schemas.respond(
+            schemas.DevSession(
+                access_token=token,
+                token_type="bearer",  # noqa: S106 - the OAuth token type, not a secret
+                expires_in=DEV_TOKEN_SECONDS,
+                user=schemas.DevUser(id=str(DEMO_USER_ID), email=DEMO_EMAIL),
+            ),
             headers={"Cache-Control": "no-store"},
         )
 
     return [
-        Route("/", page, methods=["GET"]),
-        Route("/styles.css", styles, methods=["GET"]),
-        Route("/config.json", config, methods=["GET"]),
-        Route("/dev/session", dev_session, methods=["POST"]),
+        Route("/", page, methods=["GET"], include_in_schema=False),
+        Route("/styles.css", styles, methods=["GET"], include_in_schema=False),
+        ApiRoute(
+            "/config.json",
+            config,
+            methods=["GET"],
+            summary="The demo page's configuration (development only)",
+            responses={200: schemas.PageConfig},
+            tag="development",
+        ),
+        ApiRoute(
+            "/dev/session",
+            dev_session,
+            methods=["POST"],
+            summary="An access token for the demo user (development only)",
+            responses={200: schemas.DevSession, 409: schemas.ErrorResponse},
+            tag="development",
+        ),
         Mount("/dist", StaticFiles(directory=DIST_DIR, check_dir=False), name="dist"),
     ]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.responses import Response
+from starlette.routing import BaseRoute
 
+from token_billing.server import schemas
 from token_billing.server.deps import active_products, runtime
+from token_billing.server.openapi import ApiRoute
 
 PUBLIC_PRODUCT_FIELDS = (
     "code",
@@ -24,17 +26,27 @@ PUBLIC_PRODUCT_FIELDS = (
 async def list_products(request: Request) -> Response:
     rt = runtime(request)
     rows = await active_products(rt)
-    return JSONResponse(
-        {
-            "products": [
-                {
-                    **{key: row.get(key) for key in PUBLIC_PRODUCT_FIELDS},
-                    "purchasable": bool(row.get("stripe_price_id")),
-                }
+    return schemas.respond(
+        schemas.ProductList(
+            products=[
+                schemas.Product.model_validate(
+                    {
+                        **{key: row.get(key) for key in PUBLIC_PRODUCT_FIELDS},
+                        "purchasable": bool(row.get("stripe_price_id")),
+                    }
+                )
                 for row in rows
             ]
-        }
+        )
     )
 
 
-routes: list[BaseRoute] = [Route("/v1/products", list_products, methods=["GET"])]
+routes: list[BaseRoute] = [
+    ApiRoute(
+        "/v1/products",
+        list_products,
+        methods=["GET"],
+        summary="The active catalog: packs and plans, with their prices",
+        responses={200: schemas.ProductList, 503: schemas.ErrorResponse},
+    )
+]

@@ -1,7 +1,9 @@
 """POST /v1/webhooks/stripe: a signed Stripe event, handled by one RPC.
 
 The raw body is read up to WEBHOOK_MAX_BODY_BYTES (413 beyond), its signature checked
-against every configured secret (400 when none holds), parsed as strict JSON, and passed to
+against every configured secret (400 when none holds, or when its timestamp is older than
+WEBHOOK_TOLERANCE_SECONDS or further than that in the future: Stripe's library checks only the
+old side), parsed as strict JSON, and passed to
 `public.handle_stripe_event` as the verified text. 200 only once the event is committed with its
 outcome; 503 when the database is unavailable, so Stripe retries.
 """
@@ -14,14 +16,17 @@ import time
 from typing import Any
 
 import stripe
+from pydantic import ValidationError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.responses import Response
+from starlette.routing import BaseRoute
 
 from token_billing.db import JsonText
 from token_billing.errors import DatabaseError, DatabaseUnavailable
+from token_billing.server import schemas
 from token_billing.server.deps import log_fields, read_body, runtime
 from token_billing.server.http_errors import ApiError
+from token_billing.server.openapi import ApiRoute, Header
 from token_billing.server.settings import Settings
 
 
@@ -52,18 +57,35 @@ def _parse_event(payload: str) -> dict[str, Any]:
             "thin (v2) events are not supported: send snapshot events (object 'event') to this "
             "endpoint",
         )
-    data = event.get("data")
-    if (
-        event.get("object") != "event"
-        or not isinstance(event.get("id"), str)
-        or not isinstance(event.get("type"), str)
-        or not isinstance(data, dict)
-        or not isinstance(data.get("object"), dict)
-    ):
+    try:
+        schemas.StripeEvent.model_validate(event)
+    except ValidationError:
         raise ApiError(
             400, "invalid_payload", "not a Stripe event: id, type and data.object are required"
-        )
+        ) from None
     return event
+
+
+def _signed_at(header: str) -> list[int]:
+    """The t= timestamps of a Stripe-Signature header (malformed parts are Stripe's to refuse)."""
+    stamps = []
+    for part in header.split(","):
+        key, _, value = part.strip().partition("=")
+        if key == "t" and value.isdigit() and len(value) <= 12:
+            stamps.append(int(value))
+    return stamps
+
+
+def _check_not_future(header: str, tolerance: int) -> None:
+    # A signature dated ahead is as suspect as an old one (a clock or a replay store gamed):
+    # Stripe's library refuses only old ones.
+    if any(stamp > time.time() + tolerance for stamp in _signed_at(header)):
+        raise ApiError(
+            400,
+            "invalid_signature",
+            f"signature verification failed: the Stripe-Signature timestamp is more than "
+            f"{tolerance} seconds in the future",
+        )
 
 
 def _verify_signature(payload: bytes, header: str | None, settings: Settings) -> str:
@@ -75,6 +97,7 @@ def _verify_signature(payload: bytes, header: str | None, settings: Settings) ->
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, "invalid_payload", "the body is not UTF-8") from None
+    _check_not_future(header, settings.webhook_tolerance_seconds)
     failure: stripe.SignatureVerificationError | None = None
     for secret in settings.webhook_secrets:
         try:
@@ -98,7 +121,7 @@ async def stripe_webhook(request: Request) -> Response:
         try:
             payload = await read_body(request, rt.settings.webhook_max_body_bytes)
         except ApiError as exc:
-            outcome = "too_large" if exc.status == 413 else "invalid_payload"
+            outcome = {413: "too_large", 408: "incomplete"}.get(exc.status, "invalid_payload")
             raise
         outcome = "invalid_signature"
         body = _verify_signature(payload, request.headers.get("stripe-signature"), rt.settings)
@@ -123,11 +146,38 @@ async def stripe_webhook(request: Request) -> Response:
         outcome = str(row.get("status") or "error")
         rt.metrics.webhook_latency.labels(outcome).observe(time.perf_counter() - handled_at)
         fields.update(outcome=outcome, detail=row.get("detail"))
-        return JSONResponse({"status": row.get("status"), "detail": row.get("detail")})
+        return schemas.respond(
+            schemas.WebhookResult.model_validate(
+                {"status": row.get("status"), "detail": row.get("detail")}
+            )
+        )
     finally:
         rt.metrics.webhook_events.labels(event_type, outcome).inc()
         fields.setdefault("outcome", outcome)
         fields["handle_ms"] = round((time.perf_counter() - started) * 1000, 2)
 
 
-routes: list[BaseRoute] = [Route("/v1/webhooks/stripe", stripe_webhook, methods=["POST"])]
+routes: list[BaseRoute] = [
+    ApiRoute(
+        "/v1/webhooks/stripe",
+        stripe_webhook,
+        methods=["POST"],
+        summary="A signed Stripe event, applied once by public.handle_stripe_event",
+        description="200 once the event is committed with its outcome; 400 for a bad "
+        "signature (or a timestamp more than WEBHOOK_TOLERANCE_SECONDS old or ahead) or "
+        "payload; 413 beyond WEBHOOK_MAX_BODY_BYTES; 503 when the database is unavailable "
+        "(Stripe retries).",
+        body=schemas.StripeEvent,
+        headers=[
+            Header("Stripe-Signature", "t=<unix time>,v1=<HMAC-SHA256>", required=True),
+        ],
+        responses={
+            200: schemas.WebhookResult,
+            400: schemas.ErrorResponse,
+            409: schemas.ErrorResponse,
+            413: schemas.ErrorResponse,
+            503: schemas.ErrorResponse,
+        },
+        tag="stripe",
+    )
+]
