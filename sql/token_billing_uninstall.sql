@@ -29,7 +29,16 @@ declare
     'public.set_product_stripe_price(text, text)',
     'public.list_ledger_entries(uuid, integer)',
     'public.settle_reservations(jsonb)',
-    'public.installed_migrations()'
+    'public.installed_migrations()',
+    'public.quote_usage(uuid, jsonb, timestamptz)',
+    'public.usage_summary(uuid, timestamptz, timestamptz, text)',
+    'public.my_usage(timestamptz, timestamptz, text)',
+    'public.record_usage(uuid, jsonb, text, uuid)',
+    'public.create_api_key(uuid, text, text[], ''usage:write'', ''balance:read''], timestamptz, text)',
+    'public.list_api_keys(uuid)',
+    'public.revoke_api_key(uuid, uuid)',
+    'public.authenticate_api_key(text, timestamptz)',
+    'public.touch_api_key(uuid)'
   ]::text[];
   v_triggers constant text[] := array[
     'tg_users__50_open_billing_account',
