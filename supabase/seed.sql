@@ -45,8 +45,16 @@ insert into billing.prices (
   effective_from, description
 )
 select
-  v.meter_code, v.dimension_value, v.scheme, v.unit_amount, v.unit_divisor, 'up', v.tiers::jsonb,
-  v.minimum_tokens, '2026-01-01 00:00:00+00', v.description
+  v.meter_code,
+  v.dimension_value,
+  v.scheme,
+  v.unit_amount,
+  v.unit_divisor,
+  'up' as rounding,
+  v.tiers::jsonb,
+  v.minimum_tokens,
+  '2026-01-01 00:00:00+00' as effective_from,
+  v.description
 from (
   values
   ('llm.input_tokens', '*', 'per_unit', 25, 10000, null, 0, 'Any model: 2.5 tokens per 1K input tokens.'),
@@ -70,6 +78,6 @@ from (
   )
 ) as v (meter_code, dimension_value, scheme, unit_amount, unit_divisor, tiers, minimum_tokens, description)
 where not exists (
-  select 1 from billing.prices as p
-  where p.meter_code = v.meter_code and p.dimension_value = v.dimension_value and not p.custom
-);
+    select 1 from billing.prices as p
+    where p.meter_code = v.meter_code and p.dimension_value = v.dimension_value and not p.custom
+  );

@@ -7,8 +7,10 @@ select plan(46);
 
 select tests.create_user('00000000-0000-0000-0000-0000000000a2', 'a2@example.com');
 select tests.create_user('00000000-0000-0000-0000-0000000000b2', 'b2@example.com');
-select status from public.record_usage('00000000-0000-0000-0000-0000000000a2',
-  '[{"meter": "agent.run", "quantity": 2}]', 'priv-usage-a');
+select status from public.record_usage(
+    '00000000-0000-0000-0000-0000000000a2',
+    '[{"meter": "agent.run", "quantity": 2}]', 'priv-usage-a'
+  );
 
 -- Functions: service_role only, but my_usage (authenticated) ---------------------------------
 select is_empty(
@@ -30,8 +32,10 @@ select is_empty(
   'no usage or API key RPC should be executable by anon or authenticated'
 );
 select ok(
-  (select bool_and(has_function_privilege('service_role', f.signature::regprocedure, 'execute'))
-    from (values
+  (
+    select bool_and(has_function_privilege('service_role', f.signature::regprocedure, 'execute'))
+    from (
+      values
       ('public.quote_usage(uuid, jsonb, timestamptz)'),
       ('public.record_usage(uuid, jsonb, text, uuid)'),
       ('public.usage_summary(uuid, timestamptz, timestamptz, text)'),
@@ -40,7 +44,8 @@ select ok(
       ('public.revoke_api_key(uuid, uuid)'),
       ('public.authenticate_api_key(text, timestamptz)'),
       ('public.touch_api_key(uuid)')
-    ) as f (signature)),
+    ) as f (signature)
+  ),
   'service_role should execute every usage and API key RPC'
 );
 select function_privs_are(
@@ -52,7 +57,10 @@ select function_privs_are(
   'anon', array[]::text[], 'anon should not execute my_usage'
 );
 select ok(
-  not (select p.prosecdef from pg_proc as p where p.oid = 'public.my_usage(timestamptz, timestamptz, text)'::regprocedure),
+  not (
+    select p.prosecdef from pg_proc as p
+    where p.oid = 'public.my_usage(timestamptz, timestamptz, text)'::regprocedure
+  ),
   'my_usage should be security invoker (it reads through RLS)'
 );
 
@@ -91,7 +99,8 @@ select table_privs_are(
 -- As anon -----------------------------------------------------------------------------------------
 set local role anon;
 select throws_ok(
-  $$select * from public.record_usage('00000000-0000-0000-0000-0000000000a2', '[{"meter": "agent.run", "quantity": 1}]', 'anon-u')$$,
+  $$select * from public.record_usage('00000000-0000-0000-0000-0000000000a2', '[{"meter": "agent.run",
+    "quantity": 1}]', 'anon-u')$$,
   '42501', null, 'anon should not record usage'
 );
 select throws_ok(
@@ -104,7 +113,11 @@ select throws_ok(
 reset role;
 
 -- As the owner ------------------------------------------------------------------------------------
-select set_config('request.jwt.claims', '{"sub": "00000000-0000-0000-0000-0000000000a2", "role": "authenticated"}', true);
+select set_config(
+  'request.jwt.claims',
+  '{"sub": "00000000-0000-0000-0000-0000000000a2", "role": "authenticated"}',
+  true
+);
 set local role authenticated;
 select results_eq(
   $$select count(*)::int from billing.usage_records$$, $$values (1)$$,
@@ -112,11 +125,13 @@ select results_eq(
 );
 select is_empty($$select 1 from billing.prices where custom$$, 'a signed-in user should see no custom price');
 select throws_ok(
-  $$select * from public.quote_usage('00000000-0000-0000-0000-0000000000a2', '[{"meter": "agent.run", "quantity": 1}]')$$,
+  $$select * from public.quote_usage('00000000-0000-0000-0000-0000000000a2', '[{"meter": "agent.run",
+    "quantity": 1}]')$$,
   '42501', null, 'a signed-in user should not call quote_usage'
 );
 select throws_ok(
-  $$select * from public.record_usage('00000000-0000-0000-0000-0000000000a2', '[{"meter": "agent.run", "quantity": 1}]', 'self-u')$$,
+  $$select * from public.record_usage('00000000-0000-0000-0000-0000000000a2', '[{"meter": "agent.run",
+    "quantity": 1}]', 'self-u')$$,
   '42501', null, 'a signed-in user should not record usage (API keys go through the service)'
 );
 select throws_ok(
@@ -124,7 +139,8 @@ select throws_ok(
   '42501', null, 'a signed-in user should not make API keys in the database'
 );
 select throws_ok(
-  $$insert into billing.usage_records (user_id, idempotency_key, line, meter_code, quantity, dimension_value, price_id, tokens)
+  $$insert into billing.usage_records (user_id, idempotency_key, line, meter_code, quantity, dimension_value,
+    price_id, tokens)
     values ('00000000-0000-0000-0000-0000000000a2', 'forged', 1, 'agent.run', 1, '', 1, 0)$$,
   '42501', null, 'a signed-in user should not write usage records'
 );
@@ -139,7 +155,11 @@ select throws_ok(
 reset role;
 
 -- As another user ---------------------------------------------------------------------------------
-select set_config('request.jwt.claims', '{"sub": "00000000-0000-0000-0000-0000000000b2", "role": "authenticated"}', true);
+select set_config(
+  'request.jwt.claims',
+  '{"sub": "00000000-0000-0000-0000-0000000000b2", "role": "authenticated"}',
+  true
+);
 set local role authenticated;
 select is_empty(
   $$select 1 from billing.usage_records where user_id = '00000000-0000-0000-0000-0000000000a2'$$,
@@ -155,14 +175,14 @@ reset role;
 set local role service_role;
 create temporary table made on commit drop as
 select * from public.create_api_key(
-  '00000000-0000-0000-0000-0000000000a2', 'agent', array['usage:write', 'balance:read'], null, 'test'
-);
+    '00000000-0000-0000-0000-0000000000a2', 'agent', array['usage:write', 'balance:read'], null, 'test'
+  );
 select ok(
   (select api_key ~ '^tb_test_[0-9a-f]{64}$' and status = 'applied' from made),
   'create_api_key should return a tb_test_ key once'
 );
 select is(
-  (select k.secret_sha256 from billing.api_keys as k join made on made.api_key_id = k.id),
+  (select k.secret_sha256 from billing.api_keys as k inner join made on k.id = made.api_key_id),
   (select sha256(convert_to(api_key, 'UTF8')) from made),
   'only the SHA-256 of the key should be stored'
 );
@@ -209,7 +229,10 @@ select results_eq(
   $$values ('duplicate'::text)$$, 'revoking twice should be a duplicate'
 );
 create temporary table made_expiring on commit drop as
-select * from public.create_api_key('00000000-0000-0000-0000-0000000000a2', null, array['usage:read'], now() + interval '1 hour');
+select *
+from public.create_api_key(
+    '00000000-0000-0000-0000-0000000000a2', null, array['usage:read'], now() + interval '1 hour'
+  );
 select results_eq(
   $$select status from public.authenticate_api_key((select lookup from made_expiring), now() + interval '2 hours')$$,
   $$values ('expired'::text)$$, 'a key past its expiry should be expired'
