@@ -50,6 +50,7 @@
 --   20261202500000_rate_cards.sql
 --   20261202500100_record_usage.sql
 --   20261202500200_api_keys.sql
+--   20261202500300_hold_lookup.sql
 
 do $token_billing_install$
 declare
@@ -78,7 +79,8 @@ declare
     '20261202300000',
     '20261202500000',
     '20261202500100',
-    '20261202500200'
+    '20261202500200',
+    '20261202500300'
   ]::text[];
   -- Every public function any token-billing version created: on an upgrade these are ours.
   v_known constant text[] := array[
@@ -106,7 +108,8 @@ declare
     'public.list_api_keys(uuid)',
     'public.revoke_api_key(uuid, uuid)',
     'public.authenticate_api_key(text, timestamptz)',
-    'public.touch_api_key(uuid)'
+    'public.touch_api_key(uuid)',
+    'public.get_reservation(uuid)'
   ]::text[];
   -- The names of the public functions this version creates.
   v_names constant text[] := array[
@@ -134,7 +137,8 @@ declare
     'list_api_keys',
     'revoke_api_key',
     'authenticate_api_key',
-    'touch_api_key'
+    'touch_api_key',
+    'get_reservation'
   ]::text[];
   v_replace text := lower(coalesce(
     nullif(btrim(current_setting('token_billing.replace_conflicting', true)), ''), 'off'
@@ -5423,6 +5427,39 @@ grant execute on function public.touch_api_key(uuid) to service_role;
 
 insert into billing.schema_migrations (version, name) values ('20261202500200', 'api_keys');
 $tb_migration_20261202500200$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202500300_hold_lookup.sql
+  if v_installed is null or '20261202500300' <> all(v_installed) then
+    execute $tb_migration_20261202500300$
+-- Migration: a hold's owner and state, for the service's hold routes.
+--
+-- Purpose: POST /v1/holds/{id}/settle|release|extend act on a hold for the caller an API key
+-- names; the service checks the hold is that user's first (another user's hold is answered as
+-- not found), over either database path.
+-- Objects: public.get_reservation().
+
+create function public.get_reservation(p_reservation_id uuid)
+returns table (user_id uuid, status text, amount bigint, expires_at timestamptz)
+language sql stable
+security invoker
+set search_path = ''
+as $$
+  select r.user_id, r.status, r.amount, r.expires_at
+  from billing.reservations as r
+  where r.id = p_reservation_id
+$$;
+
+comment on function public.get_reservation(uuid) is
+'One reservation''s user, status, amount and expiry (no row: no such reservation). Security '
+'invoker: service_role reads billing.reservations itself.';
+
+revoke all on function public.get_reservation(uuid) from public, anon, authenticated;
+grant execute on function public.get_reservation(uuid) to service_role;
+
+insert into billing.schema_migrations (version, name) values ('20261202500300', 'hold_lookup');
+$tb_migration_20261202500300$;
     v_applied := v_applied + 1;
   end if;
 

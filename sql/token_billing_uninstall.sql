@@ -38,7 +38,8 @@ declare
     'public.list_api_keys(uuid)',
     'public.revoke_api_key(uuid, uuid)',
     'public.authenticate_api_key(text, timestamptz)',
-    'public.touch_api_key(uuid)'
+    'public.touch_api_key(uuid)',
+    'public.get_reservation(uuid)'
   ]::text[];
   v_triggers constant text[] := array[
     'tg_users__50_open_billing_account',

@@ -24,7 +24,8 @@ select is_empty(
       ('public.list_api_keys(uuid)'),
       ('public.revoke_api_key(uuid, uuid)'),
       ('public.authenticate_api_key(text, timestamptz)'),
-      ('public.touch_api_key(uuid)')
+      ('public.touch_api_key(uuid)'),
+      ('public.get_reservation(uuid)')
     ) as f (signature)
     cross join (values ('anon'), ('authenticated')) as r (rolname)
     where has_function_privilege(r.rolname, f.signature::regprocedure, 'execute')
@@ -43,7 +44,8 @@ select ok(
       ('public.list_api_keys(uuid)'),
       ('public.revoke_api_key(uuid, uuid)'),
       ('public.authenticate_api_key(text, timestamptz)'),
-      ('public.touch_api_key(uuid)')
+      ('public.touch_api_key(uuid)'),
+      ('public.get_reservation(uuid)')
     ) as f (signature)
   ),
   'service_role should execute every usage and API key RPC'

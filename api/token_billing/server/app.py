@@ -20,6 +20,7 @@ from starlette.routing import BaseRoute, Route
 
 import token_billing
 from token_billing.server import stream
+from token_billing.server.api_keys import KeyAuthenticator
 from token_billing.server.auth import Authenticator
 from token_billing.server.database import database_from_settings, describe, wait_until_reachable
 from token_billing.server.deps import Runtime
@@ -27,7 +28,18 @@ from token_billing.server.http_errors import EXCEPTION_HANDLERS
 from token_billing.server.metrics import Metrics
 from token_billing.server.middleware import AccessLog, Cors
 from token_billing.server.openapi import openapi_document
-from token_billing.server.routes import balance, checkout, dev, health, ledger, products, webhooks
+from token_billing.server.routes import (
+    api_keys,
+    balance,
+    checkout,
+    dev,
+    health,
+    holds,
+    ledger,
+    products,
+    usage,
+    webhooks,
+)
 from token_billing.server.settings import Settings, load_settings
 from token_billing.server.stripe_api import StripeGateway
 
@@ -36,7 +48,8 @@ logger = logging.getLogger("token_billing.server")
 API_TITLE = "token-billing"
 API_DESCRIPTION = (
     "Token (credit) billing for AI apps on Supabase and Stripe: checkout, the billing portal, "
-    "the user's balance and ledger, the catalog, and Stripe's webhook."
+    "the user's balance and ledger, the catalog, Stripe's webhook, and usage priced by the rate "
+    "card for agent backends with API keys."
 )
 
 
@@ -84,6 +97,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
             auth=Authenticator(settings, http),
             stripe=gateway,
             http=http,
+            keys=KeyAuthenticator(
+                db,
+                environment=settings.api_key_environment,
+                rate=settings.api_key_rate_per_second,
+                burst=settings.api_key_rate_burst,
+            ),
         )
         logger.info(
             "service started",
@@ -116,6 +135,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *webhooks.routes,
         *health.routes(settings),
         *ledger.routes,
+        *usage.routes,
+        *holds.routes,
+        *api_keys.routes,
         *dev.routes(settings),
     ]
     document = openapi_document(

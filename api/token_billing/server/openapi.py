@@ -27,13 +27,19 @@ SECURITY_SCHEMES: Mapping[str, dict[str, Any]] = {
         "bearerFormat": "JWT",
         "description": "The signed-in user's Supabase Auth access token.",
     },
+    "apiKey": {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "tb_live_... / tb_test_...",
+        "description": "A token-billing API key (POST /v1/api-keys), limited to its scopes.",
+    },
     "metricsToken": {
         "type": "http",
         "scheme": "bearer",
         "description": "METRICS_TOKEN, when the operator set one.",
     },
 }
-Security = Literal["supabaseAuth", "metricsToken"]
+Security = Literal["supabaseAuth", "apiKey", "metricsToken"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,7 @@ class ApiRoute(Route):
         query: type[BaseModel] | None = None,
         headers: Sequence[Header] = (),
         responses: Mapping[int, Response] | None = None,
-        security: Security | None = None,
+        security: Security | tuple[Security, ...] | None = None,
         tag: str = "api",
         include_in_schema: bool = True,
         name: str | None = None,
@@ -89,7 +95,10 @@ class ApiRoute(Route):
         self.query = query
         self.headers = tuple(headers)
         self.responses = dict(responses or {})
-        self.security = security
+        # One scheme, or several any one of which will do.
+        self.security: tuple[Security, ...] = (
+            () if security is None else (security,) if isinstance(security, str) else security
+        )
         self.tag = tag
 
 
@@ -172,8 +181,8 @@ def openapi_document(
                         route.body_media_type: {"schema": refs[(route.body, "validation")]}
                     },
                 }
-            if route.security is not None:
-                operation["security"] = [{route.security: []}]
+            if route.security:
+                operation["security"] = [{scheme: []} for scheme in route.security]
             for status, response in sorted(route.responses.items()):
                 if isinstance(response, Media):
                     operation["responses"][str(status)] = {
@@ -188,7 +197,7 @@ def openapi_document(
                         },
                     }
             paths.setdefault(route.path, {})[method.lower()] = operation
-    used = {r.security for r in described if r.security is not None}
+    used = {scheme for r in described for scheme in r.security}
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version, "description": description},
