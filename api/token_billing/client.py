@@ -1,9 +1,16 @@
-"""A small async client for agent backends: reserve, settle, deduct, add, balance.
+"""A small async client for agent backends: reserve, settle, deduct, add, balance, and usage
+priced by the rate card (quote, record_usage, settle with usage items).
 
     tokens = TokenBilling(database)
     async with tokens.reserve(user_id, estimate, key=request_id) as r:
         answer = await run_model(...)
         await r.settle(actual_tokens_used)
+
+    quote = await tokens.quote(user_id, [{"meter": "llm.output_tokens", "quantity": 2000}])
+    async with tokens.reserve(user_id, quote.tokens, key=request_id) as r:
+        usage = await run_model(...)
+        await r.settle([{"meter": "llm.output_tokens", "quantity": usage.output_tokens,
+                         "dimensions": {"model": "gpt-4o"}}])
 
 A reservation holds `estimate` tokens while the work runs. `settle(actual)` charges what was
 used and releases the rest; leaving the block without settling (an exception, an early return)
@@ -14,7 +21,7 @@ call with the same key is safe and returns status `duplicate`.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -34,6 +41,23 @@ class Result:
     balance: int | None = None
     entry_id: int | None = None
     available: int | None = None
+    tokens: int | None = None
+
+
+UsageItems = Sequence[Mapping[str, Any]]
+"""Usage items: `{"meter": "llm.output_tokens", "quantity": 800, "dimensions": {"model": ...}}`."""
+
+
+@dataclass(frozen=True)
+class Quote:
+    """The price of usage items (public.quote_usage): the total and each item's."""
+
+    tokens: int
+    items: list[dict[str, Any]]
+
+
+def _items(items: UsageItems) -> list[dict[str, Any]]:
+    return [dict(item) for item in items]
 
 
 def _one(rows: list[dict[str, Any]], function: str) -> dict[str, Any]:
@@ -90,14 +114,21 @@ class Reservation:
         self.available = row.get("available")
         return self
 
-    async def settle(self, actual: int) -> Result:
-        """Charge `actual` tokens (0 releases everything) and release the rest of the hold.
+    async def settle(self, actual: int | UsageItems) -> Result:
+        """Charge `actual` tokens (0 releases everything), or usage items priced by the rate
+        card in the same transaction (public.record_usage), and release the rest of the hold.
 
         Above the reservation the excess comes from available tokens, capped at zero: status
         `partial`.
         """
         if self.id is None:
             raise RuntimeError("the reservation is not open")
+        if not isinstance(actual, int):
+            # A hold settles once: its id is the settlement's key, so a retry is a duplicate.
+            self.settled = await self._billing.record_usage(
+                self.user_id, actual, key=f"hold:{self.id}", hold=self.id
+            )
+            return self.settled
         if actual <= 0:
             self.released = await self.release()
             self.settled = self.released
@@ -210,6 +241,46 @@ class TokenBilling:
         if row["status"] == "unknown_account":
             raise UnknownAccount(f"no billing account for user {user_id}")
         return Result(row["status"], row.get("balance"), row.get("entry_id"))
+
+    async def quote(self, user_id: uuid.UUID | str, items: UsageItems) -> Quote:
+        """The tokens usage items would cost the user now, without charging (an estimate for
+        `reserve`)."""
+        row = _one(
+            await self.db.rpc("quote_usage", {"p_user_id": str(user_id), "p_items": _items(items)}),
+            "quote_usage",
+        )
+        return Quote(int(row["tokens"]), list(row["items"]))
+
+    async def record_usage(
+        self,
+        user_id: uuid.UUID | str,
+        items: UsageItems,
+        *,
+        key: str,
+        hold: uuid.UUID | str | None = None,
+    ) -> Result:
+        """Price usage items by the rate card and charge them in one transaction: settling
+        `hold` (a reservation id), or as a deduct. Raises InsufficientTokens rather than go
+        below zero (a deduct), UnknownAccount; `Result.tokens` is what the items cost."""
+        row = _one(
+            await self.db.rpc(
+                "record_usage",
+                {
+                    "p_user_id": str(user_id),
+                    "p_items": _items(items),
+                    "p_idempotency_key": key,
+                    "p_reservation_id": str(hold) if hold is not None else None,
+                },
+            ),
+            "record_usage",
+        )
+        if row["status"] == "insufficient_funds":
+            raise InsufficientTokens(user_id, int(row["tokens"]), balance=row.get("balance"))
+        if row["status"] == "unknown_account":
+            raise UnknownAccount(f"no billing account for user {user_id}")
+        return Result(
+            row["status"], row.get("balance"), row.get("entry_id"), tokens=row.get("tokens")
+        )
 
     async def settle_many(self, settlements: Mapping[uuid.UUID | str, int]) -> dict[str, Result]:
         """Settle many reservations (id -> actual tokens, at most 1000) in one call and one

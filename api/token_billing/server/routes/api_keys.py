@@ -34,7 +34,9 @@ async def create_key(request: Request) -> Response:
         {
             "p_user_id": str(user.id),
             "p_name": body.name,
-            "p_scopes": list(body.scopes),
+            # A text[] as its array literal (a list would be sent as jsonb); scopes are a closed
+            # set of plain words, so no quoting is needed.
+            "p_scopes": "{" + ",".join(body.scopes) + "}",
             "p_expires_at": body.expires_at,
             "p_environment": rt.settings.api_key_environment,
         },
