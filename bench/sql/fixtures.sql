@@ -37,4 +37,18 @@ select count(*) from (
   from generate_series(1, 10001) as n
 ) as funded;
 
+
+-- Rate cards (issue 16): a per-unit meter at 1 token a unit (what a deduct of 1 charges) and a
+-- graduated one with 4 tiers, for record_usage against deduct_tokens.
+insert into billing.meters (code, unit) values ('bench.unit', 'unit'), ('bench.tiered', 'unit');
+insert into billing.prices (meter_code, scheme, unit_amount, effective_from)
+values ('bench.unit', 'per_unit', 1, '2020-01-01');
+insert into billing.prices (meter_code, scheme, tiers, effective_from)
+values (
+  'bench.tiered', 'graduated',
+  '[{"up_to": 10, "unit_amount": 4}, {"up_to": 100, "unit_amount": 3},
+    {"up_to": 1000, "unit_amount": 2}, {"up_to": null, "unit_amount": 1}]',
+  '2020-01-01'
+);
+
 vacuum analyze;
