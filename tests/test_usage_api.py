@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from scripts.pgcluster import Database
-from tests.app_support import bearer, new_user, scalar, settings_for
+from tests.app_support import bearer, new_user, scalar, settings_for, user_token
 from token_billing.server import api_keys
 from token_billing.server.app import create_app
 
@@ -121,6 +121,21 @@ def test_the_key_routes_should_need_a_signed_in_user(client: TestClient, db: Dat
     with_key = client.get("/v1/api-keys", headers=key_auth(key["key"]))
     assert with_key.status_code == 401, "an API key should not manage API keys"
     assert client.delete(f"/v1/api-keys/{key['id']}").status_code == 401
+    user = new_user(db)
+    forged = {
+        "Authorization": f"Bearer {user_token(user, secret='not-the-project-secret-0123456789abcdef')}"
+    }  # noqa: S106
+    expired = {"Authorization": f"Bearer {user_token(user, expires_in=-3600)}"}
+    for headers in (forged, expired):
+        for method, path in (
+            ("POST", "/v1/api-keys"),
+            ("GET", "/v1/api-keys"),
+            ("DELETE", f"/v1/api-keys/{key['id']}"),
+        ):
+            response = client.request(
+                method, path, json={} if method == "POST" else None, headers=headers
+            )
+            assert response.status_code == 401, (method, path, response.text)
 
 
 def test_an_unknown_scope_should_be_refused(client: TestClient, db: Database) -> None:
@@ -436,3 +451,16 @@ def test_any_split_of_a_quantity_should_cost_what_the_whole_costs(
             assert row[0] == "applied"
             charged += row[1]
     assert charged == whole[0]
+
+
+def test_the_summary_should_take_a_period_and_refuse_a_backwards_one(
+    client: TestClient, db: Database
+) -> None:
+    key = make_key(client, new_user(db))["key"]
+    client.post("/v1/usage", json={"items": GPT4O_CALL}, headers=key_auth(key, "p-1"))
+    past = client.get("/v1/usage?from=2020-01-01T00:00:00&to=2020-02-01", headers=key_auth(key))
+    assert past.status_code == 200
+    assert past.json()["meters"] == []
+    backwards = client.get("/v1/usage?from=2030-01-01&to=2020-01-01", headers=key_auth(key))
+    assert backwards.status_code == 422
+    assert backwards.json()["error"]["code"] == "invalid_period"

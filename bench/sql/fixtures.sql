@@ -51,4 +51,16 @@ values (
   '2020-01-01'
 );
 
+-- A usage history of the previous period (100,000 records over the 10,000 users), so the
+-- planner has statistics for usage_records as in any deployment past its first minutes (an
+-- empty, never analyzed table gets sequential scans that the growing table then pays for).
+insert into billing.usage_records (
+  user_id, idempotency_key, line, meter_code, quantity, dimension_value, price_id, tokens, created_at
+)
+select
+  lpad(to_hex(n % 10000 + 1), 32, '0')::uuid, 'bench-history-' || n, 1, 'bench.tiered', 1, '',
+  p.id, 1, now() - interval '40 days'
+from generate_series(1, 100000) as n
+cross join (select id from billing.prices where meter_code = 'bench.tiered') as p;
+
 vacuum analyze;

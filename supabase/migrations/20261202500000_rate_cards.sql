@@ -8,8 +8,8 @@
 -- effective_from, never an edit (trigger), and each usage record keeps the version it was
 -- charged at. Customer terms give one user a percent discount or an override price for a while.
 -- Objects: billing.meters, billing.prices (+ append-only trigger), billing.customer_terms,
---   billing.usage_records (+ append-only trigger), billing.usage_period(), billing.rate(),
---   billing.read_items(), billing.price_items(), public.quote_usage(), public.usage_summary(),
+--   billing.usage_records (+ append-only trigger), billing.usage_totals,
+--   billing.price_items(), public.quote_usage(), public.usage_summary(),
 --   public.my_usage().
 --
 -- How an item is priced (billing.price_items):
@@ -27,7 +27,8 @@
 --   3. Accumulating prices (graduated, and per_unit or package whose rounding makes small
 --      calls cost more than their share: unit_divisor > 1 or package_size > 1) charge
 --      D(F(c + q)) - D(F(c)), c = the quantity already used in the user's billing period for
---      the same meter and dimension value (earlier items of the same call included). The
+--      the same meter and dimension value (earlier items of the same call included; kept as a
+--      running total in billing.usage_totals, so a call reads one row, not the period). The
 --      charges of a period then add up to exactly D(F(total)), however the total was split
 --      into calls. Other prices (and volume tiers, which are by the item's own quantity)
 --      charge D(F(q)).
@@ -290,7 +291,9 @@ create table billing.usage_records (
   quantity bigint not null,
   dimensions jsonb not null default '{}',
   dimension_value text not null,
-  price_id bigint not null references billing.prices (id),
+  -- No foreign key: record_usage writes the id of the price it has just read, and prices are
+  -- never deleted (trigger); a foreign key would add a query per record to the hot path.
+  price_id bigint not null,
   percent_off integer,
   tokens bigint not null,
   entry_id bigint,
@@ -300,10 +303,6 @@ create table billing.usage_records (
   constraint usage_records_amounts check (quantity >= 0 and tokens >= 0 and line >= 1)
 );
 
--- Graduated and rounded prices sum a period's quantity per user, meter and dimension value.
-create index usage_records_period_idx on billing.usage_records (
-  user_id, meter_code, dimension_value, created_at
-) include (quantity);
 -- Summaries per user and period.
 create index usage_records_user_created_idx on billing.usage_records (user_id, created_at);
 
@@ -363,111 +362,78 @@ using (user_id = (select auth.uid()));
 revoke all on billing.usage_records from public, anon, authenticated, service_role;
 grant select on billing.usage_records to authenticated, service_role;
 
+-- The running totals graduated and rounded prices read: one row per user, meter, dimension value
+-- and billing period, so pricing a call reads one row however many calls the period had.
+create table billing.usage_totals (
+  user_id uuid not null,
+  meter_code text not null,
+  dimension_value text not null,
+  period_start timestamptz not null,
+  quantity bigint not null,
+  constraint usage_totals_pkey primary key (user_id, meter_code, dimension_value, period_start),
+  constraint usage_totals_quantity_not_negative check (quantity >= 0)
+);
+
+comment on table billing.usage_totals is
+'Per user, meter, dimension value and billing period: the quantity recorded by accumulating '
+'prices (graduated, or rounded per period). Written by record_usage in the transaction that '
+'writes the usage records, under the account lock: it always equals their sum.';
+comment on column billing.usage_totals.user_id is 'Whose usage.';
+comment on column billing.usage_totals.meter_code is 'The meter.';
+comment on column billing.usage_totals.dimension_value is 'The value of the meter''s dimension (or empty).';
+comment on column billing.usage_totals.period_start is 'Start of the billing period it counts.';
+comment on column billing.usage_totals.quantity is 'The period''s quantity so far.';
+
+alter table billing.usage_totals enable row level security;
+-- No policy: service role only (users read their usage through usage_records).
+revoke all on billing.usage_totals from public, anon, authenticated, service_role;
+grant select on billing.usage_totals to service_role;
+
 -- Pricing ----------------------------------------------------------------------------------------
 
-create function billing.usage_period(p_user_id uuid, p_as_of timestamptz)
-returns table (period_start timestamptz, period_end timestamptz)
-language sql stable
-set search_path = ''
-as $$
-  select coalesce(s.current_period_start, date_trunc('month', p_as_of, 'UTC')),
-    coalesce(s.current_period_end, date_trunc('month', p_as_of, 'UTC') + interval '1 month')
-  from (select 1) as one
-  left join lateral (
-    select sub.current_period_start, sub.current_period_end
-    from billing.subscriptions as sub
-    where sub.user_id = p_user_id
-      and sub.status in ('active', 'trialing', 'past_due')
-      and sub.current_period_start <= p_as_of and p_as_of < sub.current_period_end
-    order by sub.current_period_start desc
-    limit 1
-  ) as s on true
-$$;
-
-comment on function billing.usage_period(uuid, timestamptz) is
-'The billing period containing p_as_of: the live subscription''s current period, else the '
-'calendar month (UTC). Graduated tiers accumulate over it.';
-
-revoke all on function billing.usage_period(uuid, timestamptz) from public;
-
-create function billing.round_div(p_numerator numeric, p_divisor bigint, p_rounding text)
-returns numeric
-language sql immutable
-set search_path = ''
-as $$
-  select case when p_rounding = 'down' then div(p_numerator, p_divisor)
-    else div(p_numerator + p_divisor - 1, p_divisor) end
-$$;
-
-comment on function billing.round_div(numeric, bigint, text) is
-'Integer division of a non-negative integer, rounded up or down (no fractions are ever kept).';
-
-revoke all on function billing.round_div(numeric, bigint, text) from public;
-
-create function billing.rate(p_price billing.prices, p_quantity numeric) returns numeric
-language plpgsql immutable
-set search_path = ''
-as $$
-declare
-  v_units numeric;
-  v_flat numeric;
-begin
-  if p_quantity <= 0 then
-    return 0;
-  end if;
-  if p_price.scheme = 'per_unit' then
-    return billing.round_div(p_quantity * p_price.unit_amount, p_price.unit_divisor, p_price.rounding);
-  elsif p_price.scheme = 'package' then
-    return billing.round_div(p_quantity, p_price.package_size, p_price.rounding) * p_price.unit_amount;
-  elsif p_price.scheme = 'graduated' then
-    select
-      coalesce(sum(t.units * t.unit_amount), 0),
-      coalesce(sum(t.flat_amount) filter (where t.units > 0), 0)
-    into v_units, v_flat
-    from (
-      select
-        greatest(least(p_quantity, coalesce(tier.up_to, p_quantity)) - tier.lower_bound, 0) as units,
-        tier.unit_amount,
-        tier.flat_amount
-      from (
-        select
-          (e.value ->> 'up_to')::numeric as up_to,
-          coalesce(lag((e.value ->> 'up_to')::numeric) over (order by e.ordinality), 0) as lower_bound,
-          (e.value ->> 'unit_amount')::numeric as unit_amount,
-          coalesce((e.value ->> 'flat_amount')::numeric, 0) as flat_amount
-        from jsonb_array_elements(p_price.tiers) with ordinality as e (value, ordinality)
-      ) as tier
-    ) as t;
-    return billing.round_div(v_units, p_price.unit_divisor, p_price.rounding) + v_flat;
-  end if;
-  -- volume: the tier the whole quantity falls in prices every unit.
-  select
-    billing.round_div(p_quantity * (e.value ->> 'unit_amount')::numeric, p_price.unit_divisor, p_price.rounding)
-    + coalesce((e.value ->> 'flat_amount')::numeric, 0)
-  into v_units
-  from jsonb_array_elements(p_price.tiers) with ordinality as e (value, ordinality)
-  where e.value ->> 'up_to' is null or (e.value ->> 'up_to')::numeric >= p_quantity
-  order by e.ordinality
-  limit 1;
-  return v_units;
-end;
-$$;
-
-comment on function billing.rate(billing.prices, numeric) is
-'F(q): the tokens of quantity q under one price version, rounded once as the price says '
-'(per_unit, package, graduated, volume; see the migration header).';
-
-revoke all on function billing.rate(billing.prices, numeric) from public;
-
-create function billing.read_items(p_items jsonb)
-returns table (line int, meter_code text, quantity bigint, dimensions jsonb)
-language plpgsql immutable
+create function billing.price_items(
+  p_user_id uuid,
+  p_items jsonb,
+  p_as_of timestamptz,
+  out meter_codes text[],
+  out quantities bigint[],
+  out dimensions jsonb[],
+  out dimension_values text[],
+  out price_ids bigint[],
+  out percents_off integer[],
+  out tokens bigint[],
+  out accumulates boolean[],
+  out period_start timestamptz
+)
+language plpgsql stable
 set search_path = ''
 as $$
 declare
   v_item jsonb;
   v_line int := 0;
+  v_dimensions jsonb;
   v_dimension record;
+  v_value text;
+  v_found record;
+  v_price billing.prices;
+  v_used numeric;
+  v_before numeric;
+  v_after numeric;
+  v_charge numeric;
+  -- Quantities of earlier items of this call, per meter and dimension value.
+  v_in_call jsonb := '{}';
+  v_key text;
+  -- F at each quantity asked for (the period's total before and after, or the item's own).
+  v_quantities numeric [];
+  v_rated numeric [];
+  v_q numeric;
+  v_tier jsonb;
+  v_lower numeric;
+  v_upper numeric;
+  v_units numeric;
+  v_flat numeric;
+  v_in_tier numeric;
+  v_f numeric;
 begin
   if p_items is null or jsonb_typeof(p_items) <> 'array' or jsonb_array_length(p_items) = 0
     or jsonb_array_length(p_items) > 100 then
@@ -475,9 +441,9 @@ begin
       errcode = '22023',
       message = 'p_items must be a JSON array of 1 to 100 items {meter, quantity, dimensions}';
   end if;
-  for v_item in select value from jsonb_array_elements(p_items) loop
-    v_line := v_line + 1;
-    if jsonb_typeof(v_item) <> 'object'
+  for i in 0 .. jsonb_array_length(p_items) - 1 loop
+    v_item := p_items -> i;
+    if jsonb_typeof(v_item) is distinct from 'object'
       or jsonb_typeof(v_item -> 'meter') is distinct from 'string'
       or jsonb_typeof(v_item -> 'quantity') is distinct from 'number'
       or (v_item ->> 'quantity')::numeric <> trunc((v_item ->> 'quantity')::numeric)
@@ -486,144 +452,157 @@ begin
       raise exception using
         errcode = '22023',
         message = format(
-          'p_items[%s] must be {"meter": text, "quantity": an integer 0..10^12, "dimensions": {...}}',
-          v_line - 1);
+          'p_items[%s] must be {"meter": text, "quantity": an integer 0..10^12, "dimensions": {...}}', i);
     end if;
-    for v_dimension in select * from jsonb_each(coalesce(nullif(v_item -> 'dimensions', 'null'), '{}')) loop
-      if jsonb_typeof(v_dimension.value) <> 'string' or length(v_dimension.value #>> '{}') > 200
-        or length(v_dimension.key) > 64 then
-        raise exception using
-          errcode = '22023',
-          message = format('p_items[%s].dimensions.%s must be a text of at most 200 characters',
-            v_line - 1, left(v_dimension.key, 64));
-      end if;
-    end loop;
-    line := v_line;
-    meter_code := v_item ->> 'meter';
-    quantity := (v_item ->> 'quantity')::bigint;
-    dimensions := coalesce(nullif(v_item -> 'dimensions', 'null'), '{}');
-    return next;
-  end loop;
-end;
-$$;
+    v_dimensions := coalesce(nullif(v_item -> 'dimensions', 'null'), '{}');
+    if v_dimensions <> '{}' then
+      for v_dimension in select * from jsonb_each(v_dimensions) loop
+        if jsonb_typeof(v_dimension.value) <> 'string' or length(v_dimension.value #>> '{}') > 200
+          or length(v_dimension.key) > 64 then
+          raise exception using
+            errcode = '22023',
+            message = format('p_items[%s].dimensions.%s must be a text of at most 200 characters',
+              i, left(v_dimension.key, 64));
+        end if;
+      end loop;
+    end if;
 
-comment on function billing.read_items(jsonb) is
-'The usage items of a call, checked: 1..100 objects {meter, quantity (integer 0..10^12), '
-'dimensions (object of texts)}; 22023 naming the item otherwise.';
-
-revoke all on function billing.read_items(jsonb) from public;
-
-create function billing.price_items(p_user_id uuid, p_items jsonb, p_as_of timestamptz)
-returns table (
-  line int,
-  meter_code text,
-  quantity bigint,
-  dimensions jsonb,
-  dimension_value text,
-  price_id bigint,
-  percent_off integer,
-  tokens bigint
-)
-language plpgsql stable
-set search_path = ''
-as $$
-declare
-  v_item record;
-  v_meter billing.meters;
-  v_price billing.prices;
-  v_term record;
-  v_period_start timestamptz;
-  v_used numeric;
-  v_before numeric;
-  v_after numeric;
-  v_charge numeric;
-  -- Quantities of earlier items of this call, per meter and dimension value.
-  v_in_call jsonb := '{}';
-  v_key text;
-  v_value text;
-begin
-  for v_item in select * from billing.read_items(p_items) loop
-    select * into v_meter from billing.meters as m where m.code = v_item.meter_code;
-    if not found then
+    -- One query: the meter, the user's term for it, and the price (override or list version).
+    select
+      m.code, coalesce(v_dimensions ->> m.dimension, '') as dimension_value, m.dimension,
+      t.percent_off, t.override_price_id, coalesce(o, l.price) as price
+    into v_found
+    from billing.meters as m
+    left join lateral (
+      select ct.percent_off, ct.override_price_id
+      from billing.customer_terms as ct
+      where ct.user_id = p_user_id
+        and (ct.meter_code = m.code or ct.meter_code is null)
+        and ct.valid_from <= p_as_of and (ct.valid_until is null or p_as_of < ct.valid_until)
+      order by ct.meter_code is null, ct.valid_from desc, ct.id desc
+      limit 1
+    ) as t on true
+    left join billing.prices as o on o.id = t.override_price_id
+    left join lateral (
+      select lp as price
+      from billing.prices as lp
+      where t.override_price_id is null and lp.meter_code = m.code and not lp.custom
+        and lp.dimension_value in (coalesce(v_dimensions ->> m.dimension, ''), '*')
+        and lp.effective_from <= p_as_of
+      order by lp.dimension_value = '*', lp.effective_from desc, lp.id desc
+      limit 1
+    ) as l on true
+    where m.code = v_item ->> 'meter';
+    if v_found.code is null then
       raise exception using
         errcode = '22023',
-        message = format('p_items[%s].meter: unknown meter %L', v_item.line - 1, v_item.meter_code);
+        message = format('p_items[%s].meter: unknown meter %L', i, v_item ->> 'meter');
     end if;
-    v_value := coalesce(v_item.dimensions ->> v_meter.dimension, '');
-
-    select t.percent_off, t.override_price_id into v_term
-    from billing.customer_terms as t
-    where t.user_id = p_user_id
-      and (t.meter_code = v_meter.code or t.meter_code is null)
-      and t.valid_from <= p_as_of and (t.valid_until is null or p_as_of < t.valid_until)
-    order by t.meter_code is null, t.valid_from desc, t.id desc
-    limit 1;
-
-    if v_term.override_price_id is not null then
-      select * into v_price from billing.prices as p where p.id = v_term.override_price_id;
-    else
-      select * into v_price
-      from billing.prices as p
-      where p.meter_code = v_meter.code and not p.custom
-        and p.dimension_value in (v_value, '*') and p.effective_from <= p_as_of
-      order by p.dimension_value = '*', p.effective_from desc, p.id desc
-      limit 1;
-      if not found then
-        raise exception using
-          errcode = 'TBPRC',
-          message = format('meter %s has no price for %s at %s', v_meter.code,
-            coalesce(v_meter.dimension || ' = ' || quote_literal(v_value), 'its usage'), p_as_of);
-      end if;
+    v_price := v_found.price;
+    v_value := v_found.dimension_value;
+    if v_price.id is null then
+      raise exception using
+        errcode = 'TBPRC',
+        message = format('meter %s has no price for %s at %s', v_found.code,
+          coalesce(v_found.dimension || ' = ' || quote_literal(v_value), 'its usage'), p_as_of);
     end if;
 
     if v_price.scheme = 'graduated' or v_price.unit_divisor > 1 or v_price.package_size > 1 then
       -- Accumulating: what this period used before, so the call pays its share of F exactly.
-      if v_period_start is null then
-        select u.period_start into v_period_start from billing.usage_period(p_user_id, p_as_of) as u;
+      if period_start is null then
+        select coalesce(s.current_period_start, date_trunc('month', p_as_of, 'UTC')) into period_start
+        from (select 1) as one
+        left join lateral (
+          select sub.current_period_start
+          from billing.subscriptions as sub
+          where sub.user_id = p_user_id
+            and sub.status in ('active', 'trialing', 'past_due')
+            and sub.current_period_start <= p_as_of and p_as_of < sub.current_period_end
+          order by sub.current_period_start desc
+          limit 1
+        ) as s on true;
       end if;
-      v_key := v_meter.code || '/' || v_value;
-      select coalesce(sum(r.quantity), 0) into v_used
-      from billing.usage_records as r
-      where r.user_id = p_user_id and r.meter_code = v_meter.code
-        and r.dimension_value = v_value
-        and r.created_at >= v_period_start and r.created_at <= p_as_of;
+      v_key := v_found.code || '/' || v_value;
+      select coalesce(max(t.quantity), 0) into v_used
+      from billing.usage_totals as t
+      where t.user_id = p_user_id and t.meter_code = v_found.code and t.dimension_value = v_value
+        and t.period_start = price_items.period_start;
+      accumulates := accumulates || true;
       v_before := v_used + coalesce((v_in_call ->> v_key)::numeric, 0);
-      v_after := v_before + v_item.quantity;
+      v_after := v_before + (v_item ->> 'quantity')::numeric;
       v_in_call := v_in_call || jsonb_build_object(v_key, v_after - v_used);
-      v_before := billing.rate(v_price, v_before);
-      v_after := billing.rate(v_price, v_after);
-      if v_term.percent_off is not null then
-        v_before := v_before - div(v_before * v_term.percent_off, 100);
-        v_after := v_after - div(v_after * v_term.percent_off, 100);
-      end if;
-      v_charge := v_after - v_before;
+      v_quantities := array[v_before, v_after];
     else
-      v_charge := billing.rate(v_price, v_item.quantity);
-      if v_term.percent_off is not null then
-        v_charge := v_charge - div(v_charge * v_term.percent_off, 100);
-      end if;
+      accumulates := accumulates || false;
+      v_quantities := array[(v_item ->> 'quantity')::numeric];
     end if;
-    if v_item.quantity > 0 then
+
+    -- F(q) for each quantity: expressions only (no query, no function call) on the hot path.
+    -- Every division rounds as the price says: up is div(n + d - 1, d), down is div(n, d).
+    v_rated := '{}';
+    foreach v_q in array v_quantities loop
+      if v_q <= 0 then
+        v_f := 0;
+      elsif v_price.scheme = 'per_unit' then
+        v_f := case when v_price.rounding = 'down' then div(v_q * v_price.unit_amount, v_price.unit_divisor)
+          else div(v_q * v_price.unit_amount + v_price.unit_divisor - 1, v_price.unit_divisor) end;
+      elsif v_price.scheme = 'package' then
+        v_f := v_price.unit_amount * case when v_price.rounding = 'down' then div(v_q, v_price.package_size)
+          else div(v_q + v_price.package_size - 1, v_price.package_size) end;
+      else
+        v_lower := 0;
+        v_units := 0;
+        v_flat := 0;
+        for t in 0 .. jsonb_array_length(v_price.tiers) - 1 loop
+          v_tier := v_price.tiers -> t;
+          v_upper := (v_tier ->> 'up_to')::numeric;
+          if v_price.scheme = 'volume' then
+            -- The tier the whole quantity falls in prices every unit.
+            if v_upper is null or v_upper >= v_q then
+              v_units := v_q * (v_tier ->> 'unit_amount')::numeric;
+              v_flat := coalesce((v_tier ->> 'flat_amount')::numeric, 0);
+              exit;
+            end if;
+          else
+            -- graduated: each tier's rate for the units inside it, its flat amount once reached.
+            v_in_tier := least(v_q, coalesce(v_upper, v_q)) - v_lower;
+            exit when v_in_tier <= 0;
+            v_units := v_units + v_in_tier * (v_tier ->> 'unit_amount')::numeric;
+            v_flat := v_flat + coalesce((v_tier ->> 'flat_amount')::numeric, 0);
+            v_lower := v_upper;
+            exit when v_upper is null;
+          end if;
+        end loop;
+        v_f := v_flat + case when v_price.rounding = 'down' then div(v_units, v_price.unit_divisor)
+          else div(v_units + v_price.unit_divisor - 1, v_price.unit_divisor) end;
+      end if;
+      -- D(x): the discount, rounded down.
+      if v_found.percent_off is not null then
+        v_f := v_f - div(v_f * v_found.percent_off, 100);
+      end if;
+      v_rated := v_rated || v_f;
+    end loop;
+    v_charge := v_rated[cardinality(v_rated)] - case when cardinality(v_rated) = 2 then v_rated[1] else 0 end;
+    if (v_item ->> 'quantity')::bigint > 0 then
       v_charge := greatest(v_charge, v_price.minimum_tokens);
     end if;
 
-    line := v_item.line;
-    meter_code := v_meter.code;
-    dimension_value := v_value;
-    quantity := v_item.quantity;
-    dimensions := v_item.dimensions;
-    price_id := v_price.id;
-    percent_off := case when v_term.override_price_id is null then v_term.percent_off end;
-    tokens := v_charge;
-    return next;
+    meter_codes := meter_codes || v_found.code;
+    quantities := quantities || (v_item ->> 'quantity')::bigint;
+    dimensions := dimensions || v_dimensions;
+    dimension_values := dimension_values || v_value;
+    price_ids := price_ids || v_price.id;
+    percents_off := percents_off || v_found.percent_off;
+    tokens := tokens || v_charge::bigint;
   end loop;
 end;
 $$;
 
 comment on function billing.price_items(uuid, jsonb, timestamptz) is
 'Prices each usage item for a user at a time (price version, customer term, period '
-'accumulation; see the migration header). Raises 22023 on a bad item or unknown meter, TBPRC '
-'when a meter has no price. Reads only; record_usage calls it under the account lock.';
+'accumulation; see the migration header), as arrays in item order. Raises 22023 on a bad item '
+'(naming it) or an unknown meter, TBPRC when a meter has no price. Reads only; record_usage '
+'calls it under the account lock.';
 
 revoke all on function billing.price_items(uuid, jsonb, timestamptz) from public;
 
@@ -637,11 +616,15 @@ security definer
 set search_path = ''
 as $$
   select
-    coalesce(sum(p.tokens), 0)::bigint,
-    coalesce(jsonb_agg(jsonb_build_object(
-      'meter', p.meter_code, 'quantity', p.quantity, 'dimensions', p.dimensions,
-      'price_id', p.price_id, 'percent_off', p.percent_off, 'tokens', p.tokens
-    ) order by p.line), '[]')
+    (select sum(t)::bigint from unnest(p.tokens) as t),
+    (
+      select jsonb_agg(jsonb_build_object(
+        'meter', u.meter, 'quantity', u.quantity, 'dimensions', u.dimensions,
+        'price_id', u.price_id, 'percent_off', u.percent_off, 'tokens', u.tokens
+      ) order by u.line)
+      from unnest(p.meter_codes, p.quantities, p.dimensions, p.price_ids, p.percents_off, p.tokens)
+        with ordinality as u (meter, quantity, dimensions, price_id, percent_off, tokens, line)
+    )
   from billing.price_items(p_user_id, p_items, coalesce(p_as_of, now())) as p
 $$;
 

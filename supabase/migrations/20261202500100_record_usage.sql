@@ -9,8 +9,9 @@
 -- Objects: public.record_usage().
 --
 -- Lock order: the reservation (when a hold is settled), then the account, as settle_reservation
--- takes them; then pricing reads the period's usage records under the account lock, so two
--- calls of one user never price the same graduated tier twice.
+-- takes them; then pricing reads the period's running totals (billing.usage_totals) under the
+-- account lock and this call adds to them, so two calls of one user never price the same
+-- graduated tier twice.
 --
 -- Idempotency: the key is the call's. Usage records carry it (unique with the item's line);
 -- a deduct's ledger entry carries it too. The same key with the same user, hold and items
@@ -34,14 +35,16 @@ declare
   v_balance bigint;
   v_total bigint;
   v_first jsonb;
-  v_sent jsonb;
-  v_charge record;
-  v_priced jsonb;
-  v_first_user text;
-  v_first_hold text;
+  v_first_user uuid;
+  v_first_hold uuid;
   v_first_entry bigint;
+  v_priced record;
+  v_charge record;
 begin
-  perform billing.require_caller_key('p_idempotency_key', p_idempotency_key);
+  if p_idempotency_key is null or length(p_idempotency_key) > 255 or length(btrim(p_idempotency_key)) = 0
+    or p_idempotency_key ~ '^(signup|expiry|reservation|stripe):' then
+    perform billing.require_caller_key('p_idempotency_key', p_idempotency_key);
+  end if;
 
   -- Locks, in the documented order: the hold, then the account.
   if p_reservation_id is not null then
@@ -59,31 +62,36 @@ begin
         message = format('reservation %s is not a hold of user %s', p_reservation_id, p_user_id);
     end if;
   end if;
-  select a.balance into v_balance
+  -- The account lock and the first call's records under this key (a retry), in one statement.
+  select a.balance, f.items, f.user_id, f.reservation_id, f.entry_id, f.tokens
+  into v_balance, v_first, v_first_user, v_first_hold, v_first_entry, v_total
   from billing.accounts as a
+  left join lateral (
+    select
+      jsonb_agg(jsonb_build_object('meter', r.meter_code, 'quantity', r.quantity,
+        'dimensions', r.dimensions) order by r.line) as items,
+      min(r.user_id::text)::uuid as user_id, min(r.reservation_id::text)::uuid as reservation_id,
+      min(r.entry_id) as entry_id, sum(r.tokens)::bigint as tokens
+    from billing.usage_records as r
+    where r.idempotency_key = p_idempotency_key
+  ) as f on true
   where a.user_id = p_user_id
-  for no key update;
+  for no key update of a;
   if not found then
-    perform billing.read_items(p_items);
+    perform billing.price_items(p_user_id, p_items, now());
     return query select 'unknown_account'::text, null::bigint, null::bigint, null::bigint;
     return;
   end if;
 
-  -- A retry: the first call's records decide, before anything is priced again.
-  select
-    jsonb_agg(jsonb_build_object('meter', r.meter_code, 'quantity', r.quantity,
-      'dimensions', r.dimensions) order by r.line),
-    min(r.user_id::text), min(r.reservation_id::text), min(r.entry_id), sum(r.tokens)::bigint
-  into v_first, v_first_user, v_first_hold, v_first_entry, v_total
-  from billing.usage_records as r
-  where r.idempotency_key = p_idempotency_key;
   if v_first is not null then
-    select jsonb_agg(jsonb_build_object('meter', i.meter_code, 'quantity', i.quantity,
-      'dimensions', i.dimensions) order by i.line)
-    into v_sent
-    from billing.read_items(p_items) as i;
-    if v_sent <> v_first or v_first_user <> p_user_id::text
-      or v_first_hold is distinct from p_reservation_id::text then
+    -- A retry: the first call's records decide, before anything is priced again.
+    if v_first_user <> p_user_id or v_first_hold is distinct from p_reservation_id
+      or v_first <> (
+        select jsonb_agg(jsonb_build_object('meter', i.value ->> 'meter',
+          'quantity', (i.value ->> 'quantity')::bigint,
+          'dimensions', coalesce(nullif(i.value -> 'dimensions', 'null'), '{}')) order by i.line)
+        from jsonb_array_elements(p_items) with ordinality as i (value, line)
+      ) then
       raise exception using
         errcode = 'TBKEY',
         message = format('idempotency key %L was already used with different usage', p_idempotency_key),
@@ -101,9 +109,8 @@ begin
     return;
   end if;
 
-  select jsonb_agg(to_jsonb(p)), coalesce(sum(p.tokens), 0)::bigint
-  into v_priced, v_total
-  from billing.price_items(p_user_id, p_items, now()) as p;
+  select * into v_priced from billing.price_items(p_user_id, p_items, now());
+  select coalesce(sum(t), 0)::bigint into v_total from unnest(v_priced.tokens) as t;
 
   if p_reservation_id is not null and v_total = 0 then
     select 'applied'::text as status, v_balance as balance, null::bigint as entry_id into v_charge
@@ -135,12 +142,25 @@ begin
     percent_off, tokens, entry_id, reservation_id
   )
   select
-    p_user_id, p_idempotency_key, p.line, p.meter_code, p.quantity, p.dimensions, p.dimension_value,
-    p.price_id, p.percent_off, p.tokens, v_charge.entry_id, p_reservation_id
-  from jsonb_to_recordset(v_priced) as p (
-    line int, meter_code text, quantity bigint, dimensions jsonb, dimension_value text,
-    price_id bigint, percent_off integer, tokens bigint
+    p_user_id, p_idempotency_key, u.line, u.meter_code, u.quantity, u.dimensions, u.dimension_value,
+    u.price_id, u.percent_off, u.tokens, v_charge.entry_id, p_reservation_id
+  from unnest(
+    v_priced.meter_codes, v_priced.quantities, v_priced.dimensions, v_priced.dimension_values,
+    v_priced.price_ids, v_priced.percents_off, v_priced.tokens
+  ) with ordinality as u (
+    meter_code, quantity, dimensions, dimension_value, price_id, percent_off, tokens, line
   );
+
+  if true = any(v_priced.accumulates) then
+    insert into billing.usage_totals as t (user_id, meter_code, dimension_value, period_start, quantity)
+    select p_user_id, u.meter_code, u.dimension_value, v_priced.period_start, sum(u.quantity)
+    from unnest(v_priced.meter_codes, v_priced.dimension_values, v_priced.quantities, v_priced.accumulates)
+      as u (meter_code, dimension_value, quantity, accumulates)
+    where u.accumulates
+    group by u.meter_code, u.dimension_value
+    on conflict (user_id, meter_code, dimension_value, period_start)
+    do update set quantity = t.quantity + excluded.quantity;
+  end if;
 
   return query select v_charge.status, v_charge.balance, v_charge.entry_id, v_total;
 end;

@@ -3,7 +3,7 @@
 -- period, rounding once per period, price versions, customer terms, idempotency, holds.
 begin;
 set local search_path = extensions, public;
-select plan(66);
+select plan(67);
 
 select tests.create_user('00000000-0000-0000-0000-0000000000a1', 'a1@example.com');
 select tests.create_user('00000000-0000-0000-0000-0000000000b1', 'b1@example.com');
@@ -541,6 +541,15 @@ select throws_ok(
   $$delete from billing.usage_records$$, 'TBAPP', null, 'usage records should be append-only'
 );
 
+select is_empty(
+  $$select t.user_id, t.meter_code, t.quantity, sum(r.quantity)
+    from billing.usage_totals as t
+    left join billing.usage_records as r
+      on r.user_id = t.user_id and r.meter_code = t.meter_code and r.dimension_value = t.dimension_value
+    group by t.user_id, t.meter_code, t.quantity
+    having t.quantity is distinct from sum(r.quantity)::bigint$$,
+  'each running total should equal the sum of its usage records'
+);
 select tests.invariants_hold('the books should balance after all this usage');
 
 select * from finish();

@@ -3,7 +3,7 @@
 -- functions' behaviour (create, authenticate, revoke, expiry, touch).
 begin;
 set local search_path = extensions, public;
-select plan(46);
+select plan(48);
 
 select tests.create_user('00000000-0000-0000-0000-0000000000a2', 'a2@example.com');
 select tests.create_user('00000000-0000-0000-0000-0000000000b2', 'b2@example.com');
@@ -96,6 +96,13 @@ select table_privs_are(
 );
 select table_privs_are(
   'billing', 'customer_terms', 'service_role', array['SELECT'], 'service_role should only read customer terms'
+);
+
+select table_privs_are(
+  'billing', 'usage_totals', 'authenticated', array[]::text[], 'authenticated should not read usage totals'
+);
+select table_privs_are(
+  'billing', 'usage_totals', 'service_role', array['SELECT'], 'service_role should only read usage totals'
 );
 
 -- As anon -----------------------------------------------------------------------------------------

@@ -106,13 +106,20 @@ async def quote_usage(request: Request) -> Response:
     return schemas.respond(schemas.Quote.model_validate(rows[0]))
 
 
+def _aware(value: datetime | None) -> datetime | None:
+    """A time without a zone is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
 async def usage_summary(request: Request) -> Response:
     rt = runtime(request)
     user_id = await reader(request, rt, "usage:read")
     query = query_model(request, schemas.UsageQuery)
     now = datetime.now(UTC)
-    start = query.from_ or now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    end = query.to or now
+    start = _aware(query.from_) or now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = _aware(query.to) or now
     if end <= start:
         raise ApiError(422, "invalid_period", "from must be before to")
     rows = await rt.db.rpc(
