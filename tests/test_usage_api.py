@@ -124,7 +124,7 @@ def test_the_key_routes_should_need_a_signed_in_user(client: TestClient, db: Dat
     user = new_user(db)
     forged = {
         "Authorization": f"Bearer {user_token(user, secret='not-the-project-secret-0123456789abcdef')}"
-    }  # noqa: S106
+    }
     expired = {"Authorization": f"Bearer {user_token(user, expires_in=-3600)}"}
     for headers in (forged, expired):
         for method, path in (
