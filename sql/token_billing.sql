@@ -5388,8 +5388,8 @@ begin
   if v_reason is null
     or v_reason not in ('subscription_create', 'subscription_cycle', 'subscription_update') then
     return query select 'ignored'::text, format(
-      'invoice %s (billing_reason %s): only subscription_create, subscription_cycle and '
-      'subscription_update invoices grant plan tokens', v_invoice_id, coalesce(v_reason, 'null'));
+      'invoice %s (billing_reason %s): only subscription_create and subscription_cycle invoices '
+      'grant plan tokens (and subscription_update ones, for plan changes)', v_invoice_id, coalesce(v_reason, 'null'));
     return;
   end if;
 
@@ -5431,7 +5431,7 @@ begin
 
   if v_code is null then
     return query select 'parked'::text, format(
-      'invoice %s: no non-proration line''s price is a plan''s stripe_price_id (prices: %s)',
+      'invoice %s: no line''s price is a plan''s stripe_price_id (prices: %s)',
       v_invoice_id,
       coalesce((
         select string_agg(distinct billing.invoice_line_price(l.line), ', ')
@@ -5488,8 +5488,8 @@ begin
         - coalesce(v_old.tokens * coalesce(billing.stripe_bigint(v_old_line -> 'quantity',
           'line quantity'), 1), 0))
       * v_fraction)::bigint;
-    v_what := format('upgrade from %s to %s for %s of the period', coalesce(v_old.code, 'none'),
-      v_product.code, round(v_fraction, 4));
+    v_what := format('plan %s (upgrade from %s for %s of the period)', v_product.code,
+      coalesce(v_old.code, 'none'), round(v_fraction, 4));
     if v_tokens <= 0 then
       return query select 'ignored'::text, format(
         'invoice %s: %s grants no tokens (a downgrade takes effect at the next period)',
@@ -5499,7 +5499,7 @@ begin
   elsif v_reason = 'subscription_create' and v_amount_paid = 0
     and coalesce(billing.stripe_bigint(v_line -> 'amount', 'line amount'), 0) = 0 then
     v_tokens := coalesce(v_product.trial_tokens, v_product.tokens) * v_quantity;
-    v_what := format('trial of plan %s', v_product.code);
+    v_what := format('plan %s (trial)', v_product.code);
   else
     v_tokens := v_product.tokens * v_quantity;
     v_what := format('plan %s', v_product.code);
@@ -5565,7 +5565,7 @@ begin
 
   if v_credit.status = 'applied' then
     return query select 'applied'::text, format(
-      'granted %s tokens (%s) to user %s%s (balance %s)', v_tokens, v_what, v_user_id,
+      'granted %s tokens of %s to user %s%s (balance %s)', v_tokens, v_what, v_user_id,
       case when v_product.rollover then '' else format(', expiring %s', v_period_end) end,
       v_credit.balance);
   else
@@ -5746,8 +5746,11 @@ begin
           coalesce(v_existing.current_period_end, '-infinity')))
   ) then
     return query select 'stale'::text, format(
-      'subscription %s: event of %s (%s) is older than the last applied (%s, %s)',
-      v_subscription_id, v_created, v_status, v_existing.last_event_created, v_existing.status);
+      'subscription %s: event of %s is older than the last applied (%s)%s', v_subscription_id,
+      v_created, v_existing.last_event_created,
+      case when v_created = v_existing.last_event_created then format(
+        ': same second, and %s is not further along than %s', v_status, v_existing.status)
+        else '' end);
     return;
   end if;
 
@@ -6006,8 +6009,7 @@ begin
       or (v_created = v_refund.last_event_created
         and billing.refund_status_rank(v_object ->> 'status')
           <= billing.refund_status_rank(v_refund.status))) then
-      v_stale := v_refund.status is distinct from v_object ->> 'status'
-        or v_created < v_refund.last_event_created;
+      v_stale := v_refund.status is distinct from v_object ->> 'status';
     end if;
     insert into billing.stripe_refunds as r (
       id, payment_id, amount_cents, status, last_event_created
@@ -6022,6 +6024,18 @@ begin
   end if;
 
   if billing.refunded_cents(v_payment.id) = v_before then
+    if v_stale and v_type = 'charge.refunded' then
+      return query select 'stale'::text, format(
+        'charge %s: reports %s cents refunded, %s were already reported', v_charge_id,
+        v_reported, v_payment.refunded_cents);
+      return;
+    end if;
+    if not v_stale and v_type <> 'charge.refunded' and v_object ->> 'status' in ('failed', 'canceled') then
+      return query select 'ignored'::text, format(
+        'refund %s is %s: nothing was clawed back for it, nothing to give back',
+        v_object ->> 'id', v_object ->> 'status');
+      return;
+    end if;
     return query select case when v_stale then 'stale' else 'duplicate' end::text, format(
       'payment %s: %s changes nothing (%s of %s cents refunded)', v_payment.id,
       case when v_stale then 'this older refund state' else 'this refund state' end,
@@ -6181,8 +6195,20 @@ begin
     updated_at = now()
   where d.id = v_dispute_id;
 
-  v_detail := format('dispute %s of payment %s is %s: %s tokens of user %s held (%s before)',
-    v_dispute_id, v_payment.id, v_status, v_hold, v_payment.user_id, v_existing.tokens_held);
+  v_detail := case
+    when v_status = 'lost' then format('dispute %s lost: the %s tokens of user %s stay debited',
+      v_dispute_id, v_hold, v_payment.user_id)
+    when billing.dispute_status_rank(v_status) = 2 then format(
+      'dispute %s closed %s: %s tokens returned to user %s', v_dispute_id, v_status,
+      v_existing.tokens_held - v_hold, v_payment.user_id)
+    when v_hold > v_existing.tokens_held then format(
+      'dispute %s of payment %s: %s tokens of user %s held (debited) until it closes',
+      v_dispute_id, v_payment.id, v_hold, v_payment.user_id)
+    else format('dispute %s of payment %s is %s: %s tokens of user %s held (%s before)%s',
+      v_dispute_id, v_payment.id, v_status, v_hold, v_payment.user_id, v_existing.tokens_held,
+      case when billing.dispute_status_rank(v_status) = 0
+        then ' (an inquiry: no funds withdrawn, nothing held)' else '' end)
+  end;
   if v_hold < v_existing.tokens_held then
     -- Tokens came back: refunds a dispute's hold capped may take their share now.
     perform billing.claw_back_refunded_tokens(v_payment.id, p_event ->> 'id');

@@ -73,8 +73,8 @@ begin
   if v_reason is null
     or v_reason not in ('subscription_create', 'subscription_cycle', 'subscription_update') then
     return query select 'ignored'::text, format(
-      'invoice %s (billing_reason %s): only subscription_create, subscription_cycle and '
-      'subscription_update invoices grant plan tokens', v_invoice_id, coalesce(v_reason, 'null'));
+      'invoice %s (billing_reason %s): only subscription_create and subscription_cycle invoices '
+      'grant plan tokens (and subscription_update ones, for plan changes)', v_invoice_id, coalesce(v_reason, 'null'));
     return;
   end if;
 
@@ -116,7 +116,7 @@ begin
 
   if v_code is null then
     return query select 'parked'::text, format(
-      'invoice %s: no non-proration line''s price is a plan''s stripe_price_id (prices: %s)',
+      'invoice %s: no line''s price is a plan''s stripe_price_id (prices: %s)',
       v_invoice_id,
       coalesce((
         select string_agg(distinct billing.invoice_line_price(l.line), ', ')
@@ -173,8 +173,8 @@ begin
         - coalesce(v_old.tokens * coalesce(billing.stripe_bigint(v_old_line -> 'quantity',
           'line quantity'), 1), 0))
       * v_fraction)::bigint;
-    v_what := format('upgrade from %s to %s for %s of the period', coalesce(v_old.code, 'none'),
-      v_product.code, round(v_fraction, 4));
+    v_what := format('plan %s (upgrade from %s for %s of the period)', v_product.code,
+      coalesce(v_old.code, 'none'), round(v_fraction, 4));
     if v_tokens <= 0 then
       return query select 'ignored'::text, format(
         'invoice %s: %s grants no tokens (a downgrade takes effect at the next period)',
@@ -184,7 +184,7 @@ begin
   elsif v_reason = 'subscription_create' and v_amount_paid = 0
     and coalesce(billing.stripe_bigint(v_line -> 'amount', 'line amount'), 0) = 0 then
     v_tokens := coalesce(v_product.trial_tokens, v_product.tokens) * v_quantity;
-    v_what := format('trial of plan %s', v_product.code);
+    v_what := format('plan %s (trial)', v_product.code);
   else
     v_tokens := v_product.tokens * v_quantity;
     v_what := format('plan %s', v_product.code);
@@ -250,7 +250,7 @@ begin
 
   if v_credit.status = 'applied' then
     return query select 'applied'::text, format(
-      'granted %s tokens (%s) to user %s%s (balance %s)', v_tokens, v_what, v_user_id,
+      'granted %s tokens of %s to user %s%s (balance %s)', v_tokens, v_what, v_user_id,
       case when v_product.rollover then '' else format(', expiring %s', v_period_end) end,
       v_credit.balance);
   else

@@ -76,8 +76,11 @@ begin
           coalesce(v_existing.current_period_end, '-infinity')))
   ) then
     return query select 'stale'::text, format(
-      'subscription %s: event of %s (%s) is older than the last applied (%s, %s)',
-      v_subscription_id, v_created, v_status, v_existing.last_event_created, v_existing.status);
+      'subscription %s: event of %s is older than the last applied (%s)%s', v_subscription_id,
+      v_created, v_existing.last_event_created,
+      case when v_created = v_existing.last_event_created then format(
+        ': same second, and %s is not further along than %s', v_status, v_existing.status)
+        else '' end);
     return;
   end if;
 

@@ -125,8 +125,7 @@ begin
       or (v_created = v_refund.last_event_created
         and billing.refund_status_rank(v_object ->> 'status')
           <= billing.refund_status_rank(v_refund.status))) then
-      v_stale := v_refund.status is distinct from v_object ->> 'status'
-        or v_created < v_refund.last_event_created;
+      v_stale := v_refund.status is distinct from v_object ->> 'status';
     end if;
     insert into billing.stripe_refunds as r (
       id, payment_id, amount_cents, status, last_event_created
@@ -141,6 +140,18 @@ begin
   end if;
 
   if billing.refunded_cents(v_payment.id) = v_before then
+    if v_stale and v_type = 'charge.refunded' then
+      return query select 'stale'::text, format(
+        'charge %s: reports %s cents refunded, %s were already reported', v_charge_id,
+        v_reported, v_payment.refunded_cents);
+      return;
+    end if;
+    if not v_stale and v_type <> 'charge.refunded' and v_object ->> 'status' in ('failed', 'canceled') then
+      return query select 'ignored'::text, format(
+        'refund %s is %s: nothing was clawed back for it, nothing to give back',
+        v_object ->> 'id', v_object ->> 'status');
+      return;
+    end if;
     return query select case when v_stale then 'stale' else 'duplicate' end::text, format(
       'payment %s: %s changes nothing (%s of %s cents refunded)', v_payment.id,
       case when v_stale then 'this older refund state' else 'this refund state' end,
@@ -300,8 +311,20 @@ begin
     updated_at = now()
   where d.id = v_dispute_id;
 
-  v_detail := format('dispute %s of payment %s is %s: %s tokens of user %s held (%s before)',
-    v_dispute_id, v_payment.id, v_status, v_hold, v_payment.user_id, v_existing.tokens_held);
+  v_detail := case
+    when v_status = 'lost' then format('dispute %s lost: the %s tokens of user %s stay debited',
+      v_dispute_id, v_hold, v_payment.user_id)
+    when billing.dispute_status_rank(v_status) = 2 then format(
+      'dispute %s closed %s: %s tokens returned to user %s', v_dispute_id, v_status,
+      v_existing.tokens_held - v_hold, v_payment.user_id)
+    when v_hold > v_existing.tokens_held then format(
+      'dispute %s of payment %s: %s tokens of user %s held (debited) until it closes',
+      v_dispute_id, v_payment.id, v_hold, v_payment.user_id)
+    else format('dispute %s of payment %s is %s: %s tokens of user %s held (%s before)%s',
+      v_dispute_id, v_payment.id, v_status, v_hold, v_payment.user_id, v_existing.tokens_held,
+      case when billing.dispute_status_rank(v_status) = 0
+        then ' (an inquiry: no funds withdrawn, nothing held)' else '' end)
+  end;
   if v_hold < v_existing.tokens_held then
     -- Tokens came back: refunds a dispute's hold capped may take their share now.
     perform billing.claw_back_refunded_tokens(v_payment.id, p_event ->> 'id');
