@@ -205,11 +205,12 @@ def test_exhausted_pool_answers_503_quickly_and_recovers(db: Database) -> None:
         db_statement_timeout_ms=90_000,
     )
     with running_server(settings) as url:
+        # Sold first: recording a session checks its account's key, which the blocker holds.
+        events = [sold_checkout_event(db, user, "pack_100") for _ in range(2)]
         # Hold the user's account row: two deliveries for that user take both pool connections
         # and wait on the lock.
         blocker = db.connect_superuser(autocommit=False)
         blocker.execute("select 1 from billing.accounts where user_id = %s for update", [user])
-        events = [sold_checkout_event(db, user, "pack_100") for _ in range(2)]
         with ThreadPoolExecutor(max_workers=70) as pool:
 
             def deliver(event: dict[str, Any]) -> tuple[int, float]:
