@@ -4645,7 +4645,8 @@ $tb_migration_20261202200000$;
 -- the same transaction as the event that makes their object appear. What each event does is in
 -- docs/stripe-events.md.
 -- Objects: billing.subscription_status_rank(), billing.sync_account_plan(),
---   billing.refunded_cents(), billing.claw_back_refunded_tokens(), billing.stripe_event_refs(),
+--   billing.refunded_cents(), billing.claw_back_refunded_tokens(), billing.lock_stripe_refs(),
+--   billing.stripe_event_refs(),
 --   billing.heal_parked_stripe_events(), public.link_stripe_customer().
 --
 -- Lock order (no deadlocks) stays the one of 20261121001000_stripe_common.sql: the event row
@@ -4825,6 +4826,23 @@ comment on function billing.claw_back_refunded_tokens(text, text) is
 'Call under the payment''s row lock.';
 
 -- Parked events that heal -----------------------------------------------------------------------
+
+create function billing.lock_stripe_refs(p_refs text[]) returns void
+language sql
+set search_path = ''
+as $$
+  select pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('token-billing:stripe:' || r.ref))
+  from (select distinct u.ref from unnest(p_refs) as u (ref) where u.ref is not null) as r
+  order by r.ref
+$$;
+
+comment on function billing.lock_stripe_refs(text[]) is
+'Transaction advisory locks on Stripe ids (payment intents, charges), taken in sorted order by '
+'whoever records a payment and by a refund or dispute that finds none: the one that parks then '
+'commits before the payment is recorded, and the recording transaction sees it parked and heals '
+'it; or it waits and finds the payment.';
+
+revoke all on function billing.lock_stripe_refs(text[]) from public;
 
 create function billing.stripe_event_refs(p_event jsonb) returns text[]
 language sql immutable
@@ -5036,7 +5054,9 @@ begin
   end if;
 
   -- Remembered for refunds and disputes. The insert also makes a concurrent event for the same
-  -- payment (or the same payment intent, through the other event type) wait for this one.
+  -- payment (or the same payment intent, through the other event type) wait for this one; the
+  -- lock, a refund or dispute of it that is parking (billing.lock_stripe_refs).
+  perform billing.lock_stripe_refs(array[p_payment_intent_id]);
   insert into billing.stripe_payments (
     id, source, user_id, product_code, quantity, tokens, amount_paid_cents, currency,
     stripe_payment_intent_id
@@ -5542,6 +5562,8 @@ begin
           order by ip.created_at limit 1)) as ch
   ) as x;
 
+  -- A refund or dispute of this payment that is parking holds these (billing.lock_stripe_refs).
+  perform billing.lock_stripe_refs(array[v_payment_intent, v_charge]);
   insert into billing.stripe_payments (
     id, source, user_id, product_code, quantity, tokens, amount_paid_cents, currency,
     stripe_payment_intent_id, stripe_charge_id
@@ -5605,6 +5627,7 @@ begin
     return;
   end if;
 
+  perform billing.lock_stripe_refs(array[v_payment_intent, v_charge]);
   select p.* into v_payment from billing.stripe_payments as p where p.id = v_invoice_id for update;
   insert into billing.stripe_invoice_payments (id, invoice_id, stripe_payment_intent_id, stripe_charge_id)
   values (v_object ->> 'id', v_invoice_id, v_payment_intent, v_charge)
@@ -5957,6 +5980,11 @@ begin
 
   v_payment := billing.lock_stripe_payment(v_payment_intent_id, v_charge_id);
   if v_payment.id is null then
+    -- Whoever records this payment holds these until it commits: look again after them.
+    perform billing.lock_stripe_refs(array[v_payment_intent_id, v_charge_id]);
+    v_payment := billing.lock_stripe_payment(v_payment_intent_id, v_charge_id);
+  end if;
+  if v_payment.id is null then
     return query select 'parked'::text, format(
       '%s %s: no recorded payment with payment intent %s or charge %s', v_object ->> 'object',
       v_object ->> 'id', coalesce(v_payment_intent_id, '(none)'), coalesce(v_charge_id, '(none)'));
@@ -6098,6 +6126,13 @@ begin
   else
     v_payment := billing.lock_stripe_payment(
       billing.stripe_ref(v_dispute -> 'payment_intent'), billing.stripe_ref(v_dispute -> 'charge'));
+    if v_payment.id is null then
+      -- Whoever records this payment holds these until it commits: look again after them.
+      perform billing.lock_stripe_refs(array[
+        billing.stripe_ref(v_dispute -> 'payment_intent'), billing.stripe_ref(v_dispute -> 'charge')]);
+      v_payment := billing.lock_stripe_payment(
+        billing.stripe_ref(v_dispute -> 'payment_intent'), billing.stripe_ref(v_dispute -> 'charge'));
+    end if;
     if v_payment.id is null then
       return query select 'parked'::text, format(
         'dispute %s: no recorded payment with payment intent %s or charge %s', v_dispute_id,

@@ -6,7 +6,8 @@
 -- the same transaction as the event that makes their object appear. What each event does is in
 -- docs/stripe-events.md.
 -- Objects: billing.subscription_status_rank(), billing.sync_account_plan(),
---   billing.refunded_cents(), billing.claw_back_refunded_tokens(), billing.stripe_event_refs(),
+--   billing.refunded_cents(), billing.claw_back_refunded_tokens(), billing.lock_stripe_refs(),
+--   billing.stripe_event_refs(),
 --   billing.heal_parked_stripe_events(), public.link_stripe_customer().
 --
 -- Lock order (no deadlocks) stays the one of 20261121001000_stripe_common.sql: the event row
@@ -186,6 +187,23 @@ comment on function billing.claw_back_refunded_tokens(text, text) is
 'Call under the payment''s row lock.';
 
 -- Parked events that heal -----------------------------------------------------------------------
+
+create function billing.lock_stripe_refs(p_refs text[]) returns void
+language sql
+set search_path = ''
+as $$
+  select pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('token-billing:stripe:' || r.ref))
+  from (select distinct u.ref from unnest(p_refs) as u (ref) where u.ref is not null) as r
+  order by r.ref
+$$;
+
+comment on function billing.lock_stripe_refs(text[]) is
+'Transaction advisory locks on Stripe ids (payment intents, charges), taken in sorted order by '
+'whoever records a payment and by a refund or dispute that finds none: the one that parks then '
+'commits before the payment is recorded, and the recording transaction sees it parked and heals '
+'it; or it waits and finds the payment.';
+
+revoke all on function billing.lock_stripe_refs(text[]) from public;
 
 create function billing.stripe_event_refs(p_event jsonb) returns text[]
 language sql immutable

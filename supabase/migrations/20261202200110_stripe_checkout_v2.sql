@@ -47,7 +47,9 @@ begin
   end if;
 
   -- Remembered for refunds and disputes. The insert also makes a concurrent event for the same
-  -- payment (or the same payment intent, through the other event type) wait for this one.
+  -- payment (or the same payment intent, through the other event type) wait for this one; the
+  -- lock, a refund or dispute of it that is parking (billing.lock_stripe_refs).
+  perform billing.lock_stripe_refs(array[p_payment_intent_id]);
   insert into billing.stripe_payments (
     id, source, user_id, product_code, quantity, tokens, amount_paid_cents, currency,
     stripe_payment_intent_id

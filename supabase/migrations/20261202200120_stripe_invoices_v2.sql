@@ -227,6 +227,8 @@ begin
           order by ip.created_at limit 1)) as ch
   ) as x;
 
+  -- A refund or dispute of this payment that is parking holds these (billing.lock_stripe_refs).
+  perform billing.lock_stripe_refs(array[v_payment_intent, v_charge]);
   insert into billing.stripe_payments (
     id, source, user_id, product_code, quantity, tokens, amount_paid_cents, currency,
     stripe_payment_intent_id, stripe_charge_id
@@ -290,6 +292,7 @@ begin
     return;
   end if;
 
+  perform billing.lock_stripe_refs(array[v_payment_intent, v_charge]);
   select p.* into v_payment from billing.stripe_payments as p where p.id = v_invoice_id for update;
   insert into billing.stripe_invoice_payments (id, invoice_id, stripe_payment_intent_id, stripe_charge_id)
   values (v_object ->> 'id', v_invoice_id, v_payment_intent, v_charge)

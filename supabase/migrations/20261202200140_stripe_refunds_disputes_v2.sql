@@ -73,6 +73,11 @@ begin
 
   v_payment := billing.lock_stripe_payment(v_payment_intent_id, v_charge_id);
   if v_payment.id is null then
+    -- Whoever records this payment holds these until it commits: look again after them.
+    perform billing.lock_stripe_refs(array[v_payment_intent_id, v_charge_id]);
+    v_payment := billing.lock_stripe_payment(v_payment_intent_id, v_charge_id);
+  end if;
+  if v_payment.id is null then
     return query select 'parked'::text, format(
       '%s %s: no recorded payment with payment intent %s or charge %s', v_object ->> 'object',
       v_object ->> 'id', coalesce(v_payment_intent_id, '(none)'), coalesce(v_charge_id, '(none)'));
@@ -214,6 +219,13 @@ begin
   else
     v_payment := billing.lock_stripe_payment(
       billing.stripe_ref(v_dispute -> 'payment_intent'), billing.stripe_ref(v_dispute -> 'charge'));
+    if v_payment.id is null then
+      -- Whoever records this payment holds these until it commits: look again after them.
+      perform billing.lock_stripe_refs(array[
+        billing.stripe_ref(v_dispute -> 'payment_intent'), billing.stripe_ref(v_dispute -> 'charge')]);
+      v_payment := billing.lock_stripe_payment(
+        billing.stripe_ref(v_dispute -> 'payment_intent'), billing.stripe_ref(v_dispute -> 'charge'));
+    end if;
     if v_payment.id is null then
       return query select 'parked'::text, format(
         'dispute %s: no recorded payment with payment intent %s or charge %s', v_dispute_id,
