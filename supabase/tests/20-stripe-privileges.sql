@@ -90,8 +90,10 @@ select is_empty(
 
 -- Privileges ------------------------------------------------------------------------------------
 select ok(
-  not has_function_privilege('anon', 'public.record_checkout_session(jsonb)', 'execute')
-    and not has_function_privilege('authenticated', 'public.record_checkout_session(jsonb)', 'execute'),
+  not (
+    has_function_privilege('anon', 'public.record_checkout_session(jsonb)', 'execute')
+    or has_function_privilege('authenticated', 'public.record_checkout_session(jsonb)', 'execute')
+  ),
   'neither anon nor authenticated should execute record_checkout_session'
 );
 select ok(
@@ -99,8 +101,10 @@ select ok(
   'service_role should execute record_checkout_session'
 );
 select ok(
-  not has_function_privilege('anon', 'public.record_payment_intent(jsonb)', 'execute')
-    and not has_function_privilege('authenticated', 'public.record_payment_intent(jsonb)', 'execute'),
+  not (
+    has_function_privilege('anon', 'public.record_payment_intent(jsonb)', 'execute')
+    or has_function_privilege('authenticated', 'public.record_payment_intent(jsonb)', 'execute')
+  ),
   'neither anon nor authenticated should execute record_payment_intent'
 );
 select ok(

@@ -164,7 +164,8 @@ select is(
 select results_eq(
   $$select status, detail from public.handle_stripe_event(
     tests.stripe_fixture('stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json'))$$,
-  $$values ('parked'::text, 'checkout session cs_test_0000000000000000000000000000000000000000000000000000000000 was not recorded by the service (record_checkout_session) and has no '
+  $$values ('parked'::text, 'checkout session cs_test_0000000000000000000000000000000000000000000000000000000000 '
+    'was not recorded by the service (record_checkout_session) and has no '
     'single line item whose price is a pack''s stripe_price_id: not credited'::text)$$,
   'the real fixture (no product, no user) should be parked with the reason'
 );
@@ -174,7 +175,8 @@ select results_eq(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_21_nouser', 'checkout.session.completed', 1700000500,
     '{"id": "cs_test_21_nouser", "customer": "cus_21Nobody", "metadata": {"product": "pack_100"}}')))$$,
-  $$values ('parked'::text, 'checkout session cs_test_21_nouser was not recorded by the service (record_checkout_session) and has no '
+  $$values ('parked'::text, 'checkout session cs_test_21_nouser '
+    'was not recorded by the service (record_checkout_session) and has no '
     'single line item whose price is a pack''s stripe_price_id: not credited'::text)$$,
   'a paid session that names no user and whose customer is not linked should be parked'
 );
@@ -190,7 +192,8 @@ select is_empty(
 -- Derived: a session the service did not create (a Payment Link): its one line item's price is
 -- pack_600's, and the user is found only through the customer link.
 reset role;
-update billing.products set stripe_price_id = 'price_21_pack600' where code = 'pack_600';
+update billing.products set stripe_price_id = 'price_21_pack600'
+where code = 'pack_600';
 set local role service_role;
 select results_eq(
   $$select status from public.link_stripe_customer('00000000-0000-0000-0000-000000000213', 'cus_21Cat')$$,
@@ -232,7 +235,8 @@ select results_eq(
     'evt_21_plan_as_pack', 'checkout.session.completed', 1700000800,
     '{"id": "cs_test_21_plan", "client_reference_id": "00000000-0000-0000-0000-000000000211",
       "metadata": {"product": "starter"}}')))$$,
-  $$values ('parked'::text, 'checkout session cs_test_21_plan was not recorded by the service (record_checkout_session) and has no '
+  $$values ('parked'::text, 'checkout session cs_test_21_plan '
+    'was not recorded by the service (record_checkout_session) and has no '
     'single line item whose price is a pack''s stripe_price_id: not credited'::text)$$,
   'a payment-mode session for a plan should be parked'
 );
@@ -242,7 +246,8 @@ select results_eq(
     'evt_21_bad_quantity', 'checkout.session.completed', 1700000900,
     '{"id": "cs_test_21_quantity", "client_reference_id": "00000000-0000-0000-0000-000000000211",
       "metadata": {"product": "pack_100", "quantity": "-3"}}')))$$,
-  $$values ('parked'::text, 'checkout session cs_test_21_quantity was not recorded by the service (record_checkout_session) and has no '
+  $$values ('parked'::text, 'checkout session cs_test_21_quantity '
+    'was not recorded by the service (record_checkout_session) and has no '
     'single line item whose price is a pack''s stripe_price_id: not credited'::text)$$,
   'a session with a bad quantity should be parked'
 );
@@ -252,7 +257,8 @@ select results_eq(
     'evt_21_bad_user', 'checkout.session.completed', 1700001000,
     '{"id": "cs_test_21_baduser", "client_reference_id": "ann",
       "metadata": {"product": "pack_100"}}')))$$,
-  $$values ('parked'::text, 'checkout session cs_test_21_baduser was not recorded by the service (record_checkout_session) and has no '
+  $$values ('parked'::text, 'checkout session cs_test_21_baduser '
+    'was not recorded by the service (record_checkout_session) and has no '
     'single line item whose price is a pack''s stripe_price_id: not credited'::text)$$,
   'a session naming a user by something other than a uuid should be parked'
 );

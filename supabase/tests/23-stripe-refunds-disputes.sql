@@ -302,7 +302,8 @@ select is(
   'a lost dispute should credit nothing back'
 );
 select is_empty(
-  $$select 1 from billing.ledger_entries where idempotency_key like 'stripe:dispute:dp_23L:%' and kind = 'dispute_won'$$,
+  $$select 1 from billing.ledger_entries
+    where idempotency_key like 'stripe:dispute:dp_23L:%' and kind = 'dispute_won'$$,
   'a lost dispute should write no dispute_won entry'
 );
 
