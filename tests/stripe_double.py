@@ -45,6 +45,7 @@ class StripeState:
     sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
     products: dict[str, dict[str, Any]] = field(default_factory=dict)
     prices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    line_items: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 def nest(flat: dict[str, str]) -> dict[str, Any]:
@@ -148,6 +149,17 @@ class StripeDouble:
             **fields,
         }
 
+    def add_line_items(self, session_id: str, price_id: str, quantity: int = 1) -> None:
+        """A session made elsewhere (a Payment Link, the dashboard): its one line item."""
+        self.state.line_items[session_id] = [
+            {
+                "id": f"li_{session_id}",
+                "object": "item",
+                "price": self.state.prices[price_id],
+                "quantity": quantity,
+            }
+        ]
+
     # --- the server side ----------------------------------------------------------------------
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}_double{next(self._ids):06d}"
@@ -234,6 +246,11 @@ class StripeDouble:
                 return 200, self.state.customers[customer_id]
             case ("POST", ["v1", "checkout", "sessions"]):
                 return self._checkout(data)
+            case ("GET", ["v1", "checkout", "sessions", session_id, "line_items"]):
+                if session_id not in self.state.line_items:
+                    return _missing("checkout.session", session_id, 404)
+                items = self.state.line_items[session_id]
+                return 200, {"object": "list", "data": items, "has_more": False, "url": path}
             case ("POST", ["v1", "payment_intents"]):
                 return self._payment_intent(data)
             case ("POST", ["v1", "billing_portal", "sessions"]):
@@ -340,6 +357,15 @@ class StripeDouble:
             "livemode": False,
             "url": f"https://checkout.stripe.com/c/pay/{session_id}",
         }
+        self.state.line_items[session_id] = [
+            {
+                "id": f"li_{session_id}_{n}",
+                "object": "item",
+                "price": price,
+                "quantity": int(item.get("quantity") or 1),
+            }
+            for n, (price, item) in enumerate(zip(prices, items, strict=True))
+        ]
         self.state.sessions[session_id] = session
         return 200, session
 

@@ -509,3 +509,31 @@ def test_app_should_serve_concurrent_webhooks_from_one_pool(db: Database) -> Non
             t.join()
     assert codes == [200] * 6
     assert all(account(db, u)["balance"] == 200 for u in users)
+
+
+def test_a_session_made_elsewhere_should_credit_through_its_line_items(db: Database) -> None:
+    """A Payment Link's session (no metadata.product, never recorded): the service fetches its
+    line items from Stripe (the double) into the event, and a pack's price there credits it."""
+    from tests.app_support import PACK_PRICE, derived_checkout_event, put_product
+    from tests.stripe_double import StripeDouble
+
+    put_product(db, "pack_100", tokens=100, price_cents=500, stripe_price_id=PACK_PRICE)
+    user = new_user(db)
+    event = derived_checkout_event(user, "pack_100")
+    session = event["data"]["object"]
+    session["metadata"] = {}
+    with db.connect() as conn:
+        conn.execute(
+            "select * from public.link_stripe_customer(%s, %s)", [user, session["customer"]]
+        )
+    before = account(db, user)["balance"]
+    with StripeDouble() as double:
+        double.add_price(PACK_PRICE, unit_amount=500, currency="usd")
+        double.add_line_items(session["id"], PACK_PRICE, quantity=2)
+        with TestClient(create_app(settings_for(db, stripe_url=double.url))) as client:
+            response = deliver(client, encode(event))
+        fetched = [r for r in double.requests if r.method == "GET"]
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "applied", response.text
+    assert account(db, user)["balance"] == before + 200
+    assert [r.path for r in fetched] == [f"/v1/checkout/sessions/{session['id']}/line_items"]

@@ -180,6 +180,27 @@ class StripeGateway:
         )
         return dict(intent.to_dict())
 
+    @property
+    def placeholder_key(self) -> bool:
+        """True with the key `make dev` made up (every call would be refused)."""
+        return self._placeholder_key
+
+    async def checkout_line_items(self, session_id: str) -> list[dict[str, Any]]:
+        """A Checkout Session's line items (price id and quantity), at most 100."""
+        page = await self._call(
+            "checkout.sessions.line_items",
+            self.client.v1.checkout.sessions.line_items.list_async(
+                session_id, params={"limit": 100}
+            ),
+        )
+        return [
+            {
+                "price": {"id": item.price.id if item.price else None},
+                "quantity": item.quantity,
+            }
+            for item in page.data
+        ]
+
     async def create_portal_session(self, customer_id: str, return_url: str, key: str) -> str:
         session = await self._call(
             "billing_portal.sessions.create",
