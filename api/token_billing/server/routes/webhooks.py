@@ -153,10 +153,16 @@ async def stripe_webhook(request: Request) -> Response:
         session_id = _needs_line_items(event)
         if session_id is not None and not rt.stripe.placeholder_key:
             # Stripe's events carry no line items: what such a session sold is fetched here, so
-            # the one RPC can credit it only when a line's price maps to a pack.
-            items = await rt.stripe.checkout_line_items(session_id)
-            event["data"]["object"]["line_items"] = {"object": "list", "data": items}
-            body = json.dumps(event, separators=(",", ":"))
+            # the one RPC can credit it only when a line's price maps to a pack. When Stripe
+            # cannot say (unreachable, an unknown session), the event goes without them and is
+            # parked with the reason, for an operator's replay.
+            try:
+                items = await rt.stripe.checkout_line_items(session_id)
+            except ApiError:
+                fields.update(line_items="unavailable")
+            else:
+                event["data"]["object"]["line_items"] = {"object": "list", "data": items}
+                body = json.dumps(event, separators=(",", ":"))
         handled_at = time.perf_counter()
         try:
             # The verified body as it was signed: jsonb reads it directly, without a second
