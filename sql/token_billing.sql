@@ -4400,12 +4400,14 @@ begin
   locked as (
     select
       a.user_id,
+      a.balance,
+      a.undrawn,
+      a.held_expired,
       a.reserved - resolved.amount as reserved_after,
-      resolved.amount as held,
       least(
         p_amount, resolved.amount + greatest(a.balance - a.reserved, 0), greatest(a.balance, 0)
       ) as charge,
-      least(a.held_expired, greatest(a.balance, 0)) as held_expired
+      least(a.held_expired, greatest(a.balance, 0)) as held
     from billing.accounts as a
     inner join resolved on a.user_id = resolved.user_id
     for no key update of a
@@ -4414,21 +4416,26 @@ begin
   before as (
     select
       l.user_id,
-      l.held,
-      l.charge,
+      l.balance,
+      l.undrawn,
       l.held_expired,
-      greatest(l.held_expired - l.charge - l.reserved_after, 0) as expired
+      l.reserved_after,
+      l.charge,
+      l.held,
+      greatest(l.held - l.charge - l.reserved_after, 0) as expired
     from locked as l
   ),
 
+  -- The new row is written from the row as locked, whole: mixing the update's own view of the
+  -- row with the locked one showed, under concurrent expiry, two different versions.
   charged as (
     update billing.accounts as a
     set
-      reserved = a.reserved - before.held,
-      balance = a.balance - before.charge - before.expired,
-      undrawn = a.undrawn - (a.held_expired - before.held_expired)
-      + greatest(before.charge - before.held_expired, 0),
-      held_expired = greatest(before.held_expired - before.charge, 0) - before.expired,
+      reserved = before.reserved_after,
+      balance = before.balance - before.charge - before.expired,
+      undrawn = before.undrawn - (before.held_expired - before.held)
+      + greatest(before.charge - before.held, 0),
+      held_expired = greatest(before.held - before.charge, 0) - before.expired,
       updated_at = now()
     from before
     where a.user_id = before.user_id
@@ -4509,6 +4516,7 @@ as $$
 declare
   v_user_id uuid;
   v_reserved bigint;
+  v_held_expired bigint;
   v_expired bigint;
   v_balance bigint;
   v_available bigint;
@@ -4536,33 +4544,24 @@ begin
   end if;
 
   -- Lift the hold; the held tokens whose bucket expired that the remaining holds do not cover
-  -- leave now, as an expiry entry.
-  with before as (
-    select
-      a.user_id,
-      least(a.held_expired, greatest(a.balance, 0)) as held_expired,
-      greatest(least(a.held_expired, greatest(a.balance, 0)) - (a.reserved - v_reserved), 0)
-        as expired
-    from billing.accounts as a
-    where a.user_id = v_user_id
-    for no key update
-  ),
+  -- leave now, as an expiry entry. Read under the lock first, then write what was read.
+  select
+    least(a.held_expired, greatest(a.balance, 0)),
+    greatest(least(a.held_expired, greatest(a.balance, 0)) - (a.reserved - v_reserved), 0)
+  into v_held_expired, v_expired
+  from billing.accounts as a
+  where a.user_id = v_user_id
+  for no key update;
 
-  lifted as (
-    update billing.accounts as a
-    set
-      reserved = a.reserved - v_reserved,
-      balance = a.balance - before.expired,
-      undrawn = a.undrawn - (a.held_expired - before.held_expired),
-      held_expired = before.held_expired - before.expired,
-      updated_at = now()
-    from before
-    where a.user_id = before.user_id
-    returning a.balance, a.balance - a.reserved as available, before.expired
-  )
-
-  select l.balance, l.available, l.expired into v_balance, v_available, v_expired
-  from lifted as l;
+  update billing.accounts as a
+  set
+    reserved = a.reserved - v_reserved,
+    balance = a.balance - v_expired,
+    undrawn = a.undrawn - (a.held_expired - v_held_expired),
+    held_expired = v_held_expired - v_expired,
+    updated_at = now()
+  where a.user_id = v_user_id
+  returning a.balance, a.balance - a.reserved into v_balance, v_available;
 
   if v_expired > 0 then
     insert into billing.ledger_entries (
@@ -4599,6 +4598,7 @@ declare
   v_bucket record;
   v_cover bigint;
   v_held bigint;
+  v_held_expired bigint;
   v_expired bigint;
   v_balance bigint;
 begin
@@ -4627,31 +4627,23 @@ begin
   loop
     v_reservations := v_reservations + v_holds.holds;
 
-    with before as (
-      select
-        a.user_id,
-        least(a.held_expired, greatest(a.balance, 0)) as held_expired,
-        greatest(least(a.held_expired, greatest(a.balance, 0)) - (a.reserved - v_holds.total), 0)
-          as expired
-      from billing.accounts as a
-      where a.user_id = v_holds.user_id
-      for no key update
-    ),
+    select
+      least(a.held_expired, greatest(a.balance, 0)),
+      greatest(least(a.held_expired, greatest(a.balance, 0)) - (a.reserved - v_holds.total), 0)
+    into v_held_expired, v_expired
+    from billing.accounts as a
+    where a.user_id = v_holds.user_id
+    for no key update;
 
-    lifted as (
-      update billing.accounts as a
-      set
-        reserved = a.reserved - v_holds.total,
-        balance = a.balance - before.expired,
-        undrawn = a.undrawn - (a.held_expired - before.held_expired),
-        held_expired = before.held_expired - before.expired,
-        updated_at = now()
-      from before
-      where a.user_id = before.user_id
-      returning a.balance, before.expired
-    )
-
-    select l.balance, l.expired into v_balance, v_expired from lifted as l;
+    update billing.accounts as a
+    set
+      reserved = a.reserved - v_holds.total,
+      balance = a.balance - v_expired,
+      undrawn = a.undrawn - (a.held_expired - v_held_expired),
+      held_expired = v_held_expired - v_expired,
+      updated_at = now()
+    where a.user_id = v_holds.user_id
+    returning a.balance into v_balance;
 
     if v_expired > 0 then
       insert into billing.ledger_entries (
