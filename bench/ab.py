@@ -23,11 +23,15 @@ from bench.run import BENCH, SETTINGS
 from scripts.pgcluster import OWNER, ROOT, PgCluster, build_template, temporary_cluster
 
 
-def load(cluster: PgCluster, dbname: str, workdir: Path) -> None:
+def load(
+    cluster: PgCluster, dbname: str, workdir: Path, variants: list[Path] | None = None
+) -> None:
     template = f"{dbname}_template"
     build_template(
         cluster, template, workdir=workdir, extensions=(), as_template=False, pgtap_helpers=None
     )
+    for variant in variants or []:
+        cluster.psql(template, file=variant, user=OWNER)
     cluster.mark_template(template)
     cluster.create_database(dbname, template=template)
     cluster.psql(dbname, file=BENCH / "reference" / "floor.sql", user=OWNER)
@@ -52,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument(
+        "--variant",
+        type=Path,
+        action="append",
+        default=[],
+        help="SQL applied to the tree's database after its migrations (repeatable)",
+    )
     ns = parser.parse_args(argv)
 
     with (
@@ -60,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         export(ns.base, Path(tmp))
         load(cluster, "ab_base", Path(tmp))
-        load(cluster, "ab_tree", ROOT)
+        load(cluster, "ab_tree", ROOT, ns.variant)
         ratios: list[float] = []
         tps: dict[str, list[float]] = {"ab_base": [], "ab_tree": []}
         for index in range(ns.rounds):

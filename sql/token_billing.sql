@@ -4253,7 +4253,7 @@ $tb_migration_20261121001600$;
 -- them (or a release, or the hold's own TTL) leaves then, as an expiry entry of its own keyed
 -- expiry:held:<reservation id>. A settlement never drives the balance below zero, and it may be
 -- for 0 (the call cost nothing): no entry, the hold released, status applied.
--- Objects: accounts.held_expired (+ check), billing.reservation_is_valid() (settle_amount 0
+-- Objects: accounts.held_expired, billing.account_row_is_valid() (accounts_valid now calls it), billing.reservation_is_valid() (settle_amount 0
 --   allowed), billing.draw_buckets(), public.settle_reservation(), public.release_reservation(),
 --   public.expire_tokens(), public.settle_reservations() (its message), billing.check_invariants().
 --
@@ -4270,10 +4270,45 @@ $tb_migration_20261121001600$;
 alter table billing.accounts
 add column held_expired bigint not null default 0;
 
+-- The row rules stay in one function-backed CHECK (see billing.ledger_entry_is_valid: a CHECK's
+-- text is parsed again by every statement that writes the table, and every debit writes this
+-- one); the new rule joins them there instead of adding a CHECK of its own.
+create function billing.account_row_is_valid(
+  p_reserved bigint,
+  p_undrawn bigint,
+  p_held_expired bigint,
+  p_subscription_status text
+) returns boolean
+language plpgsql immutable
+set search_path = ''
+as $$
+begin
+  return coalesce(
+    p_reserved >= 0
+    and p_undrawn >= 0
+    and p_held_expired between 0 and p_reserved
+    and p_subscription_status in (
+      'none', 'incomplete', 'incomplete_expired', 'trialing', 'active', 'past_due', 'canceled',
+      'unpaid', 'paused'
+    ),
+    false
+  );
+end;
+$$;
+
+comment on function billing.account_row_is_valid(bigint, bigint, bigint, text) is
+'CHECK of billing.accounts: reserved and undrawn not negative, held_expired between 0 and '
+'reserved, subscription_status one of Stripe''s subscription statuses or none.';
+
+revoke all on function billing.account_row_is_valid(bigint, bigint, bigint, text) from public;
+
 alter table billing.accounts
-add constraint accounts_held_expired_within_reserved check (
-  held_expired >= 0 and held_expired <= reserved
+drop constraint accounts_valid,
+add constraint accounts_valid check (
+  billing.account_row_is_valid(reserved, undrawn, held_expired, subscription_status)
 );
+
+drop function billing.account_is_valid(bigint, bigint, text);
 
 comment on column billing.accounts.held_expired is
 'Tokens of pending holds whose bucket already expired: kept in the balance while held, '
