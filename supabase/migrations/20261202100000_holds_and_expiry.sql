@@ -9,7 +9,8 @@
 -- them (or a release, or the hold's own TTL) leaves then, as an expiry entry of its own keyed
 -- expiry:held:<reservation id>. A settlement never drives the balance below zero, and it may be
 -- for 0 (the call cost nothing): no entry, the hold released, status applied.
--- Objects: accounts.held_expired, billing.account_row_is_valid() (accounts_valid now calls it), billing.reservation_is_valid() (settle_amount 0
+-- Objects: accounts.held_expired, billing.account_row_is_valid() (accounts_valid now calls it;
+--   billing.account_is_valid() dropped), billing.reservation_is_valid() (settle_amount 0
 --   allowed), billing.draw_buckets(), public.settle_reservation(), public.release_reservation(),
 --   public.expire_tokens(), public.settle_reservations() (its message), billing.check_invariants().
 --
