@@ -29,6 +29,10 @@ declare
     'public.set_product_stripe_price(text, text)',
     'public.list_ledger_entries(uuid, integer)',
     'public.settle_reservations(jsonb)',
+    'public.extend_reservation(uuid, interval)',
+    'public.get_reservation(uuid)',
+    'public.record_checkout_session(jsonb)',
+    'public.record_payment_intent(jsonb)',
     'public.installed_migrations()',
     'public.quote_usage(uuid, jsonb, timestamptz)',
     'public.usage_summary(uuid, timestamptz, timestamptz, text)',
@@ -38,8 +42,7 @@ declare
     'public.list_api_keys(uuid)',
     'public.revoke_api_key(uuid, uuid)',
     'public.authenticate_api_key(text, timestamptz)',
-    'public.touch_api_key(uuid)',
-    'public.get_reservation(uuid)'
+    'public.touch_api_key(uuid)'
   ]::text[];
   v_triggers constant text[] := array[
     'tg_users__50_open_billing_account',

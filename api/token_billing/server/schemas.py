@@ -442,6 +442,7 @@ class PageConfig(Model):
     supabaseUrl: str | None
     supabaseAnonKey: str | None
     devSignIn: bool
+    stripePublishableKey: str | None = None
 
 
 PROMETHEUS_TEXT = Media(
