@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import uuid
+from datetime import datetime
 from collections.abc import Iterator
 from typing import Any
 
@@ -463,3 +464,27 @@ def test_the_summary_should_take_a_period_and_refuse_a_backwards_one(
     backwards = client.get("/v1/usage?from=2030-01-01&to=2020-01-01", headers=key_auth(key))
     assert backwards.status_code == 422
     assert backwards.json()["error"]["code"] == "invalid_period"
+
+
+def test_a_hold_should_be_extended_and_a_resolved_key_refused(
+    client: TestClient, db: Database
+) -> None:
+    key = make_key(client, new_user(db))["key"]
+    hold = client.post(
+        "/v1/holds", json={"amount": 10, "ttl_seconds": 60}, headers=key_auth(key, "x")
+    ).json()
+    extended = client.post(
+        f"/v1/holds/{hold['id']}/extend", json={"ttl_seconds": 3600}, headers=key_auth(key)
+    )
+    assert extended.status_code == 200, extended.text
+    assert extended.json()["status"] == "applied"
+    expires_at = scalar(
+        db, "select expires_at from billing.reservations where id = %s", [hold["id"]]
+    )
+    assert expires_at == datetime.fromisoformat(extended.json()["expires_at"])
+    client.post(f"/v1/holds/{hold['id']}/release", headers=key_auth(key))
+    again = client.post(
+        "/v1/holds", json={"amount": 10, "ttl_seconds": 60}, headers=key_auth(key, "x")
+    )
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "hold_resolved"
