@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hmac
 import uuid
-from datetime import datetime
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
