@@ -272,6 +272,7 @@ def test_an_agent_should_price_and_charge_a_model_call_in_one_request(
     assert other.json()["error"]["code"] == "idempotency_key_reused"
 
     summary = client.get("/v1/usage?group_by=model", headers=key_auth(key)).json()
+    assert set(summary) == {"from", "to", "meters"}
     assert [
         (m["meter"], m["dimension"], m["quantity"], m["tokens"]) for m in summary["meters"]
     ] == [

@@ -29,7 +29,9 @@ def respond(
     model: BaseModel, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     """The model as a JSON response (built through the model, so it matches the document)."""
-    return JSONResponse(model.model_dump(mode="json"), status_code=status, headers=headers)
+    return JSONResponse(
+        model.model_dump(mode="json", by_alias=True), status_code=status, headers=headers
+    )
 
 
 # --- errors ------------------------------------------------------------------------------------
