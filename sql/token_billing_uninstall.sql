@@ -29,7 +29,9 @@ declare
     'public.set_product_stripe_price(text, text)',
     'public.list_ledger_entries(uuid, integer)',
     'public.settle_reservations(jsonb)',
-    'public.installed_migrations()'
+    'public.installed_migrations()',
+    'public.stripe_events_unknown(jsonb)',
+    'public.stripe_credit_drift(jsonb)'
   ]::text[];
   v_triggers constant text[] := array[
     'tg_users__50_open_billing_account',

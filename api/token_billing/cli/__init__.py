@@ -6,6 +6,7 @@
     token-billing [--env-file PATH] serve [--host H] [--port P]
     token-billing [--env-file PATH] stripe trigger EVENT --user USER_ID --product CODE [--url URL]
     token-billing [--env-file PATH] stripe sync-products
+    token-billing [--env-file PATH] stripe reconcile [--since 72h] [--dry-run] [--output FORMAT]
 
 Settings come from the environment and `.env` (or --env-file), as for the service (see
 .env.example); `make dev` writes its own to .dev/dev.env. `serve` and `stripe` need the server

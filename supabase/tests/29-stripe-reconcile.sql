@@ -1,0 +1,132 @@
+-- What `token-billing stripe reconcile` asks the database: stripe_events_unknown and
+-- stripe_credit_drift. Privileges first (every role), then refusals, then what each answers.
+begin;
+set local search_path = extensions, public;
+select plan(17);
+
+select tests.create_user('00000000-0000-0000-0000-0000000c0001', 'paid@example.com');
+
+-- Privileges ----------------------------------------------------------------------------------
+select function_privs_are(
+  'public', 'stripe_events_unknown', array['jsonb'],
+  'service_role', array['EXECUTE'], 'service_role should execute stripe_events_unknown'
+);
+select function_privs_are(
+  'public', 'stripe_events_unknown', array['jsonb'],
+  'anon', array[]::text[], 'anon should not execute stripe_events_unknown'
+);
+select function_privs_are(
+  'public', 'stripe_events_unknown', array['jsonb'],
+  'authenticated', array[]::text[], 'authenticated should not execute stripe_events_unknown'
+);
+select function_privs_are(
+  'public', 'stripe_credit_drift', array['jsonb'],
+  'service_role', array['EXECUTE'], 'service_role should execute stripe_credit_drift'
+);
+select function_privs_are(
+  'public', 'stripe_credit_drift', array['jsonb'],
+  'anon', array[]::text[], 'anon should not execute stripe_credit_drift'
+);
+select function_privs_are(
+  'public', 'stripe_credit_drift', array['jsonb'],
+  'authenticated', array[]::text[], 'authenticated should not execute stripe_credit_drift'
+);
+
+-- A paid pack, credited through the handler as the webhook would.
+select is(
+  (
+    select status from public.handle_stripe_event(tests.stripe_event(
+        'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
+        'evt_reconcile_paid', 'checkout.session.completed', 1700000000,
+        '{"id": "cs_test_reconcile_paid", "payment_intent": "pi_reconcile_paid",
+        "mode": "payment", "payment_status": "paid", "amount_total": 1000, "currency": "usd",
+        "client_reference_id": "00000000-0000-0000-0000-0000000c0001",
+        "metadata": {"user_id": "00000000-0000-0000-0000-0000000c0001",
+                     "product": "pack_250", "quantity": "1"}}'
+      ))
+  ),
+  'applied',
+  'the purchase should be credited by the handler'
+);
+
+set local role service_role;
+
+-- Refusals ------------------------------------------------------------------------------------
+select throws_ok(
+  $$select * from public.stripe_events_unknown('{"id": "evt_1"}')$$,
+  '22023', 'p_event_ids must be a json array of Stripe event ids',
+  'an object instead of an array of ids should be refused'
+);
+select throws_ok(
+  $$select * from public.stripe_events_unknown(
+    (select jsonb_agg('evt_' || n) from generate_series(1, 10001) as n))$$,
+  '22023', 'p_event_ids holds 10001 ids; at most 10000 per call',
+  'more ids than one call takes should be refused, naming the count'
+);
+select throws_ok(
+  $$select * from public.stripe_credit_drift(null)$$,
+  '22023', 'p_objects must be a json array of Stripe Checkout Sessions and invoices',
+  'no objects should be refused'
+);
+
+-- What each answers ---------------------------------------------------------------------------
+select results_eq(
+  $$select event_id from public.stripe_events_unknown(
+    '["evt_reconcile_paid", "evt_never_seen_2", "evt_never_seen_1", "evt_never_seen_1"]')$$,
+  $$values ('evt_never_seen_1'), ('evt_never_seen_2')$$,
+  'the ids never stored should come back once each, the stored one not at all'
+);
+select is_empty(
+  $$select * from public.stripe_credit_drift(
+    '[{"id": "cs_test_reconcile_paid", "object": "checkout.session", "mode": "payment",
+       "payment_status": "paid", "amount_total": 1000, "currency": "USD",
+       "metadata": {"product": "pack_250"}}]')$$,
+  'a paid session credited for what was paid should not drift (currency case aside)'
+);
+select results_eq(
+  $$select problem, paid_cents, credited_cents, detail from public.stripe_credit_drift(
+    '[{"id": "cs_test_reconcile_paid", "object": "checkout.session", "mode": "payment",
+       "payment_status": "paid", "amount_total": 1200, "currency": "usd",
+       "metadata": {"product": "pack_250"}}]')$$,
+  $$values (
+    'amount_differs'::text, 1200::bigint, 1000::bigint,
+    'stored payment cs_test_reconcile_paid credited 250 tokens'::text
+  )$$,
+  'a credit for less than Stripe says was paid should drift, saying what was credited'
+);
+select results_eq(
+  $$select problem, credited_currency from public.stripe_credit_drift(
+    '[{"id": "cs_test_reconcile_paid", "object": "checkout.session", "mode": "payment",
+       "payment_status": "paid", "amount_total": 1000, "currency": "eur",
+       "metadata": {"product": "pack_250"}}]')$$,
+  $$values ('currency_differs'::text, 'usd'::text)$$,
+  'a credit in another currency should drift'
+);
+select results_eq(
+  $$select object_id, problem, detail from public.stripe_credit_drift(
+    '[{"id": "cs_test_lost", "object": "checkout.session", "mode": "payment",
+       "payment_status": "paid", "amount_total": 500, "currency": "usd",
+       "metadata": {"product": "pack_100"}}]')$$,
+  $$values ('cs_test_lost'::text, 'not_credited'::text, 'no stored event credited it'::text)$$,
+  'a paid session of ours without a credit should drift as not_credited'
+);
+select is_empty(
+  $$select * from public.stripe_credit_drift(
+    '[{"id": "cs_test_unpaid", "object": "checkout.session", "mode": "payment",
+       "payment_status": "unpaid", "amount_total": 500, "currency": "usd",
+       "metadata": {"product": "pack_100"}},
+      {"id": "cs_test_tshirt", "object": "checkout.session", "mode": "payment",
+       "payment_status": "paid", "amount_total": 2500, "currency": "usd",
+       "metadata": {"sku": "tshirt"}},
+      {"id": "in_not_ours", "object": "invoice", "status": "paid", "amount_paid": 900,
+       "currency": "usd", "lines": {"data": [{"price": {"id": "price_not_ours"}}]}},
+      {"id": "in_zero", "object": "invoice", "status": "paid", "amount_paid": 0,
+       "currency": "usd", "lines": {"data": []}}]')$$,
+  'unpaid sessions, other products of the account and invoices of no plan should not drift'
+);
+reset role;
+
+select tests.invariants_hold('after reconcile''s reads: nothing changed');
+
+select * from finish();
+rollback;
