@@ -31,7 +31,9 @@ declare
     'public.settle_reservations(jsonb)',
     'public.installed_migrations()',
     'public.stripe_events_unknown(jsonb)',
-    'public.stripe_credit_drift(jsonb)'
+    'public.stripe_credit_drift(jsonb)',
+    'public.describe_user(text)',
+    'public.list_parked_stripe_events(integer)'
   ]::text[];
   v_triggers constant text[] := array[
     'tg_users__50_open_billing_account',

@@ -1,8 +1,9 @@
--- What `token-billing stripe reconcile` asks the database: stripe_events_unknown and
--- stripe_credit_drift. Privileges first (every role), then refusals, then what each answers.
+-- What the operator's commands ask the database: stripe_events_unknown and stripe_credit_drift
+-- (`stripe reconcile`), describe_user (`user`), list_parked_stripe_events (`events parked`).
+-- Privileges first (every role), then refusals, then what each answers.
 begin;
 set local search_path = extensions, public;
-select plan(17);
+select plan(27);
 
 select tests.create_user('00000000-0000-0000-0000-0000000c0001', 'paid@example.com');
 
@@ -30,6 +31,31 @@ select function_privs_are(
 select function_privs_are(
   'public', 'stripe_credit_drift', array['jsonb'],
   'authenticated', array[]::text[], 'authenticated should not execute stripe_credit_drift'
+);
+
+select function_privs_are(
+  'public', 'describe_user', array['text'],
+  'service_role', array['EXECUTE'], 'service_role should execute describe_user'
+);
+select function_privs_are(
+  'public', 'describe_user', array['text'],
+  'anon', array[]::text[], 'anon should not execute describe_user'
+);
+select function_privs_are(
+  'public', 'describe_user', array['text'],
+  'authenticated', array[]::text[], 'authenticated should not execute describe_user'
+);
+select function_privs_are(
+  'public', 'list_parked_stripe_events', array['integer'],
+  'service_role', array['EXECUTE'], 'service_role should execute list_parked_stripe_events'
+);
+select function_privs_are(
+  'public', 'list_parked_stripe_events', array['integer'],
+  'anon', array[]::text[], 'anon should not execute list_parked_stripe_events'
+);
+select function_privs_are(
+  'public', 'list_parked_stripe_events', array['integer'],
+  'authenticated', array[]::text[], 'authenticated should not execute list_parked_stripe_events'
 );
 
 -- A paid pack, credited through the handler as the webhook would.
@@ -123,6 +149,25 @@ select is_empty(
       {"id": "in_zero", "object": "invoice", "status": "paid", "amount_paid": 0,
        "currency": "usd", "lines": {"data": []}}]')$$,
   'unpaid sessions, other products of the account and invoices of no plan should not drift'
+);
+select throws_ok(
+  $$select * from public.describe_user('')$$,
+  '22023', 'p_user must be a user id or an email address',
+  'describe_user should refuse an empty user'
+);
+select is(
+  (select report -> 'account' ->> 'balance' from public.describe_user('PAID@example.com')),
+  '350',
+  'describe_user should find a user by email, whatever its case, with the account'
+);
+select is_empty(
+  $$select * from public.describe_user('00000000-0000-0000-0000-0000000c0999')$$,
+  'describe_user should answer no row for an unknown user'
+);
+select throws_ok(
+  $$select * from public.list_parked_stripe_events(0)$$,
+  '22023', 'p_limit must be between 1 and 10000, got 0',
+  'list_parked_stripe_events should refuse a limit of 0'
 );
 reset role;
 
