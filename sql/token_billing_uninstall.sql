@@ -33,7 +33,9 @@ declare
     'public.stripe_events_unknown(jsonb)',
     'public.stripe_credit_drift(jsonb)',
     'public.describe_user(text)',
-    'public.list_parked_stripe_events(integer)'
+    'public.list_parked_stripe_events(integer)',
+    'public.mrr_report(timestamptz, timestamptz, text)',
+    'public.token_flow_report(timestamptz, timestamptz, text)'
   ]::text[];
   v_triggers constant text[] := array[
     'tg_users__50_open_billing_account',

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +141,31 @@ def test_events_parked_lists_why_and_replay_applies_once_the_cause_is_fixed(
 
     assert main(["events", "parked", "--limit", "0"]) == 1
     assert "p_limit must be between 1 and 10000, got 0" in capsys.readouterr().err
+
+
+def test_report_usage_and_mrr_as_table_and_csv(
+    db: Database, cli_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _user_with_history(db)
+    today = datetime.now(UTC).date()
+    tomorrow = today + timedelta(days=1)
+    assert (
+        main(["report", "usage", "--from", str(today), "--to", str(tomorrow), "--by", "day"]) == 0
+    )
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["period_start", "kind", "entries", "tokens"]
+    assert [str(today), "promotion", "1", "40"] in [line.split() for line in table]
+    assert [str(today), "usage", "1", "-15"] in [line.split() for line in table]
+    end_of_entries = table[0].index("entries") + len("entries")
+    assert table[1][end_of_entries - 1] == "1", "numbers align right under their header"
+
+    args = ["report", "usage", "--from", str(today), "--to", str(tomorrow), "--csv"]
+    assert main(args) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert rows[0] == ["period_start", "kind", "entries", "tokens"]
+    assert [today.replace(day=1).isoformat(), "purchase", "1", "250"] in rows
+
+    assert main(["report", "mrr", "--from", str(today), "--to", str(tomorrow)]) == 0
+    assert capsys.readouterr().out == "(no rows)\n"
+    assert main(["report", "mrr", "--from", str(tomorrow), "--to", str(today)]) == 2
+    assert "--to must be later than --from" in capsys.readouterr().err

@@ -1,9 +1,10 @@
 -- What the operator's commands ask the database: stripe_events_unknown and stripe_credit_drift
--- (`stripe reconcile`), describe_user (`user`), list_parked_stripe_events (`events parked`).
+-- (`stripe reconcile`), describe_user (`user`), list_parked_stripe_events (`events parked`),
+-- mrr_report and token_flow_report (`report`), billing.subscription_states.
 -- Privileges first (every role), then refusals, then what each answers.
 begin;
 set local search_path = extensions, public;
-select plan(27);
+select plan(37);
 
 select tests.create_user('00000000-0000-0000-0000-0000000c0001', 'paid@example.com');
 
@@ -56,6 +57,50 @@ select function_privs_are(
 select function_privs_are(
   'public', 'list_parked_stripe_events', array['integer'],
   'authenticated', array[]::text[], 'authenticated should not execute list_parked_stripe_events'
+);
+
+select function_privs_are(
+  'public', 'mrr_report', array['timestamp with time zone', 'timestamp with time zone', 'text'],
+  'service_role', array['EXECUTE'], 'service_role should execute mrr_report'
+);
+select function_privs_are(
+  'public', 'mrr_report', array['timestamp with time zone', 'timestamp with time zone', 'text'],
+  'anon', array[]::text[], 'anon should not execute mrr_report'
+);
+select function_privs_are(
+  'public', 'mrr_report', array['timestamp with time zone', 'timestamp with time zone', 'text'],
+  'authenticated', array[]::text[], 'authenticated should not execute mrr_report'
+);
+select function_privs_are(
+  'public', 'token_flow_report', array['timestamp with time zone', 'timestamp with time zone', 'text'],
+  'service_role', array['EXECUTE'], 'service_role should execute token_flow_report'
+);
+select function_privs_are(
+  'public', 'token_flow_report', array['timestamp with time zone', 'timestamp with time zone', 'text'],
+  'anon', array[]::text[], 'anon should not execute token_flow_report'
+);
+select function_privs_are(
+  'public', 'token_flow_report', array['timestamp with time zone', 'timestamp with time zone', 'text'],
+  'authenticated', array[]::text[], 'authenticated should not execute token_flow_report'
+);
+select table_privs_are(
+  'billing', 'subscription_states', 'service_role', array['SELECT'],
+  'service_role should only read billing.subscription_states'
+);
+select table_privs_are(
+  'billing', 'subscription_states', 'anon', array[]::text[],
+  'anon should have no privilege on billing.subscription_states'
+);
+select table_privs_are(
+  'billing', 'subscription_states', 'authenticated', array[]::text[],
+  'authenticated should have no privilege on billing.subscription_states'
+);
+select ok(
+  (
+    select c.relrowsecurity from pg_class as c
+    where c.oid = 'billing.subscription_states'::regclass
+  ),
+  'billing.subscription_states should have row level security on'
 );
 
 -- A paid pack, credited through the handler as the webhook would.

@@ -1,10 +1,12 @@
-"""The operator's commands: `token-billing user <id|email>` and `token-billing events
-parked|replay`. They read the same settings as the service and call its RPCs as service_role."""
+"""The operator's commands: `token-billing user <id|email>`, `token-billing events
+parked|replay` and `token-billing report mrr|usage`. They read the same settings as the service
+and call its RPCs as service_role."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -58,6 +60,35 @@ def add_parser(commands: Any) -> None:
     )
     replay.add_argument("--json", action="store_true", help="JSON lines, one event a line")
     replay.set_defaults(run=events_replay)
+
+    r = commands.add_parser(
+        "report",
+        help="figures for a period: MRR and its movements, or the token flow",
+        description="mrr: MRR by calendar month (UTC) per currency, with new, expansion, "
+        "contraction and churned MRR, subscribers, churn rate, ARPU and LTV (minor units). "
+        "usage: tokens granted, used, expired (breakage) and clawed back by period and kind.",
+    )
+    reports = r.add_subparsers(dest="report", required=True, metavar="REPORT", help="mrr or usage")
+    for name, text in [
+        ("mrr", "MRR by month with its movements, churn, ARPU and LTV"),
+        ("usage", "tokens by period and ledger kind"),
+    ]:
+        one = reports.add_parser(name, help=text, description=text + ".")
+        one.add_argument(
+            "--from", dest="start", required=True, type=_date, help="first day, YYYY-MM-DD (UTC)"
+        )
+        one.add_argument(
+            "--to", dest="end", required=True, type=_date, help="the day after the last, YYYY-MM-DD"
+        )
+        if name == "mrr":
+            one.add_argument("--currency", help="only this currency (ISO code)")
+        else:
+            one.add_argument(
+                "--by", choices=("day", "week", "month"), default="month",
+                help="the period (default month)",
+            )  # fmt: skip
+        one.add_argument("--csv", action="store_true", help="CSV with a header row")
+        one.set_defaults(run=report)
 
 
 def _run(command: str, args: argparse.Namespace, work: Callable[[Database], Awaitable[int]]) -> int:
@@ -194,3 +225,67 @@ def events_replay(args: argparse.Namespace) -> int:
         return 0
 
     return _run("events replay", args, work)
+
+
+def _date(text: str) -> datetime:
+    try:
+        return datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d")
+    when = None
+    if isinstance(value, str) and len(value) >= 19 and value[4] == "-" and value[10] == "T":
+        when = datetime.fromisoformat(value)
+    return when.astimezone(UTC).strftime("%Y-%m-%d") if when else str(value)
+
+
+def render_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Rows as aligned columns: text left, numbers right."""
+    if not rows:
+        return ["(no rows)"]
+    names = list(rows[0])
+    cells = [[_cell(row[n]) for n in names] for row in rows]
+    widths = [max(len(n), *(len(c[i]) for c in cells)) for i, n in enumerate(names)]
+    numeric = [all(isinstance(row[n], int) or row[n] is None for row in rows) for n in names]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(
+            v.rjust(w) if num else v.ljust(w)
+            for v, w, num in zip(values, widths, numeric, strict=True)
+        ).rstrip()
+
+    return [line(names), *(line(c) for c in cells)]
+
+
+def report(args: argparse.Namespace) -> int:
+    if args.end <= args.start:
+        print("token-billing: --to must be later than --from", file=sys.stderr)
+        return 2
+
+    async def work(db: Database) -> int:
+        if args.report == "mrr":
+            rows = await db.rpc(
+                "mrr_report",
+                {"p_from": args.start, "p_to": args.end, "p_currency": args.currency},
+            )
+        else:
+            rows = await db.rpc(
+                "token_flow_report",
+                {"p_from": args.start, "p_to": args.end, "p_granularity": args.by},
+            )
+        if args.csv:
+            writer = csv.writer(sys.stdout, lineterminator="\n")
+            writer.writerow(list(rows[0]) if rows else [])
+            for row in rows:
+                writer.writerow([_cell(v) for v in row.values()])
+        else:
+            print("\n".join(render_table(rows)))
+        return 0
+
+    return _run(f"report {args.report}", args, work)
