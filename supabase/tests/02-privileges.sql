@@ -2,7 +2,7 @@
 -- the row and as another user) and service_role. Privileges before behaviour.
 begin;
 set local search_path = extensions, public;
-select plan(71);
+select plan(76);
 
 -- Two users: A owns the rows under test, B is another signed-in user.
 select tests.create_user('00000000-0000-0000-0000-00000000000a', 'a@example.com');
@@ -191,6 +191,18 @@ select table_privs_are(
   'billing', 'ledger_entries', 'service_role', array['SELECT'],
   'service_role should only select billing.ledger_entries'
 );
+select table_privs_are(
+  'billing', 'stripe_sales', 'service_role', array['SELECT'],
+  'service_role should only select billing.stripe_sales (the recording RPCs write it)'
+);
+select table_privs_are(
+  'billing', 'stripe_invoice_payments', 'service_role', array['SELECT'],
+  'service_role should only select billing.stripe_invoice_payments'
+);
+select table_privs_are(
+  'billing', 'stripe_sales', 'authenticated', array[]::text[],
+  'authenticated should have no privilege on billing.stripe_sales'
+);
 
 -- Behaviour as anon --------------------------------------------------------------------------
 set local role anon;
@@ -213,6 +225,14 @@ select throws_ok(
 select throws_ok(
   $$select * from public.my_tokens()$$,
   '42501', null, 'anon should not call my_tokens'
+);
+select throws_ok(
+  $$select * from public.record_checkout_session('{"object": "checkout.session"}')$$,
+  '42501', null, 'anon should not record a checkout session (a sale credits tokens)'
+);
+select throws_ok(
+  $$select * from public.record_payment_intent('{"object": "payment_intent"}')$$,
+  '42501', null, 'anon should not record a payment intent'
 );
 select throws_ok(
   $$select * from billing.accounts$$,
