@@ -153,10 +153,12 @@ class StripeDouble:
         }
 
     def add_listed(self, obj: dict[str, Any]) -> None:
-        """Make an event, Checkout Session or invoice (by its `object`) part of Stripe's lists."""
+        """Make an event, Checkout Session, PaymentIntent or invoice (by its `object`) part of
+        Stripe's lists."""
         store = {
             "event": self.state.events,
             "checkout.session": self.state.sessions,
+            "payment_intent": self.state.sessions,  # where _payment_intent keeps them too
             "invoice": self.state.invoices,
         }[obj["object"]]
         with self._lock:
@@ -314,7 +316,9 @@ class StripeDouble:
             case ("GET", ["v1", "events"]):
                 return self._list(path, self.state.events, data)
             case ("GET", ["v1", "checkout", "sessions"]):
-                return self._list(path, self.state.sessions, data)
+                return self._list(path, self.state.sessions, data, "checkout.session")
+            case ("GET", ["v1", "payment_intents"]):
+                return self._list(path, self.state.sessions, data, "payment_intent")
             case ("GET", ["v1", "invoices"]):
                 return self._list(path, self.state.invoices, data)
             case ("GET", ["v1", "prices"]):
@@ -338,7 +342,11 @@ class StripeDouble:
         return 404, _error("invalid_request_error", f"Unrecognized request URL ({method} {path})")
 
     def _list(
-        self, path: str, store: dict[str, dict[str, Any]], data: dict[str, Any]
+        self,
+        path: str,
+        store: dict[str, dict[str, Any]],
+        data: dict[str, Any],
+        kind: str | None = None,
     ) -> tuple[int, Any]:
         """A Stripe list: newest first, `created[gte|gt|lte|lt]` and `status` filters, pages of
         `limit` (default 10, at most 100) continued with `starting_after`."""
@@ -359,7 +367,8 @@ class StripeDouble:
         items = [
             obj
             for obj in store.values()
-            if all(compare[op](int(obj.get("created", 0)), int(v)) for op, v in bounds.items())
+            if (kind is None or obj.get("object") == kind)
+            and all(compare[op](int(obj.get("created", 0)), int(v)) for op, v in bounds.items())
             and ("status" not in data or obj.get("status") == data["status"])
         ]
         items.sort(key=lambda obj: (int(obj.get("created", 0)), obj["id"]), reverse=True)

@@ -23,6 +23,7 @@ from tests.app_support import (
     WEBHOOK_SECRET,
     account,
     new_user,
+    record_sale,
     scalar,
 )
 from tests.stripe_double import StripeDouble
@@ -69,15 +70,21 @@ def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[dict
 
 
 def _purchases(
-    double: StripeDouble, users: list[uuid.UUID], start: int, *, amount: int | None = None
+    db: Database,
+    double: StripeDouble,
+    users: list[uuid.UUID],
+    start: int,
+    *,
+    amount: int | None = None,
 ) -> list[dict[str, Any]]:
-    """One paid pack session per user and its checkout.session.completed, both listed by the
-    double, a minute apart from `start`."""
+    """One paid pack session per user (recorded, as the service records what it sells) and its
+    checkout.session.completed, both listed by the double, a minute apart from `start`."""
     events = []
     for n, user in enumerate(users):
         session = checkout_session(str(user), PACK)
         session["created"] = start + 60 * n
         event = envelope("checkout.session.completed", dict(session), created=start + 60 * n + 1)
+        record_sale(db, event)
         if amount is not None:
             session["amount_total"] = amount  # what Stripe's list says was paid
         double.add_listed(session)
@@ -102,14 +109,14 @@ def test_reconcile_should_store_lost_events_once_and_report_drift(
     now = int(time.time())
     start = now - 48 * 3600
     users = [new_user(db) for _ in range(230)]
-    events = _purchases(double, users, start)
+    events = _purchases(db, double, users, start)
     lost = {events[n]["id"] for n in (0, 57, 101, 199, 229)}
     for event in events:
         if event["id"] not in lost:
             assert _deliver(db, event) == "applied"
     # Outside the window: listed by Stripe, never stored, and not this run's business.
     old_user = new_user(db)
-    old = _purchases(double, [old_user], now - 80 * 3600)[0]
+    old = _purchases(db, double, [old_user], now - 80 * 3600)[0]
     # A paid session whose event never reached Stripe's list either: nothing can heal it.
     orphan_user = new_user(db)
     orphan = checkout_session(str(orphan_user), PACK)
@@ -117,7 +124,7 @@ def test_reconcile_should_store_lost_events_once_and_report_drift(
     double.add_listed(orphan)
     # A payment Stripe says was for more than the credit recorded.
     short_user = new_user(db)
-    short = _purchases(double, [short_user], now - 1800, amount=1500)[0]
+    short = _purchases(db, double, [short_user], now - 1800, amount=1500)[0]
     assert _deliver(db, short) == "applied"
     # Another product line of the same Stripe account: not this plugin's, never reported.
     foreign = checkout_session(str(new_user(db)), PACK)
@@ -218,7 +225,7 @@ def test_reconcile_text_output_and_refusals(
     db: Database, stripe_env: StripeDouble, capsys: pytest.CaptureFixture[str]
 ) -> None:
     user = new_user(db)
-    _purchases(stripe_env, [user], int(time.time()) - 600)
+    _purchases(db, stripe_env, [user], int(time.time()) - 600)
     assert main(["stripe", "reconcile", "--output", "text", "--since", "1h"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("events: 1 listed since ")

@@ -38,10 +38,11 @@ comment on function public.stripe_events_unknown(jsonb) is
 revoke all on function public.stripe_events_unknown(jsonb) from public, anon, authenticated;
 grant execute on function public.stripe_events_unknown(jsonb) to service_role;
 
--- A paid object is expected to have credited when it is one of ours: a Checkout Session in
--- payment mode whose metadata names a pack of the catalog, or an invoice with a line whose price
--- is a plan's stripe_price_id. Anything else a Stripe account sells is not this plugin's and is
--- never reported. Amounts compare in the object's minor units and currency, as Stripe sends them.
+-- A paid object is expected to have credited when it is one of ours: a Checkout Session or
+-- PaymentIntent the service recorded (billing.stripe_sales), a payment-mode session whose
+-- metadata names a pack of the catalog, or an invoice with a line whose price is a plan's
+-- stripe_price_id. A PaymentIntent is credited under its own id or under the session it paid.
+-- Anything else a Stripe account sells is not this plugin's and is never reported. Amounts compare in the object's minor units and currency, as Stripe sends them.
 create function public.stripe_credit_drift(p_objects jsonb)
 returns table (
   object_id text,
@@ -59,7 +60,7 @@ set search_path = ''
 as $$
 begin
   if p_objects is null or jsonb_typeof(p_objects) <> 'array' then
-    raise exception 'p_objects must be a json array of Stripe Checkout Sessions and invoices'
+    raise exception 'p_objects must be a json array of Stripe Checkout Sessions, PaymentIntents and invoices'
       using errcode = '22023';
   end if;
   if jsonb_array_length(p_objects) > 10000 then
@@ -75,6 +76,7 @@ begin
       o.value ->> 'object' as type,
       case o.value ->> 'object'
         when 'checkout.session' then (o.value ->> 'amount_total')::bigint
+        when 'payment_intent' then (o.value ->> 'amount_received')::bigint
         else (o.value ->> 'amount_paid')::bigint
       end as paid,
       lower(o.value ->> 'currency') as currency,
@@ -82,10 +84,16 @@ begin
         when 'checkout.session' then
           o.value ->> 'mode' = 'payment'
           and o.value ->> 'payment_status' = 'paid'
-          and exists (
-            select from billing.products as p
-            where p.code = o.value #>> '{metadata,product}' and p.kind = 'pack'
+          and (
+            exists (select from billing.stripe_sales as s where s.id = o.value ->> 'id')
+            or exists (
+              select from billing.products as p
+              where p.code = o.value #>> '{metadata,product}' and p.kind = 'pack'
+            )
           )
+        when 'payment_intent' then
+          o.value ->> 'status' = 'succeeded'
+          and exists (select from billing.stripe_sales as s where s.id = o.value ->> 'id')
         when 'invoice' then
           o.value ->> 'status' = 'paid'
           and (o.value ->> 'amount_paid')::bigint > 0
@@ -127,7 +135,13 @@ begin
       else format('stored payment %s credited %s tokens', sp.id, sp.tokens)
     end
   from objects as o
-  left join billing.stripe_payments as sp on sp.id = o.id
+  left join lateral (
+    select p.*
+    from billing.stripe_payments as p
+    where p.id = o.id or (o.type = 'payment_intent' and p.stripe_payment_intent_id = o.id)
+    order by p.id = o.id desc
+    limit 1
+  ) as sp on true
   where o.ours
     and (
       sp.id is null
@@ -139,8 +153,9 @@ end;
 $$;
 
 comment on function public.stripe_credit_drift(jsonb) is
-'Of p_objects (Stripe Checkout Sessions and invoices as the API returns them, at most 10,000), '
-'those of this plugin (a session for a catalog pack, an invoice with a plan''s price) that are '
+'Of p_objects (Stripe Checkout Sessions, PaymentIntents and invoices as the API returns them, at '
+'most 10,000), those of this plugin (a session or payment intent the service recorded, a session '
+'for a catalog pack, an invoice with a plan''s price) that are '
 'paid but have no credit, or a credit whose amount or currency differs from what was paid: '
 'problem not_credited, amount_differs or currency_differs, with the parked event that explains '
 'it when there is one (parked events only: they are few and indexed). Service role only.';

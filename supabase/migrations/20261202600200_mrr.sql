@@ -45,6 +45,13 @@ comment on table billing.subscription_states is
 'What each subscription was worth a month after each of its stored customer.subscription.* '
 'events, at Stripe''s created time of the event; a state lasts until the next one of its '
 'subscription. Written when the event is stored; read by mrr_report().';
+comment on column billing.subscription_states.event_id is
+'The customer.subscription.* event whose object this state is.';
+comment on column billing.subscription_states.subscription_id is 'The subscription (sub_...).';
+comment on column billing.subscription_states.stripe_customer_id is 'Its customer (cus_...).';
+comment on column billing.subscription_states.status is 'Stripe''s status in the event.';
+comment on column billing.subscription_states.currency is 'ISO currency code, lowercase.';
+comment on column billing.subscription_states.stripe_price_id is 'The first item''s price.';
 comment on column billing.subscription_states.status_rank is
 'How final the status is (incomplete 0 .. canceled 7): orders same-second events.';
 comment on column billing.subscription_states.mrr_cents is

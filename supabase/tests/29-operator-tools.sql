@@ -106,7 +106,7 @@ select ok(
 -- A paid pack, credited through the handler as the webhook would.
 select is(
   (
-    select status from public.handle_stripe_event(tests.stripe_event(
+    select status from public.handle_stripe_event(tests.sold(tests.stripe_event(
         'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
         'evt_reconcile_paid', 'checkout.session.completed', 1700000000,
         '{"id": "cs_test_reconcile_paid", "payment_intent": "pi_reconcile_paid",
@@ -114,7 +114,7 @@ select is(
         "client_reference_id": "00000000-0000-0000-0000-0000000c0001",
         "metadata": {"user_id": "00000000-0000-0000-0000-0000000c0001",
                      "product": "pack_250", "quantity": "1"}}'
-      ))
+      )))
   ),
   'applied',
   'the purchase should be credited by the handler'
@@ -136,7 +136,7 @@ select throws_ok(
 );
 select throws_ok(
   $$select * from public.stripe_credit_drift(null)$$,
-  '22023', 'p_objects must be a json array of Stripe Checkout Sessions and invoices',
+  '22023', 'p_objects must be a json array of Stripe Checkout Sessions, PaymentIntents and invoices',
   'no objects should be refused'
 );
 

@@ -7,8 +7,9 @@ down: each leaves an event the database never stored, and Stripe never sends it 
 3. feeds each of those, oldest first, to `public.handle_stripe_event`, the one RPC the webhook
    makes, so an event applies exactly as if it had been delivered (and at most once, however
    often the run repeats: the handler is idempotent on the event id),
-4. lists the paid Checkout Sessions and invoices of the window and asks which of this plugin's
-   have no credit, or one that disagrees with what was paid (`public.stripe_credit_drift`).
+4. lists the paid Checkout Sessions, PaymentIntents and invoices of the window and asks which
+   of this plugin's have no credit, or one that disagrees with what was paid
+   (`public.stripe_credit_drift`).
 
 Nothing else changes, so a run is safe to repeat and to schedule.
 """
@@ -129,7 +130,9 @@ class Report:
             f"{s['events_unknown']} never stored"
         ]
         lines += [r.line() for r in self.replays]
-        lines.append(f"payments: {s['objects_checked']} paid sessions and invoices checked")
+        lines.append(
+            f"payments: {s['objects_checked']} paid sessions, intents and invoices checked"
+        )
         lines += [d.line() for d in self.drifts]
         lines.append(
             f"reconcile: {s['replayed']} replayed, {s['failed']} failed, {s['drifts']} drift"
@@ -208,12 +211,17 @@ async def reconcile(
         progress,
         "sessions",
     )
+    intents = await _listed(
+        client.v1.payment_intents.list_async({"created": {"gte": since}, "limit": 100}),
+        progress,
+        "payment intents",
+    )
     invoices = await _listed(
         client.v1.invoices.list_async({"created": {"gte": since}, "status": "paid", "limit": 100}),
         progress,
         "invoices",
     )
-    objects = sessions + invoices
+    objects = sessions + [i for i in intents if i.get("status") == "succeeded"] + invoices
     report.objects_checked = len(objects)
     for start in range(0, len(objects), BATCH):
         rows = await db.rpc(
