@@ -2,7 +2,7 @@
 -- the row and as another user) and service_role. Privileges before behaviour.
 begin;
 set local search_path = extensions, public;
-select plan(76);
+select plan(82);
 
 -- Two users: A owns the rows under test, B is another signed-in user.
 select tests.create_user('00000000-0000-0000-0000-00000000000a', 'a@example.com');
@@ -130,6 +130,30 @@ select function_privs_are(
 select function_privs_are(
   'public', 'settle_reservations', array['jsonb'],
   'service_role', array['EXECUTE'], 'service_role should execute settle_reservations'
+);
+select function_privs_are(
+  'public', 'extend_reservation', array['uuid', 'interval'],
+  'anon', array[]::text[], 'anon should not execute extend_reservation'
+);
+select function_privs_are(
+  'public', 'extend_reservation', array['uuid', 'interval'],
+  'authenticated', array[]::text[], 'authenticated should not execute extend_reservation'
+);
+select function_privs_are(
+  'public', 'extend_reservation', array['uuid', 'interval'],
+  'service_role', array['EXECUTE'], 'service_role should execute extend_reservation'
+);
+select function_privs_are(
+  'public', 'get_reservation', array['uuid'],
+  'anon', array[]::text[], 'anon should not execute get_reservation'
+);
+select function_privs_are(
+  'public', 'get_reservation', array['uuid'],
+  'authenticated', array[]::text[], 'authenticated should not execute get_reservation'
+);
+select function_privs_are(
+  'public', 'get_reservation', array['uuid'],
+  'service_role', array['EXECUTE'], 'service_role should execute get_reservation'
 );
 select function_privs_are(
   'public', 'my_tokens', array[]::text[],
