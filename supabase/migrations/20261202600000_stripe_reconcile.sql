@@ -42,7 +42,8 @@ grant execute on function public.stripe_events_unknown(jsonb) to service_role;
 -- PaymentIntent the service recorded (billing.stripe_sales), a payment-mode session whose
 -- metadata names a pack of the catalog, or an invoice with a line whose price is a plan's
 -- stripe_price_id. A PaymentIntent is credited under its own id or under the session it paid.
--- Anything else a Stripe account sells is not this plugin's and is never reported. Amounts compare in the object's minor units and currency, as Stripe sends them.
+-- Anything else a Stripe account sells is not this plugin's and is never reported. Amounts
+-- compare in the object's minor units and currency, as Stripe sends them.
 create function public.stripe_credit_drift(p_objects jsonb)
 returns table (
   object_id text,
