@@ -33,7 +33,13 @@ declare
     'public.get_reservation(uuid)',
     'public.record_checkout_session(jsonb)',
     'public.record_payment_intent(jsonb)',
-    'public.installed_migrations()'
+    'public.installed_migrations()',
+    'public.stripe_events_unknown(jsonb)',
+    'public.stripe_credit_drift(jsonb)',
+    'public.describe_user(text)',
+    'public.list_parked_stripe_events(integer)',
+    'public.mrr_report(timestamptz, timestamptz, text)',
+    'public.token_flow_report(timestamptz, timestamptz, text)'
   ]::text[];
   v_triggers constant text[] := array[
     'tg_users__50_open_billing_account',

@@ -27,7 +27,16 @@ from token_billing.server.http_errors import EXCEPTION_HANDLERS
 from token_billing.server.metrics import Metrics
 from token_billing.server.middleware import AccessLog, Cors
 from token_billing.server.openapi import openapi_document
-from token_billing.server.routes import balance, checkout, dev, health, ledger, products, webhooks
+from token_billing.server.routes import (
+    balance,
+    checkout,
+    dev,
+    health,
+    ledger,
+    ops,
+    products,
+    webhooks,
+)
 from token_billing.server.settings import Settings, load_settings
 from token_billing.server.stripe_api import StripeGateway
 
@@ -117,6 +126,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *health.routes(settings),
         *ledger.routes,
         *dev.routes(settings),
+        *ops.routes(settings),
     ]
     document = openapi_document(
         routes, title=API_TITLE, version=token_billing.__version__, description=API_DESCRIPTION

@@ -32,8 +32,13 @@ SECURITY_SCHEMES: Mapping[str, dict[str, Any]] = {
         "scheme": "bearer",
         "description": "METRICS_TOKEN, when the operator set one.",
     },
+    "operatorToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "OPERATOR_TOKEN: the operator dashboard's figures.",
+    },
 }
-Security = Literal["supabaseAuth", "metricsToken"]
+Security = Literal["supabaseAuth", "metricsToken", "operatorToken"]
 
 
 @dataclass(frozen=True)
