@@ -42,7 +42,13 @@ declare
     'public.list_api_keys(uuid)',
     'public.revoke_api_key(uuid, uuid)',
     'public.authenticate_api_key(text, timestamptz)',
-    'public.touch_api_key(uuid)'
+    'public.touch_api_key(uuid)',
+    'public.stripe_events_unknown(jsonb)',
+    'public.stripe_credit_drift(jsonb)',
+    'public.describe_user(text)',
+    'public.list_parked_stripe_events(integer)',
+    'public.mrr_report(timestamptz, timestamptz, text)',
+    'public.token_flow_report(timestamptz, timestamptz, text)'
   ]::text[];
   v_triggers constant text[] := array[
     'tg_users__50_open_billing_account',

@@ -107,6 +107,12 @@ class Browser:
     def text(self, selector: str) -> str:
         return str(self.call("text", selector=selector))
 
+    def fill(self, selector: str, value: str) -> None:
+        self.call("fill", selector=selector, value=value)
+
+    def count(self, selector: str) -> int:
+        return int(self.call("count", selector=selector))
+
     def visible(self, selector: str) -> bool:
         return bool(self.call("visible", selector=selector))
 

@@ -1,7 +1,8 @@
 """A local HTTP double of the Stripe API: a real server in a thread that records every request.
 
 It answers the handful of endpoints the service and the CLI call (customers, checkout sessions,
-billing portal sessions, products, prices) the way Stripe does: form-encoded requests, JSON
+billing portal sessions, products, prices, and the lists of events, sessions and invoices, paged
+as Stripe pages them) the way Stripe does: form-encoded requests, JSON
 objects with `id` and `object`, Stripe's error envelope, and idempotency (the same
 Idempotency-Key with the same parameters replays the first response; with other parameters it is
 an `idempotency_error`). It can be told to fail the next requests with a status or to drop the
@@ -45,6 +46,8 @@ class StripeState:
     sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
     products: dict[str, dict[str, Any]] = field(default_factory=dict)
     prices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    events: dict[str, dict[str, Any]] = field(default_factory=dict)
+    invoices: dict[str, dict[str, Any]] = field(default_factory=dict)
     line_items: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
@@ -148,6 +151,18 @@ class StripeDouble:
             "lookup_key": None,
             **fields,
         }
+
+    def add_listed(self, obj: dict[str, Any]) -> None:
+        """Make an event, Checkout Session, PaymentIntent or invoice (by its `object`) part of
+        Stripe's lists."""
+        store = {
+            "event": self.state.events,
+            "checkout.session": self.state.sessions,
+            "payment_intent": self.state.sessions,  # where _payment_intent keeps them too
+            "invoice": self.state.invoices,
+        }[obj["object"]]
+        with self._lock:
+            store[obj["id"]] = obj
 
     def add_line_items(self, session_id: str, price_id: str, quantity: int = 1) -> None:
         """A session made elsewhere (a Payment Link, the dashboard): its one line item."""
@@ -298,6 +313,14 @@ class StripeDouble:
                     product["active"] = data["active"] == "true"
                 product["metadata"] = {**product["metadata"], **data.get("metadata", {})}
                 return 200, product
+            case ("GET", ["v1", "events"]):
+                return self._list(path, self.state.events, data)
+            case ("GET", ["v1", "checkout", "sessions"]):
+                return self._list(path, self.state.sessions, data, "checkout.session")
+            case ("GET", ["v1", "payment_intents"]):
+                return self._list(path, self.state.sessions, data, "payment_intent")
+            case ("GET", ["v1", "invoices"]):
+                return self._list(path, self.state.invoices, data)
             case ("GET", ["v1", "prices"]):
                 keys = set(_indexed(data.get("lookup_keys")))
                 found = [
@@ -317,6 +340,51 @@ class StripeDouble:
                     price["active"] = data["active"] == "true"
                 return 200, price
         return 404, _error("invalid_request_error", f"Unrecognized request URL ({method} {path})")
+
+    def _list(
+        self,
+        path: str,
+        store: dict[str, dict[str, Any]],
+        data: dict[str, Any],
+        kind: str | None = None,
+    ) -> tuple[int, Any]:
+        """A Stripe list: newest first, `created[gte|gt|lte|lt]` and `status` filters, pages of
+        `limit` (default 10, at most 100) continued with `starting_after`."""
+        limit = int(data.get("limit", 10))
+        if not 1 <= limit <= 100:
+            return 400, _error(
+                "invalid_request_error",
+                "This value must be greater than or equal to 1 and less than or equal to 100.",
+                "limit",
+            )
+        bounds = data.get("created", {})
+        compare = {
+            "gte": lambda c, b: c >= b,
+            "gt": lambda c, b: c > b,
+            "lte": lambda c, b: c <= b,
+            "lt": lambda c, b: c < b,
+        }
+        items = [
+            obj
+            for obj in store.values()
+            if (kind is None or obj.get("object") == kind)
+            and all(compare[op](int(obj.get("created", 0)), int(v)) for op, v in bounds.items())
+            and ("status" not in data or obj.get("status") == data["status"])
+        ]
+        items.sort(key=lambda obj: (int(obj.get("created", 0)), obj["id"]), reverse=True)
+        after = data.get("starting_after")
+        if after is not None:
+            ids = [obj["id"] for obj in items]
+            if after not in ids:
+                return _missing("object", after)
+            items = items[ids.index(after) + 1 :]
+        page = items[:limit]
+        return 200, {
+            "object": "list",
+            "data": page,
+            "has_more": len(items) > limit,
+            "url": path,
+        }
 
     def _checkout(self, data: dict[str, Any]) -> tuple[int, Any]:
         mode = data.get("mode")

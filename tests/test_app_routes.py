@@ -14,6 +14,7 @@ from scripts.pgcluster import Database
 from tests.app_support import (
     JWT_SECRET,
     NOT_YET_SERVED,
+    OPERATOR_ROUTES,
     PACK_PRICE,
     STRIPE_KEY,
     WEBHOOK_SECRET,
@@ -51,8 +52,12 @@ def test_app_should_have_exactly_the_contract_routes_and_the_page_reads() -> Non
     app = create_app(settings_for(None, database_url="postgresql://x@127.0.0.1:1/x"))
     contract = contract_routes()
     assert ("/v1/checkout/sessions", "POST") in contract, "the contract table should be read"
-    on_api_port = contract - {("/metrics", "GET")} - NOT_YET_SERVED
+    on_api_port = contract - {("/metrics", "GET")} - NOT_YET_SERVED - OPERATOR_ROUTES
     assert served(app) == on_api_port | PAGE_ROUTES | {("/openapi.json", "GET")}
+    operated = create_app(
+        settings_for(None, database_url="postgresql://x@127.0.0.1:1/x", operator_token="o" * 32)
+    )
+    assert served(operated) == served(app) | OPERATOR_ROUTES | {("/ops/{name}", "GET")}
 
 
 def test_metrics_should_be_on_the_api_port_only_behind_a_token(db: Database) -> None:

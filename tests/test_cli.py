@@ -301,6 +301,10 @@ def test_every_command_and_option_should_have_help_text() -> None:
         "token-billing serve",
         "token-billing stripe trigger",
         "token-billing stripe sync-products",
+        "token-billing stripe reconcile",
+        "token-billing user",
+        "token-billing events parked",
+        "token-billing events replay",
     } <= set(commands)
     assert missing == []
     assert "The `token-billing` command." not in root.format_help()

@@ -116,6 +116,11 @@ const ops = {
       return true;
     }, [key, value]),
   attribute: async ({ selector, name }) => page.locator(selector).first().getAttribute(name),
+  fill: async ({ selector, value }) => {
+    await page.locator(selector).first().fill(value, { timeout: 5000 });
+    return true;
+  },
+  count: async ({ selector }) => page.locator(selector).count(),
   screenshot: async ({ path }) => {
     await page.screenshot({ path, fullPage: true });
     return path;

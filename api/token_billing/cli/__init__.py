@@ -6,6 +6,9 @@
     token-billing [--env-file PATH] serve [--host H] [--port P]
     token-billing [--env-file PATH] stripe trigger EVENT --user USER_ID --product CODE [--url URL]
     token-billing [--env-file PATH] stripe sync-products
+    token-billing [--env-file PATH] stripe reconcile [--since 72h] [--dry-run] [--output FORMAT]
+    token-billing [--env-file PATH] user USER_ID_OR_EMAIL [--json]
+    token-billing [--env-file PATH] events parked|replay [--json]
 
 Settings come from the environment and `.env` (or --env-file), as for the service (see
 .env.example); `make dev` writes its own to .dev/dev.env. `serve` and `stripe` need the server
@@ -18,7 +21,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from token_billing.cli import doctor, install, serve, stripe
+from token_billing.cli import doctor, install, operator, serve, stripe
 
 DESCRIPTION = (
     "token-billing: token (credit) billing for AI apps on Supabase and Stripe. Install its SQL "
@@ -41,6 +44,7 @@ def parser() -> argparse.ArgumentParser:
     doctor.add_parser(commands)
     serve.add_parser(commands)
     stripe.add_parser(commands)
+    operator.add_parser(commands)
     return p
 
 

@@ -36,6 +36,7 @@ from token_billing.server.routes import (
     health,
     holds,
     ledger,
+    ops,
     products,
     usage,
     webhooks,
@@ -139,6 +140,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *holds.routes,
         *api_keys.routes,
         *dev.routes(settings),
+        *ops.routes(settings),
     ]
     document = openapi_document(
         routes, title=API_TITLE, version=token_billing.__version__, description=API_DESCRIPTION

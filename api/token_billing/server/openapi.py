@@ -38,8 +38,13 @@ SECURITY_SCHEMES: Mapping[str, dict[str, Any]] = {
         "scheme": "bearer",
         "description": "METRICS_TOKEN, when the operator set one.",
     },
+    "operatorToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "OPERATOR_TOKEN: the operator dashboard's figures.",
+    },
 }
-Security = Literal["supabaseAuth", "apiKey", "metricsToken"]
+Security = Literal["supabaseAuth", "apiKey", "metricsToken", "operatorToken"]
 
 
 @dataclass(frozen=True)

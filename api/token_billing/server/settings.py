@@ -213,6 +213,10 @@ class Settings(BaseSettings):
     """A bearer token that GET /metrics then requires (`Authorization: Bearer <token>`); with it,
     /metrics is also served on the API port. At least 16 characters."""
 
+    operator_token: SecretStr | None = None
+    """A bearer token for the operator dashboard: with it, GET /ops serves the page and
+    GET /v1/ops/summary its figures (`Authorization: Bearer <token>`). At least 32 characters."""
+
     db_startup_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
     """How long startup waits for the database to answer before the service exits (status 3)
     instead of running without it."""
@@ -284,7 +288,11 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "database_url", "supabase_service_role_key", "supabase_jwt_secret", "metrics_token"
+        "database_url",
+        "supabase_service_role_key",
+        "supabase_jwt_secret",
+        "metrics_token",
+        "operator_token",
     )
     @classmethod
     def _check_optional_secret(
@@ -295,6 +303,8 @@ class Settings(BaseSettings):
         _require_real(value.get_secret_value())
         if info.field_name == "metrics_token" and len(value.get_secret_value()) < 16:
             raise ValueError("must be at least 16 characters (e.g. `openssl rand -hex 24`)")
+        if info.field_name == "operator_token" and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters (e.g. `openssl rand -hex 32`)")
         return value
 
     @field_validator("database_url")

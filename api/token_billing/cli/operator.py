@@ -1,0 +1,291 @@
+"""The operator's commands: `token-billing user <id|email>`, `token-billing events
+parked|replay` and `token-billing report mrr|usage`. They read the same settings as the service
+and call its RPCs as service_role."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from token_billing.cli.settings import server_settings
+
+if TYPE_CHECKING:
+    from token_billing.db import Database
+    from token_billing.server.settings import Settings
+
+
+def add_parser(commands: Any) -> None:
+    """`user` and `events` under `commands` (argparse subparsers)."""
+    u = commands.add_parser(
+        "user",
+        help="one user: balance, holds, buckets with expiry, last entries, Stripe, parked events",
+        description="Everything token-billing knows of one user, read in one snapshot. "
+        "Exit 1 when no user has that id or email.",
+    )
+    u.add_argument("user", metavar="USER", help="the user id (auth.users.id) or email address")
+    u.add_argument("--json", action="store_true", help="the report as one JSON object")
+    u.set_defaults(run=user)
+
+    e = commands.add_parser(
+        "events",
+        help="the parked Stripe events: list them, or try them again",
+        description="Parked events wait for what they need (a customer link, a plan's price, "
+        "the payment they refund). `parked` lists them with the reason; `replay` tries each "
+        "again, oldest first (public.replay_parked_stripe_events).",
+    )
+    actions = e.add_subparsers(
+        dest="events_command", required=True, metavar="ACTION", help="parked or replay"
+    )
+    parked = actions.add_parser(
+        "parked",
+        help="list the parked events, oldest first",
+        description="The parked Stripe events, oldest first, each with why it waits.",
+    )
+    parked.add_argument(
+        "--limit", type=int, default=100, help="at most this many (1..10000, default 100)"
+    )
+    parked.add_argument("--json", action="store_true", help="JSON lines, one event a line")
+    parked.set_defaults(run=events_parked)
+    replay = actions.add_parser(
+        "replay",
+        help="try every parked event again, oldest first",
+        description="Feeds every parked event to the handler again, oldest first, and prints "
+        "what each did; those whose cause is still there stay parked.",
+    )
+    replay.add_argument("--json", action="store_true", help="JSON lines, one event a line")
+    replay.set_defaults(run=events_replay)
+
+    r = commands.add_parser(
+        "report",
+        help="figures for a period: MRR and its movements, or the token flow",
+        description="mrr: MRR by calendar month (UTC) per currency, with new, expansion, "
+        "contraction and churned MRR, subscribers, churn rate, ARPU and LTV (minor units). "
+        "usage: tokens granted, used, expired (breakage) and clawed back by period and kind.",
+    )
+    reports = r.add_subparsers(dest="report", required=True, metavar="REPORT", help="mrr or usage")
+    for name, text in [
+        ("mrr", "MRR by month with its movements, churn, ARPU and LTV"),
+        ("usage", "tokens by period and ledger kind"),
+    ]:
+        one = reports.add_parser(name, help=text, description=text + ".")
+        one.add_argument(
+            "--from", dest="start", required=True, type=_date, help="first day, YYYY-MM-DD (UTC)"
+        )
+        one.add_argument(
+            "--to", dest="end", required=True, type=_date, help="the day after the last, YYYY-MM-DD"
+        )
+        if name == "mrr":
+            one.add_argument("--currency", help="only this currency (ISO code)")
+        else:
+            one.add_argument(
+                "--by", choices=("day", "week", "month"), default="month",
+                help="the period (default month)",
+            )  # fmt: skip
+        one.add_argument("--csv", action="store_true", help="CSV with a header row")
+        one.set_defaults(run=report)
+
+
+def _run(command: str, args: argparse.Namespace, work: Callable[[Database], Awaitable[int]]) -> int:
+    settings = server_settings(command, args.env_file)
+    if settings is None:
+        return 2
+    return asyncio.run(_with_database(settings, work))
+
+
+async def _with_database(settings: Settings, work: Callable[[Database], Awaitable[int]]) -> int:
+    from token_billing.errors import DatabaseError, DatabaseUnavailable
+    from token_billing.server.database import database_from_settings, describe
+
+    db = database_from_settings(settings)
+    await db.open()
+    try:
+        return await work(db)
+    except (DatabaseUnavailable, DatabaseError) as exc:
+        print(f"token-billing: the database ({describe(settings)}) failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await db.close()
+
+
+def _when(value: Any) -> str:
+    """A timestamp from the database (ISO text in jsonb, or a datetime), to the minute, in UTC."""
+    if value is None:
+        return "never"
+    when = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _signed(amount: int) -> str:
+    return f"+{amount}" if amount > 0 else str(amount)
+
+
+def render_user(report: Mapping[str, Any]) -> list[str]:
+    """The report of public.describe_user as lines for a terminal."""
+    a = report["account"] or {}
+    lines = [f"user {report['user_id']} {report.get('email') or '(no email)'}"]
+    if not a:
+        lines.append("account: none (the user has no billing account)")
+    else:
+        lines.append(
+            f"account: balance {a['balance']}, available {a['available']}, reserved "
+            f"{a['reserved']}; plan {a['plan']} ({a['subscription_status']})"
+        )
+    holds: Sequence[Mapping[str, Any]] = report["holds"]
+    lines.append(f"holds: {len(holds)} pending")
+    lines += [
+        f"  {h['id']} {h['amount']} tokens, expires {_when(h['expires_at'])} "
+        f"(key {h['idempotency_key']})"
+        for h in holds
+    ]
+    buckets: Sequence[Mapping[str, Any]] = report["buckets"]
+    lines.append(f"buckets: {len(buckets)} live")
+    lines += [
+        f"  {b['remaining']} of {b['amount']} ({b['kind']}, entry {b['entry_id']}), "
+        + (f"expires {_when(b['expires_at'])}" if b["expires_at"] else "no expiry")
+        for b in buckets
+    ]
+    entries: Sequence[Mapping[str, Any]] = report["entries"]
+    lines.append(f"entries: newest {len(entries)}")
+    lines += [
+        f"  #{e['id']} {_when(e['created_at'])} {e['kind']} {_signed(e['amount'])} -> "
+        f"{e['balance_after']}" + (f"  {e['description']}" if e.get("description") else "")
+        for e in entries
+    ]
+    customers = report["stripe_customers"]
+    lines.append(f"stripe customers: {', '.join(customers) if customers else 'none'}")
+    lines += [
+        f"  subscription {s['id']}: {s['product_code']} {s['status']}, period ends "
+        f"{_when(s['current_period_end'])}"
+        + (" (cancels then)" if s["cancel_at_period_end"] else "")
+        for s in report["subscriptions"]
+    ]
+    payments: Sequence[Mapping[str, Any]] = report["payments"]
+    lines.append(f"payments: newest {len(payments)}")
+    lines += [
+        f"  {p['id']} {p['product_code']} x{p['quantity']}: {p['amount_paid_cents']} "
+        f"{p['currency'] or ''}, {p['tokens']} tokens, refunded {p['refunded_cents']}"
+        for p in payments
+    ]
+    parked: Sequence[Mapping[str, Any]] = report["parked_events"]
+    lines.append(f"parked events: {len(parked)}")
+    lines += [f"  {e['id']} {e['type']} ({e['attempts']} tries): {e['detail']}" for e in parked]
+    return lines
+
+
+def user(args: argparse.Namespace) -> int:
+    async def work(db: Database) -> int:
+        rows = await db.rpc("describe_user", {"p_user": args.user})
+        if not rows:
+            print(f"token-billing: no user {args.user!r}", file=sys.stderr)
+            return 1
+        report = rows[0]["report"]
+        if isinstance(report, str):  # PostgREST hands jsonb back parsed; psycopg too. Be sure.
+            report = json.loads(report)
+        if args.json:
+            print(json.dumps(report, indent=2, default=str))
+        else:
+            print("\n".join(render_user(report)))
+        return 0
+
+    return _run("user", args, work)
+
+
+def _print_events(rows: Sequence[Mapping[str, Any]], as_json: bool, empty: str) -> None:
+    if as_json:
+        for row in rows:
+            print(json.dumps(dict(row), default=str))
+        return
+    if not rows:
+        print(empty)
+    for row in rows:
+        extra = f" {_when(row['created'])}, {row['attempts']} tries" if "attempts" in row else ""
+        status = f" -> {row['status']}" if "status" in row else ""
+        print(f"{row['event_id']} {row['type']}{extra}{status}: {row['detail']}")
+
+
+def events_parked(args: argparse.Namespace) -> int:
+    async def work(db: Database) -> int:
+        rows = await db.rpc("list_parked_stripe_events", {"p_limit": args.limit})
+        _print_events(rows, args.json, "no parked events")
+        return 0
+
+    return _run("events parked", args, work)
+
+
+def events_replay(args: argparse.Namespace) -> int:
+    async def work(db: Database) -> int:
+        rows = await db.rpc("replay_parked_stripe_events")
+        _print_events(rows, args.json, "no parked events to replay")
+        return 0
+
+    return _run("events replay", args, work)
+
+
+def _date(text: str) -> datetime:
+    try:
+        return datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d")
+    when = None
+    if isinstance(value, str) and len(value) >= 19 and value[4] == "-" and value[10] == "T":
+        when = datetime.fromisoformat(value)
+    return when.astimezone(UTC).strftime("%Y-%m-%d") if when else str(value)
+
+
+def render_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Rows as aligned columns: text left, numbers right."""
+    if not rows:
+        return ["(no rows)"]
+    names = list(rows[0])
+    cells = [[_cell(row[n]) for n in names] for row in rows]
+    widths = [max(len(n), *(len(c[i]) for c in cells)) for i, n in enumerate(names)]
+    numeric = [all(isinstance(row[n], int) or row[n] is None for row in rows) for n in names]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(
+            v.rjust(w) if num else v.ljust(w)
+            for v, w, num in zip(values, widths, numeric, strict=True)
+        ).rstrip()
+
+    return [line(names), *(line(c) for c in cells)]
+
+
+def report(args: argparse.Namespace) -> int:
+    if args.end <= args.start:
+        print("token-billing: --to must be later than --from", file=sys.stderr)
+        return 2
+
+    async def work(db: Database) -> int:
+        if args.report == "mrr":
+            rows = await db.rpc(
+                "mrr_report",
+                {"p_from": args.start, "p_to": args.end, "p_currency": args.currency},
+            )
+        else:
+            rows = await db.rpc(
+                "token_flow_report",
+                {"p_from": args.start, "p_to": args.end, "p_granularity": args.by},
+            )
+        if args.csv:
+            writer = csv.writer(sys.stdout, lineterminator="\n")
+            writer.writerow(list(rows[0]) if rows else [])
+            for row in rows:
+                writer.writerow([_cell(v) for v in row.values()])
+        else:
+            print("\n".join(render_table(rows)))
+        return 0
+
+    return _run(f"report {args.report}", args, work)
