@@ -38,7 +38,7 @@ declare
     'public.usage_summary(uuid, timestamptz, timestamptz, text)',
     'public.my_usage(timestamptz, timestamptz, text)',
     'public.record_usage(uuid, jsonb, text, uuid)',
-    'public.create_api_key(uuid, text, text[], ''usage:write'', ''balance:read''], timestamptz, text)',
+    'public.create_api_key(uuid, text, text[], timestamptz, text)',
     'public.list_api_keys(uuid)',
     'public.revoke_api_key(uuid, uuid)',
     'public.authenticate_api_key(text, timestamptz)',

@@ -489,3 +489,9 @@ def test_a_hold_should_be_extended_and_a_resolved_key_refused(
     )
     assert again.status_code == 409
     assert again.json()["error"]["code"] == "hold_resolved"
+
+
+def test_a_wrong_method_should_name_every_method_of_the_path(client: TestClient) -> None:
+    response = client.put("/v1/usage")
+    assert response.status_code == 405
+    assert response.headers["Allow"] == "GET, HEAD, POST"

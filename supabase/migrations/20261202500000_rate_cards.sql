@@ -410,7 +410,6 @@ set search_path = ''
 as $$
 declare
   v_item jsonb;
-  v_line int := 0;
   v_dimensions jsonb;
   v_dimension record;
   v_value text;
@@ -421,7 +420,7 @@ declare
   v_after numeric;
   v_charge numeric;
   -- Quantities of earlier items of this call, per meter and dimension value.
-  v_in_call jsonb := '{}';
+  v_in_call jsonb := '{}'::jsonb;
   v_key text;
   -- F at each quantity asked for (the period's total before and after, or the item's own).
   v_quantities numeric [];
@@ -638,8 +637,8 @@ grant execute on function public.quote_usage(uuid, jsonb, timestamptz) to servic
 
 create function public.usage_summary(
   p_user_id uuid,
-  p_from timestamptz,
-  p_to timestamptz,
+  p_from timestamptz default null,
+  p_to timestamptz default null,
   p_group_by text default null
 )
 returns table (meter text, unit text, dimension text, quantity bigint, tokens bigint, records bigint)
@@ -648,8 +647,8 @@ security invoker
 set search_path = ''
 as $$
 begin
-  if p_from is null or p_to is null or p_to <= p_from then
-    raise exception using errcode = '22023', message = 'p_from and p_to must be given, p_from before p_to';
+  if p_to <= p_from then
+    raise exception using errcode = '22023', message = 'p_from must be before p_to';
   end if;
   if p_group_by is not null and p_group_by !~ '^[a-z0-9_]{1,64}$' then
     raise exception using errcode = '22023', message = 'p_group_by must be a dimension name ([a-z0-9_], 1..64)';
@@ -659,29 +658,33 @@ begin
     sum(r.tokens)::bigint, count(*)
   from billing.usage_records as r
   inner join billing.meters as m on r.meter_code = m.code
-  where r.user_id = p_user_id and r.created_at >= p_from and r.created_at < p_to
+  where r.user_id = p_user_id
+    and r.created_at >= coalesce(p_from, date_trunc('month', now(), 'UTC'))
+    and r.created_at < coalesce(p_to, 'infinity')
   group by r.meter_code, m.unit, r.dimensions ->> p_group_by
   order by r.meter_code, 3 nulls first;
 end;
 $$;
 
 comment on function public.usage_summary(uuid, timestamptz, timestamptz, text) is
-'A user''s usage from p_from (inclusive) to p_to (exclusive): quantity, tokens and record count '
-'per meter, and per value of the dimension p_group_by when given. Security invoker: '
+'A user''s usage from p_from (inclusive; null: this calendar month, UTC) to p_to (exclusive; '
+'null: open): quantity, tokens and record count per meter, and per value of the dimension p_group_by when given. Security invoker: '
 'service_role reads the records itself.';
 
 revoke all on function public.usage_summary(uuid, timestamptz, timestamptz, text) from public, anon, authenticated;
 grant execute on function public.usage_summary(uuid, timestamptz, timestamptz, text) to service_role;
 
-create function public.my_usage(p_from timestamptz, p_to timestamptz, p_group_by text default null)
+create function public.my_usage(
+  p_from timestamptz default null, p_to timestamptz default null, p_group_by text default null
+)
 returns table (meter text, unit text, dimension text, quantity bigint, tokens bigint, records bigint)
 language plpgsql stable
 security invoker
 set search_path = ''
 as $$
 begin
-  if p_from is null or p_to is null or p_to <= p_from then
-    raise exception using errcode = '22023', message = 'p_from and p_to must be given, p_from before p_to';
+  if p_to <= p_from then
+    raise exception using errcode = '22023', message = 'p_from must be before p_to';
   end if;
   if p_group_by is not null and p_group_by !~ '^[a-z0-9_]{1,64}$' then
     raise exception using errcode = '22023', message = 'p_group_by must be a dimension name ([a-z0-9_], 1..64)';
@@ -692,7 +695,9 @@ begin
     sum(r.tokens)::bigint, count(*)
   from billing.usage_records as r
   inner join billing.meters as m on r.meter_code = m.code
-  where r.user_id = (select auth.uid()) and r.created_at >= p_from and r.created_at < p_to
+  where r.user_id = (select auth.uid())
+    and r.created_at >= coalesce(p_from, date_trunc('month', now(), 'UTC'))
+    and r.created_at < coalesce(p_to, 'infinity')
   group by r.meter_code, m.unit, r.dimensions ->> p_group_by
   order by r.meter_code, 3 nulls first;
 end;

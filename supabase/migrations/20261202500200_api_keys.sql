@@ -62,7 +62,7 @@ grant select on billing.api_keys to service_role;
 create function public.create_api_key(
   p_user_id uuid,
   p_name text default null,
-  p_scopes text[] default array['usage:read', 'usage:write', 'balance:read'],
+  p_scopes text[] default null,
   p_expires_at timestamptz default null,
   p_environment text default 'live'
 ) returns table (
@@ -77,7 +77,9 @@ declare
   v_secret text;
   v_key text;
 begin
-  if p_scopes is null or cardinality(p_scopes) = 0
+  -- Null: every scope.
+  p_scopes := coalesce(p_scopes, array['usage:read', 'usage:write', 'balance:read']);
+  if cardinality(p_scopes) = 0
     or not p_scopes <@ array['usage:read', 'usage:write', 'balance:read']::text[] then
     raise exception using
       errcode = '22023',

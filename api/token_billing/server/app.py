@@ -27,7 +27,7 @@ from token_billing.server.deps import Runtime
 from token_billing.server.http_errors import EXCEPTION_HANDLERS
 from token_billing.server.metrics import Metrics
 from token_billing.server.middleware import AccessLog, Cors
-from token_billing.server.openapi import openapi_document
+from token_billing.server.openapi import openapi_document, share_paths
 from token_billing.server.routes import (
     api_keys,
     balance,
@@ -142,6 +142,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *dev.routes(settings),
         *ops.routes(settings),
     ]
+    share_paths(routes)
     document = openapi_document(
         routes, title=API_TITLE, version=token_billing.__version__, description=API_DESCRIPTION
     )

@@ -7,12 +7,13 @@ naming the field), build what goes out (`respond`), and are the OpenAPI document
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 from starlette.responses import JSONResponse
 
 from token_billing.server.openapi import Media, Response
@@ -241,6 +242,14 @@ class UsageQuery(Model):
         pattern=r"^[a-z0-9_]{1,64}$",
         description="A dimension to break each meter down by, e.g. model.",
     )
+
+    @field_validator("from_", "to", mode="before")
+    @classmethod
+    def _iso_only(cls, value: object) -> object:
+        # pydantic would also read a number as seconds since 1970: the document says date-time.
+        if isinstance(value, str) and not re.match(r"^\d{4}-\d{2}-\d{2}", value):
+            raise ValueError("must be an ISO 8601 date or date-time, e.g. 2026-12-01T00:00:00Z")
+        return value
 
 
 class UsageLine(Model):

@@ -83,7 +83,9 @@ routes: list[BaseRoute] = [
         create_key,
         methods=["POST"],
         summary="Make an API key for the signed-in user (shown once)",
+        description="Without a body: a key with every scope that never expires.",
         body=schemas.ApiKeyRequest,
+        body_required=False,
         security="supabaseAuth",
         responses={
             201: schemas.NewApiKey,
