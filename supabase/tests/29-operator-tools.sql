@@ -1,10 +1,11 @@
 -- What the operator's commands ask the database: stripe_events_unknown and stripe_credit_drift
 -- (`stripe reconcile`), describe_user (`user`), list_parked_stripe_events (`events parked`),
--- mrr_report and token_flow_report (`report`), billing.subscription_states.
+-- mrr_report, token_flow_report, revenue_report and revenue_by_product (`report`),
+-- billing.subscription_states.
 -- Privileges first (every role), then refusals, then what each answers.
 begin;
 set local search_path = extensions, public;
-select plan(37);
+select plan(43);
 
 select tests.create_user('00000000-0000-0000-0000-0000000c0001', 'paid@example.com');
 
@@ -101,6 +102,31 @@ select ok(
     where c.oid = 'billing.subscription_states'::regclass
   ),
   'billing.subscription_states should have row level security on'
+);
+
+select function_privs_are(
+  'public', 'revenue_report', array['timestamp with time zone', 'timestamp with time zone', 'text', 'text'],
+  'service_role', array['EXECUTE'], 'service_role should execute revenue_report'
+);
+select function_privs_are(
+  'public', 'revenue_report', array['timestamp with time zone', 'timestamp with time zone', 'text', 'text'],
+  'anon', array[]::text[], 'anon should not execute revenue_report'
+);
+select function_privs_are(
+  'public', 'revenue_report', array['timestamp with time zone', 'timestamp with time zone', 'text', 'text'],
+  'authenticated', array[]::text[], 'authenticated should not execute revenue_report'
+);
+select function_privs_are(
+  'public', 'revenue_by_product', array['timestamp with time zone', 'timestamp with time zone', 'text'],
+  'service_role', array['EXECUTE'], 'service_role should execute revenue_by_product'
+);
+select function_privs_are(
+  'public', 'revenue_by_product', array['timestamp with time zone', 'timestamp with time zone', 'text'],
+  'anon', array[]::text[], 'anon should not execute revenue_by_product'
+);
+select function_privs_are(
+  'public', 'revenue_by_product', array['timestamp with time zone', 'timestamp with time zone', 'text'],
+  'authenticated', array[]::text[], 'authenticated should not execute revenue_by_product'
 );
 
 -- A paid pack, credited through the handler as the webhook would.

@@ -64,12 +64,16 @@ def add_parser(commands: Any) -> None:
     r = commands.add_parser(
         "report",
         help="figures for a period: MRR and its movements, or the token flow",
-        description="mrr: MRR by calendar month (UTC) per currency, with new, expansion, "
-        "contraction and churned MRR, subscribers, churn rate, ARPU and LTV (minor units). "
-        "usage: tokens granted, used, expired (breakage) and clawed back by period and kind.",
+        description="revenue: payments, refunds, lost disputes and net by period and currency; "
+        "products: what each product sold in the period earned; mrr: MRR by calendar month "
+        "(UTC) per currency, with new, expansion, contraction and churned MRR, subscribers, "
+        "churn rate, ARPU and LTV; usage: tokens granted, used, expired (breakage) and clawed "
+        "back by period and kind. Money in minor units, never mixing currencies.",
     )
     reports = r.add_subparsers(dest="report", required=True, metavar="REPORT", help="mrr or usage")
     for name, text in [
+        ("revenue", "payments, refunds, lost disputes and net by period and currency"),
+        ("products", "what each product sold in the period earned"),
         ("mrr", "MRR by month with its movements, churn, ARPU and LTV"),
         ("usage", "tokens by period and ledger kind"),
     ]:
@@ -80,9 +84,9 @@ def add_parser(commands: Any) -> None:
         one.add_argument(
             "--to", dest="end", required=True, type=_date, help="the day after the last, YYYY-MM-DD"
         )
-        if name == "mrr":
+        if name != "usage":
             one.add_argument("--currency", help="only this currency (ISO code)")
-        else:
+        if name in ("usage", "revenue"):
             one.add_argument(
                 "--by", choices=("day", "week", "month"), default="month",
                 help="the period (default month)",
@@ -272,6 +276,21 @@ def report(args: argparse.Namespace) -> int:
         if args.report == "mrr":
             rows = await db.rpc(
                 "mrr_report",
+                {"p_from": args.start, "p_to": args.end, "p_currency": args.currency},
+            )
+        elif args.report == "revenue":
+            rows = await db.rpc(
+                "revenue_report",
+                {
+                    "p_from": args.start,
+                    "p_to": args.end,
+                    "p_granularity": args.by,
+                    "p_currency": args.currency,
+                },
+            )
+        elif args.report == "products":
+            rows = await db.rpc(
+                "revenue_by_product",
                 {"p_from": args.start, "p_to": args.end, "p_currency": args.currency},
             )
         else:
