@@ -179,8 +179,8 @@ def test_report_usage_and_mrr_as_table_and_csv(
     assert rows[1][1:4] == ["usd", "1", "1000"]
     assert rows[1][-1] == "1000", "net"
     assert main(["report", "products", "--from", str(today), "--to", str(tomorrow)]) == 0
-    table = [line.split() for line in capsys.readouterr().out.splitlines()]
-    assert table[1][:4] == ["pack_250", "pack", "usd", "1"]
+    product_rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert product_rows[1][:4] == ["pack_250", "pack", "usd", "1"]
 
     assert main(["report", "mrr", "--from", str(today), "--to", str(tomorrow)]) == 0
     assert capsys.readouterr().out == "(no rows)\n"
