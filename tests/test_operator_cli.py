@@ -182,6 +182,9 @@ def test_report_usage_and_mrr_as_table_and_csv(
     product_rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert product_rows[1][:4] == ["pack_250", "pack", "usd", "1"]
 
+    assert main(["report", "failures", "--from", str(today), "--to", str(tomorrow)]) == 0
+    assert capsys.readouterr().out == "(no rows)\n"
+
     assert main(["report", "mrr", "--from", str(today), "--to", str(tomorrow)]) == 0
     assert capsys.readouterr().out == "(no rows)\n"
     assert main(["report", "mrr", "--from", str(tomorrow), "--to", str(today)]) == 2
