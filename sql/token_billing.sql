@@ -62,6 +62,8 @@
 --   20261202600000_stripe_reconcile.sql
 --   20261202600100_operator_reads.sql
 --   20261202600200_mrr.sql
+--   20261202600300_revenue.sql
+--   20261202600400_payment_failures.sql
 
 do $token_billing_install$
 declare
@@ -102,7 +104,9 @@ declare
     '20261202500200',
     '20261202600000',
     '20261202600100',
-    '20261202600200'
+    '20261202600200',
+    '20261202600300',
+    '20261202600400'
   ]::text[];
   -- Every public function any token-billing version created: on an upgrade these are ours.
   v_known constant text[] := array[
@@ -140,7 +144,10 @@ declare
     'public.describe_user(text)',
     'public.list_parked_stripe_events(integer)',
     'public.mrr_report(timestamptz, timestamptz, text)',
-    'public.token_flow_report(timestamptz, timestamptz, text)'
+    'public.token_flow_report(timestamptz, timestamptz, text)',
+    'public.revenue_report(timestamptz, timestamptz, text, text)',
+    'public.revenue_by_product(timestamptz, timestamptz, text)',
+    'public.payment_failure_report(timestamptz, timestamptz, text)'
   ]::text[];
   -- The names of the public functions this version creates.
   v_names constant text[] := array[
@@ -178,7 +185,10 @@ declare
     'describe_user',
     'list_parked_stripe_events',
     'mrr_report',
-    'token_flow_report'
+    'token_flow_report',
+    'revenue_report',
+    'revenue_by_product',
+    'payment_failure_report'
   ]::text[];
   v_replace text := lower(coalesce(
     nullif(btrim(current_setting('token_billing.replace_conflicting', true)), ''), 'off'
@@ -5423,10 +5433,14 @@ add constraint stripe_payments_source_known check (
   or (source = 'payment_intent' and id ~ '^pi_[A-Za-z0-9_]{1,250}$')
 ),
 add column refunded_reported_at timestamptz,
+add column paid_at timestamptz not null default now(),
 add column adjustments integer not null default 0,
 add constraint stripe_payments_adjustments_not_negative check (adjustments >= 0);
 
 comment on column billing.stripe_payments.source is 'checkout_session, invoice or payment_intent.';
+comment on column billing.stripe_payments.paid_at is
+'Stripe''s created time of the event that credited the payment: when revenue counts it (rows '
+'recorded before 0.2: when they were recorded).';
 comment on column billing.stripe_payments.refunded_cents is
 'The cumulative amount_refunded of the latest charge.refunded event (by Stripe''s created).';
 comment on column billing.stripe_payments.refunded_reported_at is
@@ -5437,12 +5451,18 @@ comment on column billing.stripe_payments.tokens_clawed_back is
 comment on column billing.stripe_payments.adjustments is
 'How many clawback or clawback_reversed entries the payment has had: the next one''s key suffix.';
 
+update billing.stripe_payments set paid_at = created_at;
+
 alter table billing.stripe_refunds
+add column refund_created timestamptz,
 add column last_event_created timestamptz,
 add column updated_at timestamptz not null default now();
 
 comment on column billing.stripe_refunds.status is
 'Stripe''s refund status as of last_event_created: failed and canceled refunds are not counted.';
+comment on column billing.stripe_refunds.refund_created is
+'Stripe''s created time of the refund (the object''s own, else its first event''s): when revenue '
+'counts it (null: recorded before 0.2, counted at created_at).';
 comment on column billing.stripe_refunds.last_event_created is
 'Stripe''s created time of the event that set the status (null: recorded before 0.2).';
 comment on column billing.stripe_refunds.updated_at is 'When the row last changed.';
@@ -6051,11 +6071,12 @@ begin
   perform billing.lock_stripe_refs(array[p_payment_intent_id]);
   insert into billing.stripe_payments (
     id, source, user_id, product_code, quantity, tokens, amount_paid_cents, currency,
-    stripe_payment_intent_id
+    stripe_payment_intent_id, paid_at
   )
   values (
     p_payment_id, p_source, p_user_id, p_product.code, p_quantity, v_tokens, p_amount_cents,
-    p_currency, p_payment_intent_id
+    p_currency, p_payment_intent_id,
+    to_timestamp(billing.stripe_bigint(p_event -> 'created', 'created'))
   )
   on conflict do nothing;
   if not found then
@@ -6558,11 +6579,12 @@ begin
   perform billing.lock_stripe_refs(array[v_payment_intent, v_charge]);
   insert into billing.stripe_payments (
     id, source, user_id, product_code, quantity, tokens, amount_paid_cents, currency,
-    stripe_payment_intent_id, stripe_charge_id
+    stripe_payment_intent_id, stripe_charge_id, paid_at
   )
   values (
     v_invoice_id, 'invoice', v_user_id, v_product.code, v_quantity, v_tokens, v_amount_paid,
-    v_invoice ->> 'currency', v_payment_intent, v_charge
+    v_invoice ->> 'currency', v_payment_intent, v_charge,
+    to_timestamp(billing.stripe_bigint(p_event -> 'created', 'created'))
   )
   on conflict do nothing;
 
@@ -7006,10 +7028,15 @@ begin
 
     -- Before API 2022-11-15 the charge lists its refunds: count them by id as well.
     insert into billing.stripe_refunds as r (
-      id, payment_id, amount_cents, status, last_event_created
+      id, payment_id, amount_cents, status, last_event_created, refund_created
     )
     select r.refund ->> 'id', v_payment.id, (r.refund ->> 'amount')::bigint, r.refund ->> 'status',
-      v_created
+      v_created,
+      case
+        when r.refund ->> 'created' ~ '^[0-9]{1,12}$'
+          then to_timestamp((r.refund ->> 'created')::bigint)
+        else v_created
+      end
     from jsonb_array_elements(
       case when jsonb_typeof(v_object #> '{refunds,data}') = 'array'
         then v_object #> '{refunds,data}' else '[]' end
@@ -7032,9 +7059,16 @@ begin
       v_stale := v_refund.status is distinct from v_object ->> 'status';
     end if;
     insert into billing.stripe_refunds as r (
-      id, payment_id, amount_cents, status, last_event_created
+      id, payment_id, amount_cents, status, last_event_created, refund_created
     )
-    values (v_object ->> 'id', v_payment.id, v_refund_amount, v_object ->> 'status', v_created)
+    values (
+      v_object ->> 'id', v_payment.id, v_refund_amount, v_object ->> 'status', v_created,
+      case
+        when v_object ->> 'created' ~ '^[0-9]{1,12}$'
+          then to_timestamp((v_object ->> 'created')::bigint)
+        else v_created
+      end
+    )
     on conflict (id) do update
     set status = excluded.status, last_event_created = excluded.last_event_created,
       updated_at = now()
@@ -9476,6 +9510,303 @@ to service_role;
 
 insert into billing.schema_migrations (version, name) values ('20261202600200', 'mrr');
 $tb_migration_20261202600200$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202600300_revenue.sql
+  if v_installed is null or '20261202600300' <> all(v_installed) then
+    execute $tb_migration_20261202600300$
+-- Migration: what was earned, by period and by product.
+--
+-- Purpose: `token-billing report revenue` and the dashboard answer "what did we earn last month"
+-- from what the Stripe handler already keeps, once per payment whichever events carried it:
+-- billing.stripe_payments (paid, at Stripe's time of the event that credited it: paid_at),
+-- billing.stripe_refunds (each refund at its own Stripe time, counted unless it failed or was
+-- canceled) and billing.stripe_disputes (a lost dispute, at the time it was lost). Exact integers
+-- in the currency's minor unit; currencies never mixed. Stripe's fees are not known here and are
+-- not subtracted: net is what customers paid less what was given back.
+-- Objects: public.revenue_report(), public.revenue_by_product(), indexes on the three tables.
+
+create index stripe_payments_paid_at_idx on billing.stripe_payments (paid_at);
+create index stripe_refunds_refund_created_idx on billing.stripe_refunds (
+  coalesce(refund_created, created_at)
+);
+create index stripe_disputes_lost_idx on billing.stripe_disputes (last_event_created)
+where status = 'lost';
+
+create function public.revenue_report(
+  p_from timestamptz,
+  p_to timestamptz,
+  p_granularity text default 'month',
+  p_currency text default null
+)
+returns table (
+  period_start timestamptz,
+  currency text,
+  payments bigint,
+  gross_cents bigint,
+  packs_cents bigint,
+  plans_cents bigint,
+  refunds bigint,
+  refunded_cents bigint,
+  disputes_lost bigint,
+  disputed_cents bigint,
+  net_cents bigint
+)
+language plpgsql stable
+security invoker
+set search_path = ''
+as $$
+begin
+  if p_granularity is null or p_granularity not in ('day', 'week', 'month') then
+    raise exception 'p_granularity must be day, week or month, got %',
+      coalesce(quote_literal(p_granularity), 'null')
+      using errcode = '22023';
+  end if;
+  if p_from is null or p_to is null or p_to <= p_from then
+    raise exception 'p_to must be later than p_from, got % .. %',
+      coalesce(p_from::text, 'null'), coalesce(p_to::text, 'null')
+      using errcode = '22023';
+  end if;
+
+  return query
+  with moves as (
+    select
+      p.paid_at as at,
+      lower(p.currency) as cur,
+      1 as n_payment,
+      p.amount_paid_cents as paid,
+      case when pr.kind = 'pack' then p.amount_paid_cents else 0 end as pack,
+      case when pr.kind = 'plan' then p.amount_paid_cents else 0 end as plan,
+      0 as n_refund,
+      0::bigint as refunded,
+      0 as n_dispute,
+      0::bigint as disputed
+    from billing.stripe_payments as p
+    left join billing.products as pr on pr.code = p.product_code
+    where p.paid_at >= p_from and p.paid_at < p_to
+
+    union all
+
+    select
+      coalesce(r.refund_created, r.created_at), lower(p.currency), 0, 0, 0, 0, 1,
+      r.amount_cents, 0, 0
+    from billing.stripe_refunds as r
+    inner join billing.stripe_payments as p on p.id = r.payment_id
+    where coalesce(r.refund_created, r.created_at) >= p_from
+      and coalesce(r.refund_created, r.created_at) < p_to
+      and r.status is distinct from 'failed'
+      and r.status is distinct from 'canceled'
+
+    union all
+
+    select d.last_event_created, lower(p.currency), 0, 0, 0, 0, 0, 0, 1, d.amount_cents
+    from billing.stripe_disputes as d
+    inner join billing.stripe_payments as p on p.id = d.payment_id
+    where d.status = 'lost'
+      and d.last_event_created >= p_from and d.last_event_created < p_to
+  )
+
+  select
+    date_trunc(p_granularity, m.at, 'UTC'),
+    m.cur,
+    sum(m.n_payment)::bigint,
+    sum(m.paid)::bigint,
+    sum(m.pack)::bigint,
+    sum(m.plan)::bigint,
+    sum(m.n_refund)::bigint,
+    sum(m.refunded)::bigint,
+    sum(m.n_dispute)::bigint,
+    sum(m.disputed)::bigint,
+    (sum(m.paid) - sum(m.refunded) - sum(m.disputed))::bigint
+  from moves as m
+  where p_currency is null or m.cur = lower(p_currency)
+  group by 1, 2
+  order by 1, 2;
+end;
+$$;
+
+comment on function public.revenue_report(timestamptz, timestamptz, text, text) is
+'Revenue in [p_from, p_to) by period (day, week or month, UTC) and currency (or only '
+'p_currency): payments and what they paid (of it packs and plans), refunds (unless failed or '
+'canceled, at their own Stripe time) and lost disputes (when lost), and net = paid - refunded - '
+'lost, in minor units. Stripe''s fees are not subtracted. Service role only.';
+
+revoke all on function public.revenue_report(timestamptz, timestamptz, text, text)
+from public, anon, authenticated;
+grant execute on function public.revenue_report(timestamptz, timestamptz, text, text)
+to service_role;
+
+create function public.revenue_by_product(
+  p_from timestamptz,
+  p_to timestamptz,
+  p_currency text default null
+)
+returns table (
+  product_code text,
+  kind text,
+  currency text,
+  payments bigint,
+  quantity bigint,
+  tokens bigint,
+  gross_cents bigint,
+  refunded_cents bigint,
+  net_cents bigint
+)
+language plpgsql stable
+security invoker
+set search_path = ''
+as $$
+begin
+  if p_from is null or p_to is null or p_to <= p_from then
+    raise exception 'p_to must be later than p_from, got % .. %',
+      coalesce(p_from::text, 'null'), coalesce(p_to::text, 'null')
+      using errcode = '22023';
+  end if;
+  -- Payments of the period, and what of them was given back (whenever it was): what each
+  -- product sold in the period earned.
+  return query
+  select
+    p.product_code,
+    pr.kind,
+    lower(p.currency),
+    count(*),
+    sum(p.quantity)::bigint,
+    sum(p.tokens)::bigint,
+    sum(p.amount_paid_cents)::bigint,
+    sum(coalesce(back.cents, 0))::bigint,
+    (sum(p.amount_paid_cents) - sum(coalesce(back.cents, 0)))::bigint
+  from billing.stripe_payments as p
+  left join billing.products as pr on pr.code = p.product_code
+  left join lateral (
+    select
+      coalesce((
+        select sum(r.amount_cents)
+        from billing.stripe_refunds as r
+        where r.payment_id = p.id
+          and r.status is distinct from 'failed'
+          and r.status is distinct from 'canceled'
+      ), 0)
+      + coalesce((
+        select sum(d.amount_cents)
+        from billing.stripe_disputes as d
+        where d.payment_id = p.id and d.status = 'lost'
+      ), 0) as cents
+  ) as back on true
+  where p.paid_at >= p_from and p.paid_at < p_to
+    and (p_currency is null or lower(p.currency) = lower(p_currency))
+  group by p.product_code, pr.kind, lower(p.currency)
+  order by 7 desc, 1;
+end;
+$$;
+
+comment on function public.revenue_by_product(timestamptz, timestamptz, text) is
+'What each product sold in [p_from, p_to) earned, per currency: payments, quantity, tokens, '
+'gross, what was refunded or lost in disputes of those payments (whenever), and net, in minor '
+'units, largest gross first. Service role only.';
+
+revoke all on function public.revenue_by_product(timestamptz, timestamptz, text)
+from public, anon, authenticated;
+grant execute on function public.revenue_by_product(timestamptz, timestamptz, text)
+to service_role;
+
+insert into billing.schema_migrations (version, name) values ('20261202600300', 'revenue');
+$tb_migration_20261202600300$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202600400_payment_failures.sql
+  if v_installed is null or '20261202600400' <> all(v_installed) then
+    execute $tb_migration_20261202600400$
+-- Migration: the failed-payment rate.
+--
+-- Purpose: of the invoices Stripe tried to collect in a period, how many failed at least once
+-- (invoice.payment_failed), and how many of those were paid in the end. An invoice counts in the
+-- period of its first attempt in the window (its first failure or its payment, at Stripe's
+-- time); retries of one invoice count once. Read through a partial index of the invoice events.
+-- Objects: public.payment_failure_report(), index stripe_events_invoice_outcomes_idx.
+
+create index stripe_events_invoice_outcomes_idx on billing.stripe_events (created)
+where type = 'invoice.payment_failed';
+
+create function public.payment_failure_report(
+  p_from timestamptz,
+  p_to timestamptz,
+  p_granularity text default 'month'
+)
+returns table (
+  period_start timestamptz,
+  invoices bigint,
+  failed bigint,
+  recovered bigint,
+  failure_rate_bp bigint
+)
+language plpgsql stable
+security invoker
+set search_path = ''
+as $$
+begin
+  if p_granularity is null or p_granularity not in ('day', 'week', 'month') then
+    raise exception 'p_granularity must be day, week or month, got %',
+      coalesce(quote_literal(p_granularity), 'null')
+      using errcode = '22023';
+  end if;
+  if p_from is null or p_to is null or p_to <= p_from then
+    raise exception 'p_to must be later than p_from, got % .. %',
+      coalesce(p_from::text, 'null'), coalesce(p_to::text, 'null')
+      using errcode = '22023';
+  end if;
+
+  return query
+  with attempts as (
+    select e.payload #>> '{data,object,id}' as invoice_id, e.created as at, true as failure
+    from billing.stripe_events as e
+    where e.type = 'invoice.payment_failed'
+      and e.created >= p_from and e.created < p_to
+      and e.status <> 'ignored'
+
+    union all
+
+    select p.id, p.paid_at, false
+    from billing.stripe_payments as p
+    where p.source = 'invoice' and p.paid_at >= p_from and p.paid_at < p_to
+  ),
+
+  invoices as (
+    select
+      a.invoice_id,
+      min(a.at) as first_at,
+      bool_or(a.failure) as failed,
+      bool_or(not a.failure) as paid
+    from attempts as a
+    where a.invoice_id is not null
+    group by a.invoice_id
+  )
+
+  select
+    date_trunc(p_granularity, i.first_at, 'UTC'),
+    count(*),
+    count(*) filter (where i.failed),
+    count(*) filter (where i.failed and i.paid),
+    round(10000.0 * count(*) filter (where i.failed) / count(*))::bigint
+  from invoices as i
+  group by 1
+  order by 1;
+end;
+$$;
+
+comment on function public.payment_failure_report(timestamptz, timestamptz, text) is
+'Invoices Stripe tried to collect in [p_from, p_to), by the period (day, week, month, UTC) of '
+'their first attempt in it: how many, how many failed at least once, how many of those were '
+'paid after all, and the failure rate in basis points (rounded half up). Service role only.';
+
+revoke all on function public.payment_failure_report(timestamptz, timestamptz, text)
+from public, anon, authenticated;
+grant execute on function public.payment_failure_report(timestamptz, timestamptz, text)
+to service_role;
+
+insert into billing.schema_migrations (version, name) values ('20261202600400', 'payment_failures');
+$tb_migration_20261202600400$;
     v_applied := v_applied + 1;
   end if;
 

@@ -48,7 +48,10 @@ declare
     'public.describe_user(text)',
     'public.list_parked_stripe_events(integer)',
     'public.mrr_report(timestamptz, timestamptz, text)',
-    'public.token_flow_report(timestamptz, timestamptz, text)'
+    'public.token_flow_report(timestamptz, timestamptz, text)',
+    'public.revenue_report(timestamptz, timestamptz, text, text)',
+    'public.revenue_by_product(timestamptz, timestamptz, text)',
+    'public.payment_failure_report(timestamptz, timestamptz, text)'
   ]::text[];
   v_triggers constant text[] := array[
     'tg_users__50_open_billing_account',

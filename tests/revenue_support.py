@@ -11,13 +11,22 @@ import json
 import random
 import threading
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from fractions import Fraction
 from math import floor
 from typing import Any
 
 from scripts.pgcluster import Database
-from token_billing.cli.stripe_events import Product, envelope, subscription
+from tests.app_support import record_sale
+from token_billing.cli.stripe_events import (
+    Product,
+    checkout_session,
+    envelope,
+    refunded_charge,
+    subscription,
+)
 
 # code: (currency, unit amount, interval)
 PLANS = {
@@ -155,3 +164,76 @@ def deliver_all(db: Database, events: list[dict[str, Any]], workers: int = 8) ->
     for t in threads:
         t.join()
     assert errors == []
+
+
+def pack_history(
+    db: Database, rng: random.Random, start: int, end: int, *, count: int = 250
+) -> tuple[list[dict[str, Any]], dict[tuple[datetime, str], list[int]]]:
+    """Pack purchases over the window in two currencies, some refunded (in full or in part),
+    some lost in a dispute; the events, and what each month should report per currency as
+    [payments, gross, refunds, refunded, disputes lost, disputed]."""
+    packs = [
+        Product("pack_100", "pack", 100, 500, "usd", None),
+        Product("pack_250", "pack", 250, 1000, "usd", None),
+        Product("rv_pack_eur", "pack", 300, 900, "eur", None),
+    ]
+    with db.connect() as conn:
+        conn.execute(
+            "insert into billing.products (code, kind, name, tokens, price_cents, currency) "
+            "values ('rv_pack_eur', 'pack', 'Euro pack', 300, 900, 'eur')"
+        )
+    expected: dict[tuple[datetime, str], list[int]] = defaultdict(lambda: [0] * 6)
+
+    def month_of(at: int) -> datetime:
+        t = datetime.fromtimestamp(at, UTC)
+        return datetime(t.year, t.month, 1, tzinfo=UTC)
+
+    events: list[dict[str, Any]] = []
+    for n in range(count):
+        user = uuid.uuid4()
+        db.create_user(user)
+        product = rng.choice(packs)
+        quantity = rng.randint(1, 3)
+        paid_at = rng.randrange(start, end - 90 * 86_400)
+        session = checkout_session(str(user), product, quantity=quantity)
+        session["created"] = paid_at - 60
+        purchase = envelope("checkout.session.completed", session, created=paid_at)
+        record_sale(db, purchase)
+        events.append(purchase)
+        paid = product.price_cents * quantity
+        row = expected[(month_of(paid_at), product.currency)]
+        row[0] += 1
+        row[1] += paid
+        roll = rng.random()
+        if roll < 0.15:
+            refunded_at = paid_at + rng.randrange(86_400, 40 * 86_400)
+            amount = paid if rng.random() < 0.5 else paid // 2
+            charge = refunded_charge(
+                str(user), product, payment_intent=session["payment_intent"],
+                amount_cents=amount, quantity=quantity,
+            )  # fmt: skip
+            charge["created"] = paid_at
+            charge["refunds"]["data"][0]["created"] = refunded_at
+            events.append(envelope("charge.refunded", charge, created=refunded_at))
+            row = expected[(month_of(refunded_at), product.currency)]
+            row[2] += 1
+            row[3] += amount
+        elif roll < 0.18:
+            lost_at = paid_at + rng.randrange(10 * 86_400, 60 * 86_400)
+            dispute = {
+                "id": f"dp_rv{n:05d}",
+                "object": "dispute",
+                "amount": paid,
+                "currency": product.currency,
+                "charge": f"ch_rv{n:05d}",
+                "payment_intent": session["payment_intent"],
+                "created": lost_at - 7 * 86_400,
+                "status": "lost",
+                "reason": "fraudulent",
+                "livemode": False,
+            }
+            events.append(envelope("charge.dispute.closed", dispute, created=lost_at))
+            row = expected[(month_of(lost_at), product.currency)]
+            row[4] += 1
+            row[5] += paid
+    return events, expected

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from scripts.pgcluster import Database
-from tests.app_support import JWT_SECRET, STRIPE_KEY, WEBHOOK_SECRET, scalar
+from tests.app_support import JWT_SECRET, STRIPE_KEY, WEBHOOK_SECRET, record_sale, scalar
 from token_billing.cli import main
-from token_billing.cli.stripe_events import Product, envelope, invoice
+from token_billing.cli.stripe_events import Product, checkout_session, envelope, invoice
 
 
 @pytest.fixture
@@ -164,6 +164,26 @@ def test_report_usage_and_mrr_as_table_and_csv(
     rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
     assert rows[0] == ["period_start", "kind", "entries", "tokens"]
     assert [today.replace(day=1).isoformat(), "purchase", "1", "250"] in rows
+
+    user = uuid.uuid4()
+    db.create_user(user)
+    event = envelope(
+        "checkout.session.completed",
+        checkout_session(str(user), Product("pack_250", "pack", 250, 1000, "usd", None)),
+    )
+    record_sale(db, event)
+    _sql(db, "select status from public.handle_stripe_event(%s::jsonb)", [json.dumps(event)])
+    assert main(["report", "revenue", "--from", str(today), "--to", str(tomorrow), "--csv"]) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert rows[0][:4] == ["period_start", "currency", "payments", "gross_cents"]
+    assert rows[1][1:4] == ["usd", "1", "1000"]
+    assert rows[1][-1] == "1000", "net"
+    assert main(["report", "products", "--from", str(today), "--to", str(tomorrow)]) == 0
+    product_rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert product_rows[1][:4] == ["pack_250", "pack", "usd", "1"]
+
+    assert main(["report", "failures", "--from", str(today), "--to", str(tomorrow)]) == 0
+    assert capsys.readouterr().out == "(no rows)\n"
 
     assert main(["report", "mrr", "--from", str(today), "--to", str(tomorrow)]) == 0
     assert capsys.readouterr().out == "(no rows)\n"

@@ -16,7 +16,14 @@ import pytest
 from scripts.pgcluster import Database
 from tests.app_support import running_server, settings_for, user_token
 from tests.browser_support import ARTIFACTS, Browser, missing_prerequisites
-from tests.revenue_support import PLANS, add_months, deliver_all, generate, month_start
+from tests.revenue_support import (
+    PLANS,
+    add_months,
+    deliver_all,
+    generate,
+    month_start,
+    pack_history,
+)
 
 TOKEN = "operator-token-0123456789abcdef-0123456789"  # noqa: S105 - a test value
 
@@ -46,8 +53,10 @@ def _history(db: Database, customers: int = 40) -> tuple[datetime, datetime]:
             conn.execute(
                 "select * from public.link_stripe_customer(%s, %s)", [str(user), f"cus_rv{n:05d}"]
             )
-    changes = generate(random.Random(7), start, int(now.timestamp()) - 60, users)
-    deliver_all(db, [c.event for c in changes], workers=4)
+    rng = random.Random(7)
+    changes = generate(rng, start, int(now.timestamp()) - 60, users)
+    payments, _ = pack_history(db, rng, start, int(now.timestamp()) - 60, count=40)
+    deliver_all(db, [c.event for c in changes] + payments, workers=4)
     return datetime.fromtimestamp(start, UTC), now
 
 
@@ -123,6 +132,15 @@ def test_summary_should_report_what_the_sql_reports(db: Database, service: str) 
     assert got == [tuple(r) for r in mrr]
     assert len(got) > 12, "a year of months, per currency"
     assert [(r["kind"], r["tokens"]) for r in body["token_flow"]] == [tuple(r) for r in flow]
+    with db.connect() as conn:
+        revenue = conn.execute(
+            "select currency, gross_cents, net_cents from public.revenue_report(%s, %s, 'month')",
+            [start, until],
+        ).fetchall()
+    assert [(r["currency"], r["gross_cents"], r["net_cents"]) for r in body["revenue"]] == [
+        tuple(r) for r in revenue
+    ]
+    assert len(revenue) > 5
 
     bad = httpx.get(
         f"{service}/v1/ops/summary",
@@ -178,6 +196,8 @@ def test_dashboard_page_should_chart_the_figures_in_chromium(db: Database, servi
         assert browser.count("#mrr-chart circle") == months * len({r[0] for r in rows})
         assert browser.count("#movement-chart rect") == months * 4
         assert browser.count("#token-chart rect") >= 3
+        assert browser.count("#revenue-chart rect") >= 4
+        assert browser.text("[data-testid=revenue-usd] .value").startswith("$")
         shot = browser.screenshot(ARTIFACTS / "ops-dashboard.png")
         assert shot.stat().st_size > 20_000, "a page with charts, not a blank one"
         errors = [line for line in browser.console() if "error" in line.lower()]

@@ -30,6 +30,7 @@ from tests.revenue_support import (
     generate,
     half_up,
     month_start,
+    pack_history,
 )
 
 
@@ -164,3 +165,49 @@ def test_token_flow_report_should_sum_each_kind_of_the_period(db: Database) -> N
     assert ("purchase", 1, 500) in rows
     assert ("usage", 2, -150) in rows
     assert ("signup", 1, 100) in rows
+
+
+def test_revenue_report_should_match_the_generated_payments_exactly(db: Database) -> None:
+    rng = random.Random(180)
+    now = datetime.now(UTC)
+    first = add_months(now.year, now.month, -13)
+    start, end = month_start(*first), int(now.timestamp()) - 60
+    events, expected = pack_history(db, rng, start, end)
+    deliveries = events + rng.sample(events, len(events) // 10)
+    rng.shuffle(deliveries)  # refunds and disputes before their purchase park, then heal
+    deliver_all(db, deliveries)
+
+    with db.connect() as conn:
+        statuses = dict(
+            conn.execute(
+                "select status, count(*) from billing.stripe_events group by status"
+            ).fetchall()
+        )
+        got = conn.execute(
+            "select period_start, currency, payments, gross_cents, refunds, refunded_cents, "
+            "disputes_lost, disputed_cents, net_cents, packs_cents, plans_cents "
+            "from public.revenue_report(%s, %s, 'month')",
+            [datetime.fromtimestamp(start, UTC), now],
+        ).fetchall()
+        products = conn.execute(
+            "select product_code, currency, payments, gross_cents from "
+            "public.revenue_by_product(%s, %s)",
+            [datetime.fromtimestamp(start, UTC), now],
+        ).fetchall()
+    assert statuses.get("parked", 0) == 0, "every refund or dispute found its payment"
+    want: list[tuple[Any, ...]] = [
+        (month, currency, *row[:2], *row[2:6], row[1] - row[3] - row[5], row[1], 0)
+        for (month, currency), row in sorted(expected.items())
+    ]
+    reordered = [(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10]) for r in got]
+    assert reordered == want
+    assert sum(int(r[4]) for r in want) > 20, "refunds happened"
+    assert sum(int(r[6]) for r in want) > 3, "disputes were lost"
+    gross: dict[str, int] = defaultdict(int)
+    for r in want:
+        gross[str(r[1])] += int(r[3])
+    by_currency: dict[str, int] = defaultdict(int)
+    for _code, currency, _, cents in products:
+        by_currency[currency] += cents
+    assert dict(by_currency) == dict(gross), "by product adds up to the same gross"
+    assert scalar(db, "select count(*) from billing.check_invariants()") == 0

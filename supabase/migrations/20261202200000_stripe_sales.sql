@@ -177,10 +177,14 @@ add constraint stripe_payments_source_known check (
   or (source = 'payment_intent' and id ~ '^pi_[A-Za-z0-9_]{1,250}$')
 ),
 add column refunded_reported_at timestamptz,
+add column paid_at timestamptz not null default now(),
 add column adjustments integer not null default 0,
 add constraint stripe_payments_adjustments_not_negative check (adjustments >= 0);
 
 comment on column billing.stripe_payments.source is 'checkout_session, invoice or payment_intent.';
+comment on column billing.stripe_payments.paid_at is
+'Stripe''s created time of the event that credited the payment: when revenue counts it (rows '
+'recorded before 0.2: when they were recorded).';
 comment on column billing.stripe_payments.refunded_cents is
 'The cumulative amount_refunded of the latest charge.refunded event (by Stripe''s created).';
 comment on column billing.stripe_payments.refunded_reported_at is
@@ -191,12 +195,18 @@ comment on column billing.stripe_payments.tokens_clawed_back is
 comment on column billing.stripe_payments.adjustments is
 'How many clawback or clawback_reversed entries the payment has had: the next one''s key suffix.';
 
+update billing.stripe_payments set paid_at = created_at;
+
 alter table billing.stripe_refunds
+add column refund_created timestamptz,
 add column last_event_created timestamptz,
 add column updated_at timestamptz not null default now();
 
 comment on column billing.stripe_refunds.status is
 'Stripe''s refund status as of last_event_created: failed and canceled refunds are not counted.';
+comment on column billing.stripe_refunds.refund_created is
+'Stripe''s created time of the refund (the object''s own, else its first event''s): when revenue '
+'counts it (null: recorded before 0.2, counted at created_at).';
 comment on column billing.stripe_refunds.last_event_created is
 'Stripe''s created time of the event that set the status (null: recorded before 0.2).';
 comment on column billing.stripe_refunds.updated_at is 'When the row last changed.';

@@ -52,11 +52,12 @@ begin
   perform billing.lock_stripe_refs(array[p_payment_intent_id]);
   insert into billing.stripe_payments (
     id, source, user_id, product_code, quantity, tokens, amount_paid_cents, currency,
-    stripe_payment_intent_id
+    stripe_payment_intent_id, paid_at
   )
   values (
     p_payment_id, p_source, p_user_id, p_product.code, p_quantity, v_tokens, p_amount_cents,
-    p_currency, p_payment_intent_id
+    p_currency, p_payment_intent_id,
+    to_timestamp(billing.stripe_bigint(p_event -> 'created', 'created'))
   )
   on conflict do nothing;
   if not found then

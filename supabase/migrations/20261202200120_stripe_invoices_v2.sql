@@ -231,11 +231,12 @@ begin
   perform billing.lock_stripe_refs(array[v_payment_intent, v_charge]);
   insert into billing.stripe_payments (
     id, source, user_id, product_code, quantity, tokens, amount_paid_cents, currency,
-    stripe_payment_intent_id, stripe_charge_id
+    stripe_payment_intent_id, stripe_charge_id, paid_at
   )
   values (
     v_invoice_id, 'invoice', v_user_id, v_product.code, v_quantity, v_tokens, v_amount_paid,
-    v_invoice ->> 'currency', v_payment_intent, v_charge
+    v_invoice ->> 'currency', v_payment_intent, v_charge,
+    to_timestamp(billing.stripe_bigint(p_event -> 'created', 'created'))
   )
   on conflict do nothing;
 

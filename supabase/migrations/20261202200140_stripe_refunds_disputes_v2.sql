@@ -107,10 +107,15 @@ begin
 
     -- Before API 2022-11-15 the charge lists its refunds: count them by id as well.
     insert into billing.stripe_refunds as r (
-      id, payment_id, amount_cents, status, last_event_created
+      id, payment_id, amount_cents, status, last_event_created, refund_created
     )
     select r.refund ->> 'id', v_payment.id, (r.refund ->> 'amount')::bigint, r.refund ->> 'status',
-      v_created
+      v_created,
+      case
+        when r.refund ->> 'created' ~ '^[0-9]{1,12}$'
+          then to_timestamp((r.refund ->> 'created')::bigint)
+        else v_created
+      end
     from jsonb_array_elements(
       case when jsonb_typeof(v_object #> '{refunds,data}') = 'array'
         then v_object #> '{refunds,data}' else '[]' end
@@ -133,9 +138,16 @@ begin
       v_stale := v_refund.status is distinct from v_object ->> 'status';
     end if;
     insert into billing.stripe_refunds as r (
-      id, payment_id, amount_cents, status, last_event_created
+      id, payment_id, amount_cents, status, last_event_created, refund_created
     )
-    values (v_object ->> 'id', v_payment.id, v_refund_amount, v_object ->> 'status', v_created)
+    values (
+      v_object ->> 'id', v_payment.id, v_refund_amount, v_object ->> 'status', v_created,
+      case
+        when v_object ->> 'created' ~ '^[0-9]{1,12}$'
+          then to_timestamp((v_object ->> 'created')::bigint)
+        else v_created
+      end
+    )
     on conflict (id) do update
     set status = excluded.status, last_event_created = excluded.last_event_created,
       updated_at = now()

@@ -1,10 +1,11 @@
 -- What the operator's commands ask the database: stripe_events_unknown and stripe_credit_drift
 -- (`stripe reconcile`), describe_user (`user`), list_parked_stripe_events (`events parked`),
--- mrr_report and token_flow_report (`report`), billing.subscription_states.
+-- mrr_report, token_flow_report, revenue_report and revenue_by_product (`report`),
+-- billing.subscription_states.
 -- Privileges first (every role), then refusals, then what each answers.
 begin;
 set local search_path = extensions, public;
-select plan(37);
+select plan(48);
 
 select tests.create_user('00000000-0000-0000-0000-0000000c0001', 'paid@example.com');
 
@@ -101,6 +102,44 @@ select ok(
     where c.oid = 'billing.subscription_states'::regclass
   ),
   'billing.subscription_states should have row level security on'
+);
+
+select function_privs_are(
+  'public', 'revenue_report', array['timestamp with time zone', 'timestamp with time zone', 'text', 'text'],
+  'service_role', array['EXECUTE'], 'service_role should execute revenue_report'
+);
+select function_privs_are(
+  'public', 'revenue_report', array['timestamp with time zone', 'timestamp with time zone', 'text', 'text'],
+  'anon', array[]::text[], 'anon should not execute revenue_report'
+);
+select function_privs_are(
+  'public', 'revenue_report', array['timestamp with time zone', 'timestamp with time zone', 'text', 'text'],
+  'authenticated', array[]::text[], 'authenticated should not execute revenue_report'
+);
+select function_privs_are(
+  'public', 'revenue_by_product', array['timestamp with time zone', 'timestamp with time zone', 'text'],
+  'service_role', array['EXECUTE'], 'service_role should execute revenue_by_product'
+);
+select function_privs_are(
+  'public', 'revenue_by_product', array['timestamp with time zone', 'timestamp with time zone', 'text'],
+  'anon', array[]::text[], 'anon should not execute revenue_by_product'
+);
+select function_privs_are(
+  'public', 'revenue_by_product', array['timestamp with time zone', 'timestamp with time zone', 'text'],
+  'authenticated', array[]::text[], 'authenticated should not execute revenue_by_product'
+);
+
+select function_privs_are(
+  'public', 'payment_failure_report', array['timestamp with time zone', 'timestamp with time zone', 'text'],
+  'service_role', array['EXECUTE'], 'service_role should execute payment_failure_report'
+);
+select function_privs_are(
+  'public', 'payment_failure_report', array['timestamp with time zone', 'timestamp with time zone', 'text'],
+  'anon', array[]::text[], 'anon should not execute payment_failure_report'
+);
+select function_privs_are(
+  'public', 'payment_failure_report', array['timestamp with time zone', 'timestamp with time zone', 'text'],
+  'authenticated', array[]::text[], 'authenticated should not execute payment_failure_report'
 );
 
 -- A paid pack, credited through the handler as the webhook would.
@@ -213,6 +252,35 @@ select throws_ok(
   $$select * from public.list_parked_stripe_events(0)$$,
   '22023', 'p_limit must be between 1 and 10000, got 0',
   'list_parked_stripe_events should refuse a limit of 0'
+);
+reset role;
+
+-- The failed-payment rate: invoice A fails twice in January and is paid then, B is paid in
+-- January, C fails in February and is never paid.
+insert into billing.stripe_events (id, type, created, payload, status, processed_at)
+values
+('evt_pf_a1', 'invoice.payment_failed', '2026-01-03', '{"data": {"object": {"id": "in_pfa"}}}', 'applied', now()),
+('evt_pf_a2', 'invoice.payment_failed', '2026-01-05', '{"data": {"object": {"id": "in_pfa"}}}', 'applied', now()),
+('evt_pf_c1', 'invoice.payment_failed', '2026-02-10', '{"data": {"object": {"id": "in_pfc"}}}', 'parked', now());
+insert into billing.stripe_payments (
+  id, source, user_id, product_code, quantity, tokens, amount_paid_cents, currency, paid_at
+)
+values
+('in_pfa', 'invoice', '00000000-0000-0000-0000-0000000c0001', 'starter', 1, 5000, 2900, 'usd', '2026-01-07'),
+('in_pfb', 'invoice', '00000000-0000-0000-0000-0000000c0001', 'starter', 1, 5000, 2900, 'usd', '2026-01-20');
+set local role service_role;
+select results_eq(
+  $$select period_start, invoices, failed, recovered, failure_rate_bp
+    from public.payment_failure_report('2026-01-01', '2026-03-01')$$,
+  $$values
+    ('2026-01-01 00:00+00'::timestamptz, 2::bigint, 1::bigint, 1::bigint, 5000::bigint),
+    ('2026-02-01 00:00+00'::timestamptz, 1::bigint, 1::bigint, 0::bigint, 10000::bigint)$$,
+  'an invoice counts once in the month of its first attempt: failed, recovered, and the rate'
+);
+select throws_ok(
+  $$select * from public.payment_failure_report('2026-01-01', '2026-03-01', 'year')$$,
+  '22023', 'p_granularity must be day, week or month, got ''year''',
+  'payment_failure_report should refuse another granularity'
 );
 reset role;
 

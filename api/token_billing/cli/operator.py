@@ -63,14 +63,25 @@ def add_parser(commands: Any) -> None:
 
     r = commands.add_parser(
         "report",
-        help="figures for a period: MRR and its movements, or the token flow",
-        description="mrr: MRR by calendar month (UTC) per currency, with new, expansion, "
-        "contraction and churned MRR, subscribers, churn rate, ARPU and LTV (minor units). "
-        "usage: tokens granted, used, expired (breakage) and clawed back by period and kind.",
+        help="figures for a period: revenue, products, MRR, failed payments, the token flow",
+        description="revenue: payments, refunds, lost disputes and net by period and currency; "
+        "products: what each product sold in the period earned; mrr: MRR by calendar month "
+        "(UTC) per currency, with new, expansion, contraction and churned MRR, subscribers, "
+        "churn rate, ARPU and LTV; failures: the failed-payment rate of invoices; usage: tokens "
+        "granted, used, expired (breakage) and clawed back by period and kind. Money in minor "
+        "units, never mixing currencies.",
     )
-    reports = r.add_subparsers(dest="report", required=True, metavar="REPORT", help="mrr or usage")
+    reports = r.add_subparsers(
+        dest="report",
+        required=True,
+        metavar="REPORT",
+        help="revenue, products, mrr, failures or usage",
+    )
     for name, text in [
+        ("revenue", "payments, refunds, lost disputes and net by period and currency"),
+        ("products", "what each product sold in the period earned"),
         ("mrr", "MRR by month with its movements, churn, ARPU and LTV"),
+        ("failures", "invoices tried, failed at least once, recovered, and the failure rate"),
         ("usage", "tokens by period and ledger kind"),
     ]:
         one = reports.add_parser(name, help=text, description=text + ".")
@@ -80,9 +91,9 @@ def add_parser(commands: Any) -> None:
         one.add_argument(
             "--to", dest="end", required=True, type=_date, help="the day after the last, YYYY-MM-DD"
         )
-        if name == "mrr":
+        if name in ("revenue", "products", "mrr"):
             one.add_argument("--currency", help="only this currency (ISO code)")
-        else:
+        if name in ("usage", "revenue", "failures"):
             one.add_argument(
                 "--by", choices=("day", "week", "month"), default="month",
                 help="the period (default month)",
@@ -272,6 +283,26 @@ def report(args: argparse.Namespace) -> int:
         if args.report == "mrr":
             rows = await db.rpc(
                 "mrr_report",
+                {"p_from": args.start, "p_to": args.end, "p_currency": args.currency},
+            )
+        elif args.report == "revenue":
+            rows = await db.rpc(
+                "revenue_report",
+                {
+                    "p_from": args.start,
+                    "p_to": args.end,
+                    "p_granularity": args.by,
+                    "p_currency": args.currency,
+                },
+            )
+        elif args.report == "failures":
+            rows = await db.rpc(
+                "payment_failure_report",
+                {"p_from": args.start, "p_to": args.end, "p_granularity": args.by},
+            )
+        elif args.report == "products":
+            rows = await db.rpc(
+                "revenue_by_product",
                 {"p_from": args.start, "p_to": args.end, "p_currency": args.currency},
             )
         else:

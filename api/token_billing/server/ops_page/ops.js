@@ -134,6 +134,21 @@ function render(data) {
     );
   }
   const cents = (c) => (v) => money(v, c);
+  const revCurrencies = [...new Set(data.revenue.map((r) => r.currency))].sort();
+  const revMonths = [...new Set(data.revenue.map((r) => month(r.period_start)))].sort();
+  const rev = (c, m) => data.revenue.find((r) => r.currency === c && month(r.period_start) === m);
+  const biggest = (c) => data.revenue.filter((r) => r.currency === c).reduce((a, r) => a + r.net_cents, 0);
+  const rc = [...revCurrencies].sort((a, b) => biggest(b) - biggest(a))[0] ?? "usd";
+  for (const c of revCurrencies) {
+    const total = data.revenue.filter((r) => r.currency === c).reduce((a, r) => a + r.net_cents, 0);
+    headline.append(figure(`net revenue (${c.toUpperCase()}), the period`, money(total, c), `revenue-${c}`));
+  }
+  chart($("revenue-chart"), revMonths, [
+    { name: `packs (${rc.toUpperCase()})`, values: revMonths.map((m) => rev(rc, m)?.packs_cents ?? 0) },
+    { name: "plans", values: revMonths.map((m) => rev(rc, m)?.plans_cents ?? 0) },
+    { name: "refunded", values: revMonths.map((m) => -(rev(rc, m)?.refunded_cents ?? 0)) },
+    { name: "lost in disputes", values: revMonths.map((m) => -(rev(rc, m)?.disputed_cents ?? 0)) },
+  ], { kind: "stack", format: cents(rc) });
   const major = (v) => (v / 100).toLocaleString("en", { maximumFractionDigits: 2 });
   chart($("mrr-chart"), months,
     currencies.map((c) => ({ name: `MRR ${c.toUpperCase()}`, values: months.map((m) => at(c, m)?.mrr_end_cents ?? 0) })),

@@ -5,8 +5,8 @@ stylesheet, shipped in the package) and holds no data; the figures need
 `Authorization: Bearer <OPERATOR_TOKEN>`, compared in constant time. The page keeps the token in
 the tab's sessionStorage only (never a cookie, so no other site can make the browser send it),
 is never cached, and forbids framing and any script but its own (Content-Security-Policy). The
-figures are what the CLI reports (`token-billing report mrr|usage`, `events parked`), read as
-service_role through the same functions.
+figures are what the CLI reports (`token-billing report revenue|mrr|usage`, `events parked`),
+read as service_role through the same functions.
 """
 
 from __future__ import annotations
@@ -84,6 +84,20 @@ class MrrMonth(schemas.Model):
     ltv_cents: int | None
 
 
+class RevenuePeriod(schemas.Model):
+    period_start: datetime
+    currency: str
+    payments: int
+    gross_cents: int
+    packs_cents: int
+    plans_cents: int
+    refunds: int
+    refunded_cents: int
+    disputes_lost: int
+    disputed_cents: int
+    net_cents: int
+
+
 class TokenFlow(schemas.Model):
     period_start: datetime
     kind: str
@@ -104,6 +118,7 @@ class Summary(schemas.Model):
 
     period_from: date = Field(description="The period's first day (UTC).")
     period_to: date = Field(description="The day after its last.")
+    revenue: list[RevenuePeriod]
     mrr: list[MrrMonth]
     token_flow: list[TokenFlow]
     parked_events: list[ParkedEvent]
@@ -132,6 +147,9 @@ async def summary(request: Request) -> Response:
     start, end = query_model(request, SummaryQuery).period(datetime.now(UTC).date())
     p_from = datetime(start.year, start.month, start.day, tzinfo=UTC)
     p_to = datetime(end.year, end.month, end.day, tzinfo=UTC)
+    revenue = await rt.db.rpc(
+        "revenue_report", {"p_from": p_from, "p_to": p_to, "p_granularity": "month"}
+    )
     mrr = await rt.db.rpc("mrr_report", {"p_from": p_from, "p_to": p_to})
     flow = await rt.db.rpc(
         "token_flow_report", {"p_from": p_from, "p_to": p_to, "p_granularity": "month"}
@@ -140,6 +158,7 @@ async def summary(request: Request) -> Response:
     body: dict[str, Any] = {
         "period_from": start,
         "period_to": end,
+        "revenue": revenue,
         "mrr": mrr,
         "token_flow": flow,
         "parked_events": parked,
@@ -170,7 +189,8 @@ def routes(settings: Settings) -> list[BaseRoute]:
             "/v1/ops/summary",
             summary,
             methods=["GET"],
-            summary="The operator dashboard's figures: MRR by month, token flow, parked events",
+            summary="The operator dashboard's figures: revenue and MRR by month, token flow, "
+            "parked events",
             query=SummaryQuery,
             security="operatorToken",
             tag="operator",
