@@ -8246,8 +8246,8 @@ $$;
 
 comment on function public.usage_summary(uuid, timestamptz, timestamptz, text) is
 'A user''s usage from p_from (inclusive; null: this calendar month, UTC) to p_to (exclusive; '
-'null: open): quantity, tokens and record count per meter, and per value of the dimension p_group_by when given. Security invoker: '
-'service_role reads the records itself.';
+'null: open): quantity, tokens and record count per meter, and per value of the dimension '
+'p_group_by when given. Security invoker: service_role reads the records itself.';
 
 revoke all on function public.usage_summary(uuid, timestamptz, timestamptz, text) from public, anon, authenticated;
 grant execute on function public.usage_summary(uuid, timestamptz, timestamptz, text) to service_role;
