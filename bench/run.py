@@ -184,6 +184,8 @@ def round_groups(with_stripe: bool) -> list[list[Job]]:
                     per_txn=BATCH_SETTLE_SIZE,
                 ),
                 Job("add_tokens/8", "add_tokens", 8, ledger=True),
+                Job("record_usage_unit/8", "record_usage_unit", 8, ledger=True),
+                Job("record_usage_tiered/8", "record_usage_tiered", 8, ledger=True),
             ]
             if with_stripe:
                 group.append(Job("stripe/8", "stripe_event", 8))
@@ -329,6 +331,28 @@ def throughput_rows(runs: dict[str, list[Run]], with_stripe: bool) -> list[Row]:
             tps(runs, "add_tokens/8"),
             "deduct_tokens",
             tps(runs, "deduct/8"),
+        ),
+        # Issue 16: at most 1.3x (per unit) and 1.5x (graduated, 4 tiers) the cost of a deduct,
+        # i.e. at least 1/1.3 and 1/1.5 of its throughput.
+        Row(
+            "record_usage, 1 item, per-unit price, vs deduct_tokens",
+            "8",
+            "tps",
+            tps(runs, "record_usage_unit/8"),
+            "deduct_tokens",
+            tps(runs, "deduct/8"),
+            ">=",
+            round(1 / 1.3, 2),
+        ),
+        Row(
+            "record_usage, 1 item, graduated price with 4 tiers, vs deduct_tokens",
+            "8",
+            "tps",
+            tps(runs, "record_usage_tiered/8"),
+            "deduct_tokens",
+            tps(runs, "deduct/8"),
+            ">=",
+            round(1 / 1.5, 2),
         ),
     ]
     if with_stripe:

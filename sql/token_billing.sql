@@ -56,6 +56,9 @@
 --   20261202200140_stripe_refunds_disputes_v2.sql
 --   20261202200150_stripe_dispatch_v2.sql
 --   20261202300000_installed_migrations.sql
+--   20261202500000_rate_cards.sql
+--   20261202500100_record_usage.sql
+--   20261202500200_api_keys.sql
 --   20261202600000_stripe_reconcile.sql
 --   20261202600100_operator_reads.sql
 --   20261202600200_mrr.sql
@@ -96,6 +99,9 @@ declare
     '20261202200140',
     '20261202200150',
     '20261202300000',
+    '20261202500000',
+    '20261202500100',
+    '20261202500200',
     '20261202600000',
     '20261202600100',
     '20261202600200',
@@ -124,6 +130,15 @@ declare
     'public.record_checkout_session(jsonb)',
     'public.record_payment_intent(jsonb)',
     'public.installed_migrations()',
+    'public.quote_usage(uuid, jsonb, timestamptz)',
+    'public.usage_summary(uuid, timestamptz, timestamptz, text)',
+    'public.my_usage(timestamptz, timestamptz, text)',
+    'public.record_usage(uuid, jsonb, text, uuid)',
+    'public.create_api_key(uuid, text, text[], timestamptz, text)',
+    'public.list_api_keys(uuid)',
+    'public.revoke_api_key(uuid, uuid)',
+    'public.authenticate_api_key(text, timestamptz)',
+    'public.touch_api_key(uuid)',
     'public.stripe_events_unknown(jsonb)',
     'public.stripe_credit_drift(jsonb)',
     'public.describe_user(text)',
@@ -156,6 +171,15 @@ declare
     'record_checkout_session',
     'record_payment_intent',
     'installed_migrations',
+    'quote_usage',
+    'usage_summary',
+    'my_usage',
+    'record_usage',
+    'create_api_key',
+    'list_api_keys',
+    'revoke_api_key',
+    'authenticate_api_key',
+    'touch_api_key',
     'stripe_events_unknown',
     'stripe_credit_drift',
     'describe_user',
@@ -7546,6 +7570,1151 @@ grant execute on function public.installed_migrations() to service_role;
 
 insert into billing.schema_migrations (version, name) values ('20261202300000', 'installed_migrations');
 $tb_migration_20261202300000$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202500000_rate_cards.sql
+  if v_installed is null or '20261202500000' <> all(v_installed) then
+    execute $tb_migration_20261202500000$
+-- Migration: rate cards: meters, versioned prices, customer terms, and the usage records.
+--
+-- Purpose: turn what an agent used (model tokens, runs, reports) into our tokens in one place,
+-- so no caller writes pricing code. A meter names a usage dimension with a unit; a price of a
+-- meter converts its quantity to tokens with one of Stripe's billing schemes (per_unit,
+-- package = transform_quantity, graduated and volume tiers), integers only, every rounding
+-- stated on the price. Prices are versions: a new price is a new row with a later
+-- effective_from, never an edit (trigger), and each usage record keeps the version it was
+-- charged at. Customer terms give one user a percent discount or an override price for a while.
+-- Objects: billing.meters, billing.prices (+ append-only trigger), billing.customer_terms,
+--   billing.usage_records (+ append-only trigger), billing.usage_totals,
+--   billing.price_items(), public.quote_usage(), public.usage_summary(),
+--   public.my_usage().
+--
+-- How an item is priced (billing.price_items):
+--   1. The price: the user's valid customer term for the meter (or for every meter) picks an
+--      override price or a percent discount; otherwise the list price of the meter for the
+--      item's value of the meter's dimension (e.g. model = gpt-4o), else its default ('*'),
+--      the version with the latest effective_from at or before the time of pricing.
+--   2. F(q), the tokens of a quantity q under the price, rounded once as the price says
+--      (rounding up or down, of a division by unit_divisor, or of q / package_size):
+--        per_unit   round(q * unit_amount / unit_divisor)
+--        package    round(q / package_size) * unit_amount
+--        graduated  round(sum over tiers of units_in_tier * unit_amount / unit_divisor)
+--                   + the flat_amount of every tier reached
+--        volume     round(q * unit_amount_t / unit_divisor) + flat_amount_t, t = q's tier
+--   3. Accumulating prices (graduated, and per_unit or package whose rounding makes small
+--      calls cost more than their share: unit_divisor > 1 or package_size > 1) charge
+--      D(F(c + q)) - D(F(c)), c = the quantity already used in the user's billing period for
+--      the same meter and dimension value (earlier items of the same call included; kept as a
+--      running total in billing.usage_totals, so a call reads one row, not the period). The
+--      charges of a period then add up to exactly D(F(total)), however the total was split
+--      into calls. Other prices (and volume tiers, which are by the item's own quantity)
+--      charge D(F(q)).
+--   4. D(x) = x - floor(x * percent_off / 100): the discount is rounded down (whole tokens off).
+--   5. A minimum charge (minimum_tokens) applies per item with a quantity above zero, after
+--      the discount; it is the one rule that makes a split cost more than the whole.
+--
+-- The billing period of the user's plan: the current period of the user's live Stripe
+-- subscription (billing.subscriptions), else the calendar month (UTC) of the time of pricing.
+
+-- Meters -----------------------------------------------------------------------------------------
+
+create table billing.meters (
+  code text primary key,
+  unit text not null,
+  description text,
+  dimension text,
+  created_at timestamptz not null default now(),
+  constraint meters_code_format check (code ~ '^[a-z0-9_.:-]{1,64}$'),
+  constraint meters_unit_present check (length(unit) between 1 and 64),
+  constraint meters_dimension_format check (dimension ~ '^[a-z0-9_]{1,64}$')
+);
+
+comment on table billing.meters is
+'What usage is measured in: one row per usage dimension (llm.input_tokens, agent.run, ...). '
+'Edited by the host (owner); items name a meter by code.';
+comment on column billing.meters.code is 'Stable meter name used in usage items, e.g. llm.input_tokens.';
+comment on column billing.meters.unit is 'The unit of a quantity, e.g. token, run, report.';
+comment on column billing.meters.description is 'For people.';
+comment on column billing.meters.dimension is
+'The item dimension (a key of its dimensions object, e.g. model) whose value selects the price; '
+'null: one price for the whole meter.';
+comment on column billing.meters.created_at is 'When the meter was created.';
+
+alter table billing.meters enable row level security;
+
+-- The catalog is not secret: signed-in users read the meters (their usage summary names them).
+create policy meters_select_all on billing.meters
+for select to authenticated
+using (true);
+
+revoke all on billing.meters from public, anon, authenticated, service_role;
+grant select on billing.meters to authenticated, service_role;
+
+-- Prices -----------------------------------------------------------------------------------------
+
+-- The rules of a price row in one function, for the reason given at
+-- billing.ledger_entry_is_valid (a CHECK is parsed again by every statement writing the table).
+create function billing.price_is_valid(
+  p_scheme text,
+  p_unit_amount bigint,
+  p_unit_divisor bigint,
+  p_package_size bigint,
+  p_rounding text,
+  p_tiers jsonb,
+  p_minimum_tokens bigint
+) returns boolean
+language plpgsql immutable
+set search_path = ''
+as $$
+declare
+  v_tier jsonb;
+  v_last numeric := 0;
+  v_count int;
+  v_index int := 0;
+begin
+  if p_scheme is null or p_rounding not in ('up', 'down') or p_unit_divisor is null
+    or p_unit_divisor < 1 or p_unit_divisor > 1000000000 or p_package_size is null
+    or p_package_size < 1 or p_minimum_tokens is null or p_minimum_tokens < 0 then
+    return false;
+  end if;
+  if p_scheme = 'per_unit' then
+    return p_unit_amount between 0 and 1000000000 and p_package_size = 1 and p_tiers is null;
+  elsif p_scheme = 'package' then
+    return p_unit_amount between 0 and 1000000000 and p_unit_divisor = 1 and p_tiers is null;
+  elsif p_scheme not in ('graduated', 'volume') then
+    return false;
+  end if;
+  -- Tiers: a non-empty array of {up_to, unit_amount, flat_amount?}, up_to increasing, the last
+  -- one null (no upper bound); amounts whole tokens, not negative.
+  if p_unit_amount is not null or p_package_size <> 1 or jsonb_typeof(p_tiers) is distinct from 'array' then
+    return false;
+  end if;
+  v_count := jsonb_array_length(p_tiers);
+  if v_count = 0 or v_count > 32 then
+    return false;
+  end if;
+  for v_tier in select value from jsonb_array_elements(p_tiers) loop
+    v_index := v_index + 1;
+    if jsonb_typeof(v_tier) <> 'object'
+      or jsonb_typeof(v_tier -> 'unit_amount') is distinct from 'number'
+      or (v_tier ->> 'unit_amount')::numeric not between 0 and 1000000000
+      or (v_tier ->> 'unit_amount')::numeric <> trunc((v_tier ->> 'unit_amount')::numeric)
+      or (v_tier ? 'flat_amount' and (
+        jsonb_typeof(v_tier -> 'flat_amount') <> 'number'
+        or (v_tier ->> 'flat_amount')::numeric not between 0 and 1000000000
+        or (v_tier ->> 'flat_amount')::numeric <> trunc((v_tier ->> 'flat_amount')::numeric))) then
+      return false;
+    end if;
+    if v_index = v_count then
+      if coalesce(jsonb_typeof(v_tier -> 'up_to'), 'null') <> 'null' then
+        return false;
+      end if;
+    elsif jsonb_typeof(v_tier -> 'up_to') is distinct from 'number'
+      or (v_tier ->> 'up_to')::numeric <= v_last
+      or (v_tier ->> 'up_to')::numeric <> trunc((v_tier ->> 'up_to')::numeric)
+      or (v_tier ->> 'up_to')::numeric > 1000000000000 then
+      return false;
+    else
+      v_last := (v_tier ->> 'up_to')::numeric;
+    end if;
+  end loop;
+  return true;
+end;
+$$;
+
+comment on function billing.price_is_valid(text, bigint, bigint, bigint, text, jsonb, bigint) is
+'CHECK of billing.prices: per_unit (unit_amount, unit_divisor), package (unit_amount per '
+'package_size units), graduated or volume (tiers: up_to increasing, the last null); rounding up '
+'or down; whole, non-negative token amounts.';
+
+revoke all on function billing.price_is_valid(text, bigint, bigint, bigint, text, jsonb, bigint) from public;
+
+create table billing.prices (
+  id bigint generated always as identity primary key,
+  meter_code text not null references billing.meters (code),
+  dimension_value text not null default '*',
+  custom boolean not null default false,
+  scheme text not null,
+  unit_amount bigint,
+  unit_divisor bigint not null default 1,
+  package_size bigint not null default 1,
+  rounding text not null default 'up',
+  tiers jsonb,
+  minimum_tokens bigint not null default 0,
+  effective_from timestamptz not null default now(),
+  description text,
+  created_at timestamptz not null default now(),
+  constraint prices_valid check (
+    billing.price_is_valid(scheme, unit_amount, unit_divisor, package_size, rounding, tiers, minimum_tokens)
+  ),
+  constraint prices_dimension_value_present check (length(dimension_value) between 1 and 200),
+  constraint prices_custom_for_all_values check (not custom or dimension_value = '*')
+);
+
+-- The lookup of billing.price_items: the newest version of a list price at a time.
+create index prices_lookup_idx on billing.prices (meter_code, dimension_value, effective_from desc, id desc)
+where not custom;
+
+comment on table billing.prices is
+'Price versions: each row converts a meter''s quantity to tokens from effective_from on, until '
+'a later version of the same meter and dimension value. Rows are never changed (trigger): a new '
+'price is a new version, so history is never rewritten. Integer arithmetic, rounding stated.';
+comment on column billing.prices.id is 'The price version; usage records keep it.';
+comment on column billing.prices.meter_code is 'The meter this price is for.';
+comment on column billing.prices.dimension_value is
+'The value of the meter''s dimension this price is for (e.g. gpt-4o), or * for the default.';
+comment on column billing.prices.custom is
+'An override price of customer terms only, never a list price (applies to every dimension value).';
+comment on column billing.prices.scheme is
+'per_unit, package (Stripe''s transform_quantity), graduated or volume (Stripe''s tiered modes).';
+comment on column billing.prices.unit_amount is
+'Tokens per unit (per_unit, divided by unit_divisor) or per package (package); null for tiers.';
+comment on column billing.prices.unit_divisor is
+'Divides the amounts of per_unit and tiered prices: 25 / 10000 is 2.5 tokens per 1K units. '
+'The division is rounded once, as rounding says.';
+comment on column billing.prices.package_size is 'package: units per package (e.g. 1000).';
+comment on column billing.prices.rounding is
+'up or down: how the division (by unit_divisor or package_size) rounds to whole tokens/packages.';
+comment on column billing.prices.tiers is
+'graduated/volume: [{"up_to": n | null, "unit_amount": a, "flat_amount": f?}], up_to increasing, '
+'the last null.';
+comment on column billing.prices.minimum_tokens is
+'The least an item with a quantity above zero costs, after any discount (0: none).';
+comment on column billing.prices.effective_from is 'When this version starts to apply.';
+comment on column billing.prices.description is 'For people.';
+comment on column billing.prices.created_at is 'When the version was written.';
+
+create function billing.tg_prices__refuse_change() returns trigger
+language plpgsql
+set search_path = ''
+as $$
+begin
+  raise exception using
+    errcode = 'TBAPP',
+    message = format('billing.prices is append-only: %s of price %s refused', tg_op, old.id),
+    hint = 'Insert a new version with a later effective_from; usage records keep the version they used.';
+end;
+$$;
+
+comment on function billing.tg_prices__refuse_change() is
+'Trigger: refuses every update and delete of a price version, for every role.';
+
+revoke all on function billing.tg_prices__refuse_change() from public;
+
+create trigger tg_prices__10_refuse_change
+before update or delete on billing.prices
+for each row execute function billing.tg_prices__refuse_change();
+
+alter table billing.prices enable row level security;
+
+-- List prices are public knowledge; custom prices are one customer's terms (service role only).
+create policy prices_select_list on billing.prices
+for select to authenticated
+using (not custom);
+
+revoke all on billing.prices from public, anon, authenticated, service_role;
+grant select on billing.prices to authenticated, service_role;
+
+-- Customer terms ---------------------------------------------------------------------------------
+
+create table billing.customer_terms (
+  id bigint generated always as identity primary key,
+  user_id uuid not null references billing.accounts (user_id),
+  meter_code text references billing.meters (code),
+  percent_off integer,
+  override_price_id bigint references billing.prices (id),
+  valid_from timestamptz not null default now(),
+  valid_until timestamptz,
+  description text,
+  created_at timestamptz not null default now(),
+  constraint customer_terms_one_kind check (
+    (percent_off between 1 and 100 and override_price_id is null)
+    or (percent_off is null and override_price_id is not null and meter_code is not null)
+  ),
+  constraint customer_terms_valid_ordered check (valid_until > valid_from)
+);
+
+create index customer_terms_user_id_idx on billing.customer_terms (user_id, valid_from desc);
+
+comment on table billing.customer_terms is
+'A user''s own terms, valid from valid_from until valid_until: a percent discount (on one meter '
+'or, with meter_code null, on all) or an override price (custom) for one meter. When several '
+'apply, the one for the meter wins over the one for all meters, then the latest valid_from.';
+comment on column billing.customer_terms.id is 'Term id.';
+comment on column billing.customer_terms.user_id is 'The customer.';
+comment on column billing.customer_terms.meter_code is 'The meter the term is for; null: every meter (discounts only).';
+comment on column billing.customer_terms.percent_off is
+'1..100: the discount, D(x) = x - floor(x * percent_off / 100) (rounded down).';
+comment on column billing.customer_terms.override_price_id is
+'A custom price used instead of the list price of the meter, for every dimension value.';
+comment on column billing.customer_terms.valid_from is 'Start of validity (inclusive).';
+comment on column billing.customer_terms.valid_until is 'End of validity (exclusive); null: open.';
+comment on column billing.customer_terms.description is 'For people (the deal, the contract).';
+comment on column billing.customer_terms.created_at is 'When the term was written.';
+
+alter table billing.customer_terms enable row level security;
+-- No policy: service role only (one customer's deal is not for other readers).
+revoke all on billing.customer_terms from public, anon, authenticated, service_role;
+grant select on billing.customer_terms to service_role;
+
+-- Usage records ----------------------------------------------------------------------------------
+
+create table billing.usage_records (
+  id bigint generated always as identity primary key,
+  user_id uuid not null,
+  idempotency_key text not null,
+  line smallint not null,
+  meter_code text not null,
+  quantity bigint not null,
+  dimensions jsonb not null default '{}',
+  dimension_value text not null,
+  -- No foreign key: record_usage writes the id of the price it has just read, and prices are
+  -- never deleted (trigger); a foreign key would add a query per record to the hot path.
+  price_id bigint not null,
+  percent_off integer,
+  tokens bigint not null,
+  entry_id bigint,
+  reservation_id uuid,
+  created_at timestamptz not null default now(),
+  constraint usage_records_key_line_unique unique (idempotency_key, line),
+  constraint usage_records_amounts check (quantity >= 0 and tokens >= 0 and line >= 1)
+);
+
+-- Summaries per user and period.
+create index usage_records_user_created_idx on billing.usage_records (user_id, created_at);
+
+comment on table billing.usage_records is
+'Append-only: one row per usage item recorded by record_usage, with the meter, quantity, '
+'dimensions, the price version and customer discount it was priced with, the tokens it was '
+'priced at and the ledger entry that charged the call (null when the call cost nothing).';
+comment on column billing.usage_records.id is 'Record id, in the order usage was recorded.';
+comment on column billing.usage_records.user_id is 'Whose usage.';
+comment on column billing.usage_records.idempotency_key is
+'The record_usage call''s key (also the key of its ledger entry when it charged as a deduct).';
+comment on column billing.usage_records.line is 'The item''s position in the call, from 1.';
+comment on column billing.usage_records.meter_code is 'The meter.';
+comment on column billing.usage_records.quantity is 'How much, in the meter''s unit.';
+comment on column billing.usage_records.dimensions is 'The item''s dimensions as sent (e.g. {"model": "gpt-4o"}).';
+comment on column billing.usage_records.dimension_value is
+'The value of the meter''s dimension (empty when the meter has none): tiers accumulate per value.';
+comment on column billing.usage_records.price_id is 'The price version the item was priced at.';
+comment on column billing.usage_records.percent_off is 'The customer discount applied, if any.';
+comment on column billing.usage_records.tokens is
+'Tokens the item was priced at; their sum over the call is what was charged (a partial '
+'settlement charged less: its ledger entry says what).';
+comment on column billing.usage_records.entry_id is 'The ledger entry that charged the call.';
+comment on column billing.usage_records.reservation_id is 'The hold the call settled, if any.';
+comment on column billing.usage_records.created_at is 'When the usage was recorded; it counts in that period.';
+
+create function billing.tg_usage_records__refuse_change() returns trigger
+language plpgsql
+set search_path = ''
+as $$
+begin
+  raise exception using
+    errcode = 'TBAPP',
+    message = format('billing.usage_records is append-only: %s refused', tg_op);
+end;
+$$;
+
+comment on function billing.tg_usage_records__refuse_change() is
+'Trigger: refuses every update, delete and truncate of usage records, for every role.';
+
+revoke all on function billing.tg_usage_records__refuse_change() from public;
+
+create trigger tg_usage_records__10_refuse_change
+before update or delete on billing.usage_records
+for each row execute function billing.tg_usage_records__refuse_change();
+
+create trigger tg_usage_records__11_refuse_truncate
+before truncate on billing.usage_records
+for each statement execute function billing.tg_usage_records__refuse_change();
+
+alter table billing.usage_records enable row level security;
+
+create policy usage_records_select_own on billing.usage_records
+for select to authenticated
+using (user_id = (select auth.uid()));
+
+revoke all on billing.usage_records from public, anon, authenticated, service_role;
+grant select on billing.usage_records to authenticated, service_role;
+
+-- The running totals graduated and rounded prices read: one row per user, meter, dimension value
+-- and billing period, so pricing a call reads one row however many calls the period had.
+create table billing.usage_totals (
+  user_id uuid not null,
+  meter_code text not null,
+  dimension_value text not null,
+  period_start timestamptz not null,
+  quantity bigint not null,
+  constraint usage_totals_pkey primary key (user_id, meter_code, dimension_value, period_start),
+  constraint usage_totals_quantity_not_negative check (quantity >= 0)
+);
+
+comment on table billing.usage_totals is
+'Per user, meter, dimension value and billing period: the quantity recorded by accumulating '
+'prices (graduated, or rounded per period). Written by record_usage in the transaction that '
+'writes the usage records, under the account lock: it always equals their sum.';
+comment on column billing.usage_totals.user_id is 'Whose usage.';
+comment on column billing.usage_totals.meter_code is 'The meter.';
+comment on column billing.usage_totals.dimension_value is 'The value of the meter''s dimension (or empty).';
+comment on column billing.usage_totals.period_start is 'Start of the billing period it counts.';
+comment on column billing.usage_totals.quantity is 'The period''s quantity so far.';
+
+alter table billing.usage_totals enable row level security;
+-- No policy: service role only (users read their usage through usage_records).
+revoke all on billing.usage_totals from public, anon, authenticated, service_role;
+grant select on billing.usage_totals to service_role;
+
+-- Pricing ----------------------------------------------------------------------------------------
+
+create function billing.price_items(
+  p_user_id uuid,
+  p_items jsonb,
+  p_as_of timestamptz,
+  out meter_codes text[],
+  out quantities bigint[],
+  out dimensions jsonb[],
+  out dimension_values text[],
+  out price_ids bigint[],
+  out percents_off integer[],
+  out tokens bigint[],
+  out accumulates boolean[],
+  out period_start timestamptz
+)
+language plpgsql stable
+set search_path = ''
+as $$
+declare
+  v_item jsonb;
+  v_dimensions jsonb;
+  v_dimension record;
+  v_value text;
+  v_found record;
+  v_price billing.prices;
+  v_used numeric;
+  v_before numeric;
+  v_after numeric;
+  v_charge numeric;
+  -- Quantities of earlier items of this call, per meter and dimension value.
+  v_in_call jsonb := '{}'::jsonb;
+  v_key text;
+  -- F at each quantity asked for (the period's total before and after, or the item's own).
+  v_quantities numeric [];
+  v_rated numeric [];
+  v_q numeric;
+  v_tier jsonb;
+  v_lower numeric;
+  v_upper numeric;
+  v_units numeric;
+  v_flat numeric;
+  v_in_tier numeric;
+  v_f numeric;
+begin
+  if p_items is null or jsonb_typeof(p_items) <> 'array' or jsonb_array_length(p_items) = 0
+    or jsonb_array_length(p_items) > 100 then
+    raise exception using
+      errcode = '22023',
+      message = 'p_items must be a JSON array of 1 to 100 items {meter, quantity, dimensions}';
+  end if;
+  for i in 0 .. jsonb_array_length(p_items) - 1 loop
+    v_item := p_items -> i;
+    if jsonb_typeof(v_item) is distinct from 'object'
+      or jsonb_typeof(v_item -> 'meter') is distinct from 'string'
+      or jsonb_typeof(v_item -> 'quantity') is distinct from 'number'
+      or (v_item ->> 'quantity')::numeric <> trunc((v_item ->> 'quantity')::numeric)
+      or (v_item ->> 'quantity')::numeric not between 0 and 1000000000000
+      or coalesce(jsonb_typeof(v_item -> 'dimensions'), 'object') not in ('object', 'null') then
+      raise exception using
+        errcode = '22023',
+        message = format(
+          'p_items[%s] must be {"meter": text, "quantity": an integer 0..10^12, "dimensions": {...}}', i);
+    end if;
+    v_dimensions := coalesce(nullif(v_item -> 'dimensions', 'null'), '{}');
+    if v_dimensions <> '{}' then
+      for v_dimension in select * from jsonb_each(v_dimensions) loop
+        if jsonb_typeof(v_dimension.value) <> 'string' or length(v_dimension.value #>> '{}') > 200
+          or length(v_dimension.key) > 64 then
+          raise exception using
+            errcode = '22023',
+            message = format('p_items[%s].dimensions.%s must be a text of at most 200 characters',
+              i, left(v_dimension.key, 64));
+        end if;
+      end loop;
+    end if;
+
+    -- One query: the meter, the user's term for it, and the price (override or list version).
+    select
+      m.code, coalesce(v_dimensions ->> m.dimension, '') as dimension_value, m.dimension,
+      t.percent_off, t.override_price_id, coalesce(o, l.price) as price
+    into v_found
+    from billing.meters as m
+    left join lateral (
+      select ct.percent_off, ct.override_price_id
+      from billing.customer_terms as ct
+      where ct.user_id = p_user_id
+        and (ct.meter_code = m.code or ct.meter_code is null)
+        and ct.valid_from <= p_as_of and (ct.valid_until is null or p_as_of < ct.valid_until)
+      order by ct.meter_code is null, ct.valid_from desc, ct.id desc
+      limit 1
+    ) as t on true
+    left join billing.prices as o on o.id = t.override_price_id
+    left join lateral (
+      select lp as price
+      from billing.prices as lp
+      where t.override_price_id is null and lp.meter_code = m.code and not lp.custom
+        and lp.dimension_value in (coalesce(v_dimensions ->> m.dimension, ''), '*')
+        and lp.effective_from <= p_as_of
+      order by lp.dimension_value = '*', lp.effective_from desc, lp.id desc
+      limit 1
+    ) as l on true
+    where m.code = v_item ->> 'meter';
+    if v_found.code is null then
+      raise exception using
+        errcode = '22023',
+        message = format('p_items[%s].meter: unknown meter %L', i, v_item ->> 'meter');
+    end if;
+    v_price := v_found.price;
+    v_value := v_found.dimension_value;
+    if v_price.id is null then
+      raise exception using
+        errcode = 'TBPRC',
+        message = format('meter %s has no price for %s at %s', v_found.code,
+          coalesce(v_found.dimension || ' = ' || quote_literal(v_value), 'its usage'), p_as_of);
+    end if;
+
+    if v_price.scheme = 'graduated' or v_price.unit_divisor > 1 or v_price.package_size > 1 then
+      -- Accumulating: what this period used before, so the call pays its share of F exactly.
+      if period_start is null then
+        select coalesce(s.current_period_start, date_trunc('month', p_as_of, 'UTC')) into period_start
+        from (select 1) as one
+        left join lateral (
+          select sub.current_period_start
+          from billing.subscriptions as sub
+          where sub.user_id = p_user_id
+            and sub.status in ('active', 'trialing', 'past_due')
+            and sub.current_period_start <= p_as_of and p_as_of < sub.current_period_end
+          order by sub.current_period_start desc
+          limit 1
+        ) as s on true;
+      end if;
+      v_key := v_found.code || '/' || v_value;
+      select coalesce(max(t.quantity), 0) into v_used
+      from billing.usage_totals as t
+      where t.user_id = p_user_id and t.meter_code = v_found.code and t.dimension_value = v_value
+        and t.period_start = price_items.period_start;
+      accumulates := accumulates || true;
+      v_before := v_used + coalesce((v_in_call ->> v_key)::numeric, 0);
+      v_after := v_before + (v_item ->> 'quantity')::numeric;
+      v_in_call := v_in_call || jsonb_build_object(v_key, v_after - v_used);
+      v_quantities := array[v_before, v_after];
+    else
+      accumulates := accumulates || false;
+      v_quantities := array[(v_item ->> 'quantity')::numeric];
+    end if;
+
+    -- F(q) for each quantity: expressions only (no query, no function call) on the hot path.
+    -- Every division rounds as the price says: up is div(n + d - 1, d), down is div(n, d).
+    v_rated := '{}';
+    foreach v_q in array v_quantities loop
+      if v_q <= 0 then
+        v_f := 0;
+      elsif v_price.scheme = 'per_unit' then
+        v_f := case when v_price.rounding = 'down' then div(v_q * v_price.unit_amount, v_price.unit_divisor)
+          else div(v_q * v_price.unit_amount + v_price.unit_divisor - 1, v_price.unit_divisor) end;
+      elsif v_price.scheme = 'package' then
+        v_f := v_price.unit_amount * case when v_price.rounding = 'down' then div(v_q, v_price.package_size)
+          else div(v_q + v_price.package_size - 1, v_price.package_size) end;
+      else
+        v_lower := 0;
+        v_units := 0;
+        v_flat := 0;
+        for t in 0 .. jsonb_array_length(v_price.tiers) - 1 loop
+          v_tier := v_price.tiers -> t;
+          v_upper := (v_tier ->> 'up_to')::numeric;
+          if v_price.scheme = 'volume' then
+            -- The tier the whole quantity falls in prices every unit.
+            if v_upper is null or v_upper >= v_q then
+              v_units := v_q * (v_tier ->> 'unit_amount')::numeric;
+              v_flat := coalesce((v_tier ->> 'flat_amount')::numeric, 0);
+              exit;
+            end if;
+          else
+            -- graduated: each tier's rate for the units inside it, its flat amount once reached.
+            v_in_tier := least(v_q, coalesce(v_upper, v_q)) - v_lower;
+            exit when v_in_tier <= 0;
+            v_units := v_units + v_in_tier * (v_tier ->> 'unit_amount')::numeric;
+            v_flat := v_flat + coalesce((v_tier ->> 'flat_amount')::numeric, 0);
+            v_lower := v_upper;
+            exit when v_upper is null;
+          end if;
+        end loop;
+        v_f := v_flat + case when v_price.rounding = 'down' then div(v_units, v_price.unit_divisor)
+          else div(v_units + v_price.unit_divisor - 1, v_price.unit_divisor) end;
+      end if;
+      -- D(x): the discount, rounded down.
+      if v_found.percent_off is not null then
+        v_f := v_f - div(v_f * v_found.percent_off, 100);
+      end if;
+      v_rated := v_rated || v_f;
+    end loop;
+    v_charge := v_rated[cardinality(v_rated)] - case when cardinality(v_rated) = 2 then v_rated[1] else 0 end;
+    if (v_item ->> 'quantity')::bigint > 0 then
+      v_charge := greatest(v_charge, v_price.minimum_tokens);
+    end if;
+
+    meter_codes := meter_codes || v_found.code;
+    quantities := quantities || (v_item ->> 'quantity')::bigint;
+    dimensions := dimensions || v_dimensions;
+    dimension_values := dimension_values || v_value;
+    price_ids := price_ids || v_price.id;
+    percents_off := percents_off || v_found.percent_off;
+    tokens := tokens || v_charge::bigint;
+  end loop;
+end;
+$$;
+
+comment on function billing.price_items(uuid, jsonb, timestamptz) is
+'Prices each usage item for a user at a time (price version, customer term, period '
+'accumulation; see the migration header), as arrays in item order. Raises 22023 on a bad item '
+'(naming it) or an unknown meter, TBPRC when a meter has no price. Reads only; record_usage '
+'calls it under the account lock.';
+
+revoke all on function billing.price_items(uuid, jsonb, timestamptz) from public;
+
+-- The public RPCs --------------------------------------------------------------------------------
+
+create function public.quote_usage(p_user_id uuid, p_items jsonb, p_as_of timestamptz default now())
+returns table (tokens bigint, items jsonb)
+language sql stable
+-- Definer: it calls the private billing.price_items, which no API role may execute.
+security definer
+set search_path = ''
+as $$
+  select
+    (select sum(t)::bigint from unnest(p.tokens) as t),
+    (
+      select jsonb_agg(jsonb_build_object(
+        'meter', u.meter, 'quantity', u.quantity, 'dimensions', u.dimensions,
+        'price_id', u.price_id, 'percent_off', u.percent_off, 'tokens', u.tokens
+      ) order by u.line)
+      from unnest(p.meter_codes, p.quantities, p.dimensions, p.price_ids, p.percents_off, p.tokens)
+        with ordinality as u (meter, quantity, dimensions, price_id, percent_off, tokens, line)
+    )
+  from billing.price_items(p_user_id, p_items, coalesce(p_as_of, now())) as p
+$$;
+
+comment on function public.quote_usage(uuid, jsonb, timestamptz) is
+'The price of usage items for a user without charging (an estimate for a hold): total tokens '
+'and one object per item (meter, quantity, dimensions, price_id, percent_off, tokens). Counts '
+'the period''s usage so far for graduated prices. 22023 on bad items, TBPRC without a price.';
+
+revoke all on function public.quote_usage(uuid, jsonb, timestamptz) from public, anon, authenticated;
+grant execute on function public.quote_usage(uuid, jsonb, timestamptz) to service_role;
+
+create function public.usage_summary(
+  p_user_id uuid,
+  p_from timestamptz default null,
+  p_to timestamptz default null,
+  p_group_by text default null
+)
+returns table (meter text, unit text, dimension text, quantity bigint, tokens bigint, records bigint)
+language plpgsql stable
+security invoker
+set search_path = ''
+as $$
+begin
+  if p_to <= p_from then
+    raise exception using errcode = '22023', message = 'p_from must be before p_to';
+  end if;
+  if p_group_by is not null and p_group_by !~ '^[a-z0-9_]{1,64}$' then
+    raise exception using errcode = '22023', message = 'p_group_by must be a dimension name ([a-z0-9_], 1..64)';
+  end if;
+  return query
+  select r.meter_code, m.unit, r.dimensions ->> p_group_by, sum(r.quantity)::bigint,
+    sum(r.tokens)::bigint, count(*)
+  from billing.usage_records as r
+  inner join billing.meters as m on r.meter_code = m.code
+  where r.user_id = p_user_id
+    and r.created_at >= coalesce(p_from, date_trunc('month', now(), 'UTC'))
+    and r.created_at < coalesce(p_to, 'infinity')
+  group by r.meter_code, m.unit, r.dimensions ->> p_group_by
+  order by r.meter_code, 3 nulls first;
+end;
+$$;
+
+comment on function public.usage_summary(uuid, timestamptz, timestamptz, text) is
+'A user''s usage from p_from (inclusive; null: this calendar month, UTC) to p_to (exclusive; '
+'null: open): quantity, tokens and record count per meter, and per value of the dimension '
+'p_group_by when given. Security invoker: service_role reads the records itself.';
+
+revoke all on function public.usage_summary(uuid, timestamptz, timestamptz, text) from public, anon, authenticated;
+grant execute on function public.usage_summary(uuid, timestamptz, timestamptz, text) to service_role;
+
+create function public.my_usage(
+  p_from timestamptz default null, p_to timestamptz default null, p_group_by text default null
+)
+returns table (meter text, unit text, dimension text, quantity bigint, tokens bigint, records bigint)
+language plpgsql stable
+security invoker
+set search_path = ''
+as $$
+begin
+  if p_to <= p_from then
+    raise exception using errcode = '22023', message = 'p_from must be before p_to';
+  end if;
+  if p_group_by is not null and p_group_by !~ '^[a-z0-9_]{1,64}$' then
+    raise exception using errcode = '22023', message = 'p_group_by must be a dimension name ([a-z0-9_], 1..64)';
+  end if;
+  -- RLS keeps the records to the caller's own; the filter lets the index do the work.
+  return query
+  select r.meter_code, m.unit, r.dimensions ->> p_group_by, sum(r.quantity)::bigint,
+    sum(r.tokens)::bigint, count(*)
+  from billing.usage_records as r
+  inner join billing.meters as m on r.meter_code = m.code
+  where r.user_id = (select auth.uid())
+    and r.created_at >= coalesce(p_from, date_trunc('month', now(), 'UTC'))
+    and r.created_at < coalesce(p_to, 'infinity')
+  group by r.meter_code, m.unit, r.dimensions ->> p_group_by
+  order by r.meter_code, 3 nulls first;
+end;
+$$;
+
+comment on function public.my_usage(timestamptz, timestamptz, text) is
+'The signed-in user''s own usage summary (as usage_summary), read through RLS: security '
+'invoker, for authenticated.';
+
+revoke all on function public.my_usage(timestamptz, timestamptz, text) from public, anon;
+grant execute on function public.my_usage(timestamptz, timestamptz, text) to authenticated;
+
+insert into billing.schema_migrations (version, name) values ('20261202500000', 'rate_cards');
+$tb_migration_20261202500000$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202500100_record_usage.sql
+  if v_installed is null or '20261202500100' <> all(v_installed) then
+    execute $tb_migration_20261202500100$
+-- Migration: record_usage: price usage items and charge them in one transaction.
+--
+-- Purpose: an agent backend sends what a model call used ({meter, quantity, dimensions} items)
+-- and gets it priced (billing.price_items) and charged at once: from a pending hold, which it
+-- settles (overrun as settle_reservation says), or as a deduct. One usage record per item
+-- keeps the price version and the ledger entry. The charge is made by public.deduct_tokens or
+-- public.settle_reservation / public.release_reservation themselves, so their rules (never
+-- below available, overrun capped, a hold resolves once) hold here unchanged.
+-- Objects: public.record_usage().
+--
+-- Lock order: the reservation (when a hold is settled), then the account, as settle_reservation
+-- takes them; then pricing reads the period's running totals (billing.usage_totals) under the
+-- account lock and this call adds to them, so two calls of one user never price the same
+-- graduated tier twice.
+--
+-- Idempotency: the key is the call's. Usage records carry it (unique with the item's line);
+-- a deduct's ledger entry carries it too. The same key with the same user, hold and items
+-- answers the first result as duplicate, whatever has been used since; other items (or another
+-- user or hold) raise TBKEY. A key taken by a plain deduct_tokens raises TBKEY as well.
+
+create function public.record_usage(
+  p_user_id uuid,
+  p_items jsonb,
+  p_idempotency_key text,
+  p_reservation_id uuid default null
+) returns table (status text, balance bigint, entry_id bigint, tokens bigint)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+declare
+  v_hold_user uuid;
+  v_hold_status text;
+  v_balance bigint;
+  v_total bigint;
+  v_first jsonb;
+  v_first_user uuid;
+  v_first_hold uuid;
+  v_first_entry bigint;
+  v_priced record;
+  v_charge record;
+begin
+  if p_idempotency_key is null or length(p_idempotency_key) > 255 or length(btrim(p_idempotency_key)) = 0
+    or p_idempotency_key ~ '^(signup|expiry|reservation|stripe):' then
+    perform billing.require_caller_key('p_idempotency_key', p_idempotency_key);
+  end if;
+
+  -- Locks, in the documented order: the hold, then the account.
+  if p_reservation_id is not null then
+    select r.user_id, r.status into v_hold_user, v_hold_status
+    from billing.reservations as r
+    where r.id = p_reservation_id
+    for no key update;
+    if not found then
+      raise exception using
+        errcode = 'TBRES', message = format('reservation %s not found', p_reservation_id);
+    end if;
+    if v_hold_user is distinct from p_user_id then
+      raise exception using
+        errcode = '22023',
+        message = format('reservation %s is not a hold of user %s', p_reservation_id, p_user_id);
+    end if;
+  end if;
+  -- The account lock and the first call's records under this key (a retry), in one statement.
+  select a.balance, f.items, f.user_id, f.reservation_id, f.entry_id, f.tokens
+  into v_balance, v_first, v_first_user, v_first_hold, v_first_entry, v_total
+  from billing.accounts as a
+  left join lateral (
+    select
+      jsonb_agg(jsonb_build_object('meter', r.meter_code, 'quantity', r.quantity,
+        'dimensions', r.dimensions) order by r.line) as items,
+      min(r.user_id::text)::uuid as user_id, min(r.reservation_id::text)::uuid as reservation_id,
+      min(r.entry_id) as entry_id, sum(r.tokens)::bigint as tokens
+    from billing.usage_records as r
+    where r.idempotency_key = p_idempotency_key
+  ) as f on true
+  where a.user_id = p_user_id
+  for no key update of a;
+  if not found then
+    perform billing.price_items(p_user_id, p_items, now());
+    return query select 'unknown_account'::text, null::bigint, null::bigint, null::bigint;
+    return;
+  end if;
+
+  if v_first is not null then
+    -- A retry: the first call's records decide, before anything is priced again.
+    if v_first_user <> p_user_id or v_first_hold is distinct from p_reservation_id
+      or v_first <> (
+        select jsonb_agg(jsonb_build_object('meter', i.value ->> 'meter',
+          'quantity', (i.value ->> 'quantity')::bigint,
+          'dimensions', coalesce(nullif(i.value -> 'dimensions', 'null'), '{}')) order by i.line)
+        from jsonb_array_elements(p_items) with ordinality as i (value, line)
+      ) then
+      raise exception using
+        errcode = 'TBKEY',
+        message = format('idempotency key %L was already used with different usage', p_idempotency_key),
+        hint = 'Use a new key for a new call; repeat a key only to retry the same call.';
+    end if;
+    return query
+    select 'duplicate'::text, coalesce(e.balance_after, v_balance), e.id, v_total
+    from (select 1) as one
+    left join billing.ledger_entries as e on e.id = v_first_entry;
+    return;
+  end if;
+
+  if v_hold_status <> 'pending' then
+    return query select 'not_pending'::text, v_balance, null::bigint, null::bigint;
+    return;
+  end if;
+
+  select * into v_priced from billing.price_items(p_user_id, p_items, now());
+  select coalesce(sum(t), 0)::bigint into v_total from unnest(v_priced.tokens) as t;
+
+  if p_reservation_id is not null and v_total = 0 then
+    select 'applied'::text as status, v_balance as balance, null::bigint as entry_id into v_charge
+    from public.release_reservation(p_reservation_id) as r;
+  elsif p_reservation_id is not null then
+    select s.status, s.balance, s.entry_id into v_charge
+    from public.settle_reservation(p_reservation_id, v_total) as s;
+  elsif v_total = 0 then
+    select 'applied'::text as status, v_balance as balance, null::bigint as entry_id into v_charge;
+  else
+    select d.status, d.balance, d.entry_id into v_charge
+    from public.deduct_tokens(p_user_id, v_total, p_idempotency_key, 'Usage', '{"usage": true}') as d;
+    if v_charge.status = 'duplicate' then
+      -- The key is a plain deduct's (no usage record has it): not this call's.
+      raise exception using
+        errcode = 'TBKEY',
+        message = format('idempotency key %L was already used by a deduct (ledger entry %s)',
+          p_idempotency_key, v_charge.entry_id);
+    end if;
+  end if;
+
+  if v_charge.status not in ('applied', 'partial') then
+    return query select v_charge.status, v_charge.balance, v_charge.entry_id, v_total;
+    return;
+  end if;
+
+  insert into billing.usage_records (
+    user_id, idempotency_key, line, meter_code, quantity, dimensions, dimension_value, price_id,
+    percent_off, tokens, entry_id, reservation_id
+  )
+  select
+    p_user_id, p_idempotency_key, u.line, u.meter_code, u.quantity, u.dimensions, u.dimension_value,
+    u.price_id, u.percent_off, u.tokens, v_charge.entry_id, p_reservation_id
+  from unnest(
+    v_priced.meter_codes, v_priced.quantities, v_priced.dimensions, v_priced.dimension_values,
+    v_priced.price_ids, v_priced.percents_off, v_priced.tokens
+  ) with ordinality as u (
+    meter_code, quantity, dimensions, dimension_value, price_id, percent_off, tokens, line
+  );
+
+  if true = any(v_priced.accumulates) then
+    insert into billing.usage_totals as t (user_id, meter_code, dimension_value, period_start, quantity)
+    select p_user_id, u.meter_code, u.dimension_value, v_priced.period_start, sum(u.quantity)
+    from unnest(v_priced.meter_codes, v_priced.dimension_values, v_priced.quantities, v_priced.accumulates)
+      as u (meter_code, dimension_value, quantity, accumulates)
+    where u.accumulates
+    group by u.meter_code, u.dimension_value
+    on conflict (user_id, meter_code, dimension_value, period_start)
+    do update set quantity = t.quantity + excluded.quantity;
+  end if;
+
+  return query select v_charge.status, v_charge.balance, v_charge.entry_id, v_total;
+end;
+$$;
+
+comment on function public.record_usage(uuid, jsonb, text, uuid) is
+'Prices usage items (as quote_usage) and charges them in one transaction: settling the given '
+'hold (statuses of settle_reservation; 0 tokens releases it, applied) or as a deduct (statuses '
+'of deduct_tokens). One usage record per item. Same key and items: duplicate; other items, '
+'user or hold: TBKEY. 22023 on bad items or a hold of another user, TBRES, TBPRC.';
+
+revoke all on function public.record_usage(uuid, jsonb, text, uuid) from public, anon, authenticated;
+grant execute on function public.record_usage(uuid, jsonb, text, uuid) to service_role;
+
+insert into billing.schema_migrations (version, name) values ('20261202500100', 'record_usage');
+$tb_migration_20261202500100$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202500200_api_keys.sql
+  if v_installed is null or '20261202500200' <> all(v_installed) then
+    execute $tb_migration_20261202500200$
+-- Migration: API keys with scopes, for agent backends calling the service without a user's JWT.
+--
+-- Purpose: a user's key (tb_live_... or tb_test_...) authenticates the service's usage routes
+-- as that user, limited to its scopes. The secret is returned once by create_api_key and never
+-- stored: only its SHA-256 and a lookup prefix are. A fast hash is right here: the secret is 244
+-- random bits (gen_random_uuid twice, less the version bits), so nobody can guess it or search
+-- for it, hashed or not; slow password hashes (bcrypt, argon2) exist to slow the search through
+-- the small space of human passwords, and would only add milliseconds to every request.
+-- Revocation is immediate (every request looks the key up); last_used_at is written at most
+-- once a minute per key (touch_api_key), never on every request.
+-- Objects: billing.api_keys, public.create_api_key(), public.list_api_keys(),
+--   public.revoke_api_key(), public.authenticate_api_key(), public.touch_api_key().
+
+create table billing.api_keys (
+  id uuid primary key default gen_random_uuid(),
+  user_id uuid not null references billing.accounts (user_id),
+  name text,
+  lookup text not null,
+  secret_sha256 bytea not null,
+  scopes text[] not null,
+  environment text not null,
+  created_at timestamptz not null default now(),
+  expires_at timestamptz,
+  revoked_at timestamptz,
+  last_used_at timestamptz,
+  constraint api_keys_lookup_unique unique (lookup),
+  constraint api_keys_lookup_format check (lookup ~ '^tb_(live|test)_[0-9a-f]{12}$'),
+  constraint api_keys_sha256_length check (length(secret_sha256) = 32),
+  constraint api_keys_scopes_known check (
+    cardinality(scopes) between 1 and 8
+    and scopes <@ array['usage:read', 'usage:write', 'balance:read']::text[]
+  ),
+  constraint api_keys_environment_known check (environment in ('live', 'test')),
+  constraint api_keys_name_length check (length(name) between 1 and 100)
+);
+
+create index api_keys_user_id_idx on billing.api_keys (user_id, created_at desc);
+
+comment on table billing.api_keys is
+'A user''s API keys: the lookup prefix and SHA-256 of each secret (never the secret), its '
+'scopes and expiry. Revoked or expired keys authenticate nothing.';
+comment on column billing.api_keys.id is 'Key id (DELETE /v1/api-keys/{id}).';
+comment on column billing.api_keys.user_id is 'The user the key acts as.';
+comment on column billing.api_keys.name is 'The owner''s label.';
+comment on column billing.api_keys.lookup is
+'The key''s first 20 characters (tb_live_ + 12 hex): not secret, finds the row, shown in lists.';
+comment on column billing.api_keys.secret_sha256 is 'SHA-256 of the whole key (UTF-8).';
+comment on column billing.api_keys.scopes is 'usage:read, usage:write, balance:read.';
+comment on column billing.api_keys.environment is
+'live or test: the service accepts only the keys of its own Stripe mode.';
+comment on column billing.api_keys.created_at is 'When the key was made.';
+comment on column billing.api_keys.expires_at is 'After this it authenticates nothing; null: never.';
+comment on column billing.api_keys.revoked_at is 'When it was revoked; revocation is immediate.';
+comment on column billing.api_keys.last_used_at is
+'The last use, up to a minute stale (written at most once a minute).';
+
+alter table billing.api_keys enable row level security;
+-- No policy: service role only (the service manages a signed-in user's keys for them).
+revoke all on billing.api_keys from public, anon, authenticated, service_role;
+grant select on billing.api_keys to service_role;
+
+create function public.create_api_key(
+  p_user_id uuid,
+  p_name text default null,
+  p_scopes text[] default null,
+  p_expires_at timestamptz default null,
+  p_environment text default 'live'
+) returns table (
+  status text, api_key_id uuid, api_key text, lookup text, scopes text[], expires_at timestamptz
+)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+declare
+  v_secret text;
+  v_key text;
+begin
+  -- Null: every scope.
+  p_scopes := coalesce(p_scopes, array['usage:read', 'usage:write', 'balance:read']);
+  if cardinality(p_scopes) = 0
+    or not p_scopes <@ array['usage:read', 'usage:write', 'balance:read']::text[] then
+    raise exception using
+      errcode = '22023',
+      message = 'p_scopes must be a non-empty subset of usage:read, usage:write, balance:read';
+  end if;
+  if p_environment is null or p_environment not in ('live', 'test') then
+    raise exception using errcode = '22023', message = 'p_environment must be live or test';
+  end if;
+  if p_name is not null and length(p_name) not between 1 and 100 then
+    raise exception using errcode = '22023', message = 'p_name must be 1 to 100 characters';
+  end if;
+  if p_expires_at is not null and p_expires_at <= now() then
+    raise exception using errcode = '22023', message = 'p_expires_at must be in the future';
+  end if;
+  if not exists (select 1 from billing.accounts as a where a.user_id = p_user_id) then
+    return query select 'unknown_account'::text, null::uuid, null::text, null::text, null::text[],
+      null::timestamptz;
+    return;
+  end if;
+  if (
+    select count(*) from billing.api_keys as k
+    where k.user_id = p_user_id and k.revoked_at is null and (k.expires_at is null or k.expires_at > now())
+  ) >= 50 then
+    raise exception using
+      errcode = '22023', message = format('user %s has 50 live API keys: revoke one first', p_user_id);
+  end if;
+  v_secret := replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', '');
+  v_key := 'tb_' || p_environment || '_' || v_secret;
+  return query
+  insert into billing.api_keys (user_id, name, lookup, secret_sha256, scopes, environment, expires_at)
+  values (
+    p_user_id, p_name, left(v_key, 20), sha256(convert_to(v_key, 'UTF8')),
+    array(select distinct s from unnest(p_scopes) as s order by s), p_environment, p_expires_at
+  )
+  returning 'applied'::text, id, v_key, api_keys.lookup, api_keys.scopes, api_keys.expires_at;
+end;
+$$;
+
+comment on function public.create_api_key(uuid, text, text[], timestamptz, text) is
+'Makes a key for a user and returns it, the only time it is ever shown (only its SHA-256 is '
+'stored). Statuses: applied, unknown_account. 22023 on bad scopes, environment, name, expiry, '
+'or a 51st live key.';
+
+revoke all on function public.create_api_key(uuid, text, text[], timestamptz, text) from public, anon, authenticated;
+grant execute on function public.create_api_key(uuid, text, text[], timestamptz, text) to service_role;
+
+create function public.list_api_keys(p_user_id uuid)
+returns table (
+  api_key_id uuid, name text, lookup text, scopes text[], environment text,
+  created_at timestamptz, expires_at timestamptz, revoked_at timestamptz, last_used_at timestamptz
+)
+language sql stable
+security invoker
+set search_path = ''
+as $$
+  select k.id, k.name, k.lookup, k.scopes, k.environment, k.created_at, k.expires_at,
+    k.revoked_at, k.last_used_at
+  from billing.api_keys as k
+  where k.user_id = p_user_id
+  order by k.created_at desc, k.id
+$$;
+
+comment on function public.list_api_keys(uuid) is
+'A user''s keys, newest first, without any secret or hash. Security invoker: service_role '
+'reads billing.api_keys itself.';
+
+revoke all on function public.list_api_keys(uuid) from public, anon, authenticated;
+grant execute on function public.list_api_keys(uuid) to service_role;
+
+create function public.revoke_api_key(p_user_id uuid, p_api_key_id uuid)
+returns table (status text, revoked_at timestamptz)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+begin
+  return query
+  update billing.api_keys as k
+  set revoked_at = now()
+  where k.id = p_api_key_id and k.user_id = p_user_id and k.revoked_at is null
+  returning 'applied'::text, k.revoked_at;
+  if found then
+    return;
+  end if;
+  return query
+  select 'duplicate'::text, k.revoked_at
+  from billing.api_keys as k
+  where k.id = p_api_key_id and k.user_id = p_user_id;
+  if not found then
+    return query select 'not_found'::text, null::timestamptz;
+  end if;
+end;
+$$;
+
+comment on function public.revoke_api_key(uuid, uuid) is
+'Revokes one of a user''s keys at once. Statuses: applied, duplicate (already revoked), '
+'not_found (no such key of this user: another user''s key is not found either).';
+
+revoke all on function public.revoke_api_key(uuid, uuid) from public, anon, authenticated;
+grant execute on function public.revoke_api_key(uuid, uuid) to service_role;
+
+create function public.authenticate_api_key(p_lookup text, p_as_of timestamptz default now())
+returns table (
+  api_key_id uuid, user_id uuid, secret_sha256 bytea, scopes text[], environment text,
+  status text, last_used_at timestamptz
+)
+language sql stable
+security invoker
+set search_path = ''
+as $$
+  select k.id, k.user_id, k.secret_sha256, k.scopes, k.environment,
+    case
+      when k.revoked_at is not null then 'revoked'
+      when k.expires_at <= p_as_of then 'expired'
+      else 'valid'
+    end,
+    k.last_used_at
+  from billing.api_keys as k
+  where k.lookup = p_lookup
+$$;
+
+comment on function public.authenticate_api_key(text, timestamptz) is
+'The key a lookup prefix names, with the SHA-256 the caller compares (in constant time) with '
+'the hash of the key presented, and its status at p_as_of: valid, revoked or expired. No row: '
+'no such key. Reads only: one index lookup per request, so revocation is immediate.';
+
+revoke all on function public.authenticate_api_key(text, timestamptz) from public, anon, authenticated;
+grant execute on function public.authenticate_api_key(text, timestamptz) to service_role;
+
+create function public.touch_api_key(p_api_key_id uuid)
+returns table (last_used_at timestamptz)
+language sql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+  update billing.api_keys as k
+  set last_used_at = now()
+  where k.id = p_api_key_id and (k.last_used_at is null or k.last_used_at < now() - interval '1 minute')
+  returning k.last_used_at
+$$;
+
+comment on function public.touch_api_key(uuid) is
+'Records a use of a key, unless one was recorded less than a minute ago (then no row): the '
+'service calls it at most once a minute per key, so last_used_at is at most a minute stale.';
+
+revoke all on function public.touch_api_key(uuid) from public, anon, authenticated;
+grant execute on function public.touch_api_key(uuid) to service_role;
+
+insert into billing.schema_migrations (version, name) values ('20261202500200', 'api_keys');
+$tb_migration_20261202500200$;
     v_applied := v_applied + 1;
   end if;
 

@@ -25,3 +25,59 @@ values
   25000, 9900, 'usd', false, true, 50
 )
 on conflict (code) do nothing;
+
+-- Meters and example prices (rate cards, migration 20261202500000_rate_cards.sql). Inserted when
+-- missing, never changed: a price is a version, so edit one by inserting a new version with a
+-- later effective_from, e.g.
+--   insert into billing.prices (meter_code, dimension_value, scheme, unit_amount, unit_divisor)
+--   values ('llm.output_tokens', 'gpt-4o', 'per_unit', 8, 1000);
+insert into billing.meters as m (code, unit, description, dimension)
+values
+('llm.input_tokens', 'token', 'Model input (prompt) tokens, priced per model.', 'model'),
+('llm.output_tokens', 'token', 'Model output (completion) tokens, priced per model.', 'model'),
+('agent.run', 'run', 'One agent run, whatever it used.', null),
+('report.generated', 'report', 'One generated report.', null),
+('api.call', 'call', 'One API call; graduated: cheaper after the first 1,000 in a period.', null)
+on conflict (code) do nothing;
+
+insert into billing.prices (
+  meter_code, dimension_value, scheme, unit_amount, unit_divisor, rounding, tiers, minimum_tokens,
+  effective_from, description
+)
+select
+  v.meter_code,
+  v.dimension_value,
+  v.scheme,
+  v.unit_amount,
+  v.unit_divisor,
+  'up' as rounding,
+  v.tiers::jsonb,
+  v.minimum_tokens,
+  '2026-01-01 00:00:00+00' as effective_from,
+  v.description
+from (
+  values
+  ('llm.input_tokens', '*', 'per_unit', 25, 10000, null, 0, 'Any model: 2.5 tokens per 1K input tokens.'),
+  ('llm.input_tokens', 'gpt-4o', 'per_unit', 25, 10000, null, 0, 'gpt-4o: 2.5 tokens per 1K input tokens.'),
+  (
+    'llm.input_tokens', 'gpt-4o-mini', 'per_unit', 15, 100000, null, 0,
+    'gpt-4o-mini: 0.15 tokens per 1K input tokens.'
+  ),
+  ('llm.output_tokens', '*', 'per_unit', 10, 1000, null, 0, 'Any model: 10 tokens per 1K output tokens.'),
+  ('llm.output_tokens', 'gpt-4o', 'per_unit', 10, 1000, null, 0, 'gpt-4o: 10 tokens per 1K output tokens.'),
+  (
+    'llm.output_tokens', 'gpt-4o-mini', 'per_unit', 6, 10000, null, 0,
+    'gpt-4o-mini: 0.6 tokens per 1K output tokens.'
+  ),
+  ('agent.run', '*', 'per_unit', 5, 1, null, 0, '5 tokens per run.'),
+  ('report.generated', '*', 'per_unit', 20, 1, null, 0, '20 tokens per report.'),
+  (
+    'api.call', '*', 'graduated', null, 1,
+    '[{"up_to": 1000, "unit_amount": 10}, {"up_to": null, "unit_amount": 8}]', 0,
+    '10 tokens per call for the first 1,000 calls of a period, 8 after.'
+  )
+) as v (meter_code, dimension_value, scheme, unit_amount, unit_divisor, tiers, minimum_tokens, description)
+where not exists (
+    select 1 from billing.prices as p
+    where p.meter_code = v.meter_code and p.dimension_value = v.dimension_value and not p.custom
+  );

@@ -234,7 +234,7 @@ def contract_routes() -> set[tuple[str, str]]:
     found = set()
     for line in text.splitlines():
         cell = line.split("|")[1] if line.startswith("|") else ""
-        for method, path in re.findall(r"`(GET|POST) (/[^` ]*)`", cell):
+        for method, path in re.findall(r"`(GET|POST|DELETE) (/[^` ?]*)", cell):
             found.add((path, method))
     return found
 

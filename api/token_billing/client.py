@@ -1,9 +1,16 @@
-"""A small async client for agent backends: reserve, settle, deduct, add, balance.
+"""A small async client for agent backends: reserve, settle, deduct, add, balance, and usage
+priced by the rate card (quote, record_usage, settle with usage items).
 
     tokens = TokenBilling(database)
     async with tokens.reserve(user_id, estimate, key=request_id) as r:
         answer = await run_model(...)
         await r.settle(actual_tokens_used)
+
+    quote = await tokens.quote(user_id, [{"meter": "llm.output_tokens", "quantity": 2000}])
+    async with tokens.reserve(user_id, quote.tokens, key=request_id) as r:
+        usage = await run_model(...)
+        await r.settle([{"meter": "llm.output_tokens", "quantity": usage.output_tokens,
+                         "dimensions": {"model": "gpt-4o"}}])
 
 A reservation holds `estimate` tokens while the work runs, and keeps itself alive while the
 block runs: every `heartbeat` (a third) of its TTL it extends the hold by another TTL, until the
@@ -21,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -54,6 +61,23 @@ class Result:
     entry_id: int | None = None
     available: int | None = None
     hold_expired: bool = False
+    tokens: int | None = None
+
+
+UsageItems = Sequence[Mapping[str, Any]]
+"""Usage items: `{"meter": "llm.output_tokens", "quantity": 800, "dimensions": {"model": ...}}`."""
+
+
+@dataclass(frozen=True)
+class Quote:
+    """The price of usage items (public.quote_usage): the total and each item's."""
+
+    tokens: int
+    items: list[dict[str, Any]]
+
+
+def _items(items: UsageItems) -> list[dict[str, Any]]:
+    return [dict(item) for item in items]
 
 
 @dataclass(frozen=True)
@@ -199,8 +223,9 @@ class Reservation:
             self.extensions += 1
         return str(row["status"]), row["expires_at"]
 
-    async def settle(self, actual: int) -> Result:
-        """Charge `actual` tokens (0 charges nothing) and release the rest of the hold.
+    async def settle(self, actual: int | UsageItems) -> Result:
+        """Charge `actual` tokens (0 charges nothing), or usage items priced by the rate card in
+        the same transaction (public.record_usage), and release the rest of the hold.
 
         Above the reservation the excess comes from available tokens, capped at zero: status
         `partial`. If the hold expired before this, the work is charged anyway with one
@@ -210,6 +235,8 @@ class Reservation:
         if self.id is None:
             raise RuntimeError("the reservation is not open")
         await self._stop_heartbeat()
+        if not isinstance(actual, int):
+            return await self._settle_usage(actual)
         row = _one(
             await self._billing.db.rpc(
                 "settle_reservation", {"p_reservation_id": str(self.id), "p_amount": actual}
@@ -224,6 +251,36 @@ class Reservation:
         else:
             self.settled = Result(row["status"], row.get("balance"), row.get("entry_id"))
         return self.settled
+
+    async def _settle_usage(self, items: UsageItems) -> Result:
+        if self.id is None:
+            raise RuntimeError("the reservation is not open")
+        # A hold settles once: its id is the settlement's key, so a retry is a duplicate.
+        result = await self._billing.record_usage(
+            self.user_id, items, key=f"hold:{self.id}", hold=self.id
+        )
+        if result.status == "not_pending":
+            state = await self._billing.reservation(self.id)
+            if state.status != "expired":
+                raise state.resolved_error(self.key)
+            # The hold expired first: the usage is charged once anyway, as a deduct.
+            try:
+                charged = await self._billing.record_usage(
+                    self.user_id, items, key=f"{HOLD_EXPIRED_KEY}{self.id}"
+                )
+            except InsufficientTokens as exc:
+                raise HoldExpired(
+                    self.user_id, exc.requested, reservation_id=self.id, balance=exc.balance
+                ) from None
+            result = Result(
+                charged.status,
+                charged.balance,
+                charged.entry_id,
+                hold_expired=True,
+                tokens=charged.tokens,
+            )
+        self.settled = result
+        return result
 
     async def _charge_after_expiry(self, actual: int) -> Result:
         if self.id is None:
@@ -365,6 +422,46 @@ class TokenBilling:
         if row["status"] == "unknown_account":
             raise UnknownAccount(f"no billing account for user {user_id}")
         return Result(row["status"], row.get("balance"), row.get("entry_id"))
+
+    async def quote(self, user_id: uuid.UUID | str, items: UsageItems) -> Quote:
+        """The tokens usage items would cost the user now, without charging (an estimate for
+        `reserve`)."""
+        row = _one(
+            await self.db.rpc("quote_usage", {"p_user_id": str(user_id), "p_items": _items(items)}),
+            "quote_usage",
+        )
+        return Quote(int(row["tokens"]), list(row["items"]))
+
+    async def record_usage(
+        self,
+        user_id: uuid.UUID | str,
+        items: UsageItems,
+        *,
+        key: str,
+        hold: uuid.UUID | str | None = None,
+    ) -> Result:
+        """Price usage items by the rate card and charge them in one transaction: settling
+        `hold` (a reservation id), or as a deduct. Raises InsufficientTokens rather than go
+        below zero (a deduct), UnknownAccount; `Result.tokens` is what the items cost."""
+        row = _one(
+            await self.db.rpc(
+                "record_usage",
+                {
+                    "p_user_id": str(user_id),
+                    "p_items": _items(items),
+                    "p_idempotency_key": key,
+                    "p_reservation_id": str(hold) if hold is not None else None,
+                },
+            ),
+            "record_usage",
+        )
+        if row["status"] == "insufficient_funds":
+            raise InsufficientTokens(user_id, int(row["tokens"]), balance=row.get("balance"))
+        if row["status"] == "unknown_account":
+            raise UnknownAccount(f"no billing account for user {user_id}")
+        return Result(
+            row["status"], row.get("balance"), row.get("entry_id"), tokens=row.get("tokens")
+        )
 
     async def settle_many(self, settlements: Mapping[uuid.UUID | str, int]) -> dict[str, Result]:
         """Settle many reservations (id -> actual tokens, at most 1000) in one call and one

@@ -37,4 +37,30 @@ select count(*) from (
   from generate_series(1, 10001) as n
 ) as funded;
 
+
+-- Rate cards (issue 16): a per-unit meter at 1 token a unit (what a deduct of 1 charges) and a
+-- graduated one with 4 tiers, for record_usage against deduct_tokens.
+insert into billing.meters (code, unit) values ('bench.unit', 'unit'), ('bench.tiered', 'unit');
+insert into billing.prices (meter_code, scheme, unit_amount, effective_from)
+values ('bench.unit', 'per_unit', 1, '2020-01-01');
+insert into billing.prices (meter_code, scheme, tiers, effective_from)
+values (
+  'bench.tiered', 'graduated',
+  '[{"up_to": 10, "unit_amount": 4}, {"up_to": 100, "unit_amount": 3},
+    {"up_to": 1000, "unit_amount": 2}, {"up_to": null, "unit_amount": 1}]',
+  '2020-01-01'
+);
+
+-- A usage history of the previous period (100,000 records over the 10,000 users), so the
+-- planner has statistics for usage_records as in any deployment past its first minutes (an
+-- empty, never analyzed table gets sequential scans that the growing table then pays for).
+insert into billing.usage_records (
+  user_id, idempotency_key, line, meter_code, quantity, dimension_value, price_id, tokens, created_at
+)
+select
+  lpad(to_hex(n % 10000 + 1), 32, '0')::uuid, 'bench-history-' || n, 1, 'bench.tiered', 1, '',
+  p.id, 1, now() - interval '40 days'
+from generate_series(1, 100000) as n
+cross join (select id from billing.prices where meter_code = 'bench.tiered') as p;
+
 vacuum analyze;

@@ -20,21 +20,25 @@ from starlette.routing import BaseRoute, Route
 
 import token_billing
 from token_billing.server import stream
+from token_billing.server.api_keys import KeyAuthenticator
 from token_billing.server.auth import Authenticator
 from token_billing.server.database import database_from_settings, describe, wait_until_reachable
 from token_billing.server.deps import Runtime
 from token_billing.server.http_errors import EXCEPTION_HANDLERS
 from token_billing.server.metrics import Metrics
 from token_billing.server.middleware import AccessLog, Cors
-from token_billing.server.openapi import openapi_document
+from token_billing.server.openapi import openapi_document, share_paths
 from token_billing.server.routes import (
+    api_keys,
     balance,
     checkout,
     dev,
     health,
+    holds,
     ledger,
     ops,
     products,
+    usage,
     webhooks,
 )
 from token_billing.server.settings import Settings, load_settings
@@ -45,7 +49,8 @@ logger = logging.getLogger("token_billing.server")
 API_TITLE = "token-billing"
 API_DESCRIPTION = (
     "Token (credit) billing for AI apps on Supabase and Stripe: checkout, the billing portal, "
-    "the user's balance and ledger, the catalog, and Stripe's webhook."
+    "the user's balance and ledger, the catalog, Stripe's webhook, and usage priced by the rate "
+    "card for agent backends with API keys."
 )
 
 
@@ -93,6 +98,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
             auth=Authenticator(settings, http),
             stripe=gateway,
             http=http,
+            keys=KeyAuthenticator(
+                db,
+                environment=settings.api_key_environment,
+                rate=settings.api_key_rate_per_second,
+                burst=settings.api_key_rate_burst,
+            ),
         )
         logger.info(
             "service started",
@@ -125,9 +136,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *webhooks.routes,
         *health.routes(settings),
         *ledger.routes,
+        *usage.routes,
+        *holds.routes,
+        *api_keys.routes,
         *dev.routes(settings),
         *ops.routes(settings),
     ]
+    share_paths(routes)
     document = openapi_document(
         routes, title=API_TITLE, version=token_billing.__version__, description=API_DESCRIPTION
     )

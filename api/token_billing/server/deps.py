@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
 
 from token_billing.db import Database
+from token_billing.server.api_keys import KeyAuthenticator, KeyCaller, looks_like_key
 from token_billing.server.auth import Authenticator, User
 from token_billing.server.http_errors import ApiError
 from token_billing.server.logs import LOG_SCOPE_KEY
@@ -42,6 +43,7 @@ class Runtime:
     auth: Authenticator
     stripe: StripeGateway
     http: httpx.AsyncClient
+    keys: KeyAuthenticator
 
 
 def runtime(request: Request) -> Runtime:
@@ -144,6 +146,44 @@ async def signed_in(request: Request, rt: Runtime) -> User:
     user = await rt.auth.user(request.headers.get("authorization"))
     log_fields(request)["user_id"] = str(user.id)
     return user
+
+
+def bearer_token(request: Request) -> str:
+    """The token of `Authorization: Bearer <token>`, or empty."""
+    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+async def api_key(request: Request, rt: Runtime, scope: str) -> KeyCaller:
+    """The caller of a route for agent backends: an API key (Bearer tb_...) with `scope`."""
+    token = bearer_token(request)
+    if not looks_like_key(token):
+        if token:
+            raise ApiError(
+                403,
+                "api_key_required",
+                "this route takes an API key (Authorization: Bearer tb_...), not a user's "
+                "session: make one with POST /v1/api-keys",
+            )
+        raise ApiError(
+            401,
+            "unauthorized",
+            "missing Authorization: Bearer <API key>",
+            headers={"WWW-Authenticate": 'Bearer realm="token-billing"'},
+        )
+    caller = await rt.keys.caller(token)
+    caller.require(scope)
+    fields = log_fields(request)
+    fields["user_id"] = str(caller.user_id)
+    fields["api_key_id"] = str(caller.api_key_id)
+    return caller
+
+
+async def reader(request: Request, rt: Runtime, scope: str) -> uuid.UUID:
+    """The user of a read route: an API key with `scope`, or a signed-in user's access token."""
+    if looks_like_key(bearer_token(request)):
+        return (await api_key(request, rt, scope)).user_id
+    return (await signed_in(request, rt)).id
 
 
 def buyer(user: User) -> User:

@@ -56,6 +56,7 @@ SQLSTATE_STATUS: Mapping[str, tuple[int, str, bool]] = {
     "TBRES": (404, "reservation_not_found", True),
     "TBAPP": (409, "append_only", True),
     "TBCUS": (409, "customer_conflict", True),
+    "TBPRC": (422, "no_price", True),  # a meter without a price in effect
     "23505": (409, "conflict", True),  # unique violation, e.g. a Stripe price on two products
     # Privileges: the service's role lacks a grant. The caller cannot fix it; an operator must.
     "42501": (500, "misconfigured", False),

@@ -10,13 +10,16 @@ describes what the service really accepts and answers. pydantic's JSON Schema is
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
+from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 REF_TEMPLATE = "#/components/schemas/{model}"
 
@@ -26,6 +29,12 @@ SECURITY_SCHEMES: Mapping[str, dict[str, Any]] = {
         "scheme": "bearer",
         "bearerFormat": "JWT",
         "description": "The signed-in user's Supabase Auth access token.",
+    },
+    "apiKey": {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "tb_live_... / tb_test_...",
+        "description": "A token-billing API key (POST /v1/api-keys), limited to its scopes.",
     },
     "metricsToken": {
         "type": "http",
@@ -38,7 +47,7 @@ SECURITY_SCHEMES: Mapping[str, dict[str, Any]] = {
         "description": "OPERATOR_TOKEN: the operator dashboard's figures.",
     },
 }
-Security = Literal["supabaseAuth", "metricsToken", "operatorToken"]
+Security = Literal["supabaseAuth", "apiKey", "metricsToken", "operatorToken"]
 
 
 @dataclass(frozen=True)
@@ -76,10 +85,11 @@ class ApiRoute(Route):
         description: str = "",
         body: type[BaseModel] | None = None,
         body_media_type: str = "application/json",
+        body_required: bool = True,
         query: type[BaseModel] | None = None,
         headers: Sequence[Header] = (),
         responses: Mapping[int, Response] | None = None,
-        security: Security | None = None,
+        security: Security | tuple[Security, ...] | None = None,
         tag: str = "api",
         include_in_schema: bool = True,
         name: str | None = None,
@@ -91,11 +101,36 @@ class ApiRoute(Route):
         self.description = description
         self.body = body
         self.body_media_type = body_media_type
+        self.body_required = body_required
         self.query = query
         self.headers = tuple(headers)
         self.responses = dict(responses or {})
-        self.security = security
+        # One scheme, or several any one of which will do.
+        # Every method the path serves, when several routes share it (share_paths).
+        self.allow: frozenset[str] | None = None
+        self.security: tuple[Security, ...] = (
+            () if security is None else (security,) if isinstance(security, str) else security
+        )
         self.tag = tag
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.allow is not None and scope["method"] not in (self.methods or ()):
+            # 405 naming every method of the path, not only this route's.
+            raise HTTPException(405, headers={"Allow": ", ".join(sorted(self.allow))})
+        await super().handle(scope, receive, send)
+
+
+def share_paths(routes: Iterable[BaseRoute]) -> None:
+    """Let routes that share a path (GET and POST /v1/usage) answer a 405 with all its methods."""
+    by_path: dict[str, list[ApiRoute]] = {}
+    for route in routes:
+        if isinstance(route, ApiRoute):
+            by_path.setdefault(route.path, []).append(route)
+    for shared in by_path.values():
+        if len(shared) > 1:
+            allow = frozenset(m for r in shared for m in (r.methods or ()))
+            for route in shared:
+                route.allow = allow
 
 
 def _models(routes: Iterable[ApiRoute]) -> list[tuple[type[BaseModel], JsonSchemaMode]]:
@@ -110,7 +145,17 @@ def _models(routes: Iterable[ApiRoute]) -> list[tuple[type[BaseModel], JsonSchem
 
 
 def _parameters(route: ApiRoute) -> list[dict[str, Any]]:
-    parameters: list[dict[str, Any]] = []
+    # Path parameters ({name} in the path): ids, answered 404 when they name nothing.
+    parameters: list[dict[str, Any]] = [
+        {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "description": f"The {name.replace('_', ' ')}.",
+            "schema": {"type": "string"},
+        }
+        for name in re.findall(r"{(\w+)}", route.path)
+    ]
     if route.query is not None:
         query = route.query.model_json_schema(ref_template=REF_TEMPLATE)
         required = set(query.get("required", ()))
@@ -172,13 +217,13 @@ def openapi_document(
                 operation["parameters"] = parameters
             if route.body is not None:
                 operation["requestBody"] = {
-                    "required": True,
+                    "required": route.body_required,
                     "content": {
                         route.body_media_type: {"schema": refs[(route.body, "validation")]}
                     },
                 }
-            if route.security is not None:
-                operation["security"] = [{route.security: []}]
+            if route.security:
+                operation["security"] = [{scheme: []} for scheme in route.security]
             for status, response in sorted(route.responses.items()):
                 if isinstance(response, Media):
                     operation["responses"][str(status)] = {
@@ -193,7 +238,7 @@ def openapi_document(
                         },
                     }
             paths.setdefault(route.path, {})[method.lower()] = operation
-    used = {r.security for r in described if r.security is not None}
+    used = {scheme for r in described for scheme in r.security}
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version, "description": description},

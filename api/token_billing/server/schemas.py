@@ -7,11 +7,13 @@ naming the field), build what goes out (`respond`), and are the OpenAPI document
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 from starlette.responses import JSONResponse
 
 from token_billing.server.openapi import Media, Response
@@ -28,7 +30,9 @@ def respond(
     model: BaseModel, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     """The model as a JSON response (built through the model, so it matches the document)."""
-    return JSONResponse(model.model_dump(mode="json"), status_code=status, headers=headers)
+    return JSONResponse(
+        model.model_dump(mode="json", by_alias=True), status_code=status, headers=headers
+    )
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -146,6 +150,242 @@ class ProductList(Model):
     """The active catalog."""
 
     products: list[Product]
+
+
+# --- usage, holds and API keys (agent backends) --------------------------------------------------
+
+# What every route for agent backends may answer besides its own statuses: no or a bad key (401),
+# a key without the route's scope or a user's session instead of a key (403), the key over its
+# rate (429, Retry-After), the database unavailable (503).
+AGENT_ERRORS: Mapping[int, Response] = {
+    401: ErrorResponse,
+    403: ErrorResponse,
+    429: ErrorResponse,
+    503: ErrorResponse,
+}
+
+
+class UsageItem(Model):
+    """What one model call (or run, or report) used: a meter of the catalog and a quantity."""
+
+    meter: StrictStr = Field(
+        min_length=1, max_length=64, description="A meter code, e.g. llm.input_tokens."
+    )
+    quantity: StrictInt = Field(
+        ge=0, le=1_000_000_000_000, description="How much, in the meter's unit."
+    )
+    dimensions: dict[str, StrictStr] = Field(
+        default_factory=dict,
+        max_length=16,
+        description='e.g. {"model": "gpt-4o"}: the meter\'s dimension picks the price.',
+    )
+
+
+class UsageRequest(Model):
+    """Usage to price and charge at once (public.record_usage)."""
+
+    error_codes: ClassVar[Mapping[str, str]] = {"items": "invalid_items"}
+
+    items: list[UsageItem] = Field(min_length=1, max_length=100)
+    hold_id: uuid.UUID | None = Field(
+        default=None, description="A pending hold to settle with this usage (else a deduct)."
+    )
+
+
+class QuoteRequest(Model):
+    """Usage to price without charging (public.quote_usage)."""
+
+    error_codes: ClassVar[Mapping[str, str]] = {"items": "invalid_items"}
+
+    items: list[UsageItem] = Field(min_length=1, max_length=100)
+
+
+class PricedItem(Model):
+    meter: str
+    quantity: int
+    dimensions: dict[str, str]
+    price_id: int = Field(description="The price version it was priced at.")
+    percent_off: int | None = Field(default=None, description="The customer discount applied.")
+    tokens: int
+
+
+class Quote(Model):
+    """The price of the items: total tokens and each item's."""
+
+    tokens: int
+    items: list[PricedItem]
+
+
+class UsageResult(Model):
+    """The usage was priced and charged (statuses of deduct_tokens / settle_reservation)."""
+
+    status: Literal["applied", "partial", "duplicate"]
+    tokens: int = Field(description="What the items were priced at.")
+    balance: int | None = Field(description="The balance after the charge.")
+    entry_id: int | None = Field(description="The ledger entry; null when it cost nothing.")
+
+
+class UsageQuery(Model):
+    error_codes: ClassVar[Mapping[str, str]] = {
+        "from": "invalid_period",
+        "to": "invalid_period",
+        "group_by": "invalid_group_by",
+    }
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    from_: datetime | None = Field(
+        default=None, alias="from", description="Start (inclusive); default: this month (UTC)."
+    )
+    to: datetime | None = Field(default=None, description="End (exclusive); default: now.")
+    group_by: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9_]{1,64}$",
+        description="A dimension to break each meter down by, e.g. model.",
+    )
+
+    @field_validator("from_", "to", mode="before")
+    @classmethod
+    def _iso_only(cls, value: object) -> object:
+        # pydantic would also read a number as seconds since 1970: the document says date-time.
+        if isinstance(value, str) and not re.match(r"^\d{4}-\d{2}-\d{2}", value):
+            raise ValueError("must be an ISO 8601 date or date-time, e.g. 2026-12-01T00:00:00Z")
+        return value
+
+
+class UsageLine(Model):
+    meter: str
+    unit: str
+    dimension: str | None = Field(description="The group_by dimension's value, if asked.")
+    quantity: int
+    tokens: int
+    records: int
+
+
+class UsageSummary(Model):
+    """Quantities and tokens per meter (and dimension) for a period."""
+
+    from_: datetime = Field(serialization_alias="from")
+    to: datetime
+    meters: list[UsageLine]
+
+
+class HoldRequest(Model):
+    """Hold tokens for work about to run: an amount, or the quote of the usage expected."""
+
+    error_codes: ClassVar[Mapping[str, str]] = {
+        "amount": "invalid_amount",
+        "items": "invalid_items",
+        "ttl_seconds": "invalid_ttl",
+    }
+
+    amount: StrictInt | None = Field(default=None, ge=1, le=1_000_000_000_000_000)
+    items: list[UsageItem] | None = Field(default=None, min_length=1, max_length=100)
+    ttl_seconds: StrictInt = Field(
+        default=900, ge=1, le=604_800, description="Seconds until it expires."
+    )
+
+
+class Hold(Model):
+    """A pending hold (public.reserve_tokens)."""
+
+    id: uuid.UUID
+    status: Literal["applied", "duplicate"]
+    amount: int
+    available: int | None = Field(description="Available tokens right after the hold.")
+
+
+class SettleRequest(Model):
+    """What the held work used: usage items (priced now) or a number of tokens (0 releases)."""
+
+    error_codes: ClassVar[Mapping[str, str]] = {
+        "amount": "invalid_amount",
+        "items": "invalid_items",
+    }
+
+    amount: StrictInt | None = Field(default=None, ge=0, le=1_000_000_000_000_000)
+    items: list[UsageItem] | None = Field(default=None, min_length=1, max_length=100)
+
+
+class Settlement(Model):
+    """The hold was settled or released."""
+
+    status: Literal["applied", "partial", "duplicate"]
+    tokens: int | None = Field(description="What the usage was priced at (items only).")
+    balance: int | None
+    entry_id: int | None
+
+
+class ExtendRequest(Model):
+    error_codes: ClassVar[Mapping[str, str]] = {"ttl_seconds": "invalid_ttl"}
+
+    ttl_seconds: StrictInt = Field(ge=1, le=604_800, description="Seconds from now.")
+
+
+class Extension(Model):
+    """The hold's expiry (public.extend_reservation)."""
+
+    status: Literal["applied", "duplicate"]
+    expires_at: datetime | None
+
+
+class Release(Model):
+    """The hold was lifted without a charge."""
+
+    status: Literal["applied", "duplicate"]
+    available: int | None
+
+
+Scope = Literal["usage:read", "usage:write", "balance:read"]
+ALL_SCOPES: tuple[Scope, ...] = ("usage:read", "usage:write", "balance:read")
+
+
+class ApiKeyRequest(Model):
+    """A new API key for the signed-in user."""
+
+    error_codes: ClassVar[Mapping[str, str]] = {
+        "scopes": "invalid_scopes",
+        "expires_at": "invalid_expiry",
+    }
+
+    name: StrictStr | None = Field(default=None, min_length=1, max_length=100)
+    scopes: list[Scope] = Field(
+        default_factory=lambda: list(ALL_SCOPES),
+        min_length=1,
+        max_length=3,
+    )
+    expires_at: datetime | None = Field(default=None, description="Default: never.")
+
+
+class ApiKeyInfo(Model):
+    id: uuid.UUID
+    name: str | None
+    lookup: str = Field(description="The key's first 20 characters, to tell keys apart.")
+    scopes: list[str]
+    environment: Literal["live", "test"]
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None = Field(description="Up to a minute stale.")
+
+
+class NewApiKey(ApiKeyInfo):
+    """The key, shown this once: only its hash is kept."""
+
+    key: str = Field(description="tb_live_... or tb_test_...: store it now, never shown again.")
+
+
+class ApiKeyList(Model):
+    """The signed-in user's API keys, newest first (no secrets)."""
+
+    api_keys: list[ApiKeyInfo]
+
+
+class Revoked(Model):
+    """The key authenticates nothing from now on."""
+
+    id: uuid.UUID
+    status: Literal["applied", "duplicate"]
+    revoked_at: datetime
 
 
 # --- Stripe webhooks -----------------------------------------------------------------------------

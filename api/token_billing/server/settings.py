@@ -189,6 +189,13 @@ class Settings(BaseSettings):
     """Most balance streams one user may hold open at once (then 429 too_many_streams): one user
     cannot take the slots of the others. A page needs one per tab."""
 
+    api_key_rate_per_second: float = Field(default=20.0, gt=0, le=100_000)
+    """Requests a second one API key may make (a token bucket per key, in each process; then
+    429 rate_limited with Retry-After)."""
+
+    api_key_rate_burst: int = Field(default=40, ge=1, le=1_000_000)
+    """Requests one API key may make at once before API_KEY_RATE_PER_SECOND paces it."""
+
     cors_origins: Annotated[list[str], NoDecode] = []
     """Web origins (scheme://host[:port], comma-separated) whose pages may call the API from a
     browser: preflights are answered and credentials allowed for them only. Empty: same origin
@@ -418,6 +425,13 @@ class Settings(BaseSettings):
         return (
             key.startswith(GENERATED_STRIPE_KEY_PREFIX) and self.stripe_api_base_url == STRIPE_API
         )
+
+    @property
+    def api_key_environment(self) -> str:
+        """live with a live Stripe key, else test: the API keys (tb_live_ or tb_test_) this
+        deployment makes and accepts."""
+        key = self.stripe_secret_key.get_secret_value()
+        return "live" if key.startswith(LIVE_KEY_PREFIXES) else "test"
 
     @property
     def mode(self) -> str:

@@ -1,6 +1,7 @@
 """GET /v1/balance and GET /v1/balance/stream: the signed-in user's balance, now and as it changes.
 
-GET /v1/balance reads `public.my_tokens()` as the user (through RLS). The stream is Server-Sent
+GET /v1/balance reads `public.my_tokens()` as the user (through RLS); with an API key
+(balance:read) it reads `public.get_billing_profile` for the key's user. The stream is Server-Sent
 Events from the app's BalanceBroker (token_billing.server.stream), for deployments without
 Supabase Realtime.
 """
@@ -12,7 +13,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from token_billing.server import schemas
-from token_billing.server.deps import broker, runtime, signed_in
+from token_billing.server.api_keys import looks_like_key
+from token_billing.server.deps import api_key, bearer_token, broker, runtime, signed_in
 from token_billing.server.http_errors import ApiError
 from token_billing.server.openapi import ApiRoute
 from token_billing.server.stream import EventStream, balance_fields
@@ -20,8 +22,13 @@ from token_billing.server.stream import EventStream, balance_fields
 
 async def get_balance(request: Request) -> Response:
     rt = runtime(request)
-    user = await signed_in(request, rt)
-    rows = await rt.db.rpc("my_tokens", {}, user=user)
+    if looks_like_key(bearer_token(request)):
+        # An agent backend's API key (balance:read): read as service_role for the key's user.
+        caller = await api_key(request, rt, "balance:read")
+        rows = await rt.db.rpc("get_billing_profile", {"p_user_id": str(caller.user_id)})
+    else:
+        user = await signed_in(request, rt)
+        rows = await rt.db.rpc("my_tokens", {}, user=user)
     if not rows:
         raise ApiError(404, "unknown_account", "no billing account exists for this user")
     return schemas.respond(schemas.Balance.model_validate(balance_fields(rows[0])))
@@ -50,9 +57,10 @@ routes: list[BaseRoute] = [
         "/v1/balance",
         get_balance,
         methods=["GET"],
-        summary="The signed-in user's balance (public.my_tokens())",
-        security="supabaseAuth",
-        responses={200: schemas.Balance, 404: schemas.ErrorResponse, **schemas.SIGNED_IN_ERRORS},
+        summary="The signed-in user's balance (public.my_tokens()), or an API key's user's",
+        description="An API key needs the scope balance:read.",
+        security=("supabaseAuth", "apiKey"),
+        responses={200: schemas.Balance, 404: schemas.ErrorResponse, **schemas.AGENT_ERRORS},
     ),
     ApiRoute(
         "/v1/balance/stream",
