@@ -29,7 +29,8 @@ declare
     'public.set_product_stripe_price(text, text)',
     'public.list_ledger_entries(uuid, integer)',
     'public.settle_reservations(jsonb)',
-    'public.installed_migrations()'
+    'public.installed_migrations()',
+    'public.deduct_tokens_batch(jsonb)'
   ]::text[];
   v_triggers constant text[] := array[
     'tg_users__50_open_billing_account',
