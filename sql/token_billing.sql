@@ -4921,11 +4921,16 @@ $tb_migration_20261202400100$;
 -- changes nothing; so does a key reused with other arguments (TBKEY), an item's own error.
 -- Objects: public.deduct_tokens_batch().
 --
--- Lock order (20261202400100_fast_ledger.sql): the items run ordered by account (ascending
--- user_id), then as given; each account's advisory lock, then its row, are taken before its
--- first item. Batches touching the same accounts take their locks in one order; a single
--- deduct_tokens takes one account's locks only. The rows come back in that order, each naming
--- its item by its position in p_items (0-based).
+-- How: the items are checked first (a malformed one refuses the batch before anything is
+-- written). Then every account's advisory lock is taken, in ascending user_id order (the lock
+-- order of 20261202400100_fast_ledger.sql), before any row is locked. The common case is one
+-- statement for the whole batch: every account whose available tokens cover all of its items
+-- is locked (ascending user_id) and debited once by their sum, and the items' entries are
+-- inserted in item order with their running balance_after. Should any of those keys exist
+-- already (a retried item, a key given twice), that statement is rolled back and every item
+-- runs one by one as deduct_tokens would. Items of the other accounts (funds that do not cover
+-- the sum, no account) always run one by one, in ascending user_id and item order, so each gets
+-- exactly the status deduct_tokens would give it at that point.
 
 create function public.deduct_tokens_batch(p_items jsonb)
 returns table (item integer, status text, balance bigint, entry_id bigint)
@@ -4938,6 +4943,12 @@ declare
   v_bad record;
   v_item record;
   v_user_id uuid;
+  v_expected bigint;
+  v_inserted bigint;
+  v_covered uuid[];
+  v_items integer[];
+  v_balances bigint[];
+  v_entries bigint[];
 begin
   if p_items is null or jsonb_typeof(p_items) <> 'array' then
     raise exception using
@@ -4959,10 +4970,8 @@ begin
   cross join lateral (
     select case
       when jsonb_typeof(i.item) <> 'object' then 'must be a JSON object'
-      when exists (
-        select 1 from jsonb_object_keys(i.item) as k (name)
-        where k.name not in ('user_id', 'amount', 'idempotency_key', 'description', 'metadata')
-      ) then
+      when i.item - array['user_id', 'amount', 'idempotency_key', 'description', 'metadata']
+        <> '{}'::jsonb then
         'takes only user_id, amount, idempotency_key, description and metadata'
       when jsonb_typeof(i.item -> 'user_id') is distinct from 'string'
         or (i.item ->> 'user_id')
@@ -4997,6 +5006,92 @@ begin
       message = format('p_items[%s] %s, got %s', v_bad.idx, v_bad.reason, left(v_bad.item::text, 200));
   end if;
 
+  -- Every account's advisory lock, in ascending user_id order, before any row lock.
+  perform pg_catalog.pg_advisory_xact_lock(pg_catalog.uuid_hash_extended(u.user_id, 7166))
+  from (
+    select distinct (i.item ->> 'user_id')::uuid as user_id
+    from jsonb_array_elements(p_items) as i (item)
+    order by 1
+  ) as u;
+
+  begin
+    with items as (
+      select
+        (i.position - 1)::integer as idx,
+        (i.item ->> 'user_id')::uuid as user_id,
+        (i.item ->> 'amount')::bigint as amount,
+        i.item ->> 'idempotency_key' as idempotency_key,
+        i.item ->> 'description' as description,
+        coalesce(nullif(i.item -> 'metadata', 'null'::jsonb), '{}'::jsonb) as metadata
+      from jsonb_array_elements(p_items) with ordinality as i (item, position)
+    ),
+
+    totals as (
+      select t.user_id, sum(t.amount)::bigint as total
+      from items as t
+      group by t.user_id
+    ),
+
+    covered as (
+      select a.user_id, t.total
+      from billing.accounts as a
+      inner join totals as t on a.user_id = t.user_id
+      where a.balance - a.reserved >= t.total
+      order by a.user_id
+      for no key update of a
+    ),
+
+    debited as (
+      update billing.accounts as a
+      set balance = a.balance - c.total, undrawn = a.undrawn + c.total, updated_at = now()
+      from covered as c
+      where a.user_id = c.user_id
+      returning a.user_id, a.balance + c.total as balance_before
+    ),
+
+    entries as (
+      insert into billing.ledger_entries (
+        user_id, amount, balance_after, kind, idempotency_key, description, metadata
+      )
+      select
+        t.user_id, -t.amount,
+        d.balance_before - sum(t.amount) over (partition by t.user_id order by t.idx),
+        'usage', t.idempotency_key, t.description, t.metadata
+      from items as t
+      inner join debited as d on t.user_id = d.user_id
+      order by t.user_id, t.idx
+      on conflict (idempotency_key) do nothing
+      returning ledger_entries.id, ledger_entries.user_id, ledger_entries.idempotency_key,
+        ledger_entries.balance_after
+    )
+
+    select
+      (select count(*) from items as t inner join debited as d on t.user_id = d.user_id),
+      (select count(*) from entries),
+      (select array_agg(d.user_id) from debited as d),
+      array_agg(t.idx order by t.idx),
+      array_agg(e.balance_after order by t.idx),
+      array_agg(e.id order by t.idx)
+    into v_expected, v_inserted, v_covered, v_items, v_balances, v_entries
+    from entries as e
+    inner join items as t
+      on e.user_id = t.user_id and e.idempotency_key = t.idempotency_key;
+
+    if v_inserted <> v_expected then
+      -- A key existed already: undo this statement, and run every item one by one below.
+      raise exception using errcode = 'TBRTY';
+    end if;
+  exception when sqlstate 'TBRTY' then
+    v_covered := null;
+    v_items := null;
+  end;
+
+  if v_items is not null then
+    return query
+    select u.idx, 'applied'::text, u.balance_after, u.entry_id
+    from unnest(v_items, v_balances, v_entries) as u (idx, balance_after, entry_id);
+  end if;
+
   for v_item in
     select
       (i.position - 1)::integer as idx,
@@ -5006,15 +5101,10 @@ begin
       i.item ->> 'description' as description,
       coalesce(nullif(i.item -> 'metadata', 'null'::jsonb), '{}'::jsonb) as metadata
     from jsonb_array_elements(p_items) with ordinality as i (item, position)
+    where v_covered is null or (i.item ->> 'user_id')::uuid <> all(v_covered)
     order by 2, i.position
   loop
-    if v_item.user_id is distinct from v_user_id then
-      v_user_id := v_item.user_id;
-      if not pg_catalog.pg_try_advisory_xact_lock(
-        pg_catalog.uuid_hash_extended(v_user_id, 7166)) then
-        perform pg_catalog.pg_advisory_xact_lock(pg_catalog.uuid_hash_extended(v_user_id, 7166));
-      end if;
-    end if;
+    v_user_id := v_item.user_id;
 
     -- public.deduct_tokens's statement.
     with debited as (
@@ -5062,8 +5152,8 @@ comment on function public.deduct_tokens_batch(jsonb) is
 'Charges many usages in one transaction: p_items is a JSON array (at most 1000) of {"user_id": '
 'uuid, "amount": positive integer, "idempotency_key": text, "description": text or null, '
 '"metadata": object or null}. Each item is deduct_tokens (statuses applied, duplicate, '
-'insufficient_funds, unknown_account); one row per item, named by its 0-based position, ordered '
-'by account. 22023 for a malformed item and TBKEY for a reused key refuse the whole batch.';
+'insufficient_funds, unknown_account); one row per item, named by its 0-based position (in no '
+'particular order). 22023 for a malformed item and TBKEY for a reused key refuse the whole batch.';
 
 revoke all on function public.deduct_tokens_batch(jsonb) from public, anon, authenticated;
 grant execute on function public.deduct_tokens_batch(jsonb) to service_role;

@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
 
+from token_billing.coalescer import DeductCoalescer
 from token_billing.db import Database
 from token_billing.errors import InsufficientTokens, UnknownAccount
 
@@ -133,10 +134,15 @@ class Reservation:
 
 
 class TokenBilling:
-    """The token-billing RPCs for a backend, over any `token_billing.db.Database`."""
+    """The token-billing RPCs for a backend, over any `token_billing.db.Database`.
 
-    def __init__(self, db: Database) -> None:
+    `coalescer` (opt-in, `token_billing.coalescer.DeductCoalescer`): `deduct` calls go through
+    it, gathered with concurrent ones into `deduct_tokens_batch` calls; each still gets its own
+    result."""
+
+    def __init__(self, db: Database, *, coalescer: DeductCoalescer | None = None) -> None:
         self.db = db
+        self.coalescer = coalescer
 
     def reserve(
         self,
@@ -160,19 +166,17 @@ class TokenBilling:
         metadata: Mapping[str, Any] | None = None,
     ) -> Result:
         """Charge usage at once; raises InsufficientTokens rather than go below zero."""
-        row = _one(
-            await self.db.rpc(
-                "deduct_tokens",
-                {
-                    "p_user_id": str(user_id),
-                    "p_amount": amount,
-                    "p_idempotency_key": key,
-                    "p_description": description,
-                    "p_metadata": dict(metadata or {}),
-                },
-            ),
-            "deduct_tokens",
-        )
+        params = {
+            "p_user_id": str(user_id),
+            "p_amount": amount,
+            "p_idempotency_key": key,
+            "p_description": description,
+            "p_metadata": dict(metadata or {}),
+        }
+        if self.coalescer is not None:
+            row = await self.coalescer.deduct(params)
+        else:
+            row = _one(await self.db.rpc("deduct_tokens", params), "deduct_tokens")
         if row["status"] == "insufficient_funds":
             # deduct_tokens answers the balance (reserve_tokens answers what is available).
             raise InsufficientTokens(user_id, amount, balance=row.get("balance"))
