@@ -43,4 +43,28 @@ select count(*) from (
   from generate_series(1, 10001) as n
 ) as funded;
 
+-- The references' ledgers get the same one purchase per user that ours has, so every table
+-- starts with rows, its planner statistics say so, and every lookup is an index lookup as it
+-- would be in a live database (on an empty table a cached plan may scan it instead).
+insert into seed_guide.token_transactions (user_id, amount, type, description, event_id)
+select lpad(to_hex(n), 32, '0')::uuid, 2000000000, 'purchase', 'bench fund', 'bench-fund-' || n
+from generate_series(1, 10001) as n;
+
+insert into seed_guide_lean.token_transactions (user_id, amount, type, event_id)
+select lpad(to_hex(n), 32, '0')::uuid, 2000000000, 'purchase', 'bench-fund-' || n
+from generate_series(1, 10001) as n;
+
+insert into bench_floor.ledger (user_id, amount, balance_after)
+select lpad(to_hex(n), 32, '0')::uuid, 1000000000, 1000000000
+from generate_series(1, 10001) as n;
+
+-- And one settled reservation per spread user, for the same reason.
+select count(*) from (
+  select public.settle_reservation(r.reservation_id, 1)
+  from generate_series(1, 10000) as n,
+    lateral public.reserve_tokens(
+      lpad(to_hex(n), 32, '0')::uuid, 1, 'bench-hold-' || n
+    ) as r
+) as settled;
+
 vacuum analyze;
