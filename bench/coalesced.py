@@ -20,7 +20,7 @@ from token_billing.client import TokenBilling
 from token_billing.coalescer import DeductCoalescer
 from token_billing.db import PostgresDatabase
 
-WINDOW_SECONDS = 0.002
+WINDOW_SECONDS = 0.0005
 MAX_IN_FLIGHT = 4
 
 

@@ -4352,33 +4352,24 @@ $tb_migration_20261202400000$;
   if v_installed is null or '20261202400100' <> all(v_installed) then
     execute $tb_migration_20261202400100$
 -- Migration: the deduct and credit paths as one plpgsql function each, one statement on the fast
--- path, behind the account's advisory lock.
+-- path.
 --
 -- Purpose: deduct_tokens is the call agent backends make per model call. It used to be a shell
 -- around billing.debit (a nested call and a second search_path switch per debit) whose helpers
 -- ran even on good input. Now each function on the path checks its arguments inline (the
 -- helpers that word the error run only when a check fails; the key-namespace rule is four
--- `like`s), takes the account's lock, and runs ONE statement: the account update with the funds
--- predicate and the ledger insert `on conflict do nothing`, in one data-modifying CTE. Anything
--- but `applied` (a replayed key, no funds, no account) takes the slow path in a helper.
+-- `like`s) and runs ONE statement: the account update with the funds predicate and the ledger
+-- insert `on conflict do nothing`, in one data-modifying CTE (for a credit, with the bucket
+-- insert too when nothing is undrawn). Anything but `applied` (a replayed key, no funds, no
+-- account) takes the slow path in a helper.
 -- Objects: billing.debit_refused(), billing.credit_refused(); redefines public.deduct_tokens(),
 --   public.add_tokens(), billing.debit(), billing.credit(), billing.check_invariants().
 --
--- Lock order, one rule for every function that locks an account row: take the account's
--- transaction-level advisory lock first,
---   pg_advisory_xact_lock(uuid_hash_extended(user_id, 7166))
--- (pg_try_advisory_xact_lock first: uncontended, it is a plain expression, not a statement),
--- then the row; several accounts in ascending user_id order. Waiters on a hot account then
--- queue in the lock manager, in arrival order, and each one's statement starts after the
--- previous holder committed: its snapshot sees the new balance, so the update neither waits on
--- the tuple lock nor re-runs (EvalPlanQual). Measured with fsync on, one hot account and 32
--- clients, it is the difference between losing to the seed guide and beating it (bench/).
--- A transaction that holds an account's row lock without the advisory lock and then asks for
--- it could deadlock against a queued deduct; hence the rule. Functions that lock an account
--- row and do not take the advisory lock yet (reserve_tokens, settle_reservation(s),
--- release_reservation, expire_tokens, billing.sync_account_plan) take the row alone: on its
--- own that cannot deadlock (they never wait for the advisory lock), but a transaction must not
--- call them before deduct_tokens or add_tokens for the same account.
+-- Lock order, unchanged: every function locks the account row first, with the statement that
+-- changes it, then that user's buckets and reservations; several accounts in ascending user_id
+-- order (deduct_tokens_batch, settle_reservations). A per-account advisory lock taken before
+-- the row (so that waiters on a hot account queue in the lock manager instead of on the tuple)
+-- was measured and not kept: bench/results/history.md.
 
 -- Slow paths ----------------------------------------------------------------------------------
 
@@ -4483,11 +4474,6 @@ begin
     perform billing.require_object('p_metadata', p_metadata);
   end if;
 
-  -- The account's lock first (the lock order of this migration's header).
-  if not pg_catalog.pg_try_advisory_xact_lock(pg_catalog.uuid_hash_extended(p_user_id, 7166)) then
-    perform pg_catalog.pg_advisory_xact_lock(pg_catalog.uuid_hash_extended(p_user_id, 7166));
-  end if;
-
   -- One statement: lock and debit the account (usage never takes available below zero), then
   -- write the entry unless its key exists already.
   with debited as (
@@ -4544,10 +4530,6 @@ begin
     perform billing.require_amount('p_amount', p_amount);
     perform billing.require_key('p_idempotency_key', p_idempotency_key);
     perform billing.require_object('p_metadata', p_metadata);
-  end if;
-
-  if not pg_catalog.pg_try_advisory_xact_lock(pg_catalog.uuid_hash_extended(p_user_id, 7166)) then
-    perform pg_catalog.pg_advisory_xact_lock(pg_catalog.uuid_hash_extended(p_user_id, 7166));
   end if;
 
   -- public.deduct_tokens's statement, with the kind and the debt rule of the caller.
@@ -4610,10 +4592,6 @@ begin
     perform billing.require_amount('p_amount', p_amount);
     perform billing.require_key('p_idempotency_key', p_idempotency_key);
     perform billing.require_object('p_metadata', p_metadata);
-  end if;
-
-  if not pg_catalog.pg_try_advisory_xact_lock(pg_catalog.uuid_hash_extended(p_user_id, 7166)) then
-    perform pg_catalog.pg_advisory_xact_lock(pg_catalog.uuid_hash_extended(p_user_id, 7166));
   end if;
 
   -- One statement: lock the account, credit it and take its undrawn debits, write the entry
@@ -4727,10 +4705,6 @@ begin
     raise exception using
       errcode = '22023',
       message = format('p_expires_at must be in the future, got %s', p_expires_at);
-  end if;
-
-  if not pg_catalog.pg_try_advisory_xact_lock(pg_catalog.uuid_hash_extended(p_user_id, 7166)) then
-    perform pg_catalog.pg_advisory_xact_lock(pg_catalog.uuid_hash_extended(p_user_id, 7166));
   end if;
 
   -- billing.credit's statement (one function call less on the public path).
@@ -4922,15 +4896,14 @@ $tb_migration_20261202400100$;
 -- Objects: public.deduct_tokens_batch().
 --
 -- How: the items are checked first (a malformed one refuses the batch before anything is
--- written). Then every account's advisory lock is taken, in ascending user_id order (the lock
--- order of 20261202400100_fast_ledger.sql), before any row is locked. The common case is one
--- statement for the whole batch: every account whose available tokens cover all of its items
--- is locked (ascending user_id) and debited once by their sum, and the items' entries are
--- inserted in item order with their running balance_after. Should any of those keys exist
--- already (a retried item, a key given twice), that statement is rolled back and every item
--- runs one by one as deduct_tokens would. Items of the other accounts (funds that do not cover
--- the sum, no account) always run one by one, in ascending user_id and item order, so each gets
--- exactly the status deduct_tokens would give it at that point.
+-- written). The common case is then one statement for the whole batch: it locks every account
+-- of the batch in ascending user_id order (the lock order of 20261202400100_fast_ledger.sql),
+-- debits each account whose available tokens cover all of its items once by their sum, and
+-- inserts the items' entries in item order with their running balance_after. Should any of
+-- those keys exist already (a retried item, a key given twice), that statement is rolled back
+-- and every item runs one by one as deduct_tokens would. Items of the other accounts (funds
+-- that do not cover the sum, no account) always run one by one, in ascending user_id and item
+-- order, so each gets exactly the status deduct_tokens would give it at that point.
 
 create function public.deduct_tokens_batch(p_items jsonb)
 returns table (item integer, status text, balance bigint, entry_id bigint)
@@ -4978,8 +4951,8 @@ begin
         !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' then
         'user_id must be a uuid'
       when jsonb_typeof(i.item -> 'amount') is distinct from 'number'
-        or (i.item ->> 'amount') !~ '^[0-9]{1,16}$'
-        or (i.item ->> 'amount')::bigint not between 1 and 1000000000000000 then
+        or (i.item -> 'amount')::numeric not between 1 and 1000000000000000
+        or (i.item -> 'amount')::numeric <> trunc((i.item -> 'amount')::numeric) then
         'amount must be a positive integer of at most 10^15'
       when jsonb_typeof(i.item -> 'idempotency_key') is distinct from 'string'
         or length(i.item ->> 'idempotency_key') > 255
@@ -5006,14 +4979,6 @@ begin
       message = format('p_items[%s] %s, got %s', v_bad.idx, v_bad.reason, left(v_bad.item::text, 200));
   end if;
 
-  -- Every account's advisory lock, in ascending user_id order, before any row lock.
-  perform pg_catalog.pg_advisory_xact_lock(pg_catalog.uuid_hash_extended(u.user_id, 7166))
-  from (
-    select distinct (i.item ->> 'user_id')::uuid as user_id
-    from jsonb_array_elements(p_items) as i (item)
-    order by 1
-  ) as u;
-
   begin
     with items as (
       select
@@ -5032,21 +4997,21 @@ begin
       group by t.user_id
     ),
 
-    covered as (
+    -- Every account of the batch, locked in ascending user_id order before any is changed.
+    locked as (
       select a.user_id, t.total
       from billing.accounts as a
       inner join totals as t on a.user_id = t.user_id
-      where a.balance - a.reserved >= t.total
       order by a.user_id
       for no key update of a
     ),
 
     debited as (
       update billing.accounts as a
-      set balance = a.balance - c.total, undrawn = a.undrawn + c.total, updated_at = now()
-      from covered as c
-      where a.user_id = c.user_id
-      returning a.user_id, a.balance + c.total as balance_before
+      set balance = a.balance - l.total, undrawn = a.undrawn + l.total, updated_at = now()
+      from locked as l
+      where a.user_id = l.user_id and a.balance - a.reserved >= l.total
+      returning a.user_id, a.balance + l.total as balance_before
     ),
 
     entries as (

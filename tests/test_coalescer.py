@@ -113,17 +113,19 @@ def test_a_failed_batch_should_be_retried_item_by_item(db: Database) -> None:
             tokens.deduct(user, 2, key="co-e"),
             return_exceptions=True,
         )
-        return answers, coalescer.batches_sent - before
+        return list(answers), coalescer.batches_sent - before
 
     answers, batches = run(db, body)
     assert batches == 1, "the six calls should have gone out as one batch"
     applied_a, conflict, poor_answer, unknown, invalid, applied_e = answers
-    assert isinstance(applied_a, Result) and applied_a.status == "applied"
+    assert isinstance(applied_a, Result)
+    assert applied_a.status == "applied"
     assert isinstance(conflict, IdempotencyConflict)
     assert isinstance(poor_answer, InsufficientTokens)
     assert isinstance(unknown, UnknownAccount)
     assert isinstance(invalid, InvalidArgument)
-    assert isinstance(applied_e, Result) and applied_e.status == "applied"
+    assert isinstance(applied_e, Result)
+    assert applied_e.status == "applied"
     assert account(db, user)["balance"] == 100 - 5 - 1 - 2
     assert scalar(db, "select count(*) from billing.check_invariants()") == 0
 

@@ -75,6 +75,7 @@ class DeductCoalescer:
         self._pending: list[_Pending] = []
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._waiting_senders = 0
         # Counters for operators and the bench: deduct_tokens_batch calls made, items they held.
         self.batches_sent = 0
         self.items_sent = 0
@@ -86,31 +87,41 @@ class DeductCoalescer:
         pending = _Pending(dict(params), loop.create_future())
         _item(pending.params)  # an unknown parameter fails here, in its caller
         self._pending.append(pending)
-        if len(self._pending) >= self.max_items:
-            self._flush()
-        elif self._timer is None:
-            self._timer = loop.call_later(self.window_seconds, self._flush)
+        if self._waiting_senders == 0:
+            if len(self._pending) >= self.max_items:
+                self._flush()
+            elif self._timer is None:
+                self._timer = loop.call_later(self.window_seconds, self._flush)
         return await pending.future
 
     async def aclose(self) -> None:
         """Send what is gathered and wait for every batch in flight."""
-        self._flush()
-        while self._tasks:
+        while self._pending or self._tasks:
+            if self._pending and self._waiting_senders == 0:
+                self._flush()
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _flush(self) -> None:
+        """Hand what is pending to a sender; it takes the batch once it has a slot."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        batch, self._pending = self._pending, []
-        if not batch:
+        if not self._pending:
             return
-        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._waiting_senders += 1
+        task = asyncio.get_running_loop().create_task(self._send())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, batch: list[_Pending]) -> None:
+    async def _send(self) -> None:
         async with self._slots:
+            self._waiting_senders -= 1
+            # The batch is what is pending when a slot frees: while every slot is busy, calls
+            # keep gathering into the next batch instead of queueing as small ones.
+            batch = self._pending[: self.max_items]
+            del self._pending[: self.max_items]
+            if self._pending and self._waiting_senders == 0:
+                self._flush()
             live = [p for p in batch if not p.future.done()]
             if not live:
                 return

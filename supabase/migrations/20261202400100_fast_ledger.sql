@@ -1,31 +1,22 @@
 -- Migration: the deduct and credit paths as one plpgsql function each, one statement on the fast
--- path, behind the account's advisory lock.
+-- path.
 --
 -- Purpose: deduct_tokens is the call agent backends make per model call. It used to be a shell
 -- around billing.debit (a nested call and a second search_path switch per debit) whose helpers
 -- ran even on good input. Now each function on the path checks its arguments inline (the
 -- helpers that word the error run only when a check fails; the key-namespace rule is four
--- `like`s), takes the account's lock, and runs ONE statement: the account update with the funds
--- predicate and the ledger insert `on conflict do nothing`, in one data-modifying CTE. Anything
--- but `applied` (a replayed key, no funds, no account) takes the slow path in a helper.
+-- `like`s) and runs ONE statement: the account update with the funds predicate and the ledger
+-- insert `on conflict do nothing`, in one data-modifying CTE (for a credit, with the bucket
+-- insert too when nothing is undrawn). Anything but `applied` (a replayed key, no funds, no
+-- account) takes the slow path in a helper.
 -- Objects: billing.debit_refused(), billing.credit_refused(); redefines public.deduct_tokens(),
 --   public.add_tokens(), billing.debit(), billing.credit(), billing.check_invariants().
 --
--- Lock order, one rule for every function that locks an account row: take the account's
--- transaction-level advisory lock first,
---   pg_advisory_xact_lock(uuid_hash_extended(user_id, 7166))
--- (pg_try_advisory_xact_lock first: uncontended, it is a plain expression, not a statement),
--- then the row; several accounts in ascending user_id order. Waiters on a hot account then
--- queue in the lock manager, in arrival order, and each one's statement starts after the
--- previous holder committed: its snapshot sees the new balance, so the update neither waits on
--- the tuple lock nor re-runs (EvalPlanQual). Measured with fsync on, one hot account and 32
--- clients, it is the difference between losing to the seed guide and beating it (bench/).
--- A transaction that holds an account's row lock without the advisory lock and then asks for
--- it could deadlock against a queued deduct; hence the rule. Functions that lock an account
--- row and do not take the advisory lock yet (reserve_tokens, settle_reservation(s),
--- release_reservation, expire_tokens, billing.sync_account_plan) take the row alone: on its
--- own that cannot deadlock (they never wait for the advisory lock), but a transaction must not
--- call them before deduct_tokens or add_tokens for the same account.
+-- Lock order, unchanged: every function locks the account row first, with the statement that
+-- changes it, then that user's buckets and reservations; several accounts in ascending user_id
+-- order (deduct_tokens_batch, settle_reservations). A per-account advisory lock taken before
+-- the row (so that waiters on a hot account queue in the lock manager instead of on the tuple)
+-- was measured and not kept: bench/results/history.md.
 
 -- Slow paths ----------------------------------------------------------------------------------
 
@@ -130,11 +121,6 @@ begin
     perform billing.require_object('p_metadata', p_metadata);
   end if;
 
-  -- The account's lock first (the lock order of this migration's header).
-  if not pg_catalog.pg_try_advisory_xact_lock(pg_catalog.uuid_hash_extended(p_user_id, 7166)) then
-    perform pg_catalog.pg_advisory_xact_lock(pg_catalog.uuid_hash_extended(p_user_id, 7166));
-  end if;
-
   -- One statement: lock and debit the account (usage never takes available below zero), then
   -- write the entry unless its key exists already.
   with debited as (
@@ -191,10 +177,6 @@ begin
     perform billing.require_amount('p_amount', p_amount);
     perform billing.require_key('p_idempotency_key', p_idempotency_key);
     perform billing.require_object('p_metadata', p_metadata);
-  end if;
-
-  if not pg_catalog.pg_try_advisory_xact_lock(pg_catalog.uuid_hash_extended(p_user_id, 7166)) then
-    perform pg_catalog.pg_advisory_xact_lock(pg_catalog.uuid_hash_extended(p_user_id, 7166));
   end if;
 
   -- public.deduct_tokens's statement, with the kind and the debt rule of the caller.
@@ -257,10 +239,6 @@ begin
     perform billing.require_amount('p_amount', p_amount);
     perform billing.require_key('p_idempotency_key', p_idempotency_key);
     perform billing.require_object('p_metadata', p_metadata);
-  end if;
-
-  if not pg_catalog.pg_try_advisory_xact_lock(pg_catalog.uuid_hash_extended(p_user_id, 7166)) then
-    perform pg_catalog.pg_advisory_xact_lock(pg_catalog.uuid_hash_extended(p_user_id, 7166));
   end if;
 
   -- One statement: lock the account, credit it and take its undrawn debits, write the entry
@@ -374,10 +352,6 @@ begin
     raise exception using
       errcode = '22023',
       message = format('p_expires_at must be in the future, got %s', p_expires_at);
-  end if;
-
-  if not pg_catalog.pg_try_advisory_xact_lock(pg_catalog.uuid_hash_extended(p_user_id, 7166)) then
-    perform pg_catalog.pg_advisory_xact_lock(pg_catalog.uuid_hash_extended(p_user_id, 7166));
   end if;
 
   -- billing.credit's statement (one function call less on the public path).

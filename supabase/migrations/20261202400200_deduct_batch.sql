@@ -9,15 +9,14 @@
 -- Objects: public.deduct_tokens_batch().
 --
 -- How: the items are checked first (a malformed one refuses the batch before anything is
--- written). Then every account's advisory lock is taken, in ascending user_id order (the lock
--- order of 20261202400100_fast_ledger.sql), before any row is locked. The common case is one
--- statement for the whole batch: every account whose available tokens cover all of its items
--- is locked (ascending user_id) and debited once by their sum, and the items' entries are
--- inserted in item order with their running balance_after. Should any of those keys exist
--- already (a retried item, a key given twice), that statement is rolled back and every item
--- runs one by one as deduct_tokens would. Items of the other accounts (funds that do not cover
--- the sum, no account) always run one by one, in ascending user_id and item order, so each gets
--- exactly the status deduct_tokens would give it at that point.
+-- written). The common case is then one statement for the whole batch: it locks every account
+-- of the batch in ascending user_id order (the lock order of 20261202400100_fast_ledger.sql),
+-- debits each account whose available tokens cover all of its items once by their sum, and
+-- inserts the items' entries in item order with their running balance_after. Should any of
+-- those keys exist already (a retried item, a key given twice), that statement is rolled back
+-- and every item runs one by one as deduct_tokens would. Items of the other accounts (funds
+-- that do not cover the sum, no account) always run one by one, in ascending user_id and item
+-- order, so each gets exactly the status deduct_tokens would give it at that point.
 
 create function public.deduct_tokens_batch(p_items jsonb)
 returns table (item integer, status text, balance bigint, entry_id bigint)
@@ -65,8 +64,8 @@ begin
         !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' then
         'user_id must be a uuid'
       when jsonb_typeof(i.item -> 'amount') is distinct from 'number'
-        or (i.item ->> 'amount') !~ '^[0-9]{1,16}$'
-        or (i.item ->> 'amount')::bigint not between 1 and 1000000000000000 then
+        or (i.item -> 'amount')::numeric not between 1 and 1000000000000000
+        or (i.item -> 'amount')::numeric <> trunc((i.item -> 'amount')::numeric) then
         'amount must be a positive integer of at most 10^15'
       when jsonb_typeof(i.item -> 'idempotency_key') is distinct from 'string'
         or length(i.item ->> 'idempotency_key') > 255
@@ -93,14 +92,6 @@ begin
       message = format('p_items[%s] %s, got %s', v_bad.idx, v_bad.reason, left(v_bad.item::text, 200));
   end if;
 
-  -- Every account's advisory lock, in ascending user_id order, before any row lock.
-  perform pg_catalog.pg_advisory_xact_lock(pg_catalog.uuid_hash_extended(u.user_id, 7166))
-  from (
-    select distinct (i.item ->> 'user_id')::uuid as user_id
-    from jsonb_array_elements(p_items) as i (item)
-    order by 1
-  ) as u;
-
   begin
     with items as (
       select
@@ -119,21 +110,21 @@ begin
       group by t.user_id
     ),
 
-    covered as (
+    -- Every account of the batch, locked in ascending user_id order before any is changed.
+    locked as (
       select a.user_id, t.total
       from billing.accounts as a
       inner join totals as t on a.user_id = t.user_id
-      where a.balance - a.reserved >= t.total
       order by a.user_id
       for no key update of a
     ),
 
     debited as (
       update billing.accounts as a
-      set balance = a.balance - c.total, undrawn = a.undrawn + c.total, updated_at = now()
-      from covered as c
-      where a.user_id = c.user_id
-      returning a.user_id, a.balance + c.total as balance_before
+      set balance = a.balance - l.total, undrawn = a.undrawn + l.total, updated_at = now()
+      from locked as l
+      where a.user_id = l.user_id and a.balance - a.reserved >= l.total
+      returning a.user_id, a.balance + l.total as balance_before
     ),
 
     entries as (

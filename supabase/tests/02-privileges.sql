@@ -224,7 +224,12 @@ select throws_ok(
   '42501', null, 'anon should not deduct tokens'
 );
 select throws_ok(
-  $$select * from public.deduct_tokens_batch('[{"user_id": "00000000-0000-0000-0000-00000000000a", "amount": 1, "idempotency_key": "anon-batch"}]')$$,
+  $$
+    select * from public.deduct_tokens_batch(
+      '[{"user_id": "00000000-0000-0000-0000-00000000000a", "amount": 1,
+        "idempotency_key": "anon-batch"}]'
+    )
+  $$,
   '42501', null, 'anon should not deduct tokens in a batch'
 );
 select throws_ok(

@@ -41,8 +41,10 @@ select results_eq(
   'each item should write its own usage entry, as deduct_tokens does'
 );
 select ok(
-  (select min(entry_id) filter (where item = 0) < min(entry_id) filter (where item = 2)
-    from first_batch),
+  (
+    select min(entry_id) filter (where item = 0) < min(entry_id) filter (where item = 2)
+    from first_batch
+  ),
   'an account''s entries should follow the items'' order'
 );
 select results_eq(
@@ -171,7 +173,8 @@ select throws_ok(
     ]$j$)
   $$,
   '22023',
-  'p_items[1] amount must be a positive integer of at most 10^15, got {"amount": 0, "user_id": "00000000-0000-0000-0000-0000000000c2", "idempotency_key": "db-13"}',
+  'p_items[1] amount must be a positive integer of at most 10^15, got {"amount": 0, '
+  || '"user_id": "00000000-0000-0000-0000-0000000000c2", "idempotency_key": "db-13"}',
   'a non-positive amount should refuse the batch, naming the item'
 );
 select throws_like(
