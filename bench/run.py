@@ -119,7 +119,7 @@ def prepare(cluster: PgCluster, opts: Options) -> list[str]:
     cluster.mark_template(TEMPLATE)
     log(f"migrated template in {time.monotonic() - started:.1f}s")
 
-    load_fixtures(cluster, MAIN_DB)
+    load_fixtures(cluster, MAIN_DB, reservations=True)
     if stripe.handle_stripe_event_exists(cluster, MAIN_DB) and stripe.fixtures_present():
         stripe.load(cluster, MAIN_DB)
     cluster.create_database(TPCB_DB)
@@ -128,12 +128,14 @@ def prepare(cluster: PgCluster, opts: Options) -> list[str]:
     return notes
 
 
-def load_fixtures(cluster: PgCluster, dbname: str) -> None:
+def load_fixtures(cluster: PgCluster, dbname: str, *, reservations: bool = False) -> None:
     cluster.create_database(dbname, template=TEMPLATE)
     cluster.psql(dbname, file=BENCH / "reference" / "floor.sql", user=OWNER)
     cluster.psql(dbname, file=BENCH / "reference" / "seed_guide_token_billing.sql", user=OWNER)
     cluster.psql(dbname, file=BENCH / "reference" / "seed_guide_lean.sql", user=OWNER)
     cluster.psql(dbname, file=BENCH / "sql" / "fixtures.sql")
+    if reservations:
+        cluster.psql(dbname, file=BENCH / "sql" / "fixtures_reservations.sql")
 
 
 def ledger_high_water(cluster: PgCluster, dbname: str) -> int:

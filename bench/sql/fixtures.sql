@@ -58,13 +58,4 @@ insert into bench_floor.ledger (user_id, amount, balance_after)
 select lpad(to_hex(n), 32, '0')::uuid, 1000000000, 1000000000
 from generate_series(1, 10001) as n;
 
--- And one settled reservation per spread user, for the same reason.
-select count(*) from (
-  select public.settle_reservation(r.reservation_id, 1)
-  from generate_series(1, 10000) as n,
-    lateral public.reserve_tokens(
-      lpad(to_hex(n), 32, '0')::uuid, 1, 'bench-hold-' || n
-    ) as r
-) as settled;
-
 vacuum analyze;
