@@ -3,7 +3,7 @@
 -- 02-privileges.sql, with every other function's.
 begin;
 set local search_path = extensions, public;
-select plan(23);
+select plan(24);
 
 -- Two users with the signup grant of 100 each.
 select tests.create_user('00000000-0000-0000-0000-0000000000c1', 'c1@example.com');
@@ -246,6 +246,30 @@ select results_eq(
 
 reset role;
 select tests.invariants_hold('balances should equal entry sums after every batch');
+
+-- The writers' rules the ledger's CHECK no longer holds are reported by check_invariants()
+-- (an owner's direct insert, which no API role can make).
+insert into billing.ledger_entries (user_id, amount, balance_after, kind, idempotency_key)
+values
+('00000000-0000-0000-0000-0000000000c2', -1, 58, 'usage', 'expiry:42'),
+('00000000-0000-0000-0000-0000000000c2', 1, 59, 'bonus', 'db-bonus');
+select results_eq(
+  $$
+    select problem from billing.check_invariants()
+    where problem like '%expiry:42%' or problem like '%bonus%'
+    order by problem
+  $$,
+  $$
+    select format(
+      'entry %s: key expiry:42 is in token-billing''s namespace but not its entry', e.id)
+    from billing.ledger_entries as e where e.idempotency_key = 'expiry:42'
+    union all
+    select format('entry %s: kind bonus is not a known kind', e.id)
+    from billing.ledger_entries as e where e.idempotency_key = 'db-bonus'
+    order by 1
+  $$,
+  'check_invariants should report an unknown kind and a key in token-billing''s namespace'
+);
 
 select * from finish();
 rollback;
