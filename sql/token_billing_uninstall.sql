@@ -29,6 +29,10 @@ declare
     'public.set_product_stripe_price(text, text)',
     'public.list_ledger_entries(uuid, integer)',
     'public.settle_reservations(jsonb)',
+    'public.extend_reservation(uuid, interval)',
+    'public.get_reservation(uuid)',
+    'public.record_checkout_session(jsonb)',
+    'public.record_payment_intent(jsonb)',
     'public.installed_migrations()',
     'public.deduct_tokens_batch(jsonb)'
   ]::text[];

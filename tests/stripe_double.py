@@ -45,6 +45,7 @@ class StripeState:
     sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
     products: dict[str, dict[str, Any]] = field(default_factory=dict)
     prices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    line_items: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 def nest(flat: dict[str, str]) -> dict[str, Any]:
@@ -148,6 +149,17 @@ class StripeDouble:
             **fields,
         }
 
+    def add_line_items(self, session_id: str, price_id: str, quantity: int = 1) -> None:
+        """A session made elsewhere (a Payment Link, the dashboard): its one line item."""
+        self.state.line_items[session_id] = [
+            {
+                "id": f"li_{session_id}",
+                "object": "item",
+                "price": self.state.prices[price_id],
+                "quantity": quantity,
+            }
+        ]
+
     # --- the server side ----------------------------------------------------------------------
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}_double{next(self._ids):06d}"
@@ -234,6 +246,13 @@ class StripeDouble:
                 return 200, self.state.customers[customer_id]
             case ("POST", ["v1", "checkout", "sessions"]):
                 return self._checkout(data)
+            case ("GET", ["v1", "checkout", "sessions", session_id, "line_items"]):
+                if session_id not in self.state.line_items:
+                    return _missing("checkout.session", session_id, 404)
+                items = self.state.line_items[session_id]
+                return 200, {"object": "list", "data": items, "has_more": False, "url": path}
+            case ("POST", ["v1", "payment_intents"]):
+                return self._payment_intent(data)
             case ("POST", ["v1", "billing_portal", "sessions"]):
                 customer_id = data.get("customer", "")
                 if customer_id not in self.state.customers:
@@ -318,6 +337,7 @@ class StripeDouble:
                     "You must provide at least one recurring price in `subscription` mode.",
                 )
         session_id = self._new_id("cs_test")
+        prices = [self.state.prices[item.get("price")] for item in items]
         session = {
             "id": session_id,
             "object": "checkout.session",
@@ -329,10 +349,49 @@ class StripeDouble:
             "cancel_url": data.get("cancel_url"),
             "status": "open",
             "payment_status": "unpaid",
+            "amount_total": sum(
+                int(price.get("unit_amount") or 0) * int(item.get("quantity") or 1)
+                for price, item in zip(prices, items, strict=True)
+            ),
+            "currency": prices[0].get("currency", "usd") if prices else "usd",
+            "livemode": False,
             "url": f"https://checkout.stripe.com/c/pay/{session_id}",
         }
+        self.state.line_items[session_id] = [
+            {
+                "id": f"li_{session_id}_{n}",
+                "object": "item",
+                "price": price,
+                "quantity": int(item.get("quantity") or 1),
+            }
+            for n, (price, item) in enumerate(zip(prices, items, strict=True))
+        ]
         self.state.sessions[session_id] = session
         return 200, session
+
+    def _payment_intent(self, data: dict[str, Any]) -> tuple[int, Any]:
+        """The fields of openapi-fixtures3/payment_intent.json that a new PaymentIntent has."""
+        amount = data.get("amount", "")
+        if not amount.isdigit() or not data.get("currency"):
+            return 400, _error("invalid_request_error", "Missing required param: amount.", "amount")
+        customer_id = data.get("customer")
+        if customer_id is not None and customer_id not in self.state.customers:
+            return _missing("customer", customer_id)
+        intent_id = self._new_id("pi")
+        intent = {
+            "id": intent_id,
+            "object": "payment_intent",
+            "amount": int(amount),
+            "amount_received": 0,
+            "currency": data["currency"],
+            "customer": customer_id,
+            "metadata": data.get("metadata", {}),
+            "status": "requires_payment_method",
+            "client_secret": f"{intent_id}_secret_{intent_id[-8:]}",
+            "livemode": False,
+        }
+        self.state.sessions[intent_id] = intent
+        return 200, intent
 
     def _create_price(self, data: dict[str, Any]) -> tuple[int, Any]:
         product_id = data.get("product")

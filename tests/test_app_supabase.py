@@ -31,11 +31,11 @@ from tests.app_support import (
     JWT_SECRET,
     account,
     bearer,
-    derived_checkout_event,
     encode,
     new_user,
     settings_for,
     sign,
+    sold_checkout_event,
 )
 from token_billing.client import TokenBilling
 from token_billing.db import SupabaseDatabase
@@ -203,7 +203,7 @@ def test_supabase_path_should_handle_a_webhook_once(
     db: Database, postgrest: PostgrestStandIn, client: TestClient
 ) -> None:
     user = new_user(db)
-    payload = encode(derived_checkout_event(user, "pack_100"))
+    payload = encode(sold_checkout_event(db, user, "pack_100"))
     headers = {"Stripe-Signature": sign(payload)}
     first = client.post("/v1/webhooks/stripe", content=payload, headers=headers)
     again = client.post("/v1/webhooks/stripe", content=payload, headers=headers)
@@ -215,7 +215,7 @@ def test_supabase_path_should_handle_a_webhook_once(
 def test_supabase_path_should_map_sqlstates_like_the_direct_path(
     db: Database, postgrest: PostgrestStandIn, client: TestClient
 ) -> None:
-    event = derived_checkout_event(new_user(db), "pack_100")
+    event = sold_checkout_event(db, new_user(db), "pack_100")
     event["created"] = "yesterday"
     payload = encode(event)
     response = client.post(

@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
 from scripts import web as web_build
 from scripts.dev import DEMO_USER_ID, read_env_file
@@ -194,6 +195,11 @@ def signed_in(browser: Browser, stack: Stack) -> None:
 
 def post_purchase(stack: Stack) -> httpx.Response:
     event = derived_checkout_event(uuid.UUID(DEMO_USER_ID), "pack_100")
+    # Sold first: the service records each session it creates before the user can pay it.
+    with stack.connect() as conn:
+        conn.execute(
+            "select * from public.record_checkout_session(%s)", [Jsonb(event["data"]["object"])]
+        )
     payload = encode(event)
     return httpx.post(
         f"{stack.url}/v1/webhooks/stripe",

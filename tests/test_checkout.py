@@ -396,3 +396,67 @@ def test_portal_should_refuse_anonymous_users(
 ) -> None:
     response = client.post(PORTAL, headers=bearer(new_user(priced), is_anonymous=True))
     assert response.status_code == 403
+
+
+# --- what was sold is recorded; the Payment Element ---------------------------------------------
+
+
+def test_checkout_session_should_be_recorded_before_its_url_is_returned(
+    priced: Database, client: TestClient
+) -> None:
+    user = new_user(priced)
+    response = checkout(client, user, product="pack_100", quantity=2)
+    assert response.status_code == 201, response.text
+    session_id = response.json()["id"]
+    row = scalar(
+        priced,
+        "select row(kind, user_id::text, product_code, quantity, amount_cents, currency, "
+        "livemode)::text from billing.stripe_sales where id = %s",
+        [session_id],
+    )
+    assert row == f"(checkout_session,{user},pack_100,2,1000,usd,f)"
+
+
+def test_payment_intent_should_be_created_for_a_pack_and_recorded(
+    priced: Database, client: TestClient, stripe_double: StripeDouble
+) -> None:
+    user = new_user(priced)
+    response = client.post(
+        "/v1/payment-intents", json={"product": "pack_100", "quantity": 3}, headers=bearer(user)
+    )
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert set(body) == {"id", "client_secret"}
+    assert body["id"].startswith("pi_")
+    assert body["client_secret"].startswith(f"{body['id']}_secret_")
+    intent_post = stripe_double.posts("/v1/payment_intents")[0]
+    p = intent_post.params
+    assert p["amount"] == "1500", "price_cents x quantity, in minor units"
+    assert p["currency"] == "usd"
+    assert p["customer"] == customer_of(priced, user)
+    assert p["metadata[user_id]"] == str(user)
+    assert p["metadata[product]"] == "pack_100"
+    assert p["metadata[quantity]"] == "3"
+    assert p["automatic_payment_methods[enabled]"] == "true"
+    assert intent_post.idempotency_key, "the PaymentIntent should carry an Idempotency-Key"
+    assert (
+        scalar(
+            priced,
+            "select row(kind, product_code, quantity, amount_cents)::text "
+            "from billing.stripe_sales where id = %s",
+            [body["id"]],
+        )
+        == "(payment_intent,pack_100,3,1500)"
+    )
+
+
+def test_payment_intent_should_refuse_plans_and_unknown_products(
+    priced: Database, client: TestClient, stripe_double: StripeDouble
+) -> None:
+    user = new_user(priced)
+    plan = client.post("/v1/payment-intents", json={"product": "starter"}, headers=bearer(user))
+    assert plan.status_code == 422
+    assert plan.json()["error"]["code"] == "not_a_pack"
+    unknown = client.post("/v1/payment-intents", json={"product": "nope"}, headers=bearer(user))
+    assert unknown.status_code == 404
+    assert stripe_double.posts("/v1/payment_intents") == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -14,10 +15,13 @@ from scripts.pgcluster import Database
 from tests.app_support import account, new_user, scalar
 from token_billing import (
     DatabaseError,
+    HoldExpired,
+    HoldResolved,
     IdempotencyConflict,
     InsufficientTokens,
     InvalidArgument,
     ReservationNotFound,
+    Result,
     TokenBilling,
     TokenBillingError,
     UnknownAccount,
@@ -256,3 +260,154 @@ def test_invalid_amount_should_raise_22023_naming_the_argument(db: Database) -> 
         run(db, body)
     assert caught.value.sqlstate == "22023"
     assert "p_amount" in caught.value.message
+
+
+def _hold(db: Database, reservation_id: uuid.UUID | None) -> tuple[str, bool, bool]:
+    """status, whether it was extended, and whether its expiry is later than its first one."""
+    with db.connect() as conn:
+        row = conn.execute(
+            "select status, first_expires_at is not null, expires_at > first_expires_at "
+            "from billing.reservations where id = %s",
+            [str(reservation_id)],
+        ).fetchone()
+    assert row is not None
+    return row[0], row[1], bool(row[2])
+
+
+def test_a_hold_should_keep_itself_alive_while_the_block_runs(db: Database) -> None:
+    user = new_user(db)
+
+    async def body(tokens: TokenBilling) -> tuple[tuple[str, bool, bool], int, int, str]:
+        # A 2 s hold extended every 0.2 s: wait (however slow the machine) for two beats.
+        async with tokens.reserve(user, 40, ttl=timedelta(seconds=2), heartbeat=0.1) as r:
+            for _ in range(200):
+                if r.extensions >= 2:
+                    break
+                await asyncio.sleep(0.1)
+            during = _hold(db, r.id)
+            settled = await r.settle(25)
+        after_exit = r.extensions
+        await asyncio.sleep(0.5)  # two beats' time: a heartbeat still running would extend
+        return during, after_exit, r.extensions, settled.status
+
+    during, after_exit, later, status = run(db, body)
+    assert during == ("pending", True, True), "the heartbeat should have moved the expiry later"
+    assert after_exit >= 2
+    assert later == after_exit, "the heartbeat should stop when the block settles"
+    assert status == "applied"
+    assert account(db, user)["balance"] == 75
+
+
+def test_work_that_outlives_its_hold_should_still_be_charged_once(db: Database) -> None:
+    user = new_user(db)
+
+    async def body(tokens: TokenBilling) -> tuple[str, bool, int | None, str]:
+        async with tokens.reserve(user, 40, key="long-run", heartbeat=None) as r:
+            # The work outlives the TTL: expiry resolves the hold while the block runs.
+            db.psql("select * from public.expire_tokens(now() + interval '1 hour')")
+            settled = await r.settle(30)
+            again = await r.settle(30)
+        return settled.status, settled.hold_expired, settled.balance, again.status
+
+    status, hold_expired, balance, again = run(db, body)
+    assert (status, hold_expired, balance) == ("applied", True, 70), "never a silent zero"
+    assert again == "duplicate", "a retried settle should not charge twice"
+    assert (
+        scalar(
+            db,
+            "select amount from billing.ledger_entries where idempotency_key = "
+            "'hold-expired:' || (select id from billing.reservations where idempotency_key = %s)",
+            ["long-run"],
+        )
+        == -30
+    )
+
+
+def test_an_expired_hold_the_balance_no_longer_covers_should_raise_hold_expired(
+    db: Database,
+) -> None:
+    user = new_user(db)
+
+    async def body(tokens: TokenBilling) -> None:
+        async with tokens.reserve(user, 40, heartbeat=None) as r:
+            db.psql("select * from public.expire_tokens(now() + interval '1 hour')")
+            await tokens.deduct(user, 90, key="spent-meanwhile")
+            await r.settle(30)
+
+    with pytest.raises(HoldExpired) as caught:
+        run(db, body)
+    assert isinstance(caught.value, InsufficientTokens), "a 402 handler should catch it too"
+    assert (caught.value.requested, caught.value.balance) == (30, 10)
+    assert "None" not in str(caught.value)
+    assert "expired before it was settled" in str(caught.value)
+    assert "has a balance of 10 tokens" in str(caught.value)
+    assert account(db, user)["balance"] == 10, "nothing should have been charged"
+
+
+def test_a_retried_key_of_a_settled_hold_should_raise_hold_resolved(db: Database) -> None:
+    user = new_user(db)
+    ran: list[str] = []
+
+    async def body(tokens: TokenBilling) -> None:
+        async with tokens.reserve(user, 40, key="req-9") as r:
+            ran.append("first")
+            await r.settle(25)
+        async with tokens.reserve(user, 40, key="req-9"):
+            ran.append("again")
+
+    with pytest.raises(HoldResolved) as caught:
+        run(db, body)
+    assert ran == ["first"], "the work should not run again as if it held tokens"
+    resolved = caught.value
+    assert (resolved.status, resolved.amount, resolved.settle_amount, resolved.charged) == (
+        "settled",
+        40,
+        25,
+        25,
+    )
+    assert resolved.entry_id is not None
+    assert "settled: 25 of the 40 held tokens were charged" in str(resolved)
+    assert isinstance(resolved, TokenBillingError)
+    assert account(db, user) == {"balance": 75, "reserved": 0, "plan": "free", "status": "none"}
+
+
+def test_a_retried_key_of_a_released_hold_should_raise_hold_resolved(db: Database) -> None:
+    user = new_user(db)
+
+    async def body(tokens: TokenBilling) -> None:
+        with contextlib.suppress(Boom):
+            async with tokens.reserve(user, 40, key="req-10"):
+                raise Boom
+        await tokens.reserve(user, 40, key="req-10").open()
+
+    with pytest.raises(HoldResolved) as caught:
+        run(db, body)
+    assert (caught.value.status, caught.value.charged) == ("released", None)
+    assert account(db, user)["reserved"] == 0
+
+
+def test_settling_a_hold_something_else_settled_should_raise_hold_resolved(db: Database) -> None:
+    user = new_user(db)
+
+    async def body(tokens: TokenBilling) -> None:
+        async with tokens.reserve(user, 40, heartbeat=None) as r:
+            db.psql(f"select * from public.settle_reservation('{r.id}', 5)")
+            await r.settle(10)
+
+    with pytest.raises(HoldResolved) as caught:
+        run(db, body)
+    assert (caught.value.status, caught.value.charged) == ("settled", 5)
+    assert account(db, user)["balance"] == 95, "charged once, by the first settlement"
+
+
+def test_settling_for_zero_should_release_the_hold_and_charge_nothing(db: Database) -> None:
+    user = new_user(db)
+
+    async def body(tokens: TokenBilling) -> Result:
+        async with tokens.reserve(user, 40) as r:
+            return await r.settle(0)
+
+    result = run(db, body)
+    assert (result.status, result.entry_id) == ("applied", None)
+    assert account(db, user) == {"balance": 100, "reserved": 0, "plan": "free", "status": "none"}
+    assert scalar(db, "select status from billing.reservations") == "settled"

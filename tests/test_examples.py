@@ -28,12 +28,15 @@ def test_the_agent_endpoint_charges_what_each_call_used_once(db: Database) -> No
         )
         assert first.status_code == 200, first.text
         assert first.json() == {"answer": "olleh", "tokens_used": 3, "balance": 1097}
-        # A retried request with the same key is not charged again.
-        client.post(
+        # A retried request with the same key is not run or charged again: 409 with the cost.
+        again = client.post(
             "/agent",
             json={"user_id": str(USER), "prompt": "hello"},
             headers={"idempotency-key": "r1"},
         )
+        assert again.status_code == 409, again.text
+        assert again.json()["tokens_used"] == 3
+        assert "already resolved" in again.json()["error"]
         assert _balance(db) == 1097
         # Without the estimate available, the call is refused before the model runs.
         db.psql(f"select public.deduct_tokens('{USER}', {1097 - ESTIMATE + 1}, 'spent')")

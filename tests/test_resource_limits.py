@@ -28,13 +28,13 @@ from scripts.pgcluster import Database
 from tests.app_support import (
     account,
     bearer,
-    derived_checkout_event,
     encode,
     new_user,
     running_server,
     scalar,
     settings_for,
     sign,
+    sold_checkout_event,
 )
 from tests.fault_support import report
 
@@ -110,7 +110,7 @@ def test_slow_clients_do_not_block_other_requests(db: Database) -> None:
             "select count(*) from pg_stat_activity where application_name = 'token-billing'",
         )
         for user in users:
-            code, seconds = _post(http, derived_checkout_event(user, "pack_100"))
+            code, seconds = _post(http, sold_checkout_event(db, user, "pack_100"))
             codes.append(code)
             latencies.append(seconds)
             started = time.monotonic()
@@ -205,11 +205,12 @@ def test_exhausted_pool_answers_503_quickly_and_recovers(db: Database) -> None:
         db_statement_timeout_ms=90_000,
     )
     with running_server(settings) as url:
+        # Sold first: recording a session checks its account's key, which the blocker holds.
+        events = [sold_checkout_event(db, user, "pack_100") for _ in range(2)]
         # Hold the user's account row: two deliveries for that user take both pool connections
         # and wait on the lock.
         blocker = db.connect_superuser(autocommit=False)
         blocker.execute("select 1 from billing.accounts where user_id = %s for update", [user])
-        events = [derived_checkout_event(user, "pack_100") for _ in range(2)]
         with ThreadPoolExecutor(max_workers=70) as pool:
 
             def deliver(event: dict[str, Any]) -> tuple[int, float]:
@@ -273,7 +274,7 @@ def test_exhausted_pool_answers_503_quickly_and_recovers(db: Database) -> None:
 
 def test_a_call_stuck_on_a_lock_is_cut_by_statement_timeout(db: Database) -> None:
     user = new_user(db)
-    event = derived_checkout_event(user, "pack_100")
+    event = sold_checkout_event(db, user, "pack_100")
     settings = settings_for(db, db_pool_max_size=1, db_statement_timeout_ms=1000)
     with running_server(settings) as url, httpx2.Client(base_url=url, timeout=30) as http:
         blocker = db.connect_superuser(autocommit=False)

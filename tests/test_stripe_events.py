@@ -109,6 +109,13 @@ def pack_checkout(
     )
 
 
+def sold(conn: Conn, event: StripeEvent) -> StripeEvent:
+    """The event of a session the service sold: its Checkout Session recorded first, as the
+    service records each session it creates (public.record_checkout_session)."""
+    conn.execute("select * from public.record_checkout_session(%s)", [Jsonb(event.object)])
+    return event
+
+
 # Every real full event, verbatim -----------------------------------------------------------------
 
 # What each verbatim envelope should come to on a fresh database: none names a user or one of our
@@ -118,6 +125,10 @@ VERBATIM_OUTCOMES = {
     f"{RUBY}/charge.dispute.closed.json": "22023",
     f"{RUBY}/charge.dispute.created.json": "parked",
     f"{RUBY}/charge.refunded.json": "parked",
+    f"{RUBY}/charge.refund.updated.json": "parked",
+    f"{RUBY}/charge.dispute.updated.json": "22023",
+    f"{RUBY}/charge.dispute.funds_withdrawn.json": "parked",
+    f"{RUBY}/charge.dispute.funds_reinstated.json": "parked",
     f"{RUBY}/checkout.session.completed.json": "parked",
     f"{RUBY}/checkout.session.completed.payment_mode.json": "parked",
     f"{RUBY}/checkout.session.completed.setup_mode.json": "ignored",
@@ -160,7 +171,7 @@ def test_paid_checkout_should_credit_once_across_redelivery_and_async_succeeded(
     db: Database, service: Conn
 ) -> None:
     db.create_user(USER)
-    completed = pack_checkout("cs_test_py_paid", event_id="evt_py_paid", quantity=3)
+    completed = sold(service, pack_checkout("cs_test_py_paid", event_id="evt_py_paid", quantity=3))
     assert completed.derived
     assert handle(service, completed)[0] == "applied", str(completed)
     assert handle(service, completed)[0] == "duplicate"
@@ -184,27 +195,29 @@ def test_paid_checkout_should_credit_once_across_redelivery_and_async_succeeded(
     assert_books_balance(db)
 
 
-def test_parked_checkout_should_be_credited_by_replay_after_the_customer_is_linked(
+def test_parked_checkout_should_be_credited_when_the_customer_is_linked(
     db: Database, service: Conn
 ) -> None:
     db.create_user(USER)
-    # The payment-mode fixture with a product only: no user, customer cus_00000000000000.
+    set_price(db, "pack_250", "price_py_pack250")
+    # The payment-mode fixture as a session the service did not create (a Payment Link): its one
+    # line item is pack_250's price; no user, customer cus_00000000000000.
     event = derive(
         fixture_event(f"{RUBY}/checkout.session.completed.payment_mode.json"),
-        patch={"metadata": {"product": "pack_250"}},
+        patch={"line_items": {"data": [{"price": {"id": "price_py_pack250"}, "quantity": 1}]}},
     )
     status, detail = handle(service, event)
     assert status == "parked", str(event)
     assert "customer cus_00000000000000 is not linked" in detail
 
+    # The link heals the parked event in the same transaction: no replay needed.
     row = service.execute(
         "select status from public.link_stripe_customer(%s, 'cus_00000000000000')", [USER]
     ).fetchone()
     assert row == ("applied",)
-    replayed = service.execute(
-        "select event_id, status from public.replay_parked_stripe_events()"
-    ).fetchall()
-    assert replayed == [(event.id, "applied")]
+    assert scalar(db, "select status from billing.stripe_events where id = %s", [event.id]) == (
+        "applied"
+    )
     assert balance(db, USER) == 100 + 250
     assert (
         scalar(
@@ -289,7 +302,7 @@ def test_basil_invoice_should_grant_the_plan_once_and_its_failure_make_the_accou
 
 def test_refund_should_claw_back_and_may_leave_debt(db: Database, service: Conn) -> None:
     db.create_user(USER)
-    buy = pack_checkout("cs_test_py_refund", event_id="evt_py_buy", amount_cents=100)
+    buy = sold(service, pack_checkout("cs_test_py_refund", event_id="evt_py_buy", amount_cents=100))
     assert handle(service, buy)[0] == "applied"
     spent = service.execute(
         "select status from public.deduct_tokens(%s, 150, 'py-use')", [USER]
@@ -326,8 +339,11 @@ def test_dispute_should_hold_tokens_then_return_or_keep_them(
 ) -> None:
     db.create_user(USER)
     # dj-stripe's dispute (a bare object) names pi_1JAyTwJSZQVUcJYgBbsz0NuH: buy with it.
-    buy = pack_checkout(
-        "cs_test_py_dispute", event_id="evt_py_buy", product="pack_250", amount_cents=1000
+    buy = sold(
+        service,
+        pack_checkout(
+            "cs_test_py_dispute", event_id="evt_py_buy", product="pack_250", amount_cents=1000
+        ),
     )
     buy = derive(buy, patch={"payment_intent": "pi_1JAyTwJSZQVUcJYgBbsz0NuH"})
     assert handle(service, buy)[0] == "applied", str(buy)
@@ -427,9 +443,14 @@ def deliver_at_once(db: Database, events: list[StripeEvent]) -> list[str]:
         return list(pool.map(deliver, events))
 
 
-def test_same_event_from_8_connections_should_credit_exactly_once(db: Database) -> None:
+def test_same_event_from_8_connections_should_credit_exactly_once(
+    db: Database, service: Conn
+) -> None:
     db.create_user(USER)
-    event = pack_checkout("cs_test_py_parallel", event_id="evt_py_parallel", product="pack_600")
+    event = sold(
+        service,
+        pack_checkout("cs_test_py_parallel", event_id="evt_py_parallel", product="pack_600"),
+    )
     statuses = deliver_at_once(db, [event] * 8)
     assert Counter(statuses) == {"applied": 1, "duplicate": 7}
     assert balance(db, USER) == 100 + 600
@@ -437,9 +458,11 @@ def test_same_event_from_8_connections_should_credit_exactly_once(db: Database) 
     assert_books_balance(db)
 
 
-def test_both_events_of_one_payment_at_once_should_credit_exactly_once(db: Database) -> None:
+def test_both_events_of_one_payment_at_once_should_credit_exactly_once(
+    db: Database, service: Conn
+) -> None:
     db.create_user(USER)
-    completed = pack_checkout("cs_test_py_pair", event_id="evt_py_pair_completed")
+    completed = sold(service, pack_checkout("cs_test_py_pair", event_id="evt_py_pair_completed"))
     succeeded = derive(
         completed,
         event_id="evt_py_pair_async",
@@ -461,8 +484,11 @@ def test_both_descriptions_of_one_refund_at_once_should_claw_back_exactly_once(
     db: Database, service: Conn
 ) -> None:
     db.create_user(OTHER)
-    buy = pack_checkout(
-        "cs_test_py_refund_pair", event_id="evt_py_buy", user_id=OTHER, amount_cents=100
+    buy = sold(
+        service,
+        pack_checkout(
+            "cs_test_py_refund_pair", event_id="evt_py_buy", user_id=OTHER, amount_cents=100
+        ),
     )
     assert handle(service, buy)[0] == "applied"
     refunded = derive(

@@ -101,7 +101,10 @@ def test_checkout_and_portal_should_say_what_to_configure_with_a_generated_key(
             "/v1/checkout/sessions", json={"product": "pack_100"}, headers=bearer(user)
         )
         portal = client.post("/v1/portal/sessions", headers=bearer(user))
-    for response in (checkout, portal):
+        intent = client.post(
+            "/v1/payment-intents", json={"product": "pack_100"}, headers=bearer(user)
+        )
+    for response in (checkout, portal, intent):
         assert response.status_code == 409
         assert response.json()["error"]["code"] == "stripe_not_configured"
         assert "STRIPE_SECRET_KEY" in response.json()["error"]["message"]
@@ -126,7 +129,20 @@ def test_page_should_be_served_in_development(db: Database, bundle: None) -> Non
         "supabaseUrl": None,
         "supabaseAnonKey": None,
         "devSignIn": True,
+        "stripePublishableKey": None,
     }
+
+
+def test_config_should_offer_the_payment_element_with_a_publishable_key(db: Database) -> None:
+    settings = settings_for(
+        db, environment="development", stripe_publishable_key="pk_test_51DoubleKey0123"
+    )
+    with TestClient(create_app(settings)) as client:
+        config = client.get("/config.json").json()
+    assert config["stripePublishableKey"] == "pk_test_51DoubleKey0123"
+    main = (dev.WEB_DIR / "main.ts").read_text()
+    assert "/v1/payment-intents" in (dev.WEB_DIR / "api.ts").read_text()
+    assert "https://js.stripe.com/v3/" in main, "Stripe.js comes from Stripe's own domain"
 
 
 def test_config_should_offer_realtime_when_supabase_is_configured(db: Database) -> None:

@@ -32,12 +32,12 @@ import pytest
 
 from scripts.pgcluster import Database, PgCluster
 from tests.app_support import (
-    derived_checkout_event,
     encode,
     put_product,
     running_server,
     settings_for,
     sign,
+    sold_checkout_event,
 )
 from tests.fault_support import (
     STRESS_SCALE,
@@ -80,19 +80,20 @@ class Plan:
     events: list[dict[str, Any]]  # in Stripe's order: created, updated, invoice.paid
 
 
-def _purchases(users: list[uuid.UUID], rng: random.Random) -> list[Purchase]:
+def _purchases(db: Database, users: list[uuid.UUID], rng: random.Random) -> list[Purchase]:
     purchases = []
     for user in users:
         for _ in range(2):
             code = rng.choice(sorted(PACKS))
             quantity = rng.randint(1, 3)
-            completed = derived_checkout_event(user, code, quantity=quantity)
+            completed = sold_checkout_event(db, user, code, quantity=quantity)
             session_id = completed["data"]["object"]["id"]
             events = [completed]
             if rng.random() < 0.5:
                 # The same payment told twice (a delayed method): one credit between them.
                 events.append(
-                    derived_checkout_event(
+                    sold_checkout_event(
+                        db,
                         user,
                         code,
                         quantity=quantity,
@@ -321,7 +322,7 @@ def test_webhook_storm_across_a_restart_credits_each_purchase_once(
     users = [uuid.uuid4() for _ in range(scaled(8))]
     for user in users:
         db.create_user(user)
-    purchases = _purchases(users, rng)
+    purchases = _purchases(db, users, rng)
     plans = _plans(users[::2])
     noise = _noise(len(users))
     events = [e for p in purchases for e in p.events] + [e for p in plans for e in p.events] + noise

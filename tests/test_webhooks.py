@@ -27,7 +27,6 @@ from tests.app_support import (
     OLD_WEBHOOK_SECRET,
     WEBHOOK_SECRET,
     account,
-    derived_checkout_event,
     encode,
     metrics_text,
     new_user,
@@ -35,6 +34,7 @@ from tests.app_support import (
     scalar,
     settings_for,
     sign,
+    sold_checkout_event,
 )
 from tests.stripe_fixtures import FIXTURES
 from token_billing.server.app import create_app
@@ -82,7 +82,7 @@ def error_code(response: httpx2.Response) -> str:
 
 def test_signed_checkout_should_credit_the_pack_once(db: Database, client: TestClient) -> None:
     user = new_user(db)
-    event = derived_checkout_event(user, "pack_100", quantity=2)
+    event = sold_checkout_event(db, user, "pack_100", quantity=2)
     before = account(db, user)["balance"]
 
     response = deliver(client, encode(event))
@@ -102,7 +102,7 @@ def test_the_event_should_be_stored_as_the_signed_body_says(
     # The body goes to jsonb as it was signed, not parsed and dumped again: escapes, non-ASCII
     # text and numbers must arrive value for value.
     user = new_user(db)
-    event = derived_checkout_event(user, "pack_100")
+    event = sold_checkout_event(db, user, "pack_100")
     event["data"]["object"]["metadata"]["note"] = 'caf\u00e9 \u2603 "q" \\ / \U0001f600 \t'
     event["data"]["object"]["metadata"]["ratio"] = 0.1
     payloads = [encode(event), json.dumps(event, ensure_ascii=False, indent=2).encode()]
@@ -120,7 +120,7 @@ def test_redelivery_should_answer_duplicate_and_credit_nothing(
     db: Database, client: TestClient
 ) -> None:
     user = new_user(db)
-    payload = encode(derived_checkout_event(user, "pack_250"))
+    payload = encode(sold_checkout_event(db, user, "pack_250"))
     first = deliver(client, payload)
     balance = account(db, user)["balance"]
 
@@ -138,8 +138,9 @@ def test_async_payment_succeeded_for_the_same_session_should_not_credit_twice(
     # Derived: the README's recipe for a full-envelope async_payment_succeeded event.
     user = new_user(db)
     session_id = f"cs_test_derived{uuid.uuid4().hex}"
-    completed = derived_checkout_event(user, "pack_100", session_id=session_id)
-    succeeded = derived_checkout_event(
+    completed = sold_checkout_event(db, user, "pack_100", session_id=session_id)
+    succeeded = sold_checkout_event(
+        db,
         user,
         "pack_100",
         session_id=session_id,
@@ -155,7 +156,7 @@ def test_async_payment_succeeded_for_the_same_session_should_not_credit_twice(
 
 def test_parallel_duplicate_deliveries_should_have_one_effect(db: Database) -> None:
     user = new_user(db)
-    payload = encode(derived_checkout_event(user, "pack_600"))
+    payload = encode(sold_checkout_event(db, user, "pack_600"))
     before = account(db, user)["balance"]
 
     with running_server(settings_for(db, db_pool_max_size=8)) as url:
@@ -205,7 +206,7 @@ def test_verbatim_fixture_should_be_stored_with_a_contract_status(
 def test_wrong_secret_should_be_refused(db: Database, client: TestClient) -> None:
     user = new_user(db)
     response = deliver(
-        client, encode(derived_checkout_event(user, "pack_100")), secret=OTHER_SECRET
+        client, encode(sold_checkout_event(db, user, "pack_100")), secret=OTHER_SECRET
     )
     assert response.status_code == 400
     assert error_code(response) == "invalid_signature"
@@ -217,7 +218,7 @@ def test_future_timestamp_should_be_refused(db: Database, ahead: int) -> None:
     """Stripe's library refuses only old signatures; one dated ahead is refused the same way.
     Against the service under uvicorn, as Stripe reaches it."""
     user = new_user(db)
-    payload = encode(derived_checkout_event(user, "pack_100"))
+    payload = encode(sold_checkout_event(db, user, "pack_100"))
     with running_server(settings_for(db)) as url, httpx2.Client(base_url=url) as http:
         response = deliver(http, payload, timestamp=int(time.time()) + ahead)
         within = deliver(http, payload, timestamp=int(time.time()) + 60)
@@ -236,7 +237,7 @@ def test_stale_timestamp_should_be_refused(db: Database, client: TestClient) -> 
     user = new_user(db)
     response = deliver(
         client,
-        encode(derived_checkout_event(user, "pack_100")),
+        encode(sold_checkout_event(db, user, "pack_100")),
         timestamp=int(time.time()) - 301,
     )
     assert response.status_code == 400
@@ -247,7 +248,7 @@ def test_stale_timestamp_should_be_refused(db: Database, client: TestClient) -> 
 
 def test_one_changed_byte_should_be_refused(db: Database, client: TestClient) -> None:
     user = new_user(db)
-    payload = encode(derived_checkout_event(user, "pack_100", quantity=1))
+    payload = encode(sold_checkout_event(db, user, "pack_100", quantity=1))
     header = sign(payload)
     tampered = payload.replace(b'"quantity": "1"', b'"quantity": "9"')
     assert len(tampered) == len(payload)
@@ -265,7 +266,7 @@ def test_one_changed_byte_should_be_refused(db: Database, client: TestClient) ->
 def test_missing_or_malformed_signature_header_should_be_refused(
     db: Database, client: TestClient, header: str
 ) -> None:
-    payload = encode(derived_checkout_event(new_user(db), "pack_100"))
+    payload = encode(sold_checkout_event(db, new_user(db), "pack_100"))
     response = deliver(client, payload, header=header)
     assert response.status_code == 400
     assert error_code(response) == "invalid_signature"
@@ -273,7 +274,7 @@ def test_missing_or_malformed_signature_header_should_be_refused(
 
 
 def test_no_signature_header_at_all_should_be_refused(db: Database, client: TestClient) -> None:
-    payload = encode(derived_checkout_event(new_user(db), "pack_100"))
+    payload = encode(sold_checkout_event(db, new_user(db), "pack_100"))
     response = client.post(WEBHOOK, content=payload)
     assert response.status_code == 400
     assert "missing" in response.json()["error"]["message"]
@@ -299,7 +300,7 @@ def test_json_that_is_not_an_event_should_be_refused(db: Database, client: TestC
 def test_event_the_database_refuses_should_be_a_400_and_store_nothing(
     db: Database, client: TestClient
 ) -> None:
-    event = derived_checkout_event(new_user(db), "pack_100")
+    event = sold_checkout_event(db, new_user(db), "pack_100")
     event["created"] = "yesterday"  # handle_stripe_event raises 22023
     response = deliver(client, encode(event))
     assert response.status_code == 400
@@ -362,14 +363,14 @@ def test_rotation_should_accept_both_configured_secrets(db: Database) -> None:
     user = new_user(db)
     settings = settings_for(db, stripe_webhook_secret=f"{WEBHOOK_SECRET},{OLD_WEBHOOK_SECRET}")
     with TestClient(create_app(settings)) as rotating:
-        new = deliver(rotating, encode(derived_checkout_event(user, "pack_100")))
+        new = deliver(rotating, encode(sold_checkout_event(db, user, "pack_100")))
         old = deliver(
             rotating,
-            encode(derived_checkout_event(user, "pack_100")),
+            encode(sold_checkout_event(db, user, "pack_100")),
             secret=OLD_WEBHOOK_SECRET,
         )
         other = deliver(
-            rotating, encode(derived_checkout_event(user, "pack_100")), secret=OTHER_SECRET
+            rotating, encode(sold_checkout_event(db, user, "pack_100")), secret=OTHER_SECRET
         )
     assert (new.status_code, old.status_code, other.status_code) == (200, 200, 400)
     assert account(db, user)["balance"] == 100 + 200
@@ -397,7 +398,7 @@ def test_database_stopped_mid_request_should_503_then_the_retry_credits_once(
     db: Database, pg_cluster: PgCluster
 ) -> None:
     user = new_user(db)
-    event = derived_checkout_event(user, "pack_100")
+    event = sold_checkout_event(db, user, "pack_100")
     payload = encode(event)
     header = sign(payload)
     before = account(db, user)["balance"]
@@ -455,7 +456,7 @@ def test_database_stopped_mid_request_should_503_then_the_retry_credits_once(
 
 def test_metrics_should_count_events_by_type_and_outcome(db: Database, client: TestClient) -> None:
     user = new_user(db)
-    deliver(client, encode(derived_checkout_event(user, "pack_100")))
+    deliver(client, encode(sold_checkout_event(db, user, "pack_100")))
     deliver(client, b"{}", secret=OTHER_SECRET)
 
     text = metrics_text(client.app)
@@ -471,7 +472,7 @@ def test_metrics_should_count_events_by_type_and_outcome(db: Database, client: T
 def test_log_line_should_name_the_event_and_never_the_secret(
     db: Database, client: TestClient, caplog: pytest.LogCaptureFixture
 ) -> None:
-    event = derived_checkout_event(new_user(db), "pack_100")
+    event = sold_checkout_event(db, new_user(db), "pack_100")
     payload = encode(event)
     header = sign(payload)
     with caplog.at_level(logging.INFO, logger="token_billing"):
@@ -497,7 +498,7 @@ def test_app_should_serve_concurrent_webhooks_from_one_pool(db: Database) -> Non
         codes: list[int] = []
 
         def post(user: uuid.UUID) -> None:
-            response = deliver(client, encode(derived_checkout_event(user, "pack_100")))
+            response = deliver(client, encode(sold_checkout_event(db, user, "pack_100")))
             with lock:
                 codes.append(response.status_code)
 
@@ -508,3 +509,31 @@ def test_app_should_serve_concurrent_webhooks_from_one_pool(db: Database) -> Non
             t.join()
     assert codes == [200] * 6
     assert all(account(db, u)["balance"] == 200 for u in users)
+
+
+def test_a_session_made_elsewhere_should_credit_through_its_line_items(db: Database) -> None:
+    """A Payment Link's session (no metadata.product, never recorded): the service fetches its
+    line items from Stripe (the double) into the event, and a pack's price there credits it."""
+    from tests.app_support import PACK_PRICE, derived_checkout_event, put_product
+    from tests.stripe_double import StripeDouble
+
+    put_product(db, "pack_100", tokens=100, price_cents=500, stripe_price_id=PACK_PRICE)
+    user = new_user(db)
+    event = derived_checkout_event(user, "pack_100")
+    session = event["data"]["object"]
+    session["metadata"] = {}
+    with db.connect() as conn:
+        conn.execute(
+            "select * from public.link_stripe_customer(%s, %s)", [user, session["customer"]]
+        )
+    before = account(db, user)["balance"]
+    with StripeDouble() as double:
+        double.add_price(PACK_PRICE, unit_amount=500, currency="usd")
+        double.add_line_items(session["id"], PACK_PRICE, quantity=2)
+        with TestClient(create_app(settings_for(db, stripe_url=double.url))) as client:
+            response = deliver(client, encode(event))
+        fetched = [r for r in double.requests if r.method == "GET"]
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "applied", response.text
+    assert account(db, user)["balance"] == before + 200
+    assert [r.path for r in fetched] == [f"/v1/checkout/sessions/{session['id']}/line_items"]

@@ -13,10 +13,12 @@ The client needs only psycopg (the core install); the HTTP service is the `serve
         await r.settle(actual_tokens_used)
 """
 
-from token_billing.client import Reservation, Result, TokenBilling
+from token_billing.client import Reservation, ReservationState, Result, TokenBilling
 from token_billing.errors import (
     DatabaseError,
     DatabaseUnavailable,
+    HoldExpired,
+    HoldResolved,
     IdempotencyConflict,
     InsufficientTokens,
     InvalidArgument,
@@ -30,11 +32,14 @@ __version__ = "0.2.0.dev0"
 __all__ = [
     "DatabaseError",
     "DatabaseUnavailable",
+    "HoldExpired",
+    "HoldResolved",
     "IdempotencyConflict",
     "InsufficientTokens",
     "InvalidArgument",
     "Reservation",
     "ReservationNotFound",
+    "ReservationState",
     "Result",
     "TokenBilling",
     "TokenBillingError",

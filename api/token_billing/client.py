@@ -5,14 +5,21 @@
         answer = await run_model(...)
         await r.settle(actual_tokens_used)
 
-A reservation holds `estimate` tokens while the work runs. `settle(actual)` charges what was
-used and releases the rest; leaving the block without settling (an exception, an early return)
-releases the whole hold. Every call that changes a balance takes an idempotency key: retrying a
-call with the same key is safe and returns status `duplicate`.
+A reservation holds `estimate` tokens while the work runs, and keeps itself alive while the
+block runs: every `heartbeat` (a third) of its TTL it extends the hold by another TTL, until the
+block exits. `settle(actual)` charges what was used (0 is fine) and releases the rest; leaving
+the block without settling (an exception, an early return) releases the whole hold. Work whose
+hold expired anyway is still charged, once: `settle` falls back to one `deduct_tokens` keyed
+`hold-expired:<reservation id>`, and raises HoldExpired when the balance no longer covers it.
+Every call that changes a balance takes an idempotency key: retrying a call with the same key is
+safe and returns status `duplicate`; reserving with the key of a hold that already resolved
+raises HoldResolved (carrying how it resolved), so a retried request is never served twice.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,19 +29,57 @@ from typing import Any
 
 from token_billing.coalescer import DeductCoalescer
 from token_billing.db import Database
-from token_billing.errors import InsufficientTokens, UnknownAccount
+from token_billing.errors import (
+    HoldExpired,
+    HoldResolved,
+    InsufficientTokens,
+    TokenBillingError,
+    UnknownAccount,
+)
 
 BALANCE_FIELDS = ("balance", "available", "reserved", "plan", "subscription_status")
+RESOLVED = ("settled", "released", "expired")
+# The prefix of the key that charges work whose hold expired (followed by the reservation id).
+HOLD_EXPIRED_KEY = "hold-expired:"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Result:
-    """The row of a balance-changing call."""
+    """The row of a balance-changing call. `hold_expired`: the hold had expired, and the work
+    was charged by a deduct_tokens of its own (keyed `hold-expired:<reservation id>`)."""
 
     status: str
     balance: int | None = None
     entry_id: int | None = None
     available: int | None = None
+    hold_expired: bool = False
+
+
+@dataclass(frozen=True)
+class ReservationState:
+    """One hold and its outcome, as `public.get_reservation` answers it."""
+
+    reservation_id: uuid.UUID
+    status: str
+    user_id: uuid.UUID
+    amount: int
+    expires_at: datetime
+    settle_amount: int | None
+    charged: int | None
+    entry_id: int | None
+
+    def resolved_error(self, key: str | None = None) -> HoldResolved:
+        return HoldResolved(
+            self.reservation_id,
+            self.status,
+            key=key,
+            amount=self.amount,
+            settle_amount=self.settle_amount,
+            charged=self.charged,
+            entry_id=self.entry_id,
+        )
 
 
 def _one(rows: list[dict[str, Any]], function: str) -> dict[str, Any]:
@@ -44,7 +89,8 @@ def _one(rows: list[dict[str, Any]], function: str) -> dict[str, Any]:
 
 
 class Reservation:
-    """A pending hold; an async context manager that releases it unless it was settled."""
+    """A pending hold; an async context manager that keeps it alive while the block runs and
+    releases it on exit unless it was settled."""
 
     def __init__(
         self,
@@ -53,23 +99,41 @@ class Reservation:
         amount: int,
         key: str,
         ttl: timedelta,
+        heartbeat: float | None = 1 / 3,
     ) -> None:
+        if heartbeat is not None and not 0 < heartbeat < 1:
+            raise ValueError(f"heartbeat must be a fraction of the TTL in (0, 1), got {heartbeat}")
         self._billing = billing
         self.user_id = user_id
         self.amount = amount
         self.key = key
         self.ttl = ttl
+        self.heartbeat = heartbeat
         self.id: uuid.UUID | None = None
         self.available: int | None = None
         self.settled: Result | None = None
         self.released: Result | None = None
+        # Extensions the heartbeat applied, and whether it found the hold gone (not_pending).
+        self.extensions = 0
+        self.lost = False
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
 
     async def __aenter__(self) -> Reservation:
-        return await self.open()
+        await self.open()
+        if self.heartbeat is not None:
+            self._heartbeat_task = asyncio.create_task(
+                self._keep_alive(self.ttl.total_seconds() * self.heartbeat),
+                name=f"token-billing heartbeat {self.id}",
+            )
+        return self
 
     async def open(self) -> Reservation:
-        """Place the hold without a block, for work settled later (`TokenBilling.settle_many`);
-        nothing releases it but a settle, a release or its TTL."""
+        """Place the hold without a block (no heartbeat), for work settled later
+        (`TokenBilling.settle_many`); nothing releases it but a settle, a release or its TTL.
+
+        Raises InsufficientTokens, UnknownAccount, or HoldResolved when this key's hold already
+        resolved (a retried request: do not run the work again)."""
         row = _one(
             await self._billing.db.rpc(
                 "reserve_tokens",
@@ -87,35 +151,105 @@ class Reservation:
             raise InsufficientTokens(self.user_id, self.amount, row.get("available"))
         if status == "unknown_account":
             raise UnknownAccount(f"no billing account for user {self.user_id}")
-        self.id = uuid.UUID(str(row["reservation_id"]))
+        reservation_id = uuid.UUID(str(row["reservation_id"]))
+        if status in RESOLVED:
+            state = await self._billing.reservation(reservation_id)
+            raise state.resolved_error(self.key)
+        self.id = reservation_id
         self.available = row.get("available")
         return self
 
+    async def _keep_alive(self, every_seconds: float) -> None:
+        """Extend the hold by its TTL every `every_seconds` until told to stop or the hold is
+        gone. A failed extension (the database briefly away) is tried again at the next beat.
+        Stopping waits for an extension in flight rather than cancelling it mid-call."""
+        while True:
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=every_seconds)
+                return
+            except TimeoutError:
+                pass
+            try:
+                status, _ = await self.extend()
+            except TokenBillingError as exc:
+                logger.warning("could not extend hold %s: %s", self.id, exc)
+                continue
+            if status == "not_pending":
+                self.lost = True
+                return
+
+    async def _stop_heartbeat(self) -> None:
+        task, self._heartbeat_task = self._heartbeat_task, None
+        if task is not None:
+            self._stop.set()
+            await task
+
+    async def extend(self, ttl: timedelta | None = None) -> tuple[str, datetime]:
+        """Move the hold's expiry to now + `ttl` (default: its TTL). Statuses: applied,
+        duplicate (not later than it is), not_pending."""
+        if self.id is None:
+            raise RuntimeError("the reservation is not open")
+        row = _one(
+            await self._billing.db.rpc(
+                "extend_reservation",
+                {"p_reservation_id": str(self.id), "p_ttl": ttl or self.ttl},
+            ),
+            "extend_reservation",
+        )
+        if row["status"] == "applied":
+            self.extensions += 1
+        return str(row["status"]), row["expires_at"]
+
     async def settle(self, actual: int) -> Result:
-        """Charge `actual` tokens (0 releases everything) and release the rest of the hold.
+        """Charge `actual` tokens (0 charges nothing) and release the rest of the hold.
 
         Above the reservation the excess comes from available tokens, capped at zero: status
-        `partial`.
+        `partial`. If the hold expired before this, the work is charged anyway with one
+        deduct_tokens (the Result says `hold_expired`); HoldExpired if the balance no longer
+        covers it. HoldResolved if something else settled or released the hold.
         """
         if self.id is None:
             raise RuntimeError("the reservation is not open")
-        if actual <= 0:
-            self.released = await self.release()
-            self.settled = self.released
-            return self.released
+        await self._stop_heartbeat()
         row = _one(
             await self._billing.db.rpc(
                 "settle_reservation", {"p_reservation_id": str(self.id), "p_amount": actual}
             ),
             "settle_reservation",
         )
-        self.settled = Result(row["status"], row.get("balance"), row.get("entry_id"))
+        if row["status"] == "not_pending":
+            state = await self._billing.reservation(self.id)
+            if state.status != "expired":
+                raise state.resolved_error(self.key)
+            self.settled = await self._charge_after_expiry(actual)
+        else:
+            self.settled = Result(row["status"], row.get("balance"), row.get("entry_id"))
         return self.settled
+
+    async def _charge_after_expiry(self, actual: int) -> Result:
+        if self.id is None:
+            raise RuntimeError("the reservation is not open")
+        if actual == 0:
+            return Result("applied", hold_expired=True)
+        try:
+            charged = await self._billing.deduct(
+                self.user_id,
+                actual,
+                key=f"{HOLD_EXPIRED_KEY}{self.id}",
+                description="Usage of a hold that expired before it was settled",
+                metadata={"reservation_id": str(self.id)},
+            )
+        except InsufficientTokens as exc:
+            raise HoldExpired(
+                self.user_id, actual, reservation_id=self.id, balance=exc.balance
+            ) from None
+        return Result(charged.status, charged.balance, charged.entry_id, hold_expired=True)
 
     async def release(self) -> Result:
         """Lift the hold without charging."""
         if self.id is None:
             raise RuntimeError("the reservation is not open")
+        await self._stop_heartbeat()
         row = _one(
             await self._billing.db.rpc("release_reservation", {"p_reservation_id": str(self.id)}),
             "release_reservation",
@@ -129,6 +263,7 @@ class Reservation:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        await self._stop_heartbeat()
         if self.id is not None and self.settled is None and self.released is None:
             await self.release()
 
@@ -151,10 +286,30 @@ class TokenBilling:
         *,
         key: str | None = None,
         ttl: timedelta = timedelta(minutes=15),
+        heartbeat: float | None = 1 / 3,
     ) -> Reservation:
         """Hold `estimate` tokens; use as `async with`. Pass a `key` (a request id) to make a
-        retried request reuse its reservation instead of holding twice."""
-        return Reservation(self, user_id, estimate, key or f"reserve:{uuid.uuid4()}", ttl)
+        retried request reuse its pending reservation instead of holding twice (and raise
+        HoldResolved once that hold resolved). While the block runs, the hold is extended every
+        `heartbeat` (a fraction) of `ttl`; None turns that off."""
+        return Reservation(
+            self, user_id, estimate, key or f"reserve:{uuid.uuid4()}", ttl, heartbeat
+        )
+
+    async def reservation(self, reservation_id: uuid.UUID | str) -> ReservationState:
+        """One hold and how it resolved (`public.get_reservation`)."""
+        rows = await self.db.rpc("get_reservation", {"p_reservation_id": str(reservation_id)})
+        row = _one(rows, "get_reservation")
+        return ReservationState(
+            reservation_id=uuid.UUID(str(reservation_id)),
+            status=row["status"],
+            user_id=uuid.UUID(str(row["user_id"])),
+            amount=row["amount"],
+            expires_at=row["expires_at"],
+            settle_amount=row.get("settle_amount"),
+            charged=row.get("charged"),
+            entry_id=row.get("entry_id"),
+        )
 
     async def deduct(
         self,

@@ -108,3 +108,68 @@ class InsufficientTokens(TokenBillingError):
         self.requested = requested
         self.available = available
         self.balance = balance
+
+
+class HoldExpired(InsufficientTokens):
+    """The hold expired before the work settled, and the balance no longer covers what it used.
+
+    The client charges work whose hold expired anyway with one `deduct_tokens` keyed
+    `hold-expired:<reservation id>`; when that is refused, nothing was charged and this is
+    raised: `requested` is what the work used, `balance` what `deduct_tokens` answered.
+    """
+
+    def __init__(
+        self,
+        user_id: uuid.UUID | str,
+        requested: int,
+        *,
+        reservation_id: uuid.UUID,
+        balance: int | None = None,
+    ) -> None:
+        super().__init__(user_id, requested, balance=balance)
+        self.reservation_id = reservation_id
+        self.args = (
+            f"hold {reservation_id} expired before it was settled, and {self.args[0]}; "
+            "nothing was charged",
+        )
+
+
+class HoldResolved(TokenBillingError):
+    """The hold of this idempotency key (or of this reservation) already resolved.
+
+    Raised when reserving with the key of a hold that was settled, released or expired (a
+    retried request), and when settling a hold that something else resolved. The work must not
+    run again as if it held tokens: return the answer stored for the first request. The earlier
+    outcome: `status` (settled, released or expired), `amount` (held), `settle_amount` (what
+    settle was asked to charge, settled only), `charged` (what the ledger charged, settled
+    only), `entry_id` (that ledger entry, if any).
+    """
+
+    def __init__(
+        self,
+        reservation_id: uuid.UUID,
+        status: str,
+        *,
+        key: str | None = None,
+        amount: int | None = None,
+        settle_amount: int | None = None,
+        charged: int | None = None,
+        entry_id: int | None = None,
+    ) -> None:
+        if status == "settled":
+            outcome = f"settled: {charged} of the {amount} held tokens were charged"
+        else:
+            outcome = f"{status}: none of the {amount} held tokens were charged"
+        subject = (
+            f"the hold of key {key!r} (reservation {reservation_id})"
+            if key
+            else (f"hold {reservation_id}")
+        )
+        super().__init__(f"{subject} already resolved, {outcome}")
+        self.reservation_id = reservation_id
+        self.status = status
+        self.key = key
+        self.amount = amount
+        self.settle_amount = settle_amount
+        self.charged = charged
+        self.entry_id = entry_id

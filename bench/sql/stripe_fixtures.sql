@@ -11,6 +11,10 @@
 -- billing_reason, subscription, the line period and fresh payment ids are derived), 1 charge.succeeded and
 -- 1 payment_intent.succeeded (stored as ignored).
 --
+-- A pack checkout is one the service sold: where billing.stripe_sales exists (0.2 and later), the
+-- sessions cs_bench<n> are recorded here beforehand, as the service records each session when it
+-- creates it (not on the event's path), and each delivery takes the next one.
+--
 -- Events go to users 20001..30000, apart from the deduct workloads, whose bucket walk the
 -- expiring subscription grants would otherwise change. Run as superuser.
 
@@ -39,6 +43,23 @@ values
 (9, 'charge.succeeded'),
 (10, 'payment_intent.succeeded');
 
+create sequence bench_stripe.sessions;
+
+do $$
+begin
+  if to_regclass('billing.stripe_sales') is not null then
+    execute $sql$
+      insert into billing.stripe_sales (
+        id, kind, user_id, product_code, quantity, amount_cents, currency, livemode
+      )
+      select 'cs_bench' || n, 'checkout_session',
+        lpad(to_hex(20001 + n % 10000), 32, '0')::uuid, 'pack_100', 1, 3000, 'usd', false
+      from generate_series(1, 200000) as n
+    $sql$;
+  end if;
+end;
+$$;
+
 create function bench_stripe.instance(p_slot integer, p_uid integer) returns jsonb
 language plpgsql
 volatile
@@ -50,6 +71,7 @@ declare
   v_n text := replace(gen_random_uuid()::text, '-', '');
   v_customer text := 'cus_bench' || p_uid;
   v_now bigint := extract(epoch from clock_timestamp())::bigint;
+  v_seq bigint;
 begin
   select t.payload, t.type into v, v_type
   from bench_stripe.slots as s
@@ -59,8 +81,11 @@ begin
   v := v || jsonb_build_object('id', 'evt_bench' || v_n, 'created', v_now);
   case v_type
     when 'checkout.session.completed' then
+      v_seq := nextval('bench_stripe.sessions');
+      v_user := lpad(to_hex(20001 + v_seq % 10000), 32, '0')::uuid::text;
+      v_customer := 'cus_bench' || (20001 + v_seq % 10000);
       v := jsonb_set(v, '{data,object}', v #> '{data,object}' || jsonb_build_object(
-        'id', 'cs_bench' || v_n,
+        'id', 'cs_bench' || v_seq,
         'payment_intent', 'pi_bench' || v_n,
         'customer', v_customer,
         'client_reference_id', v_user,
@@ -93,3 +118,4 @@ $$;
 grant usage on schema bench_stripe to service_role;
 grant select on all tables in schema bench_stripe to service_role;
 grant execute on function bench_stripe.instance(integer, integer) to service_role;
+grant usage on sequence bench_stripe.sessions to service_role;

@@ -4,7 +4,9 @@
 
 POST /agent {"user_id": "...", "prompt": "..."} with an `Idempotency-Key` header. The request
 holds an estimate, runs the model, and settles what the answer really cost; a failure releases
-the hold, and a retry with the same key reuses the first hold instead of holding twice. How the
+the hold. A retry with the same key while the first request still runs reuses its hold; once
+that hold resolved, the retry gets 409 with what the first request was charged (HoldResolved),
+never a second answer for free: a real app returns the answer it stored for that key. How the
 user is authenticated is the host app's business (a Supabase JWT, an API key): here the body
 names the user.
 """
@@ -20,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from token_billing import InsufficientTokens, TokenBilling
+from token_billing import HoldResolved, InsufficientTokens, TokenBilling
 from token_billing.db import PostgresDatabase
 
 ESTIMATE = 500  # tokens held while the model runs: the most one call may cost
@@ -48,6 +50,9 @@ def create_app(database_url: str, model: Model = echo_model) -> Starlette:
             async with tokens.reserve(body["user_id"], ESTIMATE, key=f"agent:{key}") as hold:
                 answer, used = await model(body["prompt"])
                 settled = await hold.settle(used)
+        except HoldResolved as exc:
+            # This key's request was answered before: say what it cost, do not run it again.
+            return JSONResponse({"error": str(exc), "tokens_used": exc.charged or 0}, 409)
         except InsufficientTokens as exc:
             return JSONResponse({"error": str(exc)}, 402)
         return JSONResponse({"answer": answer, "tokens_used": used, "balance": settled.balance})

@@ -111,6 +111,15 @@ export class TokenBillingApi {
     });
   }
 
+  /** A PaymentIntent for a pack, for Stripe's Payment Element (mounted with its client_secret). */
+  paymentIntent(product: string): Promise<{ id: string; client_secret: string }> {
+    return this.call("/v1/payment-intents", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "Idempotency-Key": crypto.randomUUID() },
+      body: JSON.stringify({ product, quantity: 1 }),
+    });
+  }
+
   /** Development only: a token for the demo user (the route 404s in production). */
   devSession(): Promise<DevSession> {
     return this.call<DevSession>("/dev/session", { method: "POST" });

@@ -13,6 +13,28 @@ interface Config {
   supabaseUrl: string | null;
   supabaseAnonKey: string | null;
   devSignIn: boolean;
+  stripePublishableKey?: string | null;
+}
+
+// The part of Stripe.js (https://js.stripe.com/v3/, which Stripe requires be loaded from its own
+// domain) the Payment Element needs.
+interface StripeElement {
+  mount(selector: string): void;
+}
+interface StripeElements {
+  create(kind: "payment"): StripeElement;
+}
+interface StripeJs {
+  elements(options: { clientSecret: string }): StripeElements;
+  confirmPayment(options: {
+    elements: StripeElements;
+    confirmParams: { return_url: string };
+  }): Promise<{ error?: { message?: string } }>;
+}
+declare global {
+  interface Window {
+    Stripe?: (publishableKey: string) => StripeJs;
+  }
 }
 
 interface Session {
@@ -45,7 +67,13 @@ function saveSession(value: Session | null): void {
   else sessionStorage.removeItem(SESSION_KEY);
 }
 
-let config: Config = { apiUrl: "", supabaseUrl: null, supabaseAnonKey: null, devSignIn: false };
+let config: Config = {
+  apiUrl: "",
+  supabaseUrl: null,
+  supabaseAnonKey: null,
+  devSignIn: false,
+  stripePublishableKey: null,
+};
 let session: Session | null = loadSession();
 let stopLive: Stop | null = null;
 let shown: Balance | null = null;
@@ -153,6 +181,17 @@ function renderProducts(products: Product[]): void {
     }
     button.addEventListener("click", () => void buy(product, button));
     item.append(title, tokens, cost, button);
+    if (config.stripePublishableKey && product.kind === "pack" && product.purchasable) {
+      // The same pack through Stripe's Payment Element, on this page: payment_intent.succeeded
+      // credits it.
+      const here = document.createElement("button");
+      here.type = "button";
+      here.className = "secondary";
+      here.textContent = "Pay here";
+      here.setAttribute("aria-label", `Pay for ${product.name} on this page`);
+      here.addEventListener("click", () => void payHere(product, here));
+      item.append(here);
+    }
     list.append(item);
   }
   const note = $("catalog-note");
@@ -195,6 +234,47 @@ async function loadLedger(): Promise<void> {
     renderLedger(await client.ledger(10));
   } catch (error) {
     fail(error, "load");
+  }
+}
+
+function loadStripeJs(): Promise<void> {
+  if (window.Stripe) return Promise.resolve();
+  return new Promise((resolve, reject) => {
+    const script = document.createElement("script");
+    script.src = "https://js.stripe.com/v3/";
+    script.onload = () => resolve();
+    script.onerror = () => reject(new Error("Stripe.js could not be loaded"));
+    document.head.append(script);
+  });
+}
+
+async function payHere(product: Product, button: HTMLButtonElement): Promise<void> {
+  const key = config.stripePublishableKey;
+  if (!key) return;
+  button.disabled = true;
+  try {
+    const { client_secret } = await client.paymentIntent(product.code);
+    await loadStripeJs();
+    const stripe = window.Stripe?.(key);
+    if (!stripe) throw new Error("Stripe.js is not available");
+    const elements = stripe.elements({ clientSecret: client_secret });
+    elements.create("payment").mount("#payment-element");
+    const form = $("payment") as HTMLFormElement;
+    form.hidden = false;
+    $("payment-title").textContent = `Pay for ${product.name} (${price(product)})`;
+    form.onsubmit = async (event) => {
+      event.preventDefault();
+      const result = await stripe.confirmPayment({
+        elements,
+        confirmParams: { return_url: `${location.origin}${location.pathname}?checkout=success` },
+      });
+      if (result.error) fail(new Error(result.error.message ?? "the payment failed"), "checkout");
+    };
+    $("payment-submit").focus();
+  } catch (error) {
+    fail(error, "checkout");
+  } finally {
+    button.disabled = false;
   }
 }
 

@@ -9,8 +9,10 @@
 -- insert `on conflict do nothing`, in one data-modifying CTE (for a credit, with the bucket
 -- insert too when nothing is undrawn). Anything but `applied` (a replayed key, no funds, no
 -- account) takes the slow path in a helper.
--- Objects: billing.debit_refused(), billing.credit_refused(); redefines public.deduct_tokens(),
---   public.add_tokens(), billing.debit(), billing.credit(), billing.check_invariants().
+-- Objects: billing.debit_refused(), billing.credit_refused(), billing.draw_undrawn(); redefines
+--   public.deduct_tokens(), public.add_tokens(), billing.debit(), billing.credit(),
+--   billing.check_invariants() (with the rules of 20261202100000_holds_and_expiry.sql and the
+--   kind clawback_reversed of 20261202200000_stripe_sales.sql).
 --
 -- Lock order, unchanged: every function locks the account row first, with the statement that
 -- changes it, then that user's buckets and reservations; several accounts in ascending user_id
@@ -217,6 +219,43 @@ $$;
 
 -- Credits -------------------------------------------------------------------------------------
 
+create function billing.draw_undrawn(p_user_id uuid, p_undrawn bigint) returns void
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_held_expired bigint;
+  v_bucket_tokens bigint;
+begin
+  -- billing.draw_buckets after its first statement (20261202100000_holds_and_expiry.sql): the
+  -- caller zeroed undrawn in its own statement, under the account's lock.
+  select a.held_expired into v_held_expired
+  from billing.accounts as a
+  where a.user_id = p_user_id;
+  if v_held_expired > 0 then
+    -- Usage never takes held tokens (available excludes them); only a debit that may create
+    -- debt can take more than the buckets hold, and then it took held tokens too.
+    select coalesce(sum(b.remaining), 0)::bigint into v_bucket_tokens
+    from billing.credit_buckets as b
+    where b.user_id = p_user_id and b.remaining > 0;
+    if p_undrawn > v_bucket_tokens then
+      update billing.accounts as a
+      set held_expired = a.held_expired - least(a.held_expired, p_undrawn - v_bucket_tokens)
+      where a.user_id = p_user_id;
+    end if;
+  end if;
+  perform billing.consume_buckets(p_user_id, p_undrawn);
+end;
+$$;
+
+comment on function billing.draw_undrawn(uuid, bigint) is
+'Draws p_undrawn tokens of debits from the account''s buckets (consumption order); what the '
+'buckets cannot give comes out of held_expired. The caller locked the account and zeroed '
+'undrawn (billing.credit, public.add_tokens).';
+
+revoke all on function billing.draw_undrawn(uuid, bigint) from public;
+
+
 create or replace function billing.credit(
   p_user_id uuid,
   p_amount bigint,
@@ -298,7 +337,7 @@ begin
 
   if v_undrawn > 0 then
     -- Earlier debits come out of the earlier buckets, before this one exists.
-    perform billing.consume_buckets(p_user_id, v_undrawn);
+    perform billing.draw_undrawn(p_user_id, v_undrawn);
     insert into billing.credit_buckets (user_id, entry_id, amount, remaining, expires_at)
     values (
       p_user_id, entry_id,
@@ -406,7 +445,7 @@ begin
   end if;
 
   if v_undrawn > 0 then
-    perform billing.consume_buckets(p_user_id, v_undrawn);
+    perform billing.draw_undrawn(p_user_id, v_undrawn);
     insert into billing.credit_buckets (user_id, entry_id, amount, remaining, expires_at)
     values (
       p_user_id, entry_id,
@@ -448,6 +487,12 @@ as $$
     group by b.user_id
   ),
 
+  debt_users as (
+    select distinct e.user_id
+    from billing.ledger_entries as e
+    where e.kind in ('clawback', 'dispute')
+  ),
+
   chain as (
     select
       e.user_id,
@@ -468,11 +513,35 @@ as $$
   where a.reserved <> coalesce(p.total, 0)
   union all
   select
-    a.user_id, 'greatest(sum(buckets.remaining) - undrawn, 0) = greatest(balance, 0)',
-    greatest(a.balance, 0), greatest(coalesce(b.total, 0) - a.undrawn, 0)
+    a.user_id,
+    'greatest(sum(buckets.remaining) - undrawn + held_expired, 0) = greatest(balance, 0)',
+    greatest(a.balance, 0), greatest(coalesce(b.total, 0) - a.undrawn + a.held_expired, 0)
   from billing.accounts as a
   left join bucket_totals as b on a.user_id = b.user_id
-  where greatest(coalesce(b.total, 0) - a.undrawn, 0) <> greatest(a.balance, 0)
+  where greatest(coalesce(b.total, 0) - a.undrawn + a.held_expired, 0) <> greatest(a.balance, 0)
+  union all
+  -- Holds keep their tokens: what is held never exceeds the tokens of unexpired buckets plus
+  -- the held tokens whose bucket expired. Only debt (a clawback, a lost dispute) may break it.
+  select
+    a.user_id,
+    'reserved <= sum(buckets.remaining) - undrawn + held_expired (holds keep their tokens)',
+    coalesce(b.total, 0) - a.undrawn + a.held_expired, a.reserved
+  from billing.accounts as a
+  left join bucket_totals as b on a.user_id = b.user_id
+  where a.reserved > coalesce(b.total, 0) - a.undrawn + a.held_expired
+    and not exists (select 1 from debt_users as d where d.user_id = a.user_id)
+  union all
+  -- Also the accounts CHECK (accounts_row_valid); reported should it ever be dropped.
+  select
+    a.user_id, 'held_expired between 0 and reserved', a.reserved, a.held_expired
+  from billing.accounts as a
+  where a.held_expired < 0 or a.held_expired > a.reserved
+  union all
+  select
+    e.user_id, format('entry %s (%s) left the balance below zero', e.id, e.kind), 0,
+    e.balance_after
+  from billing.ledger_entries as e
+  where e.kind in ('usage', 'expiry') and e.balance_after < 0
   union all
   select e.user_id, format('entry %s without an account', e.id), null, null
   from billing.ledger_entries as e
@@ -493,7 +562,7 @@ as $$
   from billing.ledger_entries as e
   where e.kind not in (
     'purchase', 'subscription', 'promotion', 'adjustment', 'refund', 'signup', 'dispute_won',
-    'usage', 'expiry', 'clawback', 'dispute'
+    'clawback_reversed', 'usage', 'expiry', 'clawback', 'dispute'
   )
   union all
   select
@@ -511,7 +580,9 @@ as $$
     or (
       e.idempotency_key like 'stripe:%'
       and not (
-        e.kind in ('purchase', 'subscription', 'clawback', 'dispute', 'dispute_won')
+        e.kind in (
+          'purchase', 'subscription', 'clawback', 'dispute', 'dispute_won', 'clawback_reversed'
+        )
         and e.metadata ? 'stripe_event_id'
       )
     )
@@ -519,7 +590,9 @@ $$;
 
 comment on function billing.check_invariants() is
 'One row per broken invariant (none when the books are sound): balances equal entry sums, '
-'reserved equals pending reservations, buckets hold the positive balance, balance_after chains, '
+'reserved equals pending reservations, buckets plus held_expired hold the positive balance, '
+'holds never exceed the tokens that back them (except in debt), held_expired is within '
+'0..reserved, usage and expiry never leave a balance below zero, balance_after chains, '
 'entries have known kinds and keys of token-billing''s namespaces only on their own entries.';
 
 revoke all on function billing.check_invariants() from public;

@@ -17,8 +17,8 @@ select col_type_is('billing', 'accounts', 'user_id', 'uuid', 'accounts.user_id s
 select columns_are(
   'billing', 'accounts',
   array[
-    'user_id', 'balance', 'reserved', 'undrawn', 'plan', 'subscription_status', 'created_at',
-    'updated_at'
+    'user_id', 'balance', 'reserved', 'undrawn', 'held_expired', 'plan', 'subscription_status',
+    'created_at', 'updated_at'
   ],
   'accounts should have the contract''s columns'
 );

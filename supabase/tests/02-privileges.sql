@@ -2,7 +2,7 @@
 -- the row and as another user) and service_role. Privileges before behaviour.
 begin;
 set local search_path = extensions, public;
-select plan(77);
+select plan(88);
 
 -- Two users: A owns the rows under test, B is another signed-in user.
 select tests.create_user('00000000-0000-0000-0000-00000000000a', 'a@example.com');
@@ -144,6 +144,30 @@ select function_privs_are(
   'service_role', array['EXECUTE'], 'service_role should execute deduct_tokens_batch'
 );
 select function_privs_are(
+  'public', 'extend_reservation', array['uuid', 'interval'],
+  'anon', array[]::text[], 'anon should not execute extend_reservation'
+);
+select function_privs_are(
+  'public', 'extend_reservation', array['uuid', 'interval'],
+  'authenticated', array[]::text[], 'authenticated should not execute extend_reservation'
+);
+select function_privs_are(
+  'public', 'extend_reservation', array['uuid', 'interval'],
+  'service_role', array['EXECUTE'], 'service_role should execute extend_reservation'
+);
+select function_privs_are(
+  'public', 'get_reservation', array['uuid'],
+  'anon', array[]::text[], 'anon should not execute get_reservation'
+);
+select function_privs_are(
+  'public', 'get_reservation', array['uuid'],
+  'authenticated', array[]::text[], 'authenticated should not execute get_reservation'
+);
+select function_privs_are(
+  'public', 'get_reservation', array['uuid'],
+  'service_role', array['EXECUTE'], 'service_role should execute get_reservation'
+);
+select function_privs_are(
   'public', 'my_tokens', array[]::text[],
   'authenticated', array['EXECUTE'], 'authenticated should execute my_tokens'
 );
@@ -203,6 +227,18 @@ select table_privs_are(
   'billing', 'ledger_entries', 'service_role', array['SELECT'],
   'service_role should only select billing.ledger_entries'
 );
+select table_privs_are(
+  'billing', 'stripe_sales', 'service_role', array['SELECT'],
+  'service_role should only select billing.stripe_sales (the recording RPCs write it)'
+);
+select table_privs_are(
+  'billing', 'stripe_invoice_payments', 'service_role', array['SELECT'],
+  'service_role should only select billing.stripe_invoice_payments'
+);
+select table_privs_are(
+  'billing', 'stripe_sales', 'authenticated', array[]::text[],
+  'authenticated should have no privilege on billing.stripe_sales'
+);
 
 select table_privs_are(
   'billing', 'subscription_statuses', 'authenticated', array[]::text[],
@@ -243,6 +279,14 @@ select throws_ok(
 select throws_ok(
   $$select * from public.my_tokens()$$,
   '42501', null, 'anon should not call my_tokens'
+);
+select throws_ok(
+  $$select * from public.record_checkout_session('{"object": "checkout.session"}')$$,
+  '42501', null, 'anon should not record a checkout session (a sale credits tokens)'
+);
+select throws_ok(
+  $$select * from public.record_payment_intent('{"object": "payment_intent"}')$$,
+  '42501', null, 'anon should not record a payment intent'
 );
 select throws_ok(
   $$select * from billing.accounts$$,

@@ -173,9 +173,9 @@ select throws_ok(
 );
 select * from public.reserve_tokens('00000000-0000-0000-0000-0000000000e1', 5, 'rsv-10');
 select throws_ok(
-  $$select r.* from billing.reservations as v, lateral public.settle_reservation(v.id, 0) as r
+  $$select r.* from billing.reservations as v, lateral public.settle_reservation(v.id, -1) as r
     where v.idempotency_key = 'rsv-10'$$,
-  '22023', null, 'settling zero should raise 22023 (release instead)'
+  '22023', null, 'settling a negative amount should raise 22023 (0 is allowed: 10-holds-and-expiry.sql)'
 );
 select throws_ok(
   $$select r.* from billing.reservations as v, lateral public.settle_reservation(v.id, null) as r

@@ -165,11 +165,11 @@ select throws_ok(
   $$
     select * from billing.reservations as r,
       public.settle_reservations(jsonb_build_array(
-        jsonb_build_object('reservation_id', r.id, 'amount', 0)
+        jsonb_build_object('reservation_id', r.id, 'amount', -1)
       )) as s
     where r.idempotency_key = 'batch-4'
   $$,
-  '22023', null, 'a zero amount should raise 22023 as settle_reservation does'
+  '22023', null, 'a negative amount should raise 22023 as settle_reservation does'
 );
 select throws_ok(
   $$

@@ -2,7 +2,7 @@
 -- link_stripe_customer. Privileges before behaviour.
 begin;
 set local search_path = extensions, public;
-select plan(43);
+select plan(53);
 
 select tests.create_user('00000000-0000-0000-0000-000000000201', 'link-a@example.com');
 select tests.create_user('00000000-0000-0000-0000-000000000202', 'link-b@example.com');
@@ -16,8 +16,12 @@ select has_table('billing', 'stripe_refunds', 'billing.stripe_refunds should exi
 select has_table('billing', 'stripe_disputes', 'billing.stripe_disputes should exist');
 select columns_are('billing', 'stripe_events', array[
   'id', 'type', 'api_version', 'created', 'livemode', 'payload', 'received_at', 'status', 'detail',
-  'attempts', 'processed_at'
+  'attempts', 'processed_at', 'waiting_for'
 ], 'billing.stripe_events should have exactly the inbox columns');
+select has_table('billing', 'stripe_sales', 'billing.stripe_sales should exist');
+select has_table(
+  'billing', 'stripe_invoice_payments', 'billing.stripe_invoice_payments should exist'
+);
 select col_is_pk('billing', 'stripe_events', 'id', 'the Stripe event id should be the primary key');
 select col_is_pk(
   'billing', 'customers', 'stripe_customer_id',
@@ -34,6 +38,22 @@ select has_function(
 select has_function(
   'public', 'link_stripe_customer', array['uuid', 'text'],
   'public.link_stripe_customer(uuid, text) should exist'
+);
+select has_function(
+  'public', 'record_checkout_session', array['jsonb'],
+  'public.record_checkout_session(jsonb) should exist'
+);
+select has_function(
+  'public', 'record_payment_intent', array['jsonb'],
+  'public.record_payment_intent(jsonb) should exist'
+);
+select is_definer(
+  'public', 'record_checkout_session', array['jsonb'],
+  'record_checkout_session should be security definer'
+);
+select is_definer(
+  'public', 'record_payment_intent', array['jsonb'],
+  'record_payment_intent should be security definer'
 );
 select is_definer(
   'public', 'handle_stripe_event', array['jsonb'],
@@ -52,7 +72,8 @@ select is_empty(
     select p.oid::regprocedure::text
     from pg_proc as p join pg_namespace as n on n.oid = p.pronamespace
     where n.nspname in ('public', 'billing')
-      and p.proname in ('handle_stripe_event', 'replay_parked_stripe_events', 'link_stripe_customer')
+      and p.proname in ('handle_stripe_event', 'replay_parked_stripe_events', 'link_stripe_customer',
+        'record_checkout_session', 'record_payment_intent')
       and not coalesce(p.proconfig @> array['search_path=""'], false)
   $$,
   'the Stripe RPCs should pin an empty search_path'
@@ -68,6 +89,28 @@ select is_empty(
 );
 
 -- Privileges ------------------------------------------------------------------------------------
+select ok(
+  not (
+    has_function_privilege('anon', 'public.record_checkout_session(jsonb)', 'execute')
+    or has_function_privilege('authenticated', 'public.record_checkout_session(jsonb)', 'execute')
+  ),
+  'neither anon nor authenticated should execute record_checkout_session'
+);
+select ok(
+  has_function_privilege('service_role', 'public.record_checkout_session(jsonb)', 'execute'),
+  'service_role should execute record_checkout_session'
+);
+select ok(
+  not (
+    has_function_privilege('anon', 'public.record_payment_intent(jsonb)', 'execute')
+    or has_function_privilege('authenticated', 'public.record_payment_intent(jsonb)', 'execute')
+  ),
+  'neither anon nor authenticated should execute record_payment_intent'
+);
+select ok(
+  has_function_privilege('service_role', 'public.record_payment_intent(jsonb)', 'execute'),
+  'service_role should execute record_payment_intent'
+);
 select ok(
   not has_function_privilege('anon', 'public.handle_stripe_event(jsonb)', 'execute'),
   'anon should not execute handle_stripe_event'
@@ -110,7 +153,7 @@ select is_empty(
     from pg_class as c join pg_namespace as n on n.oid = c.relnamespace
     where n.nspname = 'billing'
       and c.relname in ('customers', 'subscriptions', 'stripe_events', 'stripe_payments',
-        'stripe_refunds', 'stripe_disputes')
+        'stripe_refunds', 'stripe_disputes', 'stripe_sales', 'stripe_invoice_payments')
       and (not c.relrowsecurity
         or exists (select 1 from pg_policy as p where p.polrelid = c.oid))
   $$,
@@ -124,7 +167,7 @@ select is_empty(
     cross join (values ('anon'), ('authenticated')) as r (rolname)
     where n.nspname = 'billing'
       and c.relname in ('customers', 'subscriptions', 'stripe_events', 'stripe_payments',
-        'stripe_refunds', 'stripe_disputes')
+        'stripe_refunds', 'stripe_disputes', 'stripe_sales', 'stripe_invoice_payments')
       and has_table_privilege(r.rolname, c.oid, 'SELECT')
   $$,
   'neither anon nor authenticated should read any Stripe table'

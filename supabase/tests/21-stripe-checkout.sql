@@ -20,13 +20,13 @@ set local role service_role;
 -- Derived from the ruby-mock checkout.session.completed: client_reference_id and metadata set the
 -- way the service creates sessions (2 x pack_100).
 select results_eq(
-  $$select status, detail from public.handle_stripe_event(tests.stripe_event(
+  $$select status, detail from public.handle_stripe_event(tests.sold(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_21_paid', 'checkout.session.completed', 1700000000,
     '{"id": "cs_test_21_paid", "payment_intent": "pi_21_paid",
       "client_reference_id": "00000000-0000-0000-0000-000000000211",
       "metadata": {"user_id": "00000000-0000-0000-0000-000000000211",
-        "product": "pack_100", "quantity": "2"}}'))$$,
+        "product": "pack_100", "quantity": "2"}}')))$$,
   $$values ('applied'::text,
     'credited 200 tokens (pack_100 x 2) to user 00000000-0000-0000-0000-000000000211 (balance 300)'::text)$$,
   'a paid checkout of 2 x pack_100 should credit 200 tokens'
@@ -69,23 +69,23 @@ select results_eq(
 
 -- Redelivery and the second event of the same payment.
 select results_eq(
-  $$select status from public.handle_stripe_event(tests.stripe_event(
+  $$select status from public.handle_stripe_event(tests.sold(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_21_paid', 'checkout.session.completed', 1700000000,
     '{"id": "cs_test_21_paid", "payment_intent": "pi_21_paid",
       "client_reference_id": "00000000-0000-0000-0000-000000000211",
-      "metadata": {"product": "pack_100", "quantity": "2"}}'))$$,
+      "metadata": {"product": "pack_100", "quantity": "2"}}')))$$,
   $$values ('duplicate'::text)$$,
   'a redelivered event should answer duplicate'
 );
 -- Derived: the same session as checkout.session.async_payment_succeeded (see the fixtures README).
 select results_eq(
-  $$select status, detail from public.handle_stripe_event(tests.stripe_event(
+  $$select status, detail from public.handle_stripe_event(tests.sold(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_21_paid_async', 'checkout.session.async_payment_succeeded', 1700000005,
     '{"id": "cs_test_21_paid", "payment_intent": "pi_21_paid",
       "client_reference_id": "00000000-0000-0000-0000-000000000211",
-      "metadata": {"product": "pack_100", "quantity": "2"}}'))$$,
+      "metadata": {"product": "pack_100", "quantity": "2"}}')))$$,
   $$select 'duplicate'::text, format('checkout session cs_test_21_paid was already credited (ledger entry %s)', id)
     from billing.ledger_entries where idempotency_key = 'stripe:checkout:cs_test_21_paid'$$,
   'async_payment_succeeded for a session already credited should answer duplicate'
@@ -110,12 +110,12 @@ select results_eq(
 -- A delayed (SEPA-like) payment: completed unpaid, then async_payment_succeeded ------------------
 -- Derived: payment_status unpaid, as the README says for delayed methods; user via metadata only.
 select results_eq(
-  $$select status, detail from public.handle_stripe_event(tests.stripe_event(
+  $$select status, detail from public.handle_stripe_event(tests.sold(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_21_sepa_completed', 'checkout.session.completed', 1700000100,
     '{"id": "cs_test_21_sepa", "payment_intent": "pi_21_sepa", "payment_status": "unpaid",
       "customer": "cus_21Ben", "amount_total": 1000,
-      "metadata": {"user_id": "00000000-0000-0000-0000-000000000212", "product": "pack_250"}}'))$$,
+      "metadata": {"user_id": "00000000-0000-0000-0000-000000000212", "product": "pack_250"}}')))$$,
   $$values ('ignored'::text, 'checkout session cs_test_21_sepa completed with payment_status unpaid: '
     'nothing to credit until checkout.session.async_payment_succeeded'::text)$$,
   'an unpaid completed session should be ignored with the reason'
@@ -125,32 +125,32 @@ select is_empty(
   'an unpaid session should credit nothing'
 );
 select results_eq(
-  $$select status, detail from public.handle_stripe_event(tests.stripe_event(
+  $$select status, detail from public.handle_stripe_event(tests.sold(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_21_sepa_succeeded', 'checkout.session.async_payment_succeeded', 1700000200,
     '{"id": "cs_test_21_sepa", "payment_intent": "pi_21_sepa", "payment_status": "paid",
       "customer": "cus_21Ben", "amount_total": 1000,
-      "metadata": {"user_id": "00000000-0000-0000-0000-000000000212", "product": "pack_250"}}'))$$,
+      "metadata": {"user_id": "00000000-0000-0000-0000-000000000212", "product": "pack_250"}}')))$$,
   $$values ('applied'::text,
     'credited 250 tokens (pack_250 x 1) to user 00000000-0000-0000-0000-000000000212 (balance 350)'::text)$$,
   'async_payment_succeeded should credit the pack (quantity 1 when metadata has none)'
 );
 -- Derived: async_payment_failed (payment_status unpaid) and expired sessions.
 select results_eq(
-  $$select status from public.handle_stripe_event(tests.stripe_event(
+  $$select status from public.handle_stripe_event(tests.sold(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_21_failed', 'checkout.session.async_payment_failed', 1700000300,
     '{"id": "cs_test_21_failed", "payment_status": "unpaid",
-      "metadata": {"user_id": "00000000-0000-0000-0000-000000000212", "product": "pack_250"}}'))$$,
+      "metadata": {"user_id": "00000000-0000-0000-0000-000000000212", "product": "pack_250"}}')))$$,
   $$values ('ignored'::text)$$,
   'async_payment_failed should be ignored'
 );
 select results_eq(
-  $$select status from public.handle_stripe_event(tests.stripe_event(
+  $$select status from public.handle_stripe_event(tests.sold(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_21_expired', 'checkout.session.expired', 1700000400,
     '{"id": "cs_test_21_expired", "status": "expired", "payment_status": "unpaid",
-      "metadata": {"user_id": "00000000-0000-0000-0000-000000000212", "product": "pack_250"}}'))$$,
+      "metadata": {"user_id": "00000000-0000-0000-0000-000000000212", "product": "pack_250"}}')))$$,
   $$values ('ignored'::text)$$,
   'an expired session should be ignored'
 );
@@ -164,18 +164,20 @@ select is(
 select results_eq(
   $$select status, detail from public.handle_stripe_event(
     tests.stripe_fixture('stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json'))$$,
-  $$values ('parked'::text, 'checkout session cs_test_0000000000000000000000000000000000000000000000000000000000: '
-    'metadata.product (missing) is not a token pack in billing.products'::text)$$,
+  $$values ('parked'::text, 'checkout session cs_test_0000000000000000000000000000000000000000000000000000000000 '
+    'was not recorded by the service (record_checkout_session) and has no '
+    'single line item whose price is a pack''s stripe_price_id: not credited'::text)$$,
   'the real fixture (no product, no user) should be parked with the reason'
 );
 -- Derived: a product but no user, and a customer nobody linked.
 select results_eq(
-  $$select status, detail from public.handle_stripe_event(tests.stripe_event(
+  $$select status, detail from public.handle_stripe_event(tests.sold(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_21_nouser', 'checkout.session.completed', 1700000500,
-    '{"id": "cs_test_21_nouser", "customer": "cus_21Nobody", "metadata": {"product": "pack_100"}}'))$$,
-  $$values ('parked'::text, 'checkout session cs_test_21_nouser: no user: no client_reference_id nor '
-    'metadata.user_id, customer cus_21Nobody is not linked (link_stripe_customer)'::text)$$,
+    '{"id": "cs_test_21_nouser", "customer": "cus_21Nobody", "metadata": {"product": "pack_100"}}')))$$,
+  $$values ('parked'::text, 'checkout session cs_test_21_nouser '
+    'was not recorded by the service (record_checkout_session) and has no '
+    'single line item whose price is a pack''s stripe_price_id: not credited'::text)$$,
   'a paid session that names no user and whose customer is not linked should be parked'
 );
 select results_eq(
@@ -187,30 +189,35 @@ select is_empty(
   $$select 1 from billing.stripe_payments where id = 'cs_test_21_nouser'$$,
   'a parked event should have no effect'
 );
--- Derived: the user only through the customer link.
+-- Derived: a session the service did not create (a Payment Link): its one line item's price is
+-- pack_600's, and the user is found only through the customer link.
+reset role;
+update billing.products set stripe_price_id = 'price_21_pack600'
+where code = 'pack_600';
+set local role service_role;
 select results_eq(
   $$select status from public.link_stripe_customer('00000000-0000-0000-0000-000000000213', 'cus_21Cat')$$,
   $$values ('applied'::text)$$,
   'the service should link the customer before checkout'
 );
 select results_eq(
-  $$select status, detail from public.handle_stripe_event(tests.stripe_event(
+  $$select status, detail from public.handle_stripe_event(tests.sold(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_21_linked', 'checkout.session.completed', 1700000600,
     '{"id": "cs_test_21_linked", "customer": "cus_21Cat", "payment_intent": "pi_21_linked",
-      "metadata": {"product": "pack_600", "quantity": "3"}}'))$$,
+      "metadata": {}, "line_items": {"data": [{"price": {"id": "price_21_pack600"}, "quantity": 3}]}}')))$$,
   $$values ('applied'::text,
     'credited 1800 tokens (pack_600 x 3) to user 00000000-0000-0000-0000-000000000213 (balance 1900)'::text)$$,
-  'a session whose customer is linked should credit that user'
+  'an unrecorded session with a pack''s price in its line items should credit the customer''s user'
 );
 -- Derived: a user who has no account yet (not in auth.users): the account is opened.
 select results_eq(
-  $$select status from public.handle_stripe_event(tests.stripe_event(
+  $$select status from public.handle_stripe_event(tests.sold(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_21_newuser', 'checkout.session.completed', 1700000700,
     '{"id": "cs_test_21_newuser", "customer": "cus_21Dan", "payment_intent": "pi_21_newuser",
       "client_reference_id": "00000000-0000-0000-0000-000000000214",
-      "metadata": {"product": "pack_100"}}'))$$,
+      "metadata": {"user_id": "00000000-0000-0000-0000-000000000214", "product": "pack_100"}}')))$$,
   $$values ('applied'::text)$$,
   'a session for a user without an account should be applied'
 );
@@ -223,34 +230,36 @@ select results_eq(
 
 -- Products and quantities -----------------------------------------------------------------------
 select results_eq(
-  $$select status, detail from public.handle_stripe_event(tests.stripe_event(
+  $$select status, detail from public.handle_stripe_event(tests.sold(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_21_plan_as_pack', 'checkout.session.completed', 1700000800,
     '{"id": "cs_test_21_plan", "client_reference_id": "00000000-0000-0000-0000-000000000211",
-      "metadata": {"product": "starter"}}'))$$,
-  $$values ('parked'::text,
-    'checkout session cs_test_21_plan: metadata.product ''starter'' is not a token pack in billing.products'::text)$$,
+      "metadata": {"product": "starter"}}')))$$,
+  $$values ('parked'::text, 'checkout session cs_test_21_plan '
+    'was not recorded by the service (record_checkout_session) and has no '
+    'single line item whose price is a pack''s stripe_price_id: not credited'::text)$$,
   'a payment-mode session for a plan should be parked'
 );
 select results_eq(
-  $$select status, detail from public.handle_stripe_event(tests.stripe_event(
+  $$select status, detail from public.handle_stripe_event(tests.sold(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_21_bad_quantity', 'checkout.session.completed', 1700000900,
     '{"id": "cs_test_21_quantity", "client_reference_id": "00000000-0000-0000-0000-000000000211",
-      "metadata": {"product": "pack_100", "quantity": "-3"}}'))$$,
-  $$values ('parked'::text,
-    'checkout session cs_test_21_quantity: metadata.quantity ''-3'' is not a whole number from 1 to 999999'::text)$$,
+      "metadata": {"product": "pack_100", "quantity": "-3"}}')))$$,
+  $$values ('parked'::text, 'checkout session cs_test_21_quantity '
+    'was not recorded by the service (record_checkout_session) and has no '
+    'single line item whose price is a pack''s stripe_price_id: not credited'::text)$$,
   'a session with a bad quantity should be parked'
 );
 select results_eq(
-  $$select status, detail from public.handle_stripe_event(tests.stripe_event(
+  $$select status, detail from public.handle_stripe_event(tests.sold(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_21_bad_user', 'checkout.session.completed', 1700001000,
     '{"id": "cs_test_21_baduser", "client_reference_id": "ann",
-      "metadata": {"product": "pack_100"}}'))$$,
-  $$values (
-    'parked'::text, 'checkout session cs_test_21_baduser: client_reference_id ''ann'' is not a user id'::text
-  )$$,
+      "metadata": {"product": "pack_100"}}')))$$,
+  $$values ('parked'::text, 'checkout session cs_test_21_baduser '
+    'was not recorded by the service (record_checkout_session) and has no '
+    'single line item whose price is a pack''s stripe_price_id: not credited'::text)$$,
   'a session naming a user by something other than a uuid should be parked'
 );
 reset role;
@@ -258,12 +267,12 @@ update billing.products set active = false
 where code = 'pack_250';
 set local role service_role;
 select results_eq(
-  $$select status from public.handle_stripe_event(tests.stripe_event(
+  $$select status from public.handle_stripe_event(tests.sold(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_21_retired', 'checkout.session.completed', 1700001100,
-    '{"id": "cs_test_21_retired", "payment_intent": "pi_21_retired",
+    '{"id": "cs_test_21_retired", "payment_intent": "pi_21_retired", "customer": "cus_21Retired",
       "client_reference_id": "00000000-0000-0000-0000-000000000212",
-      "metadata": {"product": "pack_250"}}'))$$,
+      "metadata": {"user_id": "00000000-0000-0000-0000-000000000212", "product": "pack_250"}}')))$$,
   $$values ('applied'::text)$$,
   'a paid session for a pack retired since checkout should still be credited'
 );

@@ -183,9 +183,9 @@ select results_eq(
   $$select status, detail from public.handle_stripe_event(pg_temp.legacy_invoice(
     'evt_22_inv_after_cancel', 'invoice.paid', 1700100600,
     'in_22aftercancel', 'subscription_cycle', 'sub_000000000000000000000000', 1905184000))$$,
-  $$values ('ignored'::text, 'invoice in_22aftercancel: subscription sub_000000000000000000000000 is canceled, '
-    'no grant'::text)$$,
-  'an invoice of a canceled subscription should grant nothing'
+  $$values ('applied'::text, 'granted 5000 tokens of plan starter to user '
+    '00000000-0000-0000-0000-000000000221, expiring 2030-05-16 17:46:40+00 (balance 15100)'::text)$$,
+  'a paid invoice delivered after the subscription''s deletion should still grant its period (it was paid)'
 );
 select results_eq(
   $$select status from public.handle_stripe_event(tests.stripe_event(
@@ -196,8 +196,8 @@ select results_eq(
 );
 select results_eq(
   $$select balance, plan from billing.accounts where user_id = '00000000-0000-0000-0000-000000000221'$$,
-  $$values (10100::bigint, 'free'::text)$$,
-  'after cancellation the balance and plan should be unchanged by later events'
+  $$values (15100::bigint, 'free'::text)$$,
+  'after cancellation the plan should stay free; only the paid invoice added its period''s tokens'
 );
 
 -- Invoices that grant nothing.
@@ -205,15 +205,16 @@ select results_eq(
   $$select status, detail from public.handle_stripe_event(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/invoice.paid.json', 'evt_22_manual', 'invoice.paid', 1700100700))$$,
   $$values ('ignored'::text, 'invoice in_000000000000000000000000 (billing_reason manual): only '
-    'subscription_create and subscription_cycle invoices grant plan tokens'::text)$$,
+    'subscription_create and subscription_cycle invoices grant plan tokens (and subscription_update '
+    'ones, for plan changes)'::text)$$,
   'a manual invoice (the real invoice.paid fixture) should be ignored'
 );
 select results_eq(
   $$select status from public.handle_stripe_event(pg_temp.legacy_invoice(
-    'evt_22_proration', 'invoice.paid', 1700100800,
+    'evt_22_update_new_period', 'invoice.paid', 1700100800,
     'in_22proration', 'subscription_update', 'sub_000000000000000000000000', 1902592000))$$,
-  $$values ('ignored'::text)$$,
-  'a proration (subscription_update) invoice should be ignored'
+  $$values ('applied'::text)$$,
+  'a subscription_update invoice with a full-period (non-proration) plan line should grant that period'
 );
 
 -- From 2025-03-31 (basil): prices and periods moved ------------------------------------------------
@@ -420,7 +421,7 @@ reset role;
 select results_eq(
   $$select status, count(*)::int from billing.stripe_events where id like 'evt_22_%'
     group by status order by status$$,
-  $$values ('applied'::text, 13), ('duplicate', 2), ('ignored', 4), ('parked', 6), ('stale', 3)$$,
+  $$values ('applied'::text, 16), ('duplicate', 2), ('ignored', 2), ('parked', 5), ('stale', 3)$$,
   'every event should be stored once with its outcome'
 );
 select tests.invariants_hold('the ledger invariants should hold after every subscription scenario');

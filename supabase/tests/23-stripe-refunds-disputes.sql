@@ -24,14 +24,15 @@ create function pg_temp.buy(
 ) returns text
 language sql
 as $$
-  select h.status from public.handle_stripe_event(tests.stripe_event(
+  select h.status from public.handle_stripe_event(tests.sold(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_23_buy_' || p_suffix, 'checkout.session.completed', 1700000000,
     jsonb_build_object(
       'id', 'cs_23' || p_suffix, 'payment_intent', 'pi_23' || p_suffix,
       'amount_total', p_amount_cents, 'customer', 'cus_23' || p_suffix,
-      'client_reference_id', p_user_id, 'metadata', jsonb_build_object('product', p_product))
-  )) as h
+      'client_reference_id', p_user_id,
+      'metadata', jsonb_build_object('user_id', p_user_id, 'product', p_product))
+  ))) as h
 $$;
 
 -- charge.refunded derived from the ruby-mock one: the charge of a purchase, its cumulative
@@ -92,7 +93,7 @@ select results_eq(
 select results_eq(
   $$select kind, amount, idempotency_key from billing.ledger_entries
     where user_id = '00000000-0000-0000-0000-000000000231' and kind = 'clawback'$$,
-  $$values ('clawback'::text, -150::bigint, 'stripe:clawback:cs_23R:150'::text)$$,
+  $$values ('clawback'::text, -150::bigint, 'stripe:clawback:cs_23R:n1'::text)$$,
   'the clawback should be keyed on the payment and the cumulative tokens clawed back'
 );
 select results_eq(
@@ -156,8 +157,8 @@ select results_eq(
 select results_eq(
   $$select amount, idempotency_key from billing.ledger_entries
     where user_id = '00000000-0000-0000-0000-000000000231' and kind = 'clawback' order by id$$,
-  $$values (-150::bigint, 'stripe:clawback:cs_23R:150'::text), (-150, 'stripe:clawback:cs_23R:300'),
-    (-300, 'stripe:clawback:cs_23R:600')$$,
+  $$values (-150::bigint, 'stripe:clawback:cs_23R:n1'::text), (-150, 'stripe:clawback:cs_23R:n2'),
+    (-300, 'stripe:clawback:cs_23R:n3')$$,
   'partial then full refunds should claw back 150, 150 and 300 tokens: all 600, once each'
 );
 select results_eq(
@@ -232,8 +233,8 @@ select results_eq(
   $$select status from public.handle_stripe_event(pg_temp.dispute(
     'charge.dispute.updated', 'evt_23_dpW_updated', 'charge.dispute.updated', 1700005100,
     'dp_23W', 1000, 'under_review', '{"charge": "ch_23W", "payment_intent": "pi_23W"}'))$$,
-  $$values ('ignored'::text)$$,
-  'charge.dispute.updated should be ignored'
+  $$values ('applied'::text)$$,
+  'charge.dispute.updated should record the new status (funds still withdrawn: the same hold)'
 );
 select results_eq(
   $$select status, detail from public.handle_stripe_event(pg_temp.dispute(
@@ -253,8 +254,8 @@ select results_eq(
 select results_eq(
   $$select kind, amount, idempotency_key from billing.ledger_entries
     where user_id = '00000000-0000-0000-0000-000000000233' and kind like 'dispute%' order by id$$,
-  $$values ('dispute'::text, -250::bigint, 'stripe:dispute:dp_23W'::text),
-    ('dispute_won', 250, 'stripe:dispute:dp_23W:won')$$,
+  $$values ('dispute'::text, -250::bigint, 'stripe:dispute:dp_23W:n1'::text),
+    ('dispute_won', 250, 'stripe:dispute:dp_23W:n2')$$,
   'a won dispute should be a dispute debit and a dispute_won credit, once each'
 );
 select is(
@@ -301,7 +302,8 @@ select is(
   'a lost dispute should credit nothing back'
 );
 select is_empty(
-  $$select 1 from billing.ledger_entries where idempotency_key = 'stripe:dispute:dp_23L:won'$$,
+  $$select 1 from billing.ledger_entries
+    where idempotency_key like 'stripe:dispute:dp_23L:%' and kind = 'dispute_won'$$,
   'a lost dispute should write no dispute_won entry'
 );
 
@@ -327,7 +329,7 @@ select results_eq(
 select results_eq(
   $$select amount, idempotency_key from billing.ledger_entries
     where user_id = '00000000-0000-0000-0000-000000000235' and kind like 'dispute%'$$,
-  $$values (-100::bigint, 'stripe:dispute:dp_23C'::text)$$,
+  $$values (-100::bigint, 'stripe:dispute:dp_23C:n1'::text)$$,
   'the lost dispute should be debited exactly once'
 );
 
@@ -346,7 +348,7 @@ select results_eq(
 select results_eq(
   $$select status, detail from public.handle_stripe_event(pg_temp.dispute(
     'charge.dispute.created', 'evt_23_dpP_created', 'charge.dispute.created', 1700008100,
-    'dp_23P', 2000, 'warning_needs_response', '{"charge": "ch_23P"}'))$$,
+    'dp_23P', 2000, 'needs_response', '{"charge": "ch_23P"}'))$$,
   $$values ('applied'::text, 'dispute dp_23P of payment cs_23P: 300 tokens of user '
     '00000000-0000-0000-0000-000000000236 held (debited) until it closes'::text)$$,
   'a dispute naming only the charge should find the payment, and hold only what refunds left'
@@ -354,18 +356,18 @@ select results_eq(
 select results_eq(
   $$select status from public.handle_stripe_event(pg_temp.dispute(
     'charge.dispute.closed', 'evt_23_dpP_closed', 'charge.dispute.closed', 1700008200,
-    'dp_23P', 2000, 'warning_closed', '{"charge": "ch_23P"}'))$$,
+    'dp_23P', 2000, 'won', '{"charge": "ch_23P"}'))$$,
   $$values ('applied'::text)$$,
-  'an inquiry closed without a loss should be applied'
+  'a dispute won should be applied'
 );
 select results_eq(
   $$select resolution from billing.stripe_disputes where id = 'dp_23P'$$,
   $$values ('returned'::text)$$,
-  'an inquiry closed without a loss should give the tokens back'
+  'a dispute won should give the tokens back'
 );
 select is(
   tests.balance('00000000-0000-0000-0000-000000000236'), 400::bigint,
-  'after the refund and the closed inquiry the user should keep half the tokens plus the signup grant'
+  'after the refund and the won dispute the user should keep half the tokens plus the signup grant'
 );
 -- The real dispute fixture with an event id of its own (the ruby-mock fixtures share one): its
 -- charge was never recorded.

@@ -1,15 +1,19 @@
--- Parked events and their replay: redelivery retries a parked event, replay_parked_stripe_events()
--- applies what became resolvable (oldest first), and a replay that fails leaves the event parked.
+-- Parked events, healing and replay: redelivery retries a parked event, the customer link applies
+-- the events parked for want of it in the same transaction (oldest first, and the refund of the
+-- purchase that applied), replay_parked_stripe_events() remains for the rest, and an event whose
+-- effect fails stays parked.
 begin;
 set local search_path = extensions, public;
 set local timezone = 'UTC';
-select plan(23);
+select plan(24);
 
 select tests.create_user('00000000-0000-0000-0000-000000000241', 'late@example.com');
 select tests.create_user('00000000-0000-0000-0000-000000000242', 'other@example.com');
 
 update billing.products set stripe_price_id = 'price_000000000000000000000000'
 where code = 'starter';
+update billing.products set stripe_price_id = 'price_24_pack100'
+where code = 'pack_100';
 
 -- Test events come from tests.stripe_event() (tests/sql/pgtap_helpers.sql): a trimmed real payload
 -- of tests/fixtures/stripe with its own id, type and created, and the patch it is given, which is
@@ -18,23 +22,26 @@ where code = 'starter';
 set local role service_role;
 
 -- Four events for a customer nobody has linked yet -----------------------------------------------
--- Derived from the ruby-mock checkout.session.completed: product set, no user named.
+-- Derived from the ruby-mock checkout.session.completed: a session the service did not create (a
+-- Payment Link) whose one line item is pack_100's price, naming no user.
 select results_eq(
-  $$select status, detail from public.handle_stripe_event(tests.stripe_event(
+  $$select status, detail from public.handle_stripe_event(tests.sold(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_24_checkout', 'checkout.session.completed', 1700000000,
     '{"id": "cs_24Late", "customer": "cus_24Late", "payment_intent": "pi_24Late", "amount_total": 500,
-      "metadata": {"product": "pack_100"}}'))$$,
+      "metadata": {},
+      "line_items": {"data": [{"price": {"id": "price_24_pack100"}, "quantity": 1}]}}')))$$,
   $$values ('parked'::text, 'checkout session cs_24Late: no user: no client_reference_id nor metadata.user_id, '
     'customer cus_24Late is not linked (link_stripe_customer)'::text)$$,
   'a paid session of an unlinked customer should be parked'
 );
 select results_eq(
-  $$select status from public.handle_stripe_event(tests.stripe_event(
+  $$select status from public.handle_stripe_event(tests.sold(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_24_checkout', 'checkout.session.completed', 1700000000,
     '{"id": "cs_24Late", "customer": "cus_24Late", "payment_intent": "pi_24Late", "amount_total": 500,
-      "metadata": {"product": "pack_100"}}'))$$,
+      "metadata": {},
+      "line_items": {"data": [{"price": {"id": "price_24_pack100"}, "quantity": 1}]}}')))$$,
   $$values ('parked'::text)$$,
   'a redelivered parked event should be tried again (and stay parked)'
 );
@@ -89,58 +96,62 @@ select is(
   'nothing should be credited while the events are parked'
 );
 
--- The customer link appears; replay applies everything, oldest first.
+-- The customer link appears: the parked events apply in the same transaction, oldest first.
 select results_eq(
   $$select status from public.link_stripe_customer('00000000-0000-0000-0000-000000000241', 'cus_24Late')$$,
   $$values ('applied'::text)$$,
   'the service should link the customer'
 );
 select results_eq(
-  $$select event_id, status from public.replay_parked_stripe_events()$$,
-  $$values ('evt_24_checkout'::text, 'applied'::text), ('evt_24_refund', 'applied'),
-    ('evt_24_sub_created', 'applied'), ('evt_24_sub_updated', 'applied')$$,
-  'a replay after the link should apply every event, oldest first (the subscription''s two in order)'
+  $$select id, status, waiting_for from billing.stripe_events where id like 'evt_24_%'
+    order by processed_at, created$$,
+  $$values ('evt_24_checkout'::text, 'applied'::text, null::text[]),
+    ('evt_24_refund', 'applied', null), ('evt_24_sub_created', 'applied', null),
+    ('evt_24_sub_updated', 'applied', null)$$,
+  'the link should apply every parked event, oldest first (the refund once its purchase applied)'
 );
 select results_eq(
   $$select kind, amount, idempotency_key from billing.ledger_entries
     where user_id = '00000000-0000-0000-0000-000000000241' order by id$$,
   $$values ('signup'::text, 100::bigint, 'signup:00000000-0000-0000-0000-000000000241'::text),
-    ('purchase', 100, 'stripe:checkout:cs_24Late'), ('clawback', -50, 'stripe:clawback:cs_24Late:50')$$,
-  'the replayed purchase should be credited and the replayed refund clawed back after it'
+    ('purchase', 100, 'stripe:checkout:cs_24Late'), ('clawback', -50, 'stripe:clawback:cs_24Late:n1')$$,
+  'the healed purchase should be credited and the healed refund clawed back after it'
 );
 select results_eq(
   $$select plan, subscription_status from billing.accounts
     where user_id = '00000000-0000-0000-0000-000000000241'$$,
   $$values ('starter'::text, 'past_due'::text)$$,
-  'the replayed subscription events should leave the account as the newer one says'
+  'the healed subscription events should leave the account as the newer one says'
 );
 select results_eq(
   $$select id, status, attempts from billing.stripe_events where id like 'evt_24_%' order by id$$,
   $$values ('evt_24_checkout'::text, 'applied'::text, 4), ('evt_24_refund', 'applied', 3),
     ('evt_24_sub_created', 'applied', 3), ('evt_24_sub_updated', 'applied', 3)$$,
-  'replayed events should be stored with their new status and attempts'
+  'healed events should be stored with their new status and attempts'
 );
 select is_empty(
   $$select * from public.replay_parked_stripe_events()$$,
   'a replay with nothing parked should return nothing'
 );
 select results_eq(
-  $$select status from public.handle_stripe_event(tests.stripe_event(
+  $$select status from public.handle_stripe_event(tests.sold(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_24_checkout', 'checkout.session.completed', 1700000000,
     '{"id": "cs_24Late", "customer": "cus_24Late", "payment_intent": "pi_24Late", "amount_total": 500,
-      "metadata": {"product": "pack_100"}}'))$$,
+      "metadata": {},
+      "line_items": {"data": [{"price": {"id": "price_24_pack100"}, "quantity": 1}]}}')))$$,
   $$values ('duplicate'::text)$$,
-  'a redelivery after the replay applied the event should answer duplicate'
+  'a redelivery after the event healed should answer duplicate'
 );
 
 -- A replay that fails stays parked ---------------------------------------------------------------
 select results_eq(
-  $$select status from public.handle_stripe_event(tests.stripe_event(
+  $$select status from public.handle_stripe_event(tests.sold(tests.stripe_event(
     'stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json',
     'evt_24_broken', 'checkout.session.completed', 1700000400,
     '{"id": "cs_24Broken", "customer": "cus_24Broken", "payment_intent": "pi_24Broken",
-      "metadata": {"product": "pack_100"}}'))$$,
+      "metadata": {},
+      "line_items": {"data": [{"price": {"id": "price_24_pack100"}, "quantity": 1}]}}')))$$,
   $$values ('parked'::text)$$,
   'another unlinked session should be parked'
 );
@@ -158,7 +169,13 @@ set local role service_role;
 select results_eq(
   $$select status from public.link_stripe_customer('00000000-0000-0000-0000-000000000241', 'cus_24Broken')$$,
   $$values ('applied'::text)$$,
-  'the customer should then be linked'
+  'the customer should then be linked, even though healing its parked event fails'
+);
+select results_eq(
+  $$select status, detail like 'healing failed: idempotency key%' from billing.stripe_events
+    where id = 'evt_24_broken'$$,
+  $$values ('parked'::text, true)$$,
+  'an event whose effect raises while healing should stay parked with the error'
 );
 select results_eq(
   $$select event_id, status, detail like 'replay failed: TBKEY idempotency key%'
@@ -172,8 +189,8 @@ select is_empty(
 );
 select results_eq(
   $$select status, attempts from billing.stripe_events where id = 'evt_24_broken'$$,
-  $$values ('parked'::text, 2)$$,
-  'the failed replay should be counted as an attempt'
+  $$values ('parked'::text, 3)$$,
+  'the failed healing and replay should each be counted as an attempt'
 );
 reset role;
 

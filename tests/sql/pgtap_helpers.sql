@@ -618,6 +618,26 @@ $$;
 comment on function tests.stripe_event(text, text, text, bigint, jsonb) is
 'A test event derived from a fixture: its own id, type and created, p_patch merged into data.object.';
 
+-- A checkout event whose session the service sold: records data.object the way the service does
+-- (public.record_checkout_session, before the URL is handed out), then returns the event. A
+-- session that does not name a user and a product the way the service's do stays unrecorded.
+create function tests.sold(p_event jsonb) returns jsonb
+language plpgsql
+set search_path = ''
+as $$
+begin
+  begin
+    perform public.record_checkout_session(p_event #> '{data,object}');
+  exception when sqlstate '22023' then
+    null;
+  end;
+  return p_event;
+end;
+$$;
+comment on function tests.sold(jsonb) is
+'Records the event''s checkout session as the service would (when it names user and product), '
+'then returns the event.';
+
 -- Privileges -------------------------------------------------------------------------------------
 revoke execute on all functions in schema tests from public;
 grant usage on schema tests to service_role;

@@ -93,6 +93,19 @@ async def _product(settings: Settings, code: str) -> dict[str, object] | None:
     return next((row for row in rows if row["code"] == code), None)
 
 
+async def _record_session(settings: Settings, session: dict[str, Any]) -> None:
+    """Record the session as the service does when it creates one (record_checkout_session):
+    the handler credits only what was sold."""
+    from token_billing.server.database import database_from_settings
+
+    db = database_from_settings(settings)
+    await db.open()
+    try:
+        await db.rpc("record_checkout_session", {"p_session": session})
+    finally:
+        await db.close()
+
+
 def trigger(args: argparse.Namespace) -> int:
     settings = server_settings("stripe trigger", args.env_file)
     if settings is None:
@@ -134,6 +147,13 @@ def trigger(args: argparse.Namespace) -> int:
             "the plan and will be parked; run `token-billing stripe sync-products` first",
             file=sys.stderr,
         )
+    if event["data"]["object"].get("object") == "checkout.session":
+        try:
+            asyncio.run(_record_session(settings, event["data"]["object"]))
+        except (DatabaseUnavailable, DatabaseError) as exc:
+            print(f"token-billing: recording the session failed: {exc}", file=sys.stderr)
+            return 1
+        print("   the session is recorded as the service's (record_checkout_session)")
     payload = json.dumps(event, separators=(",", ":")).encode()
     header = stripe_signature(payload, settings.webhook_secrets[0])
     url = args.url.rstrip("/") + "/v1/webhooks/stripe"

@@ -213,6 +213,7 @@ class PageConfig(Model):
     supabaseUrl: str | None
     supabaseAnonKey: str | None
     devSignIn: bool
+    stripePublishableKey: str | None = None
 
 
 PROMETHEUS_TEXT = Media(

@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     with SUPABASE_URL for a live balance through Supabase Realtime. Unset: the page uses the
     service's GET /v1/balance/stream instead."""
 
+    stripe_publishable_key: str | None = None
+    """The Stripe publishable key (pk_test_... or pk_live_...). Not a secret: with it the demo page
+    offers Stripe's Payment Element (POST /v1/payment-intents) next to Checkout."""
+
     supabase_jwt_secret: SecretStr | None = None
     """The project's legacy HS256 JWT secret. Unset: tokens are verified with the project's JWKS
     (ES256/RS256 signing keys) at SUPABASE_URL/auth/v1/.well-known/jwks.json."""

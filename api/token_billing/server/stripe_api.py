@@ -158,7 +158,8 @@ class StripeGateway:
         )
         return str(customer.id)
 
-    async def create_checkout_session(self, params: Mapping[str, Any], key: str) -> tuple[str, str]:
+    async def create_checkout_session(self, params: Mapping[str, Any], key: str) -> dict[str, Any]:
+        """The new session as Stripe returned it (the service records it before handing it out)."""
         session = await self._call(
             "checkout.sessions.create",
             self.client.v1.checkout.sessions.create_async(
@@ -166,7 +167,39 @@ class StripeGateway:
                 options={"idempotency_key": key},
             ),
         )
-        return str(session.id), str(session.url)
+        return dict(session.to_dict())
+
+    async def create_payment_intent(self, params: Mapping[str, Any], key: str) -> dict[str, Any]:
+        """A PaymentIntent for the Payment Element, as Stripe returned it."""
+        intent = await self._call(
+            "payment_intents.create",
+            self.client.v1.payment_intents.create_async(
+                params=dict(params),  # type: ignore[arg-type]
+                options={"idempotency_key": key},
+            ),
+        )
+        return dict(intent.to_dict())
+
+    @property
+    def placeholder_key(self) -> bool:
+        """True with the key `make dev` made up (every call would be refused)."""
+        return self._placeholder_key
+
+    async def checkout_line_items(self, session_id: str) -> list[dict[str, Any]]:
+        """A Checkout Session's line items (price id and quantity), at most 100."""
+        page = await self._call(
+            "checkout.sessions.line_items",
+            self.client.v1.checkout.sessions.line_items.list_async(
+                session_id, params={"limit": 100}
+            ),
+        )
+        return [
+            {
+                "price": {"id": item.price.id if item.price else None},
+                "quantity": item.quantity,
+            }
+            for item in page.data
+        ]
 
     async def create_portal_session(self, customer_id: str, return_url: str, key: str) -> str:
         session = await self._call(

@@ -1,8 +1,11 @@
-"""POST /v1/checkout/sessions and POST /v1/portal/sessions: Stripe Checkout and the portal.
+"""POST /v1/checkout/sessions, POST /v1/payment-intents and POST /v1/portal/sessions.
 
 The user's Stripe customer is created and stored in billing.customers before any checkout, so
-every later event can be tied to the user; Checkout Sessions carry the user and the product in
-their metadata (the contract's `client_reference_id`, `metadata.user_id`, `metadata.product`).
+every later event can be tied to the user; Checkout Sessions and PaymentIntents carry the user and
+the product in their metadata (the contract's `client_reference_id`, `metadata.user_id`,
+`metadata.product`, `metadata.quantity`). Each one is recorded in the database, as Stripe returned
+it, before its URL or client secret leaves the service: the event handler credits only what was
+recorded (record_checkout_session, record_payment_intent), the amount and currency paid checked.
 """
 
 from __future__ import annotations
@@ -117,10 +120,61 @@ async def create_checkout_session(request: Request) -> Response:
         params["payment_intent_data"] = {"metadata": metadata}
     else:
         params["subscription_data"] = {"metadata": metadata}
-    session_id, url = await rt.stripe.create_checkout_session(params, key)
+    session = await rt.stripe.create_checkout_session(params, key)
+    session_id, url = str(session["id"]), str(session["url"])
+    # What was sold, recorded before the URL is handed out (a retry records it again: duplicate).
+    await rt.db.rpc("record_checkout_session", {"p_session": session})
     rt.metrics.checkout_sessions.labels(kind).inc()
     log_fields(request).update(checkout_session_id=session_id, stripe_customer_id=customer_id)
     return schemas.respond(schemas.CheckoutSession(id=session_id, url=url), 201)
+
+
+async def create_payment_intent(request: Request) -> Response:
+    """A PaymentIntent for a pack (Stripe's Payment Element); payment_intent.succeeded credits."""
+    rt = runtime(request)
+    user = buyer(await signed_in(request, rt))
+    require_stripe(rt)
+    body = await read_model(request, schemas.PurchaseRequest)
+    key = request_key(request, "payment_intent", user.id)
+    code, quantity = body.product, body.quantity
+    log_fields(request).update(product=code, quantity=quantity)
+
+    product = next((p for p in await active_products(rt) if p["code"] == code), None)
+    if product is None:
+        raise ApiError(404, "unknown_product", f"no active product {code!r}")
+    if product["kind"] != "pack":
+        raise ApiError(
+            422, "not_a_pack", "a PaymentIntent buys a token pack; plans go through checkout"
+        )
+    if not 1 <= quantity <= MAX_PACK_QUANTITY:
+        raise ApiError(
+            422, "invalid_quantity", f"quantity must be between 1 and {MAX_PACK_QUANTITY}"
+        )
+    price_cents = product.get("price_cents")
+    if not price_cents:
+        raise ApiError(409, "product_not_priced", f"product {code!r} has no price_cents")
+
+    profile = await billing_profile(rt, user)
+    customer_id = await ensure_customer(rt, user, profile)
+    metadata = StripeGateway.metadata({"user_id": user.id, "product": code, "quantity": quantity})
+    params: dict[str, Any] = {
+        # Integer minor units: price_cents x quantity, no rounding.
+        "amount": int(price_cents) * quantity,
+        "currency": str(product.get("currency") or "usd"),
+        "customer": customer_id,
+        "metadata": metadata,
+        "automatic_payment_methods": {"enabled": True},
+    }
+    intent = await rt.stripe.create_payment_intent(params, key)
+    # What was sold, recorded before the client secret is handed out.
+    await rt.db.rpc("record_payment_intent", {"p_payment_intent": intent})
+    log_fields(request).update(payment_intent_id=intent["id"], stripe_customer_id=customer_id)
+    return schemas.respond(
+        schemas.PaymentIntentSession(
+            id=str(intent["id"]), client_secret=str(intent["client_secret"])
+        ),
+        201,
+    )
 
 
 async def create_portal_session(request: Request) -> Response:
@@ -152,6 +206,26 @@ routes: list[BaseRoute] = [
         security="supabaseAuth",
         responses={
             201: schemas.CheckoutSession,
+            400: schemas.ErrorResponse,
+            403: schemas.ErrorResponse,
+            404: schemas.ErrorResponse,
+            409: schemas.ErrorResponse,
+            413: schemas.ErrorResponse,
+            422: schemas.ErrorResponse,
+            502: schemas.ErrorResponse,
+            **schemas.SIGNED_IN_ERRORS,
+        },
+    ),
+    ApiRoute(
+        "/v1/payment-intents",
+        create_payment_intent,
+        methods=["POST"],
+        summary="A PaymentIntent for a pack, for Stripe's Payment Element",
+        body=schemas.PurchaseRequest,
+        headers=[IDEMPOTENCY_KEY],
+        security="supabaseAuth",
+        responses={
+            201: schemas.PaymentIntentSession,
             400: schemas.ErrorResponse,
             403: schemas.ErrorResponse,
             404: schemas.ErrorResponse,

@@ -90,6 +90,7 @@ def routes(settings: Settings) -> list[BaseRoute]:
                 supabaseUrl=settings.supabase_base if realtime else None,
                 supabaseAnonKey=settings.supabase_anon_key if realtime else None,
                 devSignIn=settings.supabase_jwt_secret is not None,
+                stripePublishableKey=settings.stripe_publishable_key,
             ),
             headers=_NO_CACHE,
         )

@@ -66,6 +66,26 @@ def _parse_event(payload: str) -> dict[str, Any]:
     return event
 
 
+PAID_CHECKOUT_EVENTS = frozenset(
+    {"checkout.session.completed", "checkout.session.async_payment_succeeded"}
+)
+
+
+def _needs_line_items(event: dict[str, Any]) -> str | None:
+    """The id of a paid payment-mode session the service did not create (no metadata.product:
+    a Payment Link, the dashboard) whose event carries no line items; None otherwise."""
+    if event.get("type") not in PAID_CHECKOUT_EVENTS:
+        return None
+    session = event.get("data", {}).get("object", {})
+    if not isinstance(session, dict) or session.get("mode") != "payment":
+        return None
+    metadata = session.get("metadata")
+    if (isinstance(metadata, dict) and metadata.get("product")) or "line_items" in session:
+        return None
+    session_id = session.get("id")
+    return session_id if isinstance(session_id, str) and session_id.startswith("cs_") else None
+
+
 def _signed_at(header: str) -> list[int]:
     """The t= timestamps of a Stripe-Signature header (malformed parts are Stripe's to refuse)."""
     stamps = []
@@ -130,6 +150,19 @@ async def stripe_webhook(request: Request) -> Response:
         event_type = str(event["type"])
         fields.update(event_id=event["id"], event_type=event_type, livemode=event.get("livemode"))
         outcome = "error"
+        session_id = _needs_line_items(event)
+        if session_id is not None and not rt.stripe.placeholder_key:
+            # Stripe's events carry no line items: what such a session sold is fetched here, so
+            # the one RPC can credit it only when a line's price maps to a pack. When Stripe
+            # cannot say (unreachable, an unknown session), the event goes without them and is
+            # parked with the reason, for an operator's replay.
+            try:
+                items = await rt.stripe.checkout_line_items(session_id)
+            except ApiError:
+                fields.update(line_items="unavailable")
+            else:
+                event["data"]["object"]["line_items"] = {"object": "list", "data": items}
+                body = json.dumps(event, separators=(",", ":"))
         handled_at = time.perf_counter()
         try:
             # The verified body as it was signed: jsonb reads it directly, without a second
