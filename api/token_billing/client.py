@@ -13,7 +13,8 @@ hold expired anyway is still charged, once: `settle` falls back to one `deduct_t
 `hold-expired:<reservation id>`, and raises HoldExpired when the balance no longer covers it.
 Every call that changes a balance takes an idempotency key: retrying a call with the same key is
 safe and returns status `duplicate`; reserving with the key of a hold that already resolved
-raises HoldResolved (carrying how it resolved), so a retried request is never served twice.
+(`reserve_tokens` answers `duplicate`, `get_reservation` how the hold resolved) raises
+HoldResolved, carrying how it resolved, so a retried request is never served twice.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from token_billing.errors import (
 )
 
 BALANCE_FIELDS = ("balance", "available", "reserved", "plan", "subscription_status")
-RESOLVED = ("settled", "released", "expired")
 # The prefix of the key that charges work whose hold expired (followed by the reservation id).
 HOLD_EXPIRED_KEY = "hold-expired:"
 
@@ -152,9 +152,11 @@ class Reservation:
         if status == "unknown_account":
             raise UnknownAccount(f"no billing account for user {self.user_id}")
         reservation_id = uuid.UUID(str(row["reservation_id"]))
-        if status in RESOLVED:
+        if status == "duplicate":
+            # The key's hold, pending or already resolved: only get_reservation tells which.
             state = await self._billing.reservation(reservation_id)
-            raise state.resolved_error(self.key)
+            if state.status != "pending":
+                raise state.resolved_error(self.key)
         self.id = reservation_id
         self.available = row.get("available")
         return self
