@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from bench.pgbench import run_script
-from bench.run import BENCH, SETTINGS
+from bench.run import SETTINGS, load_references
 from scripts.pgcluster import OWNER, ROOT, PgCluster, build_template, temporary_cluster
 
 
@@ -34,9 +34,8 @@ def load(
         cluster.psql(template, file=variant, user=OWNER)
     cluster.mark_template(template)
     cluster.create_database(dbname, template=template)
-    cluster.psql(dbname, file=BENCH / "reference" / "floor.sql", user=OWNER)
-    cluster.psql(dbname, file=BENCH / "reference" / "seed_guide_deduct.sql", user=OWNER)
-    cluster.psql(dbname, file=BENCH / "sql" / "fixtures.sql")
+    # The references and fixtures `make bench` loads, the reservations' among them.
+    load_references(cluster, dbname, reservations=True)
 
 
 def export(ref: str, into: Path) -> None:

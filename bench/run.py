@@ -130,6 +130,11 @@ def prepare(cluster: PgCluster, opts: Options) -> list[str]:
 
 def load_fixtures(cluster: PgCluster, dbname: str, *, reservations: bool = False) -> None:
     cluster.create_database(dbname, template=TEMPLATE)
+    load_references(cluster, dbname, reservations=reservations)
+
+
+def load_references(cluster: PgCluster, dbname: str, *, reservations: bool = False) -> None:
+    """The references (bench/reference/) and the fixtures into a migrated database."""
     cluster.psql(dbname, file=BENCH / "reference" / "floor.sql", user=OWNER)
     cluster.psql(dbname, file=BENCH / "reference" / "seed_guide_token_billing.sql", user=OWNER)
     cluster.psql(dbname, file=BENCH / "reference" / "seed_guide_lean.sql", user=OWNER)
