@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from bench.pgbench import run_script
-from bench.run import BENCH, SETTINGS
+from bench.run import ACCOUNTS, SETTINGS, load_references
 from scripts.pgcluster import OWNER, ROOT, PgCluster, build_template, temporary_cluster
 
 
@@ -34,9 +34,8 @@ def load(
         cluster.psql(template, file=variant, user=OWNER)
     cluster.mark_template(template)
     cluster.create_database(dbname, template=template)
-    cluster.psql(dbname, file=BENCH / "reference" / "floor.sql", user=OWNER)
-    cluster.psql(dbname, file=BENCH / "reference" / "seed_guide_deduct.sql", user=OWNER)
-    cluster.psql(dbname, file=BENCH / "sql" / "fixtures.sql")
+    # The references and fixtures `make bench` loads, the reservations' among them.
+    load_references(cluster, dbname, reservations=True)
 
 
 def export(ref: str, into: Path) -> None:
@@ -57,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument(
+        "--accounts",
+        choices=sorted(ACCOUNTS),
+        default="10k",
+        help="the accounts a script draws from (-D first, last; default 10k)",
+    )
+    parser.add_argument(
         "--variant",
         type=Path,
         action="append",
@@ -64,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         help="SQL applied to the tree's database after its migrations (repeatable)",
     )
     ns = parser.parse_args(argv)
+    first, last = ACCOUNTS[ns.accounts]
 
     with (
         tempfile.TemporaryDirectory(prefix="tb-ab-") as tmp,
@@ -78,7 +84,14 @@ def main(argv: list[str] | None = None) -> int:
             order = ["ab_base", "ab_tree"] if index % 2 == 0 else ["ab_tree", "ab_base"]
             got = {}
             for dbname in order:
-                run = run_script(cluster, dbname, ns.script, clients=ns.clients, seconds=ns.seconds)
+                run = run_script(
+                    cluster,
+                    dbname,
+                    ns.script,
+                    clients=ns.clients,
+                    seconds=ns.seconds,
+                    defines={"first": first, "last": last},
+                )
                 got[dbname] = run.tps
                 tps[dbname].append(run.tps)
             ratios.append(got["ab_tree"] / got["ab_base"])

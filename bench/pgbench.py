@@ -13,6 +13,7 @@ import re
 import statistics
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,11 +79,15 @@ def run_script(
     log_latencies: bool = False,
     as_api: bool = True,
     builtin: str | None = None,
+    defines: Mapping[str, int | str] | None = None,
+    search_path: str | None = None,
 ) -> Run:
     """Run one pgbench script (a name in bench/scripts, or a path) for `seconds`.
 
     `as_api`: connect as authenticator acting as service_role; otherwise as the superuser.
     `builtin`: run a built-in pgbench script instead (e.g. "tpcb-like").
+    `defines`: pgbench variables (`-D name=value`), e.g. the range of accounts a script draws.
+    `search_path`: the sessions' search_path (for a reference whose functions rely on it).
     """
     args = [
         pgbench_binary(cluster),
@@ -95,6 +100,8 @@ def run_script(
         f"--port={cluster.port}",
         f"--username={API_LOGIN if as_api else cluster.superuser}",
     ]
+    for variable, value in (defines or {}).items():
+        args.append(f"--define={variable}={value}")
     if builtin is not None:
         args.append(f"--builtin={builtin}")
         name = builtin
@@ -106,8 +113,13 @@ def run_script(
         name = path.stem
     env = dict(os.environ)
     env.pop("PGPASSWORD", None)
+    options = []
     if as_api:
-        env["PGOPTIONS"] = f"-c role={API_ROLE}"
+        options.append(f"-c role={API_ROLE}")
+    if search_path is not None:
+        options.append(f"-c search_path={search_path}")
+    if options:
+        env["PGOPTIONS"] = " ".join(options)
     with tempfile.TemporaryDirectory(prefix="tb-pgbench-") as logdir:
         if log_latencies:
             args += ["--log", f"--log-prefix={logdir}/tx"]

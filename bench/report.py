@@ -52,7 +52,7 @@ class Row:
 
 
 def fmt(value: float, unit: str) -> str:
-    if unit in ("tps", "ev/s", "req/s", "pairs/s"):
+    if unit in ("tps", "ev/s", "req/s", "pairs/s", "debits/s"):
         return f"{value:,.0f} {unit}"
     if unit == "ms":
         return f"{value:.2f} ms" if value < 10 else f"{value:.1f} ms"

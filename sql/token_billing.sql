@@ -56,6 +56,10 @@
 --   20261202200140_stripe_refunds_disputes_v2.sql
 --   20261202200150_stripe_dispatch_v2.sql
 --   20261202300000_installed_migrations.sql
+--   20261202400000_plain_checks.sql
+--   20261202400100_fast_ledger.sql
+--   20261202400200_deduct_batch.sql
+--   20261202400300_plain_reservation_checks.sql
 --   20261202500000_rate_cards.sql
 --   20261202500100_record_usage.sql
 --   20261202500200_api_keys.sql
@@ -99,6 +103,10 @@ declare
     '20261202200140',
     '20261202200150',
     '20261202300000',
+    '20261202400000',
+    '20261202400100',
+    '20261202400200',
+    '20261202400300',
     '20261202500000',
     '20261202500100',
     '20261202500200',
@@ -130,6 +138,7 @@ declare
     'public.record_checkout_session(jsonb)',
     'public.record_payment_intent(jsonb)',
     'public.installed_migrations()',
+    'public.deduct_tokens_batch(jsonb)',
     'public.quote_usage(uuid, jsonb, timestamptz)',
     'public.usage_summary(uuid, timestamptz, timestamptz, text)',
     'public.my_usage(timestamptz, timestamptz, text)',
@@ -171,6 +180,7 @@ declare
     'record_checkout_session',
     'record_payment_intent',
     'installed_migrations',
+    'deduct_tokens_batch',
     'quote_usage',
     'usage_summary',
     'my_usage',
@@ -5007,14 +5017,14 @@ $tb_migration_20261202100000$;
 -- Migration: holds for long work, and retries that cannot run the work twice for free.
 --
 -- Purpose: work that outlives its hold's TTL (a long agent run, a slow stream reader) keeps the
--- hold alive with extend_reservation (the client heartbeats it); and reserving again with the
--- key of a hold that already resolved answers that hold's outcome (settled, released or
--- expired) instead of handing it back as a live duplicate, so a retried request is not served
--- a second time as if it held tokens. get_reservation reads one hold's outcome (what was
--- charged, by which entry) for the client's HoldResolved error.
+-- hold alive with extend_reservation (the client heartbeats it). Reserving again with the key of
+-- an existing hold answers duplicate with that hold's id, pending or not (the contract's
+-- statuses); get_reservation tells whether it is still pending and, if it resolved, its outcome
+-- (what was charged, by which entry), so a retried request is not served a second time as if it
+-- held tokens (the client raises HoldResolved).
 -- Objects: reservations.first_expires_at, billing.tg_reservations__guard_change() (a pending
 --   hold may move its expiry later), public.extend_reservation(), public.reserve_tokens()
---   (resolved statuses), public.get_reservation().
+--   (the TTL a retry is compared with), public.get_reservation().
 --
 -- Lock order: extend_reservation locks the reservation row only, so it adds no order.
 
@@ -5190,11 +5200,9 @@ begin
           'idempotency key %L was already used with different arguments (reservation %s)',
           p_idempotency_key, v_first.id);
     end if;
-    -- A pending hold is handed back (duplicate); a resolved one answers how it resolved, so a
-    -- retried request is not run again as if it held tokens.
-    return query select
-      case when v_first.status = 'pending' then 'duplicate' else v_first.status end,
-      v_first.id, v_first.available_after;
+    -- The key's hold, pending or resolved (get_reservation tells which: a retried request must
+    -- not run again as if it held tokens when its hold resolved).
+    return query select 'duplicate'::text, v_first.id, v_first.available_after;
     return;
   end if;
 
@@ -5210,10 +5218,9 @@ $$;
 
 comment on function public.reserve_tokens(uuid, bigint, text, interval) is
 'Holds tokens for a request (pending until settled, released or expired after p_ttl). '
-'Statuses: applied, duplicate (the key''s hold is pending), settled, released, expired (the '
-'key''s hold already resolved: get_reservation tells the outcome), insufficient_funds, '
-'unknown_account. 22023 on invalid arguments, TBKEY on a key reused with another user, amount '
-'or TTL.';
+'Statuses: applied, duplicate (the key''s hold, with its id, pending or already resolved: '
+'get_reservation tells which and the outcome), insufficient_funds, unknown_account. 22023 on '
+'invalid arguments, TBKEY on a key reused with another user, amount or TTL.';
 
 create function public.get_reservation(
   p_reservation_id uuid
@@ -7570,6 +7577,1073 @@ grant execute on function public.installed_migrations() to service_role;
 
 insert into billing.schema_migrations (version, name) values ('20261202300000', 'installed_migrations');
 $tb_migration_20261202300000$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202400000_plain_checks.sql
+  if v_installed is null or '20261202400000' <> all(v_installed) then
+    execute $tb_migration_20261202400000$
+-- Migration: short plain CHECKs on the hot tables, the per-writer rules in the writers.
+--
+-- Purpose: every debit updates billing.accounts and inserts into billing.ledger_entries. Their
+-- released CHECKs each called a plpgsql function (billing.account_is_valid,
+-- billing.ledger_entry_is_valid): a function call and a search_path switch per row, on every
+-- update of a hot row, 11 us of a ~50 us debit. They become short plain CHECKs, which Postgres
+-- evaluates inline, and a lookup table:
+--   * billing.accounts: one plain CHECK (reserved and undrawn not negative, held_expired between
+--     0 and reserved: the rule of 20261202100000_holds_and_expiry.sql, whose function-backed
+--     accounts_valid this replaces); subscription_status a foreign key to
+--     billing.subscription_statuses, which Postgres checks only when the status changes (never
+--     on a balance update).
+--   * billing.ledger_entries: one CHECK holding the sign rule (debit kinds negative, every other
+--     entry positive), the key length and a metadata object.
+-- What a CHECK no longer holds is a per-writer rule: each token-billing function writes only
+-- known kinds, and only the keys of its own namespace (signup:, expiry:, reservation:,
+-- stripe:) on the entries they describe (add_tokens, deduct_tokens and deduct_tokens_batch
+-- refuse them from callers with 22023). billing.check_invariants() reports any entry that breaks
+-- one (20261202400100_fast_ledger.sql), and no API role can write a table directly.
+-- Objects: billing.subscription_statuses; constraints of billing.accounts and
+--   billing.ledger_entries; drops billing.account_row_is_valid() (and billing.account_is_valid()
+--   where it still exists), billing.ledger_entry_is_valid().
+
+create table billing.subscription_statuses (
+  status text primary key
+);
+
+comment on table billing.subscription_statuses is
+'The values of billing.accounts.subscription_status: Stripe''s subscription statuses, and none.';
+comment on column billing.subscription_statuses.status is 'A subscription status.';
+
+insert into billing.subscription_statuses (status)
+values
+('none'), ('incomplete'), ('incomplete_expired'), ('trialing'), ('active'), ('past_due'),
+('canceled'), ('unpaid'), ('paused');
+
+-- No policy: read by the foreign key only (service role and owner).
+alter table billing.subscription_statuses enable row level security;
+
+revoke all on billing.subscription_statuses from public, anon, authenticated, service_role;
+grant select on billing.subscription_statuses to service_role;
+
+alter table billing.accounts
+drop constraint if exists accounts_valid,
+-- One constraint, for the reason given at ledger_entries_shape below.
+add constraint accounts_row_valid check (
+  reserved >= 0 and undrawn >= 0 and held_expired between 0 and reserved
+),
+add constraint accounts_subscription_status_known
+foreign key (subscription_status) references billing.subscription_statuses (status);
+
+comment on constraint accounts_row_valid on billing.accounts is
+'reserved and undrawn not negative; held_expired (held tokens whose bucket expired) between 0 '
+'and reserved.';
+
+drop function if exists billing.account_row_is_valid(bigint, bigint, bigint, text);
+drop function if exists billing.account_is_valid(bigint, bigint, text);
+
+alter table billing.ledger_entries
+drop constraint if exists ledger_entries_valid,
+-- One constraint: Postgres 15 prepares each CHECK of a table for every statement that writes it.
+add constraint ledger_entries_shape check (
+  amount <> 0
+  and (amount < 0) = (kind in ('usage', 'expiry', 'clawback', 'dispute'))
+  and length(idempotency_key) between 1 and 255
+  and jsonb_typeof(metadata) = 'object'
+);
+
+comment on constraint ledger_entries_shape on billing.ledger_entries is
+'Debits (usage, expiry, clawback, dispute) negative, every other entry (credits, among them '
+'clawback_reversed) positive; a key of 1..255 '
+'characters; metadata an object. Known kinds and key namespaces are the writers'' rules, '
+'reported by billing.check_invariants().';
+
+drop function if exists billing.ledger_entry_is_valid(text, bigint, text, uuid, jsonb);
+
+insert into billing.schema_migrations (version, name) values ('20261202400000', 'plain_checks');
+$tb_migration_20261202400000$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202400100_fast_ledger.sql
+  if v_installed is null or '20261202400100' <> all(v_installed) then
+    execute $tb_migration_20261202400100$
+-- Migration: the deduct and credit paths as one plpgsql function each, one statement on the fast
+-- path.
+--
+-- Purpose: deduct_tokens is the call agent backends make per model call. It used to be a shell
+-- around billing.debit (a nested call and a second search_path switch per debit) whose helpers
+-- ran even on good input. Now each function on the path checks its arguments inline (the
+-- helpers that word the error run only when a check fails; the key-namespace rule is four
+-- `like`s) and runs ONE statement: the account update with the funds predicate and the ledger
+-- insert `on conflict do nothing`, in one data-modifying CTE (for a credit, with the bucket
+-- insert too when nothing is undrawn). Anything but `applied` (a replayed key, no funds, no
+-- account) takes the slow path in a helper.
+-- Objects: billing.debit_refused(), billing.credit_refused(), billing.draw_undrawn(); redefines
+--   public.deduct_tokens(), public.add_tokens(), billing.debit(), billing.credit(),
+--   billing.check_invariants() (with the rules of 20261202100000_holds_and_expiry.sql and the
+--   kind clawback_reversed of 20261202200000_stripe_sales.sql).
+--
+-- Lock order, unchanged: every function locks the account row first, with the statement that
+-- changes it, then that user's buckets and reservations; several accounts in ascending user_id
+-- order (deduct_tokens_batch, settle_reservations). A per-account advisory lock taken before
+-- the row (so that waiters on a hot account queue in the lock manager instead of on the tuple)
+-- was measured and not kept: bench/results/history.md.
+
+-- Slow paths ----------------------------------------------------------------------------------
+
+create function billing.debit_refused(
+  p_user_id uuid,
+  p_amount bigint,
+  p_idempotency_key text,
+  p_kind text,
+  p_debited boolean
+) returns table (status text, balance bigint, entry_id bigint)
+language plpgsql
+set search_path = ''
+as $$
+begin
+  if p_debited then
+    -- The key was used before: take the debit back (nobody saw it, we hold the lock).
+    update billing.accounts as a
+    set balance = a.balance + p_amount, undrawn = a.undrawn - p_amount
+    where a.user_id = p_user_id;
+  end if;
+
+  return query select * from billing.replay_entry(
+    p_idempotency_key, p_user_id, -p_amount, p_kind);
+  if found then
+    return;
+  end if;
+  return query
+  select 'insufficient_funds'::text, a.balance, null::bigint
+  from billing.accounts as a
+  where a.user_id = p_user_id;
+  if not found then
+    return query select 'unknown_account'::text, null::bigint, null::bigint;
+  end if;
+end;
+$$;
+
+comment on function billing.debit_refused(uuid, bigint, text, text, boolean) is
+'The answer of a debit that wrote no entry: undoes the debit when the account was debited but '
+'the key existed, then duplicate (or TBKEY), insufficient_funds or unknown_account.';
+
+revoke all on function billing.debit_refused(uuid, bigint, text, text, boolean) from public;
+
+create function billing.credit_refused(
+  p_user_id uuid,
+  p_amount bigint,
+  p_idempotency_key text,
+  p_kind text,
+  p_expires_at timestamptz,
+  p_undrawn bigint
+) returns table (status text, balance bigint, entry_id bigint)
+language plpgsql
+set search_path = ''
+as $$
+begin
+  if p_undrawn is not null then
+    -- The key was used before: take the credit back and restore what was undrawn (nobody saw
+    -- it, we hold the lock).
+    update billing.accounts as a
+    set balance = a.balance - p_amount, undrawn = p_undrawn
+    where a.user_id = p_user_id;
+  end if;
+
+  return query select * from billing.replay_entry(
+    p_idempotency_key, p_user_id, p_amount, p_kind, p_expires_at, true);
+  if not found and p_undrawn is null then
+    return query select 'unknown_account'::text, null::bigint, null::bigint;
+  end if;
+end;
+$$;
+
+comment on function billing.credit_refused(uuid, bigint, text, text, timestamptz, bigint) is
+'The answer of a credit that wrote no entry: undoes the credit when the account was credited '
+'but the key existed (p_undrawn: the undrawn it had), then duplicate (or TBKEY) or '
+'unknown_account.';
+
+revoke all on function billing.credit_refused(uuid, bigint, text, text, timestamptz, bigint)
+from public;
+
+-- Debits --------------------------------------------------------------------------------------
+
+create or replace function public.deduct_tokens(
+  p_user_id uuid,
+  p_amount bigint,
+  p_idempotency_key text,
+  p_description text default null,
+  p_metadata jsonb default '{}'
+) returns table (status text, balance bigint, entry_id bigint)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+begin
+  if p_amount is null or p_amount <= 0 or p_amount > 1000000000000000
+    or p_idempotency_key is null or length(p_idempotency_key) > 255
+    or length(btrim(p_idempotency_key)) = 0
+    or p_idempotency_key like 'signup:%' or p_idempotency_key like 'expiry:%'
+    or p_idempotency_key like 'reservation:%' or p_idempotency_key like 'stripe:%'
+    or (p_metadata is not null and jsonb_typeof(p_metadata) <> 'object') then
+    perform billing.require_amount('p_amount', p_amount);
+    perform billing.require_caller_key('p_idempotency_key', p_idempotency_key);
+    perform billing.require_object('p_metadata', p_metadata);
+  end if;
+
+  -- One statement: lock and debit the account (usage never takes available below zero), then
+  -- write the entry unless its key exists already.
+  with debited as (
+    update billing.accounts as a
+    set balance = a.balance - p_amount, undrawn = a.undrawn + p_amount, updated_at = now()
+    where a.user_id = p_user_id and a.balance - a.reserved >= p_amount
+    returning a.balance
+  ),
+
+  entry as (
+    insert into billing.ledger_entries (
+      user_id, amount, balance_after, kind, idempotency_key, description, metadata
+    )
+    select
+      p_user_id, -p_amount, debited.balance, 'usage', p_idempotency_key, p_description,
+      coalesce(p_metadata, '{}')
+    from debited
+    on conflict (idempotency_key) do nothing
+    returning id
+  )
+
+  select debited.balance, entry.id
+  into balance, entry_id
+  from debited
+  left join entry on true;
+
+  if entry_id is not null then
+    status := 'applied';
+    return next;
+    return;
+  end if;
+  return query select * from billing.debit_refused(
+    p_user_id, p_amount, p_idempotency_key, 'usage', balance is not null);
+end;
+$$;
+
+create or replace function billing.debit(
+  p_user_id uuid,
+  p_amount bigint,
+  p_idempotency_key text,
+  p_kind text,
+  p_description text default null,
+  p_metadata jsonb default '{}',
+  p_allow_debt boolean default false
+) returns table (status text, balance bigint, entry_id bigint)
+language plpgsql
+set search_path = ''
+as $$
+begin
+  if p_amount is null or p_amount <= 0 or p_amount > 1000000000000000
+    or p_idempotency_key is null or length(p_idempotency_key) > 255
+    or length(btrim(p_idempotency_key)) = 0
+    or (p_metadata is not null and jsonb_typeof(p_metadata) <> 'object') then
+    perform billing.require_amount('p_amount', p_amount);
+    perform billing.require_key('p_idempotency_key', p_idempotency_key);
+    perform billing.require_object('p_metadata', p_metadata);
+  end if;
+
+  -- public.deduct_tokens's statement, with the kind and the debt rule of the caller.
+  with debited as (
+    update billing.accounts as a
+    set balance = a.balance - p_amount, undrawn = a.undrawn + p_amount, updated_at = now()
+    where a.user_id = p_user_id
+      and (p_allow_debt or a.balance - a.reserved >= p_amount)
+    returning a.balance
+  ),
+
+  entry as (
+    insert into billing.ledger_entries (
+      user_id, amount, balance_after, kind, idempotency_key, description, metadata
+    )
+    select
+      p_user_id, -p_amount, debited.balance, p_kind, p_idempotency_key, p_description,
+      coalesce(p_metadata, '{}')
+    from debited
+    on conflict (idempotency_key) do nothing
+    returning id
+  )
+
+  select debited.balance, entry.id
+  into balance, entry_id
+  from debited
+  left join entry on true;
+
+  if entry_id is not null then
+    status := 'applied';
+    return next;
+    return;
+  end if;
+  return query select * from billing.debit_refused(
+    p_user_id, p_amount, p_idempotency_key, p_kind, balance is not null);
+end;
+$$;
+
+-- Credits -------------------------------------------------------------------------------------
+
+create function billing.draw_undrawn(p_user_id uuid, p_undrawn bigint) returns void
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_held_expired bigint;
+  v_bucket_tokens bigint;
+begin
+  -- billing.draw_buckets after its first statement (20261202100000_holds_and_expiry.sql): the
+  -- caller zeroed undrawn in its own statement, under the account's lock.
+  select a.held_expired into v_held_expired
+  from billing.accounts as a
+  where a.user_id = p_user_id;
+  if v_held_expired > 0 then
+    -- Usage never takes held tokens (available excludes them); only a debit that may create
+    -- debt can take more than the buckets hold, and then it took held tokens too.
+    select coalesce(sum(b.remaining), 0)::bigint into v_bucket_tokens
+    from billing.credit_buckets as b
+    where b.user_id = p_user_id and b.remaining > 0;
+    if p_undrawn > v_bucket_tokens then
+      update billing.accounts as a
+      set held_expired = a.held_expired - least(a.held_expired, p_undrawn - v_bucket_tokens)
+      where a.user_id = p_user_id;
+    end if;
+  end if;
+  perform billing.consume_buckets(p_user_id, p_undrawn);
+end;
+$$;
+
+comment on function billing.draw_undrawn(uuid, bigint) is
+'Draws p_undrawn tokens of debits from the account''s buckets (consumption order); what the '
+'buckets cannot give comes out of held_expired. The caller locked the account and zeroed '
+'undrawn (billing.credit, public.add_tokens).';
+
+revoke all on function billing.draw_undrawn(uuid, bigint) from public;
+
+
+create or replace function billing.credit(
+  p_user_id uuid,
+  p_amount bigint,
+  p_idempotency_key text,
+  p_kind text,
+  p_description text default null,
+  p_expires_at timestamptz default null,
+  p_metadata jsonb default '{}'
+) returns table (status text, balance bigint, entry_id bigint)
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_undrawn bigint;
+begin
+  if p_amount is null or p_amount <= 0 or p_amount > 1000000000000000
+    or p_idempotency_key is null or length(p_idempotency_key) > 255
+    or length(btrim(p_idempotency_key)) = 0
+    or (p_metadata is not null and jsonb_typeof(p_metadata) <> 'object') then
+    perform billing.require_amount('p_amount', p_amount);
+    perform billing.require_key('p_idempotency_key', p_idempotency_key);
+    perform billing.require_object('p_metadata', p_metadata);
+  end if;
+
+  -- One statement: lock the account, credit it and take its undrawn debits, write the entry
+  -- unless its key exists, and, when nothing was undrawn, the entry's bucket. Debt is paid off
+  -- first; the rest of the credit is what the bucket holds.
+  with drawn as (
+    select a.user_id, a.undrawn
+    from billing.accounts as a
+    where a.user_id = p_user_id
+    -- The lock an update takes: `for update` would also wait for (and deadlock with) the key
+    -- share lock a concurrent foreign-key check holds, e.g. a Stripe payment row being written.
+    for no key update
+  ),
+
+  credited as (
+    update billing.accounts as a
+    set balance = a.balance + p_amount, undrawn = 0, updated_at = now()
+    from drawn
+    where a.user_id = drawn.user_id
+    returning a.balance, drawn.undrawn
+  ),
+
+  entry as (
+    insert into billing.ledger_entries (
+      user_id, amount, balance_after, kind, idempotency_key, description, metadata
+    )
+    select
+      p_user_id, p_amount, credited.balance, p_kind, p_idempotency_key, p_description,
+      coalesce(p_metadata, '{}')
+    from credited
+    on conflict (idempotency_key) do nothing
+    returning id
+  ),
+
+  bucket as (
+    insert into billing.credit_buckets (user_id, entry_id, amount, remaining, expires_at)
+    select
+      p_user_id, entry.id,
+      greatest(credited.balance, 0) - greatest(credited.balance - p_amount, 0),
+      greatest(credited.balance, 0) - greatest(credited.balance - p_amount, 0),
+      p_expires_at
+    from entry
+    cross join credited
+    where credited.undrawn = 0
+  )
+
+  select credited.balance, credited.undrawn, entry.id
+  into balance, v_undrawn, entry_id
+  from credited
+  left join entry on true;
+
+  if entry_id is null then
+    return query select * from billing.credit_refused(
+      p_user_id, p_amount, p_idempotency_key, p_kind, p_expires_at, v_undrawn);
+    return;
+  end if;
+
+  if v_undrawn > 0 then
+    -- Earlier debits come out of the earlier buckets, before this one exists.
+    perform billing.draw_undrawn(p_user_id, v_undrawn);
+    insert into billing.credit_buckets (user_id, entry_id, amount, remaining, expires_at)
+    values (
+      p_user_id, entry_id,
+      greatest(balance, 0) - greatest(balance - p_amount, 0),
+      greatest(balance, 0) - greatest(balance - p_amount, 0),
+      p_expires_at
+    );
+  end if;
+
+  status := 'applied';
+  return next;
+end;
+$$;
+
+create or replace function public.add_tokens(
+  p_user_id uuid,
+  p_amount bigint,
+  p_idempotency_key text,
+  p_kind text default 'adjustment',
+  p_description text default null,
+  p_expires_at timestamptz default null,
+  p_metadata jsonb default '{}'
+) returns table (status text, balance bigint, entry_id bigint)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+declare
+  v_undrawn bigint;
+begin
+  if p_kind is null
+    or p_kind not in ('purchase', 'subscription', 'promotion', 'adjustment', 'refund') then
+    raise exception using
+      errcode = '22023',
+      message = format(
+        'p_kind must be one of purchase, subscription, promotion, adjustment, refund, got %s',
+        coalesce(quote_literal(p_kind), 'null'));
+  end if;
+  if p_amount is null or p_amount <= 0 or p_amount > 1000000000000000
+    or p_idempotency_key is null or length(p_idempotency_key) > 255
+    or length(btrim(p_idempotency_key)) = 0
+    or p_idempotency_key like 'signup:%' or p_idempotency_key like 'expiry:%'
+    or p_idempotency_key like 'reservation:%' or p_idempotency_key like 'stripe:%'
+    or (p_metadata is not null and jsonb_typeof(p_metadata) <> 'object') then
+    perform billing.require_amount('p_amount', p_amount);
+    perform billing.require_caller_key('p_idempotency_key', p_idempotency_key);
+    perform billing.require_object('p_metadata', p_metadata);
+  end if;
+  if p_expires_at is not null and p_expires_at <= now() then
+    raise exception using
+      errcode = '22023',
+      message = format('p_expires_at must be in the future, got %s', p_expires_at);
+  end if;
+
+  -- billing.credit's statement (one function call less on the public path).
+  with drawn as (
+    select a.user_id, a.undrawn
+    from billing.accounts as a
+    where a.user_id = p_user_id
+    for no key update
+  ),
+
+  credited as (
+    update billing.accounts as a
+    set balance = a.balance + p_amount, undrawn = 0, updated_at = now()
+    from drawn
+    where a.user_id = drawn.user_id
+    returning a.balance, drawn.undrawn
+  ),
+
+  entry as (
+    insert into billing.ledger_entries (
+      user_id, amount, balance_after, kind, idempotency_key, description, metadata
+    )
+    select
+      p_user_id, p_amount, credited.balance, p_kind, p_idempotency_key, p_description,
+      coalesce(p_metadata, '{}')
+    from credited
+    on conflict (idempotency_key) do nothing
+    returning id
+  ),
+
+  bucket as (
+    insert into billing.credit_buckets (user_id, entry_id, amount, remaining, expires_at)
+    select
+      p_user_id, entry.id,
+      greatest(credited.balance, 0) - greatest(credited.balance - p_amount, 0),
+      greatest(credited.balance, 0) - greatest(credited.balance - p_amount, 0),
+      p_expires_at
+    from entry
+    cross join credited
+    where credited.undrawn = 0
+  )
+
+  select credited.balance, credited.undrawn, entry.id
+  into balance, v_undrawn, entry_id
+  from credited
+  left join entry on true;
+
+  if entry_id is null then
+    return query select * from billing.credit_refused(
+      p_user_id, p_amount, p_idempotency_key, p_kind, p_expires_at, v_undrawn);
+    return;
+  end if;
+
+  if v_undrawn > 0 then
+    perform billing.draw_undrawn(p_user_id, v_undrawn);
+    insert into billing.credit_buckets (user_id, entry_id, amount, remaining, expires_at)
+    values (
+      p_user_id, entry_id,
+      greatest(balance, 0) - greatest(balance - p_amount, 0),
+      greatest(balance, 0) - greatest(balance - p_amount, 0),
+      p_expires_at
+    );
+  end if;
+
+  status := 'applied';
+  return next;
+end;
+$$;
+
+-- Invariants: the released ones, and the per-writer rules the ledger's CHECK used to hold ------
+
+create or replace function billing.check_invariants() returns table (
+  user_id uuid, problem text, expected bigint, actual bigint
+)
+language sql stable
+set search_path = ''
+as $$
+  with entry_totals as (
+    select e.user_id, sum(e.amount)::bigint as total
+    from billing.ledger_entries as e
+    group by e.user_id
+  ),
+
+  pending_totals as (
+    select r.user_id, sum(r.amount)::bigint as total
+    from billing.reservations as r
+    where r.status = 'pending'
+    group by r.user_id
+  ),
+
+  bucket_totals as (
+    select b.user_id, sum(b.remaining)::bigint as total
+    from billing.credit_buckets as b
+    group by b.user_id
+  ),
+
+  debt_users as (
+    select distinct e.user_id
+    from billing.ledger_entries as e
+    where e.kind in ('clawback', 'dispute')
+  ),
+
+  chain as (
+    select
+      e.user_id,
+      e.id,
+      e.balance_after,
+      sum(e.amount) over (partition by e.user_id order by e.id) as running
+    from billing.ledger_entries as e
+  )
+
+  select a.user_id, 'balance = sum(ledger_entries.amount)', coalesce(t.total, 0), a.balance
+  from billing.accounts as a
+  left join entry_totals as t on a.user_id = t.user_id
+  where a.balance <> coalesce(t.total, 0)
+  union all
+  select a.user_id, 'reserved = sum(pending reservations)', coalesce(p.total, 0), a.reserved
+  from billing.accounts as a
+  left join pending_totals as p on a.user_id = p.user_id
+  where a.reserved <> coalesce(p.total, 0)
+  union all
+  select
+    a.user_id,
+    'greatest(sum(buckets.remaining) - undrawn + held_expired, 0) = greatest(balance, 0)',
+    greatest(a.balance, 0), greatest(coalesce(b.total, 0) - a.undrawn + a.held_expired, 0)
+  from billing.accounts as a
+  left join bucket_totals as b on a.user_id = b.user_id
+  where greatest(coalesce(b.total, 0) - a.undrawn + a.held_expired, 0) <> greatest(a.balance, 0)
+  union all
+  -- Holds keep their tokens: what is held never exceeds the tokens of unexpired buckets plus
+  -- the held tokens whose bucket expired. Only debt (a clawback, a lost dispute) may break it.
+  select
+    a.user_id,
+    'reserved <= sum(buckets.remaining) - undrawn + held_expired (holds keep their tokens)',
+    coalesce(b.total, 0) - a.undrawn + a.held_expired, a.reserved
+  from billing.accounts as a
+  left join bucket_totals as b on a.user_id = b.user_id
+  where a.reserved > coalesce(b.total, 0) - a.undrawn + a.held_expired
+    and not exists (select 1 from debt_users as d where d.user_id = a.user_id)
+  union all
+  -- Also the accounts CHECK (accounts_row_valid); reported should it ever be dropped.
+  select
+    a.user_id, 'held_expired between 0 and reserved', a.reserved, a.held_expired
+  from billing.accounts as a
+  where a.held_expired < 0 or a.held_expired > a.reserved
+  union all
+  select
+    e.user_id, format('entry %s (%s) left the balance below zero', e.id, e.kind), 0,
+    e.balance_after
+  from billing.ledger_entries as e
+  where e.kind in ('usage', 'expiry') and e.balance_after < 0
+  union all
+  select e.user_id, format('entry %s without an account', e.id), null, null
+  from billing.ledger_entries as e
+  where not exists (select 1 from billing.accounts as a where a.user_id = e.user_id)
+  union all
+  select r.user_id, format('reservation %s without an account', r.id), null, null
+  from billing.reservations as r
+  where not exists (select 1 from billing.accounts as a where a.user_id = r.user_id)
+  union all
+  select c.user_id, format('entry %s: balance_after = running sum', c.id), c.running::bigint,
+    c.balance_after
+  from chain as c
+  where c.balance_after <> c.running
+  union all
+  -- The writers' rules (20261202400000_plain_checks.sql): known kinds, and keys in
+  -- token-billing's own namespaces only on the entries they describe.
+  select e.user_id, format('entry %s: kind %s is not a known kind', e.id, e.kind), null, null
+  from billing.ledger_entries as e
+  where e.kind not in (
+    'purchase', 'subscription', 'promotion', 'adjustment', 'refund', 'signup', 'dispute_won',
+    'clawback_reversed', 'usage', 'expiry', 'clawback', 'dispute'
+  )
+  union all
+  select
+    e.user_id,
+    format('entry %s: key %s is in token-billing''s namespace but not its entry', e.id,
+      e.idempotency_key),
+    null, null
+  from billing.ledger_entries as e
+  where (e.idempotency_key like 'signup:%' and e.kind <> 'signup')
+    or (e.idempotency_key like 'expiry:%' and e.kind <> 'expiry')
+    or (
+      e.idempotency_key like 'reservation:%'
+      and e.idempotency_key is distinct from 'reservation:' || e.reservation_id::text
+    )
+    or (
+      e.idempotency_key like 'stripe:%'
+      and not (
+        e.kind in (
+          'purchase', 'subscription', 'clawback', 'dispute', 'dispute_won', 'clawback_reversed'
+        )
+        and e.metadata ? 'stripe_event_id'
+      )
+    )
+$$;
+
+comment on function billing.check_invariants() is
+'One row per broken invariant (none when the books are sound): balances equal entry sums, '
+'reserved equals pending reservations, buckets plus held_expired hold the positive balance, '
+'holds never exceed the tokens that back them (except in debt), held_expired is within '
+'0..reserved, usage and expiry never leave a balance below zero, balance_after chains, '
+'entries have known kinds and keys of token-billing''s namespaces only on their own entries.';
+
+revoke all on function billing.check_invariants() from public;
+
+insert into billing.schema_migrations (version, name) values ('20261202400100', 'fast_ledger');
+$tb_migration_20261202400100$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202400200_deduct_batch.sql
+  if v_installed is null or '20261202400200' <> all(v_installed) then
+    execute $tb_migration_20261202400200$
+-- Migration: many debits in one call.
+--
+-- Purpose: an agent backend charges many small calls. One round trip and one commit for up to
+-- 1,000 debits instead of one each (the client's opt-in coalescer, token_billing.coalescer,
+-- gathers concurrent deduct calls into these batches). Each item is exactly
+-- public.deduct_tokens: the same statuses, the same idempotency rule, the same statement. The
+-- batch is one transaction: a malformed item refuses it whole (22023, naming the item) and
+-- changes nothing; so does a key reused with other arguments (TBKEY), an item's own error.
+-- Objects: public.deduct_tokens_batch().
+--
+-- How: the items are checked first (a malformed one refuses the batch before anything is
+-- written). The common case is then one statement for the whole batch: it locks every account
+-- of the batch in ascending user_id order (the lock order of 20261202400100_fast_ledger.sql),
+-- debits each account whose available tokens cover all of its items once by their sum, and
+-- inserts the items' entries in item order with their running balance_after. Should any of
+-- those keys exist already (a retried item, a key given twice), that statement is rolled back
+-- and every item runs one by one as deduct_tokens would. Items of the other accounts (funds
+-- that do not cover the sum, no account) always run one by one, in ascending user_id and item
+-- order, so each gets exactly the status deduct_tokens would give it at that point.
+
+create function public.deduct_tokens_batch(p_items jsonb)
+returns table (item integer, status text, balance bigint, entry_id bigint)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+declare
+  v_bad record;
+  v_item record;
+  v_user_id uuid;
+  v_expected bigint;
+  v_inserted bigint;
+  v_covered uuid[];
+  v_items integer[];
+  v_balances bigint[];
+  v_entries bigint[];
+begin
+  if p_items is null or jsonb_typeof(p_items) <> 'array' then
+    raise exception using
+      errcode = '22023',
+      message = format(
+        'p_items must be a JSON array of {"user_id", "amount", "idempotency_key"} objects, '
+        'got %s', coalesce(jsonb_typeof(p_items), 'null'));
+  end if;
+  if jsonb_array_length(p_items) > 1000 then
+    raise exception using
+      errcode = '22023',
+      message = format('p_items takes at most 1000 items, got %s', jsonb_array_length(p_items));
+  end if;
+
+  -- Every item is checked before any is applied: the first bad one names its position and why.
+  select i.position - 1 as idx, i.item, r.reason
+  into v_bad
+  from jsonb_array_elements(p_items) with ordinality as i (item, position)
+  cross join lateral (
+    select case
+      when jsonb_typeof(i.item) <> 'object' then 'must be a JSON object'
+      when i.item - array['user_id', 'amount', 'idempotency_key', 'description', 'metadata']
+        <> '{}'::jsonb then
+        'takes only user_id, amount, idempotency_key, description and metadata'
+      when jsonb_typeof(i.item -> 'user_id') is distinct from 'string'
+        or (i.item ->> 'user_id')
+        !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' then
+        'user_id must be a uuid'
+      when jsonb_typeof(i.item -> 'amount') is distinct from 'number'
+        or (i.item -> 'amount')::numeric not between 1 and 1000000000000000
+        or (i.item -> 'amount')::numeric <> trunc((i.item -> 'amount')::numeric) then
+        'amount must be a positive integer of at most 10^15'
+      when jsonb_typeof(i.item -> 'idempotency_key') is distinct from 'string'
+        or length(i.item ->> 'idempotency_key') > 255
+        or length(btrim(i.item ->> 'idempotency_key')) = 0 then
+        'idempotency_key must be a non-empty text of at most 255 characters'
+      when (i.item ->> 'idempotency_key') like 'signup:%'
+        or (i.item ->> 'idempotency_key') like 'expiry:%'
+        or (i.item ->> 'idempotency_key') like 'reservation:%'
+        or (i.item ->> 'idempotency_key') like 'stripe:%' then
+        'idempotency_key must not start with signup:, expiry:, reservation: or stripe: '
+        '(token-billing''s own keys)'
+      when coalesce(jsonb_typeof(i.item -> 'description'), 'null') not in ('string', 'null') then
+        'description must be a text or null'
+      when coalesce(jsonb_typeof(i.item -> 'metadata'), 'null') not in ('object', 'null') then
+        'metadata must be a JSON object or null'
+    end as reason
+  ) as r
+  where r.reason is not null
+  order by i.position
+  limit 1;
+  if found then
+    raise exception using
+      errcode = '22023',
+      message = format('p_items[%s] %s, got %s', v_bad.idx, v_bad.reason, left(v_bad.item::text, 200));
+  end if;
+
+  begin
+    with items as (
+      select
+        (i.position - 1)::integer as idx,
+        (i.item ->> 'user_id')::uuid as user_id,
+        (i.item ->> 'amount')::bigint as amount,
+        i.item ->> 'idempotency_key' as idempotency_key,
+        i.item ->> 'description' as description,
+        coalesce(nullif(i.item -> 'metadata', 'null'::jsonb), '{}'::jsonb) as metadata
+      from jsonb_array_elements(p_items) with ordinality as i (item, position)
+    ),
+
+    totals as (
+      select t.user_id, sum(t.amount)::bigint as total
+      from items as t
+      group by t.user_id
+    ),
+
+    -- Every account of the batch, locked in ascending user_id order before any is changed.
+    locked as (
+      select a.user_id, t.total
+      from billing.accounts as a
+      inner join totals as t on a.user_id = t.user_id
+      order by a.user_id
+      for no key update of a
+    ),
+
+    debited as (
+      update billing.accounts as a
+      set balance = a.balance - l.total, undrawn = a.undrawn + l.total, updated_at = now()
+      from locked as l
+      where a.user_id = l.user_id and a.balance - a.reserved >= l.total
+      returning a.user_id, a.balance + l.total as balance_before
+    ),
+
+    entries as (
+      insert into billing.ledger_entries (
+        user_id, amount, balance_after, kind, idempotency_key, description, metadata
+      )
+      select
+        t.user_id, -t.amount,
+        d.balance_before - sum(t.amount) over (partition by t.user_id order by t.idx),
+        'usage', t.idempotency_key, t.description, t.metadata
+      from items as t
+      inner join debited as d on t.user_id = d.user_id
+      order by t.user_id, t.idx
+      on conflict (idempotency_key) do nothing
+      returning ledger_entries.id, ledger_entries.user_id, ledger_entries.idempotency_key,
+        ledger_entries.balance_after
+    )
+
+    select
+      (select count(*) from items as t inner join debited as d on t.user_id = d.user_id),
+      (select count(*) from entries),
+      (select array_agg(d.user_id) from debited as d),
+      array_agg(t.idx order by t.idx),
+      array_agg(e.balance_after order by t.idx),
+      array_agg(e.id order by t.idx)
+    into v_expected, v_inserted, v_covered, v_items, v_balances, v_entries
+    from entries as e
+    inner join items as t
+      on e.user_id = t.user_id and e.idempotency_key = t.idempotency_key;
+
+    if v_inserted <> v_expected then
+      -- A key existed already: undo this statement, and run every item one by one below.
+      raise exception using errcode = 'TBRTY';
+    end if;
+  exception when sqlstate 'TBRTY' then
+    v_covered := null;
+    v_items := null;
+  end;
+
+  if v_items is not null then
+    return query
+    select u.idx, 'applied'::text, u.balance_after, u.entry_id
+    from unnest(v_items, v_balances, v_entries) as u (idx, balance_after, entry_id);
+  end if;
+
+  for v_item in
+    select
+      (i.position - 1)::integer as idx,
+      (i.item ->> 'user_id')::uuid as user_id,
+      (i.item ->> 'amount')::bigint as amount,
+      i.item ->> 'idempotency_key' as idempotency_key,
+      i.item ->> 'description' as description,
+      coalesce(nullif(i.item -> 'metadata', 'null'::jsonb), '{}'::jsonb) as metadata
+    from jsonb_array_elements(p_items) with ordinality as i (item, position)
+    where v_covered is null or (i.item ->> 'user_id')::uuid <> all(v_covered)
+    order by 2, i.position
+  loop
+    v_user_id := v_item.user_id;
+
+    -- public.deduct_tokens's statement.
+    with debited as (
+      update billing.accounts as a
+      set balance = a.balance - v_item.amount, undrawn = a.undrawn + v_item.amount,
+        updated_at = now()
+      where a.user_id = v_user_id and a.balance - a.reserved >= v_item.amount
+      returning a.balance
+    ),
+
+    entry as (
+      insert into billing.ledger_entries (
+        user_id, amount, balance_after, kind, idempotency_key, description, metadata
+      )
+      select
+        v_user_id, -v_item.amount, debited.balance, 'usage', v_item.idempotency_key,
+        v_item.description, v_item.metadata
+      from debited
+      on conflict (idempotency_key) do nothing
+      returning id
+    )
+
+    select debited.balance, entry.id
+    into balance, entry_id
+    from debited
+    left join entry on true;
+
+    item := v_item.idx;
+    if entry_id is not null then
+      status := 'applied';
+      return next;
+    else
+      select refused.status, refused.balance, refused.entry_id
+      into status, balance, entry_id
+      from billing.debit_refused(
+        v_user_id, v_item.amount, v_item.idempotency_key, 'usage', balance is not null
+      ) as refused;
+      return next;
+    end if;
+  end loop;
+end;
+$$;
+
+comment on function public.deduct_tokens_batch(jsonb) is
+'Charges many usages in one transaction: p_items is a JSON array (at most 1000) of {"user_id": '
+'uuid, "amount": positive integer, "idempotency_key": text, "description": text or null, '
+'"metadata": object or null}. Each item is deduct_tokens (statuses applied, duplicate, '
+'insufficient_funds, unknown_account); one row per item, named by its 0-based position (in no '
+'particular order). 22023 for a malformed item and TBKEY for a reused key refuse the whole batch.';
+
+revoke all on function public.deduct_tokens_batch(jsonb) from public, anon, authenticated;
+grant execute on function public.deduct_tokens_batch(jsonb) to service_role;
+
+insert into billing.schema_migrations (version, name) values ('20261202400200', 'deduct_batch');
+$tb_migration_20261202400200$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202400300_plain_reservation_checks.sql
+  if v_installed is null or '20261202400300' <> all(v_installed) then
+    execute $tb_migration_20261202400300$
+-- Migration: the holds' path without a function-backed CHECK, and settle_reservations by id.
+--
+-- Purpose: every reserve inserts into billing.reservations and every settle, release and expiry
+-- updates it. Its CHECK called a plpgsql function (billing.reservation_is_valid): a function
+-- call and a search_path switch per row, as the accounts and ledger CHECKs did before
+-- 20261202400000_plain_checks.sql. It becomes one plain CHECK with the same rules: a positive
+-- amount, a key of 1..255 characters, and a status consistent with its resolution (pending:
+-- unresolved; settled: resolved with a settle_amount of 0 or more; released or expired: resolved
+-- without one). The status rule names every status, so the CHECK also keeps the status known;
+-- a foreign key to a lookup table would add a referential query to every reserve and settle
+-- (the status changes on each), which the CHECK does not.
+-- settle_reservations ordered its items by account through a join the planner ran as a
+-- sequential scan of billing.reservations (bench/results/history.md, issue 15): each item's
+-- account is now looked up by the reservation's primary key.
+-- Objects: constraint reservations_valid of billing.reservations (plain); drops
+--   billing.reservation_is_valid(); redefines public.settle_reservations().
+--
+-- Lock order, unchanged: settle_reservations settles in ascending user_id order, then id.
+
+alter table billing.reservations
+drop constraint reservations_valid,
+-- One constraint: Postgres 15 prepares each CHECK of a table for every statement that writes it.
+add constraint reservations_valid check (
+  amount > 0
+  and length(idempotency_key) between 1 and 255
+  and (
+    (status = 'pending' and resolved_at is null and settle_amount is null)
+    or (
+      status = 'settled'
+      and resolved_at is not null
+      and settle_amount is not null
+      and settle_amount >= 0
+    )
+    or (status in ('released', 'expired') and resolved_at is not null and settle_amount is null)
+  )
+);
+
+comment on constraint reservations_valid on billing.reservations is
+'A positive amount, a key of 1..255 characters, and a status consistent with its resolution '
+'(pending: unresolved; settled: resolved with a settle_amount of 0 or more; released or '
+'expired: resolved without one).';
+
+drop function billing.reservation_is_valid(bigint, text, text, bigint, timestamptz);
+
+create or replace function public.settle_reservations(p_settlements jsonb)
+returns table (reservation_id uuid, status text, balance bigint, entry_id bigint)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+declare
+  v_item record;
+  v_bad record;
+begin
+  if p_settlements is null or jsonb_typeof(p_settlements) <> 'array' then
+    raise exception using
+      errcode = '22023',
+      message = format(
+        'p_settlements must be a JSON array of {"reservation_id", "amount"} objects, got %s',
+        coalesce(jsonb_typeof(p_settlements), 'null'));
+  end if;
+  if jsonb_array_length(p_settlements) > 1000 then
+    raise exception using
+      errcode = '22023',
+      message = format(
+        'p_settlements takes at most 1000 items, got %s', jsonb_array_length(p_settlements));
+  end if;
+
+  -- Every item is checked before any is settled: the first bad one names its position.
+  select i.position - 1 as idx, i.item
+  into v_bad
+  from jsonb_array_elements(p_settlements) with ordinality as i (item, position)
+  where not (
+    jsonb_typeof(i.item) = 'object'
+    and jsonb_typeof(i.item -> 'reservation_id') = 'string'
+    and (i.item ->> 'reservation_id')
+    ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+    and jsonb_typeof(i.item -> 'amount') = 'number'
+    and (i.item ->> 'amount') ~ '^[0-9]{1,16}$'
+  )
+  order by i.position
+  limit 1;
+  if found then
+    raise exception using
+      errcode = '22023',
+      message = format(
+        'p_settlements[%s] must be {"reservation_id": <uuid>, "amount": <integer of 0 or more>}, '
+        'got %s', v_bad.idx, left(v_bad.item::text, 200));
+  end if;
+
+  -- Accounts in ascending user_id order (the lock order), each item's account found by the
+  -- reservation's primary key (a subquery per item: a join was planned as a scan of the table).
+  for v_item in
+    select s.id, s.amount
+    from (
+      select
+        (i.item ->> 'reservation_id')::uuid as id,
+        (i.item ->> 'amount')::bigint as amount,
+        i.position
+      from jsonb_array_elements(p_settlements) with ordinality as i (item, position)
+    ) as s
+    order by
+      (select r.user_id from billing.reservations as r where r.id = s.id), s.id, s.position
+  loop
+    return query
+    select v_item.id, settled.status, settled.balance, settled.entry_id
+    from public.settle_reservation(v_item.id, v_item.amount) as settled;
+  end loop;
+end;
+$$;
+
+comment on function public.settle_reservations(jsonb) is
+'Settles many reservations in one transaction: p_settlements is a JSON array (at most 1000) of '
+'{"reservation_id": uuid, "amount": integer of 0 or more}. Each item is settle_reservation '
+'(statuses applied, partial, duplicate, not_pending); rows come back ordered by account, '
+'then reservation id. '
+'22023 for a malformed item and TBRES for an unknown reservation refuse the whole batch.';
+
+revoke all on function public.settle_reservations(jsonb) from public, anon, authenticated;
+grant execute on function public.settle_reservations(jsonb) to service_role;
+
+insert into billing.schema_migrations (version, name) values ('20261202400300', 'plain_reservation_checks');
+$tb_migration_20261202400300$;
     v_applied := v_applied + 1;
   end if;
 

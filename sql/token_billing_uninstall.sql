@@ -34,6 +34,7 @@ declare
     'public.record_checkout_session(jsonb)',
     'public.record_payment_intent(jsonb)',
     'public.installed_migrations()',
+    'public.deduct_tokens_batch(jsonb)',
     'public.quote_usage(uuid, jsonb, timestamptz)',
     'public.usage_summary(uuid, timestamptz, timestamptz, text)',
     'public.my_usage(timestamptz, timestamptz, text)',

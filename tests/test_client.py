@@ -386,6 +386,30 @@ def test_a_retried_key_of_a_released_hold_should_raise_hold_resolved(db: Databas
     assert account(db, user)["reserved"] == 0
 
 
+def test_a_retried_key_of_an_expired_hold_should_raise_hold_resolved(db: Database) -> None:
+    user = new_user(db)
+
+    async def body(tokens: TokenBilling) -> None:
+        await tokens.reserve(user, 40, key="req-11", ttl=timedelta(minutes=1)).open()
+        db.psql("select * from public.expire_tokens(now() + interval '1 hour')")
+        await tokens.reserve(user, 40, key="req-11", ttl=timedelta(minutes=1)).open()
+
+    with pytest.raises(HoldResolved) as caught:
+        run(db, body)
+    assert (caught.value.status, caught.value.charged) == ("expired", None)
+    # The RPC answers the contract's duplicate with the hold's id, pending or not; the client
+    # asked get_reservation how the hold resolved.
+    assert (
+        scalar(
+            db,
+            "select status from public.reserve_tokens(%s, 40, 'req-11', interval '1 minute')",
+            [user],
+        )
+        == "duplicate"
+    )
+    assert account(db, user) == {"balance": 100, "reserved": 0, "plan": "free", "status": "none"}
+
+
 def test_settling_a_hold_something_else_settled_should_raise_hold_resolved(db: Database) -> None:
     user = new_user(db)
 

@@ -14,7 +14,8 @@ a caller whose call died retries it verbatim, not knowing whether it committed.
 Afterwards: `billing.check_invariants()` is empty; no balance is below zero (there are no
 refunds or disputes here); every acknowledged settlement charged exactly what it asked (less
 only when the answer said `partial`), and nothing else was charged; every retried key of a
-resolved hold answered how that hold finally resolved; every ledger entry is one a caller was
+resolved hold answered `duplicate` with that hold's id, and `get_reservation` how it finally
+resolved; every ledger entry is one a caller was
 told about (or an expiry). `STRESS_SCALE` multiplies the calls.
 """
 
@@ -45,6 +46,7 @@ TTLS = ("1 minute", "3 minutes", "1 hour")
 EXPIRY_STEP_SECONDS = 15
 RESOLVED = ("settled", "released", "expired")
 RESERVE = "select status, reservation_id from public.reserve_tokens(%s, %s, %s, %s::interval)"
+HOLD_STATUS = "select status from public.get_reservation(%s)"
 
 
 @dataclass
@@ -158,6 +160,9 @@ class Worker:
                     RESERVE,
                     [owner, held, hold_key, ttl],
                 )
+                # The contract's answer for any existing key; get_reservation tells the outcome.
+                assert status == "duplicate", (hold_key, status)
+                (status,) = caller.call(HOLD_STATUS, [reservation_id])
                 assert status in RESOLVED, (hold_key, status)
                 self.acks.append(Ack("retry", owner, held, hold_key, status, reservation_id))
             elif roll < 0.65:
@@ -168,11 +173,15 @@ class Worker:
                     [user, amount, key, ttl],
                 )
                 self.acks.append(Ack("reserve", user, amount, key, status, reservation_id))
+                if status == "duplicate":
+                    # A retry after a killed connection found its own hold: still pending, or
+                    # expired already.
+                    (hold_status,) = caller.call(HOLD_STATUS, [reservation_id])
+                    if hold_status != "pending":
+                        resolved.append((user, amount, key, ttl))
+                        continue
                 if status in ("applied", "duplicate"):
                     pending.append((reservation_id, user, amount, key, ttl))
-                elif status in RESOLVED:
-                    # A retry after a killed connection found its own hold expired already.
-                    resolved.append((user, amount, key, ttl))
             elif roll < 0.80:
                 amount = rng.randint(1, 80)
                 expires = self.clock.now() + rng.randint(5, 90)

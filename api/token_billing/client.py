@@ -20,7 +20,8 @@ hold expired anyway is still charged, once: `settle` falls back to one `deduct_t
 `hold-expired:<reservation id>`, and raises HoldExpired when the balance no longer covers it.
 Every call that changes a balance takes an idempotency key: retrying a call with the same key is
 safe and returns status `duplicate`; reserving with the key of a hold that already resolved
-raises HoldResolved (carrying how it resolved), so a retried request is never served twice.
+(`reserve_tokens` answers `duplicate`, `get_reservation` how the hold resolved) raises
+HoldResolved, carrying how it resolved, so a retried request is never served twice.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
 
+from token_billing.coalescer import DeductCoalescer
 from token_billing.db import Database
 from token_billing.errors import (
     HoldExpired,
@@ -44,7 +46,6 @@ from token_billing.errors import (
 )
 
 BALANCE_FIELDS = ("balance", "available", "reserved", "plan", "subscription_status")
-RESOLVED = ("settled", "released", "expired")
 # The prefix of the key that charges work whose hold expired (followed by the reservation id).
 HOLD_EXPIRED_KEY = "hold-expired:"
 
@@ -175,9 +176,11 @@ class Reservation:
         if status == "unknown_account":
             raise UnknownAccount(f"no billing account for user {self.user_id}")
         reservation_id = uuid.UUID(str(row["reservation_id"]))
-        if status in RESOLVED:
+        if status == "duplicate":
+            # The key's hold, pending or already resolved: only get_reservation tells which.
             state = await self._billing.reservation(reservation_id)
-            raise state.resolved_error(self.key)
+            if state.status != "pending":
+                raise state.resolved_error(self.key)
         self.id = reservation_id
         self.available = row.get("available")
         return self
@@ -325,10 +328,15 @@ class Reservation:
 
 
 class TokenBilling:
-    """The token-billing RPCs for a backend, over any `token_billing.db.Database`."""
+    """The token-billing RPCs for a backend, over any `token_billing.db.Database`.
 
-    def __init__(self, db: Database) -> None:
+    `coalescer` (opt-in, `token_billing.coalescer.DeductCoalescer`): `deduct` calls go through
+    it, gathered with concurrent ones into `deduct_tokens_batch` calls; each still gets its own
+    result."""
+
+    def __init__(self, db: Database, *, coalescer: DeductCoalescer | None = None) -> None:
         self.db = db
+        self.coalescer = coalescer
 
     def reserve(
         self,
@@ -372,19 +380,17 @@ class TokenBilling:
         metadata: Mapping[str, Any] | None = None,
     ) -> Result:
         """Charge usage at once; raises InsufficientTokens rather than go below zero."""
-        row = _one(
-            await self.db.rpc(
-                "deduct_tokens",
-                {
-                    "p_user_id": str(user_id),
-                    "p_amount": amount,
-                    "p_idempotency_key": key,
-                    "p_description": description,
-                    "p_metadata": dict(metadata or {}),
-                },
-            ),
-            "deduct_tokens",
-        )
+        params = {
+            "p_user_id": str(user_id),
+            "p_amount": amount,
+            "p_idempotency_key": key,
+            "p_description": description,
+            "p_metadata": dict(metadata or {}),
+        }
+        if self.coalescer is not None:
+            row = await self.coalescer.deduct(params)
+        else:
+            row = _one(await self.db.rpc("deduct_tokens", params), "deduct_tokens")
         if row["status"] == "insufficient_funds":
             # deduct_tokens answers the balance (reserve_tokens answers what is available).
             raise InsufficientTokens(user_id, amount, balance=row.get("balance"))

@@ -1,5 +1,6 @@
--- The floor, 10,000 accounts: one statement, no function, no idempotency.
-\set uid random(1, 10000)
+-- The floor on accounts :first..:last: one statement, no function, no idempotency
+-- (reference/floor.sql); accounts.user_id is its primary key.
+\set uid random(:first, :last)
 with debited as (
   update bench_floor.accounts set balance = balance - 1
   where user_id = lpad(to_hex(:uid::integer), 32, '0')::uuid

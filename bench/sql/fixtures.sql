@@ -1,19 +1,25 @@
--- Bench fixtures: the same users in the floor's tables, the seed guide's tables and ours.
+-- Bench fixtures: the same users in the floor's tables, the seed guide's, its lean rewrite's and
+-- ours.
 --
 -- User n (an integer in the pgbench scripts) is the uuid lpad(to_hex(n), 32, '0')::uuid in all
--- three, so every script pays the same for turning :uid into a uuid.
---   1..10000      the spread workload (deduct over 10,000 accounts, reserve + settle);
+-- four, so every script pays the same for turning :uid into a uuid.
+--   1..10000      the spread workloads (deduct over 2,000 = 1..2000 or 10,000 accounts,
+--                 reserve + settle);
 --   10001         the hot account;
 --   20001..30000  add_tokens targets, kept apart so the buckets add_tokens leaves behind never
 --                 lengthen the bucket walk of the deduct workloads.
--- Every funded account holds 10^9 tokens in one bucket (the hot one 10^12 in ours; the guide's
--- integer column caps it at 2*10^9): no deduct in the bench can run dry. Run as superuser.
+-- Every funded account holds 10^9 tokens in one bucket (the hot one 10^12 in ours; the guides'
+-- integer columns cap them at 2*10^9): no deduct in the bench can run dry. Run as superuser.
 
 insert into bench_floor.accounts (user_id, balance)
 select lpad(to_hex(n), 32, '0')::uuid, 1000000000
 from generate_series(1, 10001) as n;
 
-insert into seed_guide.profiles (id, tokens)
+insert into seed_guide.users (id, token_balance)
+select lpad(to_hex(n), 32, '0')::uuid, 2000000000
+from generate_series(1, 10001) as n;
+
+insert into seed_guide_lean.profiles (id, tokens)
 select lpad(to_hex(n), 32, '0')::uuid, 2000000000
 from generate_series(1, 10001) as n;
 
@@ -37,6 +43,20 @@ select count(*) from (
   from generate_series(1, 10001) as n
 ) as funded;
 
+-- The references' ledgers get the same one purchase per user that ours has, so every table
+-- starts with rows, its planner statistics say so, and every lookup is an index lookup as it
+-- would be in a live database (on an empty table a cached plan may scan it instead).
+insert into seed_guide.token_transactions (user_id, amount, type, description, event_id)
+select lpad(to_hex(n), 32, '0')::uuid, 2000000000, 'purchase', 'bench fund', 'bench-fund-' || n
+from generate_series(1, 10001) as n;
+
+insert into seed_guide_lean.token_transactions (user_id, amount, type, event_id)
+select lpad(to_hex(n), 32, '0')::uuid, 2000000000, 'purchase', 'bench-fund-' || n
+from generate_series(1, 10001) as n;
+
+insert into bench_floor.ledger (user_id, amount, balance_after)
+select lpad(to_hex(n), 32, '0')::uuid, 1000000000, 1000000000
+from generate_series(1, 10001) as n;
 
 -- Rate cards (issue 16): a per-unit meter at 1 token a unit (what a deduct of 1 charges) and a
 -- graduated one with 4 tiers, for record_usage against deduct_tokens.

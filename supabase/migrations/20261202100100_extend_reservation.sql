@@ -1,14 +1,14 @@
 -- Migration: holds for long work, and retries that cannot run the work twice for free.
 --
 -- Purpose: work that outlives its hold's TTL (a long agent run, a slow stream reader) keeps the
--- hold alive with extend_reservation (the client heartbeats it); and reserving again with the
--- key of a hold that already resolved answers that hold's outcome (settled, released or
--- expired) instead of handing it back as a live duplicate, so a retried request is not served
--- a second time as if it held tokens. get_reservation reads one hold's outcome (what was
--- charged, by which entry) for the client's HoldResolved error.
+-- hold alive with extend_reservation (the client heartbeats it). Reserving again with the key of
+-- an existing hold answers duplicate with that hold's id, pending or not (the contract's
+-- statuses); get_reservation tells whether it is still pending and, if it resolved, its outcome
+-- (what was charged, by which entry), so a retried request is not served a second time as if it
+-- held tokens (the client raises HoldResolved).
 -- Objects: reservations.first_expires_at, billing.tg_reservations__guard_change() (a pending
 --   hold may move its expiry later), public.extend_reservation(), public.reserve_tokens()
---   (resolved statuses), public.get_reservation().
+--   (the TTL a retry is compared with), public.get_reservation().
 --
 -- Lock order: extend_reservation locks the reservation row only, so it adds no order.
 
@@ -184,11 +184,9 @@ begin
           'idempotency key %L was already used with different arguments (reservation %s)',
           p_idempotency_key, v_first.id);
     end if;
-    -- A pending hold is handed back (duplicate); a resolved one answers how it resolved, so a
-    -- retried request is not run again as if it held tokens.
-    return query select
-      case when v_first.status = 'pending' then 'duplicate' else v_first.status end,
-      v_first.id, v_first.available_after;
+    -- The key's hold, pending or resolved (get_reservation tells which: a retried request must
+    -- not run again as if it held tokens when its hold resolved).
+    return query select 'duplicate'::text, v_first.id, v_first.available_after;
     return;
   end if;
 
@@ -204,10 +202,9 @@ $$;
 
 comment on function public.reserve_tokens(uuid, bigint, text, interval) is
 'Holds tokens for a request (pending until settled, released or expired after p_ttl). '
-'Statuses: applied, duplicate (the key''s hold is pending), settled, released, expired (the '
-'key''s hold already resolved: get_reservation tells the outcome), insufficient_funds, '
-'unknown_account. 22023 on invalid arguments, TBKEY on a key reused with another user, amount '
-'or TTL.';
+'Statuses: applied, duplicate (the key''s hold, with its id, pending or already resolved: '
+'get_reservation tells which and the outcome), insufficient_funds, unknown_account. 22023 on '
+'invalid arguments, TBKEY on a key reused with another user, amount or TTL.';
 
 create function public.get_reservation(
   p_reservation_id uuid

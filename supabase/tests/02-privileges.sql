@@ -2,7 +2,7 @@
 -- the row and as another user) and service_role. Privileges before behaviour.
 begin;
 set local search_path = extensions, public;
-select plan(82);
+select plan(88);
 
 -- Two users: A owns the rows under test, B is another signed-in user.
 select tests.create_user('00000000-0000-0000-0000-00000000000a', 'a@example.com');
@@ -132,6 +132,18 @@ select function_privs_are(
   'service_role', array['EXECUTE'], 'service_role should execute settle_reservations'
 );
 select function_privs_are(
+  'public', 'deduct_tokens_batch', array['jsonb'],
+  'anon', array[]::text[], 'anon should not execute deduct_tokens_batch'
+);
+select function_privs_are(
+  'public', 'deduct_tokens_batch', array['jsonb'],
+  'authenticated', array[]::text[], 'authenticated should not execute deduct_tokens_batch'
+);
+select function_privs_are(
+  'public', 'deduct_tokens_batch', array['jsonb'],
+  'service_role', array['EXECUTE'], 'service_role should execute deduct_tokens_batch'
+);
+select function_privs_are(
   'public', 'extend_reservation', array['uuid', 'interval'],
   'anon', array[]::text[], 'anon should not execute extend_reservation'
 );
@@ -228,6 +240,15 @@ select table_privs_are(
   'authenticated should have no privilege on billing.stripe_sales'
 );
 
+select table_privs_are(
+  'billing', 'subscription_statuses', 'authenticated', array[]::text[],
+  'authenticated should not reach billing.subscription_statuses'
+);
+select table_privs_are(
+  'billing', 'subscription_statuses', 'service_role', array['SELECT'],
+  'service_role should only select billing.subscription_statuses'
+);
+
 -- Behaviour as anon --------------------------------------------------------------------------
 set local role anon;
 select throws_ok(
@@ -237,6 +258,15 @@ select throws_ok(
 select throws_ok(
   $$select * from public.deduct_tokens('00000000-0000-0000-0000-00000000000a', 1, 'anon-burn')$$,
   '42501', null, 'anon should not deduct tokens'
+);
+select throws_ok(
+  $$
+    select * from public.deduct_tokens_batch(
+      '[{"user_id": "00000000-0000-0000-0000-00000000000a", "amount": 1,
+        "idempotency_key": "anon-batch"}]'
+    )
+  $$,
+  '42501', null, 'anon should not deduct tokens in a batch'
 );
 select throws_ok(
   $$select * from public.reserve_tokens('00000000-0000-0000-0000-00000000000a', 1, 'anon-hold')$$,

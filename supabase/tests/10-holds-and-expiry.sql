@@ -279,7 +279,7 @@ select results_eq(
   'settle_reservations should settle for 0 as settle_reservation does'
 );
 
--- 1206: long work extends its hold; a retried key answers the hold's outcome.
+-- 1206: long work extends its hold; a retried key answers duplicate, get_reservation the outcome.
 select * from public.reserve_tokens(
     '00000000-0000-0000-0000-000000001206', 20, 'h6-hold', interval '10 minutes'
   );
@@ -330,8 +330,8 @@ select results_eq(
 select results_eq(
   $$select status, reservation_id from public.reserve_tokens(
       '00000000-0000-0000-0000-000000001206', 20, 'h6-hold', interval '10 minutes')$$,
-  $$values ('settled'::text, pg_temp.hold('h6-hold'))$$,
-  'reserving with the key of a settled hold should answer settled, not a live duplicate'
+  $$values ('duplicate'::text, pg_temp.hold('h6-hold'))$$,
+  'reserving with the key of a settled hold should answer duplicate with that hold''s id'
 );
 select results_eq(
   $$select status, amount, settle_amount, charged, entry_id is not null
@@ -347,19 +347,21 @@ select results_eq(
 select * from public.reserve_tokens('00000000-0000-0000-0000-000000001206', 5, 'h6-released');
 select * from public.release_reservation(pg_temp.hold('h6-released'));
 select results_eq(
-  $$select status from public.reserve_tokens('00000000-0000-0000-0000-000000001206', 5, 'h6-released')$$,
-  $$values ('released'::text)$$,
-  'reserving with the key of a released hold should answer released'
+  $$select r.status, r.reservation_id, g.status
+    from public.reserve_tokens('00000000-0000-0000-0000-000000001206', 5, 'h6-released') as r
+    cross join lateral public.get_reservation(r.reservation_id) as g$$,
+  $$values ('duplicate'::text, pg_temp.hold('h6-released'), 'released'::text)$$,
+  'reserving with the key of a released hold should answer duplicate, its hold released'
 );
 select * from public.reserve_tokens(
     '00000000-0000-0000-0000-000000001206', 5, 'h6-expired', interval '1 minute'
   );
 select * from public.expire_tokens(now() + interval '1 minute');
 select results_eq(
-  $$select status from public.reserve_tokens(
+  $$select status, reservation_id from public.reserve_tokens(
       '00000000-0000-0000-0000-000000001206', 5, 'h6-expired', interval '1 minute')$$,
-  $$values ('expired'::text)$$,
-  'reserving with the key of an expired hold should answer expired'
+  $$values ('duplicate'::text, pg_temp.hold('h6-expired'))$$,
+  'reserving with the key of an expired hold should answer duplicate with that hold''s id'
 );
 select results_eq(
   $$select status, charged from public.get_reservation(pg_temp.hold('h6-expired'))$$,

@@ -1,5 +1,7 @@
--- Reference: the "seed guide" deduct_tokens, the pattern that SaaS-monetization guides for
--- Supabase hand out (a profiles row with a token count, a token_transactions table whose
+-- Second reference, labelled "lean rewrite" in the table: a LEANER rewrite of the seed guide's
+-- deduct_tokens, written before the guide's own SQL was at hand (the bench's main reference is
+-- now the guide itself, reference/seed_guide_token_billing.sql). Kept so the figures of earlier
+-- runs stay comparable. The pattern that SaaS-monetization guides for Supabase hand out (a profiles row with a token count, a token_transactions table whose
 -- event_id is unique, and a plpgsql function that locks, checks, updates, then inserts).
 --
 -- Provenance, stated plainly: the guide's own text could not be found in the searchable
@@ -14,31 +16,31 @@
 -- It lives in its own schema with its own tables, as the guide defines them, so the bench
 -- compares designs, not table sizes. Loaded by bench/run.py into the bench database only.
 
-create schema if not exists seed_guide;
+create schema if not exists seed_guide_lean;
 
-create table seed_guide.profiles (
+create table seed_guide_lean.profiles (
   id uuid primary key,
   tokens integer not null default 0,
   updated_at timestamptz not null default now()
 );
 
-create table seed_guide.token_transactions (
+create table seed_guide_lean.token_transactions (
   id uuid primary key default gen_random_uuid(),
-  user_id uuid not null references seed_guide.profiles (id),
+  user_id uuid not null references seed_guide_lean.profiles (id),
   amount integer not null,
   type text not null,
   event_id text unique,
   created_at timestamptz not null default now()
 );
 
-create function seed_guide.deduct_tokens(
+create function seed_guide_lean.deduct_tokens(
   p_user_id uuid,
   p_amount integer,
   p_event_id text
 ) returns integer
 language plpgsql
 security definer
-set search_path = seed_guide, public
+set search_path = seed_guide_lean, public
 as $$
 declare
   v_balance integer;
@@ -69,5 +71,5 @@ begin
 end;
 $$;
 
-grant usage on schema seed_guide to service_role;
-grant execute on function seed_guide.deduct_tokens(uuid, integer, text) to service_role;
+grant usage on schema seed_guide_lean to service_role;
+grant execute on function seed_guide_lean.deduct_tokens(uuid, integer, text) to service_role;

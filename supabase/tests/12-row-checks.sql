@@ -1,0 +1,77 @@
+-- The plain CHECKs of the hot tables (20261202400000_plain_checks.sql,
+-- 20261202400300_plain_reservation_checks.sql) refuse what the function-backed ones refused,
+-- nulls included; the kinds issue 13 added pass them and check_invariants(). Run as the owner:
+-- no API role can write these tables.
+begin;
+set local search_path = extensions, public;
+select plan(11);
+
+select tests.create_user('00000000-0000-0000-0000-0000000000d1', 'd1@example.com');
+
+-- Accounts: reserved and undrawn not negative, held_expired within 0..reserved.
+select throws_ok(
+  $$update billing.accounts set reserved = -1
+    where user_id = '00000000-0000-0000-0000-0000000000d1'$$,
+  '23514', null, 'a negative reserved should be refused'
+);
+select throws_ok(
+  $$update billing.accounts set undrawn = -1
+    where user_id = '00000000-0000-0000-0000-0000000000d1'$$,
+  '23514', null, 'a negative undrawn should be refused'
+);
+select throws_ok(
+  $$update billing.accounts set held_expired = 1
+    where user_id = '00000000-0000-0000-0000-0000000000d1'$$,
+  '23514', null, 'held_expired beyond reserved should be refused'
+);
+select throws_ok(
+  $$update billing.accounts set subscription_status = 'bogus'
+    where user_id = '00000000-0000-0000-0000-0000000000d1'$$,
+  '23503', null, 'an unknown subscription status should be refused'
+);
+
+-- Reservations: a status consistent with its resolution; a null is a violation, not a pass.
+select throws_ok(
+  $$insert into billing.reservations (
+      user_id, amount, idempotency_key, status, available_after, expires_at, resolved_at)
+    values ('00000000-0000-0000-0000-0000000000d1', 5, 'd1-settled-null', 'settled', 0,
+      now() + interval '1 minute', now())$$,
+  '23514', null, 'a settled hold without a settle_amount should be refused'
+);
+select throws_ok(
+  $$insert into billing.reservations (
+      user_id, amount, idempotency_key, status, available_after, expires_at)
+    values ('00000000-0000-0000-0000-0000000000d1', 5, 'd1-bogus', 'bogus', 0,
+      now() + interval '1 minute')$$,
+  '23514', null, 'an unknown reservation status should be refused'
+);
+select throws_ok(
+  $$insert into billing.reservations (
+      user_id, amount, idempotency_key, available_after, expires_at)
+    values ('00000000-0000-0000-0000-0000000000d1', 0, 'd1-zero', 0, now() + interval '1 minute')$$,
+  '23514', null, 'a hold of 0 should be refused'
+);
+select throws_ok(
+  $$insert into billing.reservations (
+      user_id, amount, idempotency_key, status, available_after, expires_at, settle_amount)
+    values ('00000000-0000-0000-0000-0000000000d1', 5, 'd1-pending-settled', 'pending', 0,
+      now() + interval '1 minute', 3)$$,
+  '23514', null, 'a pending hold with a settle_amount should be refused'
+);
+
+-- Ledger: clawback_reversed is a credit.
+select throws_ok(
+  $$insert into billing.ledger_entries (user_id, amount, balance_after, kind, idempotency_key)
+    values ('00000000-0000-0000-0000-0000000000d1', -5, 95, 'clawback_reversed', 'd1-cr-neg')$$,
+  '23514', null, 'a negative clawback_reversed entry should be refused'
+);
+select lives_ok(
+  $$select * from billing.credit('00000000-0000-0000-0000-0000000000d1', 5,
+      'stripe:clawback_reversed:re_d1', 'clawback_reversed', null, null,
+      '{"stripe_event_id": "evt_d1"}')$$,
+  'a clawback_reversed credit in the stripe: namespace should be written'
+);
+select tests.invariants_hold('check_invariants should know clawback_reversed and its key');
+
+select * from finish();
+rollback;
