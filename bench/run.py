@@ -238,9 +238,7 @@ def round_groups(durability: str, with_stripe: bool) -> list[list[Job]]:
                         ),
                         Job("add_tokens/on/8", "add_tokens", 8, ledger=True),
                         Job("record_usage_unit/on/8", "record_usage_unit", 8, ledger=True),
-                        Job(
-                            "record_usage_tiered/on/8", "record_usage_tiered", 8, ledger=True
-                        ),
+                        Job("record_usage_tiered/on/8", "record_usage_tiered", 8, ledger=True),
                     ]
                 if accounts == "10k" and clients == 32:
                     group.append(
