@@ -63,6 +63,14 @@ async def create_hold(request: Request) -> Response:
     )
     row = rows[0]
     charge_outcome(row, requested=amount)
+    if row["status"] == "duplicate":
+        # The key names an existing hold (reserve_tokens answers duplicate for any, as the
+        # contract says): a live one is handed back, a resolved one is never a second hold.
+        held = await rt.db.rpc("get_reservation", {"p_reservation_id": str(row["reservation_id"])})
+        if held and held[0]["status"] != "pending":
+            raise ApiError(
+                409, "hold_resolved", f"the hold of this Idempotency-Key was {held[0]['status']}"
+            )
     hold = schemas.Hold(
         id=row["reservation_id"], status=row["status"], amount=amount, available=row["available"]
     )

@@ -66,9 +66,6 @@ def charge_outcome(row: dict[str, Any], *, requested: int | None = None) -> None
         raise ApiError(404, "unknown_account", "no billing account exists for this user")
     if status == "not_pending":
         raise ApiError(409, "hold_not_pending", "the hold was already settled, released or expired")
-    if status in ("settled", "released", "expired"):
-        # reserve_tokens with the key of a hold that already resolved: never a second hold.
-        raise ApiError(409, "hold_resolved", f"the hold of this Idempotency-Key was {status}")
 
 
 async def own_hold(request: Request, user_id: uuid.UUID, hold_id: uuid.UUID) -> dict[str, Any]:
