@@ -10242,6 +10242,9 @@ returns table (
 )
 language plpgsql stable
 security invoker
+-- Reports plan row counts they cannot know (a period, a history): JIT would compile for
+-- seconds to save milliseconds.
+set jit = off
 set search_path = ''
 as $$
 begin
@@ -10374,6 +10377,7 @@ create function public.token_flow_report(
 returns table (period_start timestamptz, kind text, entries bigint, tokens bigint)
 language plpgsql stable
 security invoker
+set jit = off
 set search_path = ''
 as $$
 begin
@@ -10457,6 +10461,9 @@ returns table (
 )
 language plpgsql stable
 security invoker
+-- Reports plan row counts they cannot know (a period, a history): JIT would compile for
+-- seconds to save milliseconds.
+set jit = off
 set search_path = ''
 as $$
 begin
@@ -10557,6 +10564,7 @@ returns table (
 )
 language plpgsql stable
 security invoker
+set jit = off
 set search_path = ''
 as $$
 begin
@@ -10645,6 +10653,9 @@ returns table (
 )
 language plpgsql stable
 security invoker
+-- Reports plan row counts they cannot know (a period, a history): JIT would compile for
+-- seconds to save milliseconds.
+set jit = off
 set search_path = ''
 as $$
 begin

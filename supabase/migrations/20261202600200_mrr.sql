@@ -281,6 +281,9 @@ returns table (
 )
 language plpgsql stable
 security invoker
+-- Reports plan row counts they cannot know (a period, a history): JIT would compile for
+-- seconds to save milliseconds.
+set jit = off
 set search_path = ''
 as $$
 begin
@@ -413,6 +416,7 @@ create function public.token_flow_report(
 returns table (period_start timestamptz, kind text, entries bigint, tokens bigint)
 language plpgsql stable
 security invoker
+set jit = off
 set search_path = ''
 as $$
 begin

@@ -37,6 +37,9 @@ returns table (
 )
 language plpgsql stable
 security invoker
+-- Reports plan row counts they cannot know (a period, a history): JIT would compile for
+-- seconds to save milliseconds.
+set jit = off
 set search_path = ''
 as $$
 begin
@@ -137,6 +140,7 @@ returns table (
 )
 language plpgsql stable
 security invoker
+set jit = off
 set search_path = ''
 as $$
 begin

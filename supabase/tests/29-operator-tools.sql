@@ -5,7 +5,7 @@
 -- Privileges first (every role), then refusals, then what each answers.
 begin;
 set local search_path = extensions, public;
-select plan(48);
+select plan(49);
 
 select tests.create_user('00000000-0000-0000-0000-0000000c0001', 'paid@example.com');
 
@@ -160,6 +160,22 @@ select is(
 );
 
 set local role service_role;
+
+-- Planning ------------------------------------------------------------------------------------
+-- A report estimates rows it cannot know; with JIT on, a loaded host compiled mrr_report for
+-- seconds (a dashboard timed out). Every report turns JIT off for itself.
+select is_empty(
+  $$
+    select p.proname from pg_proc as p
+    where p.pronamespace = 'public'::regnamespace
+      and p.proname in (
+        'mrr_report', 'token_flow_report', 'revenue_report', 'revenue_by_product',
+        'payment_failure_report'
+      )
+      and not coalesce('jit=off' = any(p.proconfig), false)
+  $$,
+  'every report should run with jit = off'
+);
 
 -- Refusals ------------------------------------------------------------------------------------
 select throws_ok(
