@@ -229,6 +229,7 @@ def round_groups(durability: str, with_stripe: bool) -> list[list[Job]]:
                     group += [
                         Job("floor/on/10k/8", "floor_deduct", 8),
                         Job("reserve_settle/on/8", "reserve_settle", 8, ledger=True),
+                        Job("reserve_release/on/8", "reserve_release", 8),
                         Job(
                             "reserve_settle_batch/on/8",
                             "reserve_settle_batch",
@@ -477,6 +478,15 @@ def throughput_rows(runs: dict[str, list[Run]], with_stripe: bool) -> list[Row]:
             tps(runs, "deduct/on/10k/8"),
             ">=",
             0.5,
+            reference_unit="tps",
+        ),
+        Row(
+            f"reserve_tokens + release_reservation pairs vs deduct_tokens [{on}]",
+            "8",
+            "pairs/s",
+            tps(runs, "reserve_release/on/8"),
+            "deduct_tokens",
+            tps(runs, "deduct/on/10k/8"),
             reference_unit="tps",
         ),
         Row(

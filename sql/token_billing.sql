@@ -4632,19 +4632,54 @@ set search_path = ''
 as $$
 declare
   v_user_id uuid;
-  v_reserved bigint;
-  v_held_expired bigint;
   v_expired bigint;
   v_balance bigint;
   v_available bigint;
   v_first billing.reservations;
 begin
-  update billing.reservations as r
-  set status = 'released', resolved_at = now()
-  where r.id = p_reservation_id and r.status = 'pending'
-  returning r.user_id, r.amount into v_user_id, v_reserved;
+  -- One statement, as settle_reservation: resolve the reservation first (its row lock makes it
+  -- resolve once), then lock the account and lift the hold. Of the held tokens whose bucket
+  -- expired, what the remaining holds do not cover leaves now (its entry written below). The
+  -- new row is written from the row as locked, whole.
+  with resolved as (
+    update billing.reservations as r
+    set status = 'released', resolved_at = now()
+    where r.id = p_reservation_id and r.status = 'pending'
+    returning r.user_id, r.amount
+  ),
 
-  if not found then
+  locked as (
+    select
+      a.user_id,
+      a.balance,
+      a.undrawn,
+      a.held_expired,
+      a.reserved - resolved.amount as reserved_after,
+      least(a.held_expired, greatest(a.balance, 0)) as held
+    from billing.accounts as a
+    inner join resolved on a.user_id = resolved.user_id
+    for no key update of a
+  ),
+
+  released as (
+    update billing.accounts as a
+    set
+      reserved = l.reserved_after,
+      balance = l.balance - greatest(l.held - l.reserved_after, 0),
+      undrawn = l.undrawn - (l.held_expired - l.held),
+      held_expired = l.held - greatest(l.held - l.reserved_after, 0),
+      updated_at = now()
+    from locked as l
+    where a.user_id = l.user_id
+    returning a.user_id, a.balance, a.balance - a.reserved as available,
+      greatest(l.held - l.reserved_after, 0) as expired
+  )
+
+  select released.user_id, released.expired, released.balance, released.available
+  into v_user_id, v_expired, v_balance, v_available
+  from released;
+
+  if v_user_id is null then
     select * into v_first from billing.reservations as r where r.id = p_reservation_id;
     if not found then
       raise exception using
@@ -4660,26 +4695,6 @@ begin
     return;
   end if;
 
-  -- Lift the hold; the held tokens whose bucket expired that the remaining holds do not cover
-  -- leave now, as an expiry entry. Read under the lock first, then write what was read.
-  select
-    least(a.held_expired, greatest(a.balance, 0)),
-    greatest(least(a.held_expired, greatest(a.balance, 0)) - (a.reserved - v_reserved), 0)
-  into v_held_expired, v_expired
-  from billing.accounts as a
-  where a.user_id = v_user_id
-  for no key update;
-
-  update billing.accounts as a
-  set
-    reserved = a.reserved - v_reserved,
-    balance = a.balance - v_expired,
-    undrawn = a.undrawn - (a.held_expired - v_held_expired),
-    held_expired = v_held_expired - v_expired,
-    updated_at = now()
-  where a.user_id = v_user_id
-  returning a.balance, a.balance - a.reserved into v_balance, v_available;
-
   if v_expired > 0 then
     insert into billing.ledger_entries (
       user_id, amount, balance_after, kind, idempotency_key, description, metadata
@@ -4690,7 +4705,9 @@ begin
     );
   end if;
 
-  return query select 'applied'::text, v_available;
+  status := 'applied';
+  available := v_available;
+  return next;
 end;
 $$;
 
@@ -7423,8 +7440,7 @@ $tb_migration_20261202300000$;
 --     accounts_valid this replaces); subscription_status a foreign key to
 --     billing.subscription_statuses, which Postgres checks only when the status changes (never
 --     on a balance update).
---   * billing.ledger_entries: one CHECK holding the sign rule (debit kinds negative, every other
---     entry positive), the key length and a metadata object.
+--   * billing.ledger_entries: one CHECK, no entry of 0 (see below for why no more).
 -- What a CHECK no longer holds is a per-writer rule: each token-billing function writes only
 -- known kinds, and only the keys of its own namespace (signup:, expiry:, reservation:,
 -- stripe:) on the entries they describe (add_tokens, deduct_tokens and deduct_tokens_batch
@@ -7471,19 +7487,18 @@ drop function if exists billing.account_is_valid(bigint, bigint, text);
 
 alter table billing.ledger_entries
 drop constraint if exists ledger_entries_valid,
--- One constraint: Postgres 15 prepares each CHECK of a table for every statement that writes it.
-add constraint ledger_entries_shape check (
-  amount <> 0
-  and (amount < 0) = (kind in ('usage', 'expiry', 'clawback', 'dispute'))
-  and length(idempotency_key) between 1 and 255
-  and jsonb_typeof(metadata) = 'object'
-);
+-- Postgres 15 parses and plans each CHECK of a table again for every statement that writes it
+-- (ExecRelCheck), and every debit writes this table: a CHECK with text constants and function
+-- calls was the costliest part of a debit (bench/results/history.md). So the CHECK keeps what
+-- is cheap, and the sign rule, the key length and the metadata type are the
+-- writers' (each writes one kind with its sign, checks keys and metadata of callers), reported
+-- by billing.check_invariants().
+add constraint ledger_entries_shape check (amount <> 0);
 
 comment on constraint ledger_entries_shape on billing.ledger_entries is
-'Debits (usage, expiry, clawback, dispute) negative, every other entry (credits, among them '
-'clawback_reversed) positive; a key of 1..255 '
-'characters; metadata an object. Known kinds and key namespaces are the writers'' rules, '
-'reported by billing.check_invariants().';
+'No entry of 0. The sign of each kind (usage, expiry, clawback, dispute negative; every other '
+'positive), a key of 1..255 characters, metadata an object, known kinds and key namespaces '
+'are the writers'' rules, reported by billing.check_invariants().';
 
 drop function if exists billing.ledger_entry_is_valid(text, bigint, text, uuid, jsonb);
 
@@ -8053,7 +8068,18 @@ as $$
   from chain as c
   where c.balance_after <> c.running
   union all
-  -- The writers' rules (20261202400000_plain_checks.sql): known kinds, and keys in
+  select
+    e.user_id,
+    format('entry %s: %s %s has the wrong sign, a key of %s characters or metadata of type %s',
+      e.id, e.kind, e.amount, length(e.idempotency_key), jsonb_typeof(e.metadata)),
+    null, null
+  from billing.ledger_entries as e
+  where (e.amount < 0) <> (e.kind in ('usage', 'expiry', 'clawback', 'dispute'))
+    or length(e.idempotency_key) not between 1 and 255
+    or jsonb_typeof(e.metadata) is distinct from 'object'
+  union all
+  -- The writers' rules (20261202400000_plain_checks.sql): the sign of each kind, a key of
+  -- 1..255 characters, metadata an object, known kinds, and keys in
   -- token-billing's own namespaces only on the entries they describe.
   select e.user_id, format('entry %s: kind %s is not a known kind', e.id, e.kind), null, null
   from billing.ledger_entries as e
@@ -8090,7 +8116,8 @@ comment on function billing.check_invariants() is
 'reserved equals pending reservations, buckets plus held_expired hold the positive balance, '
 'holds never exceed the tokens that back them (except in debt), held_expired is within '
 '0..reserved, usage and expiry never leave a balance below zero, balance_after chains, '
-'entries have known kinds and keys of token-billing''s namespaces only on their own entries.';
+'entries have the sign of their kind, a key of 1..255 characters, object metadata, known kinds '
+'and keys of token-billing''s namespaces only on their own entries.';
 
 revoke all on function billing.check_invariants() from public;
 

@@ -308,19 +308,54 @@ set search_path = ''
 as $$
 declare
   v_user_id uuid;
-  v_reserved bigint;
-  v_held_expired bigint;
   v_expired bigint;
   v_balance bigint;
   v_available bigint;
   v_first billing.reservations;
 begin
-  update billing.reservations as r
-  set status = 'released', resolved_at = now()
-  where r.id = p_reservation_id and r.status = 'pending'
-  returning r.user_id, r.amount into v_user_id, v_reserved;
+  -- One statement, as settle_reservation: resolve the reservation first (its row lock makes it
+  -- resolve once), then lock the account and lift the hold. Of the held tokens whose bucket
+  -- expired, what the remaining holds do not cover leaves now (its entry written below). The
+  -- new row is written from the row as locked, whole.
+  with resolved as (
+    update billing.reservations as r
+    set status = 'released', resolved_at = now()
+    where r.id = p_reservation_id and r.status = 'pending'
+    returning r.user_id, r.amount
+  ),
 
-  if not found then
+  locked as (
+    select
+      a.user_id,
+      a.balance,
+      a.undrawn,
+      a.held_expired,
+      a.reserved - resolved.amount as reserved_after,
+      least(a.held_expired, greatest(a.balance, 0)) as held
+    from billing.accounts as a
+    inner join resolved on a.user_id = resolved.user_id
+    for no key update of a
+  ),
+
+  released as (
+    update billing.accounts as a
+    set
+      reserved = l.reserved_after,
+      balance = l.balance - greatest(l.held - l.reserved_after, 0),
+      undrawn = l.undrawn - (l.held_expired - l.held),
+      held_expired = l.held - greatest(l.held - l.reserved_after, 0),
+      updated_at = now()
+    from locked as l
+    where a.user_id = l.user_id
+    returning a.user_id, a.balance, a.balance - a.reserved as available,
+      greatest(l.held - l.reserved_after, 0) as expired
+  )
+
+  select released.user_id, released.expired, released.balance, released.available
+  into v_user_id, v_expired, v_balance, v_available
+  from released;
+
+  if v_user_id is null then
     select * into v_first from billing.reservations as r where r.id = p_reservation_id;
     if not found then
       raise exception using
@@ -336,26 +371,6 @@ begin
     return;
   end if;
 
-  -- Lift the hold; the held tokens whose bucket expired that the remaining holds do not cover
-  -- leave now, as an expiry entry. Read under the lock first, then write what was read.
-  select
-    least(a.held_expired, greatest(a.balance, 0)),
-    greatest(least(a.held_expired, greatest(a.balance, 0)) - (a.reserved - v_reserved), 0)
-  into v_held_expired, v_expired
-  from billing.accounts as a
-  where a.user_id = v_user_id
-  for no key update;
-
-  update billing.accounts as a
-  set
-    reserved = a.reserved - v_reserved,
-    balance = a.balance - v_expired,
-    undrawn = a.undrawn - (a.held_expired - v_held_expired),
-    held_expired = v_held_expired - v_expired,
-    updated_at = now()
-  where a.user_id = v_user_id
-  returning a.balance, a.balance - a.reserved into v_balance, v_available;
-
   if v_expired > 0 then
     insert into billing.ledger_entries (
       user_id, amount, balance_after, kind, idempotency_key, description, metadata
@@ -366,7 +381,9 @@ begin
     );
   end if;
 
-  return query select 'applied'::text, v_available;
+  status := 'applied';
+  available := v_available;
+  return next;
 end;
 $$;
 

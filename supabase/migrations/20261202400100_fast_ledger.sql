@@ -556,7 +556,18 @@ as $$
   from chain as c
   where c.balance_after <> c.running
   union all
-  -- The writers' rules (20261202400000_plain_checks.sql): known kinds, and keys in
+  select
+    e.user_id,
+    format('entry %s: %s %s has the wrong sign, a key of %s characters or metadata of type %s',
+      e.id, e.kind, e.amount, length(e.idempotency_key), jsonb_typeof(e.metadata)),
+    null, null
+  from billing.ledger_entries as e
+  where (e.amount < 0) <> (e.kind in ('usage', 'expiry', 'clawback', 'dispute'))
+    or length(e.idempotency_key) not between 1 and 255
+    or jsonb_typeof(e.metadata) is distinct from 'object'
+  union all
+  -- The writers' rules (20261202400000_plain_checks.sql): the sign of each kind, a key of
+  -- 1..255 characters, metadata an object, known kinds, and keys in
   -- token-billing's own namespaces only on the entries they describe.
   select e.user_id, format('entry %s: kind %s is not a known kind', e.id, e.kind), null, null
   from billing.ledger_entries as e
@@ -593,7 +604,8 @@ comment on function billing.check_invariants() is
 'reserved equals pending reservations, buckets plus held_expired hold the positive balance, '
 'holds never exceed the tokens that back them (except in debt), held_expired is within '
 '0..reserved, usage and expiry never leave a balance below zero, balance_after chains, '
-'entries have known kinds and keys of token-billing''s namespaces only on their own entries.';
+'entries have the sign of their kind, a key of 1..255 characters, object metadata, known kinds '
+'and keys of token-billing''s namespaces only on their own entries.';
 
 revoke all on function billing.check_invariants() from public;
 

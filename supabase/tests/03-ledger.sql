@@ -1,7 +1,7 @@
 -- add_tokens and deduct_tokens: every status, idempotency, invalid input, bucket order, debt.
 begin;
 set local search_path = extensions, public;
-select plan(51);
+select plan(52);
 
 select tests.create_user('00000000-0000-0000-0000-00000000000c', 'c@example.com');
 select tests.create_user('00000000-0000-0000-0000-00000000000d', 'd@example.com');
@@ -292,8 +292,24 @@ select is_empty(
 );
 select throws_ok(
   $$insert into billing.ledger_entries (user_id, amount, balance_after, kind, idempotency_key)
-    values ('00000000-0000-0000-0000-00000000000d', 5, 5, 'usage', 'sign-check')$$,
-  '23514', null, 'the table should refuse a usage entry with a positive amount'
+    values ('00000000-0000-0000-0000-00000000000d', 0, 0, 'usage', 'zero-check')$$,
+  '23514', null, 'the table should refuse an entry of 0'
+);
+-- The sign of a kind is the writers' rule (no API role can write the table): an entry that broke
+-- it, written here as the owner, is reported by check_invariants. The block raises TBSEE
+-- once check_invariants reports the entry, which undoes the insert.
+select throws_ok(
+  $test$do $block$ begin
+    insert into billing.ledger_entries (user_id, amount, balance_after, kind, idempotency_key)
+    values ('00000000-0000-0000-0000-00000000000d', 5, 5, 'usage', 'sign-check');
+    if exists (
+      select 1 from billing.check_invariants() as i
+      where i.problem like 'entry % usage 5 has the wrong sign%'
+    ) then
+      raise exception using errcode = 'TBSEE', message = 'reported';
+    end if;
+  end $block$$test$,
+  'TBSEE', 'reported', 'check_invariants should report a usage entry with a positive amount'
 );
 select tests.invariants_hold('balances should equal entry sums, buckets the positive balance, after every case');
 select is(

@@ -1,7 +1,8 @@
 -- The plain CHECKs of the hot tables (20261202400000_plain_checks.sql,
 -- 20261202400300_plain_reservation_checks.sql) refuse what the function-backed ones refused,
--- nulls included; the kinds issue 13 added pass them and check_invariants(). Run as the owner:
--- no API role can write these tables.
+-- nulls included, but for the ledger's sign rule, which check_invariants() reports; the kinds
+-- issue 13 added pass them and check_invariants(). Run as the owner: no API role can write
+-- these tables.
 begin;
 set local search_path = extensions, public;
 select plan(11);
@@ -60,10 +61,20 @@ select throws_ok(
 );
 
 -- Ledger: clawback_reversed is a credit.
+-- The sign is the writers' rule; check_invariants reports an entry that breaks it. The block
+-- raises TBSEE once check_invariants reports the entry, which undoes the insert.
 select throws_ok(
-  $$insert into billing.ledger_entries (user_id, amount, balance_after, kind, idempotency_key)
-    values ('00000000-0000-0000-0000-0000000000d1', -5, 95, 'clawback_reversed', 'd1-cr-neg')$$,
-  '23514', null, 'a negative clawback_reversed entry should be refused'
+  $test$do $block$ begin
+    insert into billing.ledger_entries (user_id, amount, balance_after, kind, idempotency_key)
+    values ('00000000-0000-0000-0000-0000000000d1', -5, -5, 'clawback_reversed', 'd1-cr-neg');
+    if exists (
+      select 1 from billing.check_invariants() as i
+      where i.problem like 'entry % clawback_reversed -5 has the wrong sign%'
+    ) then
+      raise exception using errcode = 'TBSEE', message = 'reported';
+    end if;
+  end $block$$test$,
+  'TBSEE', 'reported', 'check_invariants should report a negative clawback_reversed entry'
 );
 select lives_ok(
   $$select * from billing.credit('00000000-0000-0000-0000-0000000000d1', 5,
