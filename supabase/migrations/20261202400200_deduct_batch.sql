@@ -12,11 +12,13 @@
 -- written). The common case is then one statement for the whole batch: it locks every account
 -- of the batch in ascending user_id order (the lock order of 20261202400100_fast_ledger.sql),
 -- debits each account whose available tokens cover all of its items once by their sum, and
--- inserts the items' entries in item order with their running balance_after. Should any of
--- those keys exist already (a retried item, a key given twice), that statement is rolled back
--- and every item runs one by one as deduct_tokens would. Items of the other accounts (funds
--- that do not cover the sum, no account) always run one by one, in ascending user_id and item
--- order, so each gets exactly the status deduct_tokens would give it at that point.
+-- inserts the items' entries in item order with their running balance_after: a plain insert,
+-- without the speculative insertion of `on conflict` on every row. Should any of those keys
+-- exist already (a retried item, a key given twice), the unique index refuses the statement,
+-- which is rolled back, and every item runs one by one as deduct_tokens would. Items of the
+-- other accounts (funds that do not cover the sum, no account) always run one by one, in
+-- ascending user_id and item order, so each gets exactly the status deduct_tokens would give
+-- it at that point.
 
 create function public.deduct_tokens_batch(p_items jsonb)
 returns table (item integer, status text, balance bigint, entry_id bigint)
@@ -138,7 +140,6 @@ begin
       from items as t
       inner join debited as d on t.user_id = d.user_id
       order by t.user_id, t.idx
-      on conflict (idempotency_key) do nothing
       returning ledger_entries.id, ledger_entries.user_id, ledger_entries.idempotency_key,
         ledger_entries.balance_after
     )
@@ -156,10 +157,10 @@ begin
       on e.user_id = t.user_id and e.idempotency_key = t.idempotency_key;
 
     if v_inserted <> v_expected then
-      -- A key existed already: undo this statement, and run every item one by one below.
+      -- Not every item of a covered account was written: undo, and run them one by one below.
       raise exception using errcode = 'TBRTY';
     end if;
-  exception when sqlstate 'TBRTY' then
+  exception when sqlstate 'TBRTY' or unique_violation then
     v_covered := null;
     v_items := null;
   end;
