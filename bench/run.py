@@ -280,7 +280,23 @@ def set_durability(cluster: PgCluster, durability: str) -> None:
 
 
 def seq_scans(cluster: PgCluster, dbname: str) -> dict[str, int]:
-    """Sequential scans so far of each bench table."""
+    """Sequential scans so far of each bench table, once the counters have settled.
+
+    A backend adds its counts to the shared statistics as it exits, after its client has
+    already disconnected: read at once, the bench's own bookkeeping (`entries_since`,
+    `check_invariants()`) and a run's last pgbench sessions showed up in the next job's count.
+    """
+    previous = _seq_scans_now(cluster, dbname)
+    for _ in range(20):
+        time.sleep(0.15)
+        current = _seq_scans_now(cluster, dbname)
+        if current == previous:
+            break
+        previous = current
+    return previous
+
+
+def _seq_scans_now(cluster: PgCluster, dbname: str) -> dict[str, int]:
     names = ", ".join(f"'{name}'" for name in BENCH_TABLES)
     out = cluster.psql(
         dbname,
