@@ -69,6 +69,9 @@
 --   20261202600300_revenue.sql
 --   20261202600400_payment_failures.sql
 --   20261202650000_usage_costs.sql
+--   20261202650100_margin.sql
+--   20261202650200_adjust_tokens.sql
+--   20261202650300_business_metrics.sql
 
 do $token_billing_install$
 declare
@@ -116,7 +119,10 @@ declare
     '20261202600200',
     '20261202600300',
     '20261202600400',
-    '20261202650000'
+    '20261202650000',
+    '20261202650100',
+    '20261202650200',
+    '20261202650300'
   ]::text[];
   -- Every public function any token-billing version created: on an upgrade these are ours.
   v_known constant text[] := array[
@@ -158,7 +164,12 @@ declare
     'public.token_flow_report(timestamptz, timestamptz, text)',
     'public.revenue_report(timestamptz, timestamptz, text, text)',
     'public.revenue_by_product(timestamptz, timestamptz, text)',
-    'public.payment_failure_report(timestamptz, timestamptz, text)'
+    'public.payment_failure_report(timestamptz, timestamptz, text)',
+    'public.margin_report(timestamptz, timestamptz, text, text, text)',
+    'public.check_margin_floor(timestamptz, text)',
+    'public.list_alerts(integer)',
+    'public.adjust_tokens(uuid, bigint, text, text, boolean, text)',
+    'public.business_metrics(interval)'
   ]::text[];
   -- The names of the public functions this version creates.
   v_names constant text[] := array[
@@ -200,7 +211,12 @@ declare
     'token_flow_report',
     'revenue_report',
     'revenue_by_product',
-    'payment_failure_report'
+    'payment_failure_report',
+    'margin_report',
+    'check_margin_floor',
+    'list_alerts',
+    'adjust_tokens',
+    'business_metrics'
   ]::text[];
   v_replace text := lower(coalesce(
     nullif(btrim(current_setting('token_billing.replace_conflicting', true)), ''), 'off'
@@ -11336,6 +11352,790 @@ comment on function public.record_usage(uuid, jsonb, text, uuid) is
 
 insert into billing.schema_migrations (version, name) values ('20261202650000', 'usage_costs');
 $tb_migration_20261202650000$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202650100_margin.sql
+  if v_installed is null or '20261202650100' <> all(v_installed) then
+    execute $tb_migration_20261202650100$
+-- Migration: margin (revenue attributed less the provider's cost) per user, plan and period, and
+-- the alert when a plan's margin falls under a floor.
+--
+-- Purpose: the guide's cost-per-user formula as a query. usage_records carry the provider's
+-- cost of each item (20261202650000_usage_costs.sql); Stripe's payments carry what users paid.
+-- margin_report puts them side by side for any period, per user, per plan or in total, and
+-- check_margin_floor writes an alert (billing.alerts, which the dashboard shows) for each plan
+-- whose margin in a period is under billing.settings.margin_floor_bp.
+-- Objects: columns billing.settings.cost_currency, margin_floor_bp; billing.alerts;
+--   public.margin_report(), public.check_margin_floor(), public.list_alerts().
+--
+-- The attribution rule, stated (cash basis, exact integers, no division but the last):
+--   revenue of a user in a period = what the user paid in it, net: payments at their paid_at,
+--     less refunds (unless failed or canceled) at their own Stripe time and lost disputes when
+--     lost, in the payment's currency: revenue_report's rule, per user. A pack bought in March
+--     and used in April is March's revenue and April's cost; over the months the sums agree.
+--   cost of a user in a period = the sum of usage_records.cost_microcents of the user's usage
+--     recorded in it (unknown costs count 0 and are counted in uncosted_records).
+--   the plan of a user in a period = the plan of the user's last usage record of the period
+--     (the account's plan when it was recorded), else the account's plan now; the user's revenue
+--     and cost of that period both count for it.
+--   currencies are never mixed: costs are in micro-cents of the cost currency
+--     (billing.settings.cost_currency, default usd); a user's cost counts in the currency of
+--     the user's latest payment before the period's end (the cost currency when there is none),
+--     and margin is computed only where that currency is the cost currency (null elsewhere:
+--     token-billing does not convert currencies).
+--   margin_microcents = revenue_cents x 10^6 - cost_microcents; margin_bp = margin / revenue x
+--     10000, rounded half away from zero; null without revenue.
+
+alter table billing.settings
+add column cost_currency text not null default 'usd',
+add column margin_floor_bp integer,
+add constraint settings_cost_currency_format check (cost_currency ~ '^[a-z]{3}$'),
+add constraint settings_margin_floor_bp_range check (margin_floor_bp between -1000000 and 10000);
+
+comment on column billing.settings.cost_currency is
+'The currency of the provider costs on prices and usage records (micro-cents of it), ISO code.';
+comment on column billing.settings.margin_floor_bp is
+'The least margin a plan should make in a period, in basis points of its revenue (2000: 20%); '
+'check_margin_floor alerts under it. Null: no margin alert.';
+
+create table billing.alerts (
+  id bigint generated always as identity primary key,
+  kind text not null,
+  subject text not null,
+  period_start timestamptz not null,
+  currency text not null,
+  detail jsonb not null default '{}',
+  created_at timestamptz not null default now(),
+  updated_at timestamptz not null default now(),
+  constraint alerts_kind_known check (kind in ('margin_below_floor')),
+  constraint alerts_once unique (kind, subject, period_start, currency)
+);
+
+create index alerts_created_at_idx on billing.alerts (created_at desc);
+
+comment on table billing.alerts is
+'Alerts for the operator (the dashboard lists them): one row per kind, subject, period and '
+'currency, raised again only by updating its detail. Written by check_margin_floor.';
+comment on column billing.alerts.id is 'Alert id.';
+comment on column billing.alerts.kind is 'margin_below_floor: a plan''s margin under billing.settings.margin_floor_bp.';
+comment on column billing.alerts.subject is 'What it is about (for margin_below_floor, the plan).';
+comment on column billing.alerts.period_start is 'The period it is about (its first instant).';
+comment on column billing.alerts.currency is 'The currency of its figures.';
+comment on column billing.alerts.detail is 'Its figures, e.g. revenue_cents, cost_microcents, margin_bp, floor_bp.';
+comment on column billing.alerts.created_at is 'When it was first raised.';
+comment on column billing.alerts.updated_at is 'When a check last found it (its detail is that check''s).';
+
+alter table billing.alerts enable row level security;
+-- No policy: service role only.
+revoke all on billing.alerts from public, anon, authenticated, service_role;
+grant select on billing.alerts to service_role;
+
+create function public.margin_report(
+  p_from timestamptz,
+  p_to timestamptz,
+  p_granularity text default 'month',
+  p_group_by text default 'plan',
+  p_currency text default null
+)
+returns table (
+  period_start timestamptz,
+  currency text,
+  plan text,
+  user_id uuid,
+  users bigint,
+  revenue_cents bigint,
+  cost_currency text,
+  cost_microcents bigint,
+  uncosted_records bigint,
+  tokens_used bigint,
+  margin_microcents bigint,
+  margin_bp bigint
+)
+language plpgsql stable
+security invoker
+-- Reports plan row counts they cannot know (a period, a history): JIT would compile for
+-- seconds to save milliseconds.
+set jit = off
+set search_path = ''
+as $$
+declare
+  v_cost_currency text;
+begin
+  if p_granularity is null or p_granularity not in ('day', 'week', 'month') then
+    raise exception 'p_granularity must be day, week or month, got %',
+      coalesce(quote_literal(p_granularity), 'null')
+      using errcode = '22023';
+  end if;
+  if p_group_by is null or p_group_by not in ('user', 'plan', 'total') then
+    raise exception 'p_group_by must be user, plan or total, got %',
+      coalesce(quote_literal(p_group_by), 'null')
+      using errcode = '22023';
+  end if;
+  if p_from is null or p_to is null or p_to <= p_from then
+    raise exception 'p_to must be later than p_from, got % .. %',
+      coalesce(p_from::text, 'null'), coalesce(p_to::text, 'null')
+      using errcode = '22023';
+  end if;
+  if p_to - p_from > interval '10 years' then
+    raise exception 'a report spans at most 10 years, got %', p_to - p_from
+      using errcode = '22023';
+  end if;
+  select s.cost_currency into v_cost_currency from billing.settings as s;
+  v_cost_currency := coalesce(v_cost_currency, 'usd');
+
+  return query
+  with money as (
+    -- What each user paid and was given back, at Stripe's time (revenue_report's rules).
+    select p.user_id as uid, p.paid_at as at, coalesce(lower(p.currency), v_cost_currency) as cur,
+      p.amount_paid_cents as cents
+    from billing.stripe_payments as p
+    where p.paid_at >= p_from and p.paid_at < p_to
+    union all
+    select p.user_id, coalesce(r.refund_created, r.created_at),
+      coalesce(lower(p.currency), v_cost_currency), -r.amount_cents
+    from billing.stripe_refunds as r
+    inner join billing.stripe_payments as p on p.id = r.payment_id
+    where coalesce(r.refund_created, r.created_at) >= p_from
+      and coalesce(r.refund_created, r.created_at) < p_to
+      and r.status is distinct from 'failed'
+      and r.status is distinct from 'canceled'
+    union all
+    select p.user_id, d.last_event_created, coalesce(lower(p.currency), v_cost_currency),
+      -d.amount_cents
+    from billing.stripe_disputes as d
+    inner join billing.stripe_payments as p on p.id = d.payment_id
+    where d.status = 'lost'
+      and d.last_event_created >= p_from and d.last_event_created < p_to
+  ),
+
+  revenue as (
+    select date_trunc(p_granularity, m.at, 'UTC') as t0, m.uid, m.cur, sum(m.cents) as cents
+    from money as m
+    group by 1, 2, 3
+  ),
+
+  usage as (
+    select
+      date_trunc(p_granularity, r.created_at, 'UTC') as t0,
+      r.user_id as uid,
+      sum(coalesce(r.cost_microcents, 0)) as cost,
+      count(*) filter (where r.cost_microcents is null) as uncosted,
+      sum(r.tokens) as tokens,
+      (array_agg(r.plan order by r.id desc) filter (where r.plan is not null))[1] as last_plan
+    from billing.usage_records as r
+    where r.created_at >= p_from and r.created_at < p_to
+    group by 1, 2
+  ),
+
+  used as (
+    -- A user's cost counts in the currency of the user's latest payment before the period's end.
+    select u.*, coalesce((
+      select coalesce(lower(p.currency), v_cost_currency)
+      from billing.stripe_payments as p
+      where p.user_id = u.uid
+        and p.paid_at < u.t0 + case p_granularity
+          when 'day' then interval '1 day' when 'week' then interval '1 week'
+          else interval '1 month' end
+      order by p.paid_at desc, p.id desc
+      limit 1
+    ), v_cost_currency) as cur
+    from usage as u
+  ),
+
+  per_user as (
+    select
+      coalesce(rv.t0, us.t0) as t0,
+      coalesce(rv.cur, us.cur) as cur,
+      coalesce(rv.uid, us.uid) as uid,
+      coalesce(rv.cents, 0) as cents,
+      coalesce(us.cost, 0) as cost,
+      coalesce(us.uncosted, 0) as uncosted,
+      coalesce(us.tokens, 0) as tokens
+    from revenue as rv
+    full join used as us on us.t0 = rv.t0 and us.uid = rv.uid and us.cur = rv.cur
+  ),
+
+  planned as (
+    select pu.*, coalesce(
+      (select us.last_plan from usage as us where us.t0 = pu.t0 and us.uid = pu.uid),
+      a.plan
+    ) as user_plan
+    from per_user as pu
+    left join billing.accounts as a on a.user_id = pu.uid
+    where p_currency is null or pu.cur = lower(p_currency)
+  ),
+
+  grouped as (
+    select
+      pl.t0,
+      pl.cur,
+      case when p_group_by <> 'total' then pl.user_plan end as g_plan,
+      case when p_group_by = 'user' then pl.uid end as g_user,
+      count(distinct pl.uid) as n_users,
+      sum(pl.cents) as cents,
+      sum(pl.cost) as cost,
+      sum(pl.uncosted) as uncosted,
+      sum(pl.tokens) as tokens
+    from planned as pl
+    group by 1, 2, 3, 4
+  )
+
+  select
+    g.t0,
+    g.cur,
+    g.g_plan,
+    g.g_user,
+    g.n_users,
+    g.cents::bigint,
+    v_cost_currency,
+    g.cost::bigint,
+    g.uncosted::bigint,
+    g.tokens::bigint,
+    case when g.cur = v_cost_currency then (g.cents * 1000000 - g.cost)::bigint end,
+    case when g.cur = v_cost_currency and g.cents > 0
+      then round((g.cents * 1000000 - g.cost) * 10000 / (g.cents * 1000000.0))::bigint
+    end
+  from grouped as g
+  order by g.t0, g.cur, g.g_plan nulls first, g.g_user nulls first;
+end;
+$$;
+
+comment on function public.margin_report(timestamptz, timestamptz, text, text, text) is
+'Revenue attributed and provider cost in [p_from, p_to) by period (day, week or month, UTC), '
+'currency and p_group_by (user, plan or total): users, net revenue in minor units, cost in '
+'micro-cents of cost_currency (uncosted_records: records without a cost), tokens used, margin '
+'(revenue x 10^6 - cost; null unless the currency is the cost currency) and margin_bp (margin / '
+'revenue in basis points, half away from zero). Cash basis; the rule is stated in '
+'20261202650100_margin.sql. Service role only.';
+
+revoke all on function public.margin_report(timestamptz, timestamptz, text, text, text)
+from public, anon, authenticated;
+grant execute on function public.margin_report(timestamptz, timestamptz, text, text, text)
+to service_role;
+
+create function public.check_margin_floor(
+  p_period_start timestamptz,
+  p_granularity text default 'month'
+)
+returns table (
+  plan text,
+  currency text,
+  revenue_cents bigint,
+  cost_microcents bigint,
+  margin_bp bigint,
+  floor_bp integer,
+  alert_id bigint
+)
+language plpgsql
+-- Definer: it writes billing.alerts, which service_role only reads.
+security definer
+set jit = off
+set search_path = ''
+as $$
+declare
+  v_floor integer;
+  v_cost_currency text;
+  v_start timestamptz;
+begin
+  if p_granularity is null or p_granularity not in ('day', 'week', 'month') then
+    raise exception 'p_granularity must be day, week or month, got %',
+      coalesce(quote_literal(p_granularity), 'null')
+      using errcode = '22023';
+  end if;
+  if p_period_start is null then
+    raise exception 'p_period_start must be a time in the period to check' using errcode = '22023';
+  end if;
+  select s.margin_floor_bp, s.cost_currency into v_floor, v_cost_currency from billing.settings as s;
+  if v_floor is null then
+    return;
+  end if;
+  v_start := date_trunc(p_granularity, p_period_start, 'UTC');
+
+  -- Plans with revenue in the period whose margin is under the floor (a plan without revenue,
+  -- the free plan say, has no margin to fall).
+  return query
+  with breaches as (
+    select m.plan, m.currency, m.revenue_cents, m.cost_microcents, m.margin_bp
+    from public.margin_report(
+      v_start,
+      v_start + case p_granularity
+        when 'day' then interval '1 day' when 'week' then interval '1 week'
+        else interval '1 month' end,
+      p_granularity, 'plan', v_cost_currency
+    ) as m
+    where m.revenue_cents > 0 and m.margin_bp < v_floor
+  ),
+
+  raised as (
+    insert into billing.alerts as al (kind, subject, period_start, currency, detail)
+    select
+      'margin_below_floor', coalesce(b.plan, '(none)'), v_start, b.currency,
+      jsonb_build_object(
+        'granularity', p_granularity, 'revenue_cents', b.revenue_cents,
+        'cost_microcents', b.cost_microcents, 'margin_bp', b.margin_bp, 'floor_bp', v_floor
+      )
+    from breaches as b
+    on conflict on constraint alerts_once
+    do update set detail = excluded.detail, updated_at = now()
+    returning al.id, al.subject
+  )
+
+  select b.plan, b.currency, b.revenue_cents, b.cost_microcents, b.margin_bp, v_floor, r.id
+  from breaches as b
+  inner join raised as r on r.subject = coalesce(b.plan, '(none)')
+  order by b.margin_bp, b.plan;
+end;
+$$;
+
+comment on function public.check_margin_floor(timestamptz, text) is
+'The plans whose margin in the period (day, week or month, UTC) containing p_period_start is '
+'under billing.settings.margin_floor_bp, in the cost currency, among plans with revenue; each is '
+'raised (or refreshed) as a margin_below_floor row of billing.alerts. No rows when no floor is '
+'set. Service role only; run it from cron (token-billing report margin --check-floor).';
+
+revoke all on function public.check_margin_floor(timestamptz, text) from public, anon, authenticated;
+grant execute on function public.check_margin_floor(timestamptz, text) to service_role;
+
+create function public.list_alerts(p_limit integer default 20)
+returns table (
+  id bigint,
+  kind text,
+  subject text,
+  period_start timestamptz,
+  currency text,
+  detail jsonb,
+  created_at timestamptz,
+  updated_at timestamptz
+)
+language plpgsql stable
+security invoker
+set search_path = ''
+as $$
+begin
+  if p_limit is null or p_limit not between 1 and 1000 then
+    raise exception 'p_limit must be 1..1000, got %', coalesce(p_limit::text, 'null')
+      using errcode = '22023';
+  end if;
+  return query
+  select a.id, a.kind, a.subject, a.period_start, a.currency, a.detail, a.created_at, a.updated_at
+  from billing.alerts as a
+  order by a.created_at desc, a.id desc
+  limit p_limit;
+end;
+$$;
+
+comment on function public.list_alerts(integer) is
+'The newest p_limit (1..1000) alerts of billing.alerts, newest first. Service role only.';
+
+revoke all on function public.list_alerts(integer) from public, anon, authenticated;
+grant execute on function public.list_alerts(integer) to service_role;
+
+insert into billing.schema_migrations (version, name) values ('20261202650100', 'margin');
+$tb_migration_20261202650100$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202650200_adjust_tokens.sql
+  if v_installed is null or '20261202650200' <> all(v_installed) then
+    execute $tb_migration_20261202650200$
+-- Migration: an operator's adjustment of a balance, with a reason, once per key.
+--
+-- Purpose: `token-billing adjust <user> <+-amount> --reason "..."` corrects a balance (a
+-- goodwill credit, a charge the service missed, a test grant taken back) as one `adjustment`
+-- ledger entry that says who did it and why, and that a repeated command never applies twice.
+-- A credit lands in a never-expiring bucket as add_tokens' do; a debit draws like usage and never
+-- takes available below zero, unless the operator allows debt (p_allow_debt): then the balance
+-- may go below zero, the hold rule of billing.check_invariants is waived for that account as it
+-- is after a clawback, and usage is refused until a credit brings it back.
+-- Objects: public.adjust_tokens(); redefines the ledger's CHECK ledger_entries_shape (an
+--   adjustment may be negative) and billing.check_invariants() (an adjustment that left the
+--   balance below zero is debt, as a clawback or a lost dispute is).
+
+-- The ledger's one CHECK (20261202400000_plain_checks.sql), with adjustments of either sign:
+-- an operator's debit is an adjustment too, not usage.
+alter table billing.ledger_entries
+drop constraint ledger_entries_shape,
+add constraint ledger_entries_shape check (
+  amount <> 0
+  and (kind = 'adjustment' or (amount < 0) = (kind in ('usage', 'expiry', 'clawback', 'dispute')))
+  and length(idempotency_key) between 1 and 255
+  and jsonb_typeof(metadata) = 'object'
+);
+
+comment on constraint ledger_entries_shape on billing.ledger_entries is
+'Debits (usage, expiry, clawback, dispute) negative, adjustments of either sign, every other '
+'entry (credits, among them clawback_reversed) positive; a key of 1..255 characters; metadata an '
+'object. Known kinds and key namespaces are the writers'' rules, reported by '
+'billing.check_invariants().';
+
+create function public.adjust_tokens(
+  p_user_id uuid,
+  p_amount bigint,
+  p_reason text,
+  p_idempotency_key text,
+  p_allow_debt boolean default false,
+  p_operator text default null
+) returns table (status text, balance bigint, entry_id bigint)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+declare
+  v_metadata jsonb;
+begin
+  if p_amount is null or p_amount = 0 or abs(p_amount) > 1000000000000000 then
+    raise exception using
+      errcode = '22023',
+      message = format('p_amount must be a non-zero integer within +-10^15 tokens, got %s',
+        coalesce(p_amount::text, 'null'));
+  end if;
+  if p_reason is null or length(btrim(p_reason)) not between 3 and 500 then
+    raise exception using
+      errcode = '22023',
+      message = 'p_reason must say why, in 3 to 500 characters';
+  end if;
+  if p_operator is not null and length(p_operator) > 200 then
+    raise exception using errcode = '22023', message = 'p_operator must be at most 200 characters';
+  end if;
+  if p_allow_debt is null then
+    raise exception using errcode = '22023', message = 'p_allow_debt must be true or false';
+  end if;
+  perform billing.require_caller_key('p_idempotency_key', p_idempotency_key);
+
+  v_metadata := jsonb_build_object('reason', btrim(p_reason), 'operator', p_operator);
+  if p_amount > 0 then
+    return query select * from billing.credit(
+      p_user_id, p_amount, p_idempotency_key, 'adjustment', btrim(p_reason), null, v_metadata);
+  else
+    return query select * from billing.debit(
+      p_user_id, -p_amount, p_idempotency_key, 'adjustment', btrim(p_reason),
+      v_metadata || jsonb_build_object('allow_debt', p_allow_debt), p_allow_debt);
+  end if;
+end;
+$$;
+
+comment on function public.adjust_tokens(uuid, bigint, text, text, boolean, text) is
+'An operator''s adjustment: p_amount tokens (positive: a credit into a never-expiring bucket; '
+'negative: a debit, never below available unless p_allow_debt) as one adjustment ledger entry '
+'whose description is the reason and whose metadata holds reason and operator. Statuses applied, '
+'duplicate (same key and amount), insufficient_funds, unknown_account; TBKEY for a key used '
+'otherwise; 22023 for a zero amount, a missing reason or key.';
+
+revoke all on function public.adjust_tokens(uuid, bigint, text, text, boolean, text)
+from public, anon, authenticated;
+grant execute on function public.adjust_tokens(uuid, bigint, text, text, boolean, text)
+to service_role;
+
+-- The invariants of 20261202400100_fast_ledger.sql, with debt from an adjustment.
+create or replace function billing.check_invariants() returns table (
+  user_id uuid, problem text, expected bigint, actual bigint
+)
+language sql stable
+set search_path = ''
+as $$
+  with entry_totals as (
+    select e.user_id, sum(e.amount)::bigint as total
+    from billing.ledger_entries as e
+    group by e.user_id
+  ),
+
+  pending_totals as (
+    select r.user_id, sum(r.amount)::bigint as total
+    from billing.reservations as r
+    where r.status = 'pending'
+    group by r.user_id
+  ),
+
+  bucket_totals as (
+    select b.user_id, sum(b.remaining)::bigint as total
+    from billing.credit_buckets as b
+    group by b.user_id
+  ),
+
+  debt_users as (
+    select distinct e.user_id
+    from billing.ledger_entries as e
+    where e.kind in ('clawback', 'dispute')
+      -- An operator's adjustment allowed into debt (public.adjust_tokens, p_allow_debt).
+      or (e.kind = 'adjustment' and e.amount < 0 and e.balance_after < 0)
+  ),
+
+  chain as (
+    select
+      e.user_id,
+      e.id,
+      e.balance_after,
+      sum(e.amount) over (partition by e.user_id order by e.id) as running
+    from billing.ledger_entries as e
+  )
+
+  select a.user_id, 'balance = sum(ledger_entries.amount)', coalesce(t.total, 0), a.balance
+  from billing.accounts as a
+  left join entry_totals as t on a.user_id = t.user_id
+  where a.balance <> coalesce(t.total, 0)
+  union all
+  select a.user_id, 'reserved = sum(pending reservations)', coalesce(p.total, 0), a.reserved
+  from billing.accounts as a
+  left join pending_totals as p on a.user_id = p.user_id
+  where a.reserved <> coalesce(p.total, 0)
+  union all
+  select
+    a.user_id,
+    'greatest(sum(buckets.remaining) - undrawn + held_expired, 0) = greatest(balance, 0)',
+    greatest(a.balance, 0), greatest(coalesce(b.total, 0) - a.undrawn + a.held_expired, 0)
+  from billing.accounts as a
+  left join bucket_totals as b on a.user_id = b.user_id
+  where greatest(coalesce(b.total, 0) - a.undrawn + a.held_expired, 0) <> greatest(a.balance, 0)
+  union all
+  -- Holds keep their tokens: what is held never exceeds the tokens of unexpired buckets plus
+  -- the held tokens whose bucket expired. Only debt (a clawback, a lost dispute) may break it.
+  select
+    a.user_id,
+    'reserved <= sum(buckets.remaining) - undrawn + held_expired (holds keep their tokens)',
+    coalesce(b.total, 0) - a.undrawn + a.held_expired, a.reserved
+  from billing.accounts as a
+  left join bucket_totals as b on a.user_id = b.user_id
+  where a.reserved > coalesce(b.total, 0) - a.undrawn + a.held_expired
+    and not exists (select 1 from debt_users as d where d.user_id = a.user_id)
+  union all
+  -- Also the accounts CHECK (accounts_row_valid); reported should it ever be dropped.
+  select
+    a.user_id, 'held_expired between 0 and reserved', a.reserved, a.held_expired
+  from billing.accounts as a
+  where a.held_expired < 0 or a.held_expired > a.reserved
+  union all
+  select
+    e.user_id, format('entry %s (%s) left the balance below zero', e.id, e.kind), 0,
+    e.balance_after
+  from billing.ledger_entries as e
+  where e.kind in ('usage', 'expiry') and e.balance_after < 0
+  union all
+  select e.user_id, format('entry %s without an account', e.id), null, null
+  from billing.ledger_entries as e
+  where not exists (select 1 from billing.accounts as a where a.user_id = e.user_id)
+  union all
+  select r.user_id, format('reservation %s without an account', r.id), null, null
+  from billing.reservations as r
+  where not exists (select 1 from billing.accounts as a where a.user_id = r.user_id)
+  union all
+  select c.user_id, format('entry %s: balance_after = running sum', c.id), c.running::bigint,
+    c.balance_after
+  from chain as c
+  where c.balance_after <> c.running
+  union all
+  -- The writers' rules (20261202400000_plain_checks.sql): known kinds, and keys in
+  -- token-billing's own namespaces only on the entries they describe.
+  select e.user_id, format('entry %s: kind %s is not a known kind', e.id, e.kind), null, null
+  from billing.ledger_entries as e
+  where e.kind not in (
+    'purchase', 'subscription', 'promotion', 'adjustment', 'refund', 'signup', 'dispute_won',
+    'clawback_reversed', 'usage', 'expiry', 'clawback', 'dispute'
+  )
+  union all
+  select
+    e.user_id,
+    format('entry %s: key %s is in token-billing''s namespace but not its entry', e.id,
+      e.idempotency_key),
+    null, null
+  from billing.ledger_entries as e
+  where (e.idempotency_key like 'signup:%' and e.kind <> 'signup')
+    or (e.idempotency_key like 'expiry:%' and e.kind <> 'expiry')
+    or (
+      e.idempotency_key like 'reservation:%'
+      and e.idempotency_key is distinct from 'reservation:' || e.reservation_id::text
+    )
+    or (
+      e.idempotency_key like 'stripe:%'
+      and not (
+        e.kind in (
+          'purchase', 'subscription', 'clawback', 'dispute', 'dispute_won', 'clawback_reversed'
+        )
+        and e.metadata ? 'stripe_event_id'
+      )
+    )
+$$;
+
+comment on function billing.check_invariants() is
+'One row per broken invariant (none when the books are sound): balances equal entry sums, '
+'reserved equals pending reservations, buckets plus held_expired hold the positive balance, '
+'holds never exceed the tokens that back them (except in debt: a clawback, a lost dispute or an '
+'adjustment allowed below zero), held_expired is within '
+'0..reserved, usage and expiry never leave a balance below zero, balance_after chains, '
+'entries have known kinds and keys of token-billing''s namespaces only on their own entries.';
+
+revoke all on function billing.check_invariants() from public;
+
+insert into billing.schema_migrations (version, name) values ('20261202650200', 'adjust_tokens');
+$tb_migration_20261202650200$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202650300_business_metrics.sql
+  if v_installed is null or '20261202650300' <> all(v_installed) then
+    execute $tb_migration_20261202650300$
+-- Migration: the business figures the service exports as Prometheus metrics, cheaply.
+--
+-- Purpose: GET /metrics shows active subscribers by plan, revenue by currency, tokens granted,
+-- used and expired, parked events, failed invoice payments and open alerts. The service asks
+-- public.business_metrics() at most once every METRICS_BUSINESS_SECONDS (60 by default) and
+-- serves the cached answer in between; the call itself never scans the ledger's history: the
+-- ledger's totals per kind are maintained in billing.ledger_totals, each call adding only the
+-- entries created since the last one (a BRIN range of billing.ledger_entries.created_at). The
+-- other figures read small tables (subscriptions, payments, refunds, disputes, alerts) or
+-- partial indexes (parked events, failed invoice payments).
+-- Objects: billing.ledger_totals, billing.metric_state, public.business_metrics().
+--
+-- The ledger's totals lag: they count entries created before now() - p_lag (default 10
+-- minutes), so that an entry of a transaction still open when the totals advanced (created_at is
+-- its transaction's start) is not skipped; an entry of a transaction open longer than the lag
+-- would be. The first call counts the whole history once.
+
+create table billing.ledger_totals (
+  kind text primary key,
+  entries bigint not null default 0,
+  credited bigint not null default 0,
+  debited bigint not null default 0,
+  constraint ledger_totals_not_negative check (entries >= 0 and credited >= 0 and debited >= 0)
+);
+
+comment on table billing.ledger_totals is
+'Per ledger kind: entries, tokens credited (positive amounts) and debited (negative amounts, as '
+'a positive number), of the entries created before billing.metric_state.ledger_through. '
+'Advanced only by public.business_metrics().';
+comment on column billing.ledger_totals.kind is 'The ledger kind.';
+comment on column billing.ledger_totals.entries is 'Entries of the kind counted.';
+comment on column billing.ledger_totals.credited is 'Sum of their positive amounts.';
+comment on column billing.ledger_totals.debited is 'Minus the sum of their negative amounts.';
+
+alter table billing.ledger_totals enable row level security;
+-- No policy: service role only.
+revoke all on billing.ledger_totals from public, anon, authenticated, service_role;
+grant select on billing.ledger_totals to service_role;
+
+create table billing.metric_state (
+  id boolean primary key default true,
+  ledger_through timestamptz not null default '-infinity',
+  refreshed_at timestamptz,
+  constraint metric_state_one_row check (id)
+);
+
+comment on table billing.metric_state is
+'One row: how far billing.ledger_totals counts (entries created before ledger_through) and when '
+'it last advanced. Its row lock serializes concurrent refreshes.';
+comment on column billing.metric_state.id is 'Always true: the table has exactly one row.';
+comment on column billing.metric_state.ledger_through is 'ledger_totals counts entries created before this.';
+comment on column billing.metric_state.refreshed_at is 'When ledger_totals last advanced.';
+
+alter table billing.metric_state enable row level security;
+-- No policy: service role only.
+revoke all on billing.metric_state from public, anon, authenticated, service_role;
+grant select on billing.metric_state to service_role;
+
+insert into billing.metric_state (id) values (true) on conflict (id) do nothing;
+
+create function public.business_metrics(p_lag interval default '10 minutes')
+returns table (metric text, labels jsonb, value bigint)
+language plpgsql
+-- Definer: it advances billing.ledger_totals, which service_role only reads.
+security definer
+set jit = off
+set search_path = ''
+as $$
+declare
+  v_through timestamptz;
+  v_to timestamptz;
+begin
+  if p_lag is null or p_lag < interval '0' or p_lag > interval '1 day' then
+    raise exception 'p_lag must be between 0 and 1 day, got %', coalesce(p_lag::text, 'null')
+      using errcode = '22023';
+  end if;
+  select s.ledger_through into v_through from billing.metric_state as s for update;
+  v_to := now() - p_lag;
+  if v_to > v_through then
+    insert into billing.ledger_totals as t (kind, entries, credited, debited)
+    select
+      e.kind, count(*),
+      coalesce(sum(e.amount) filter (where e.amount > 0), 0),
+      coalesce(-sum(e.amount) filter (where e.amount < 0), 0)
+    from billing.ledger_entries as e
+    where e.created_at >= v_through and e.created_at < v_to
+    group by e.kind
+    on conflict (kind) do update
+    set entries = t.entries + excluded.entries, credited = t.credited + excluded.credited,
+      debited = t.debited + excluded.debited;
+    update billing.metric_state set ledger_through = v_to, refreshed_at = now();
+    v_through := v_to;
+  end if;
+
+  return query
+  select 'token_billing_subscribers', jsonb_build_object('plan', s.product_code, 'status', s.status),
+    count(*)
+  from billing.subscriptions as s
+  where s.status in ('active', 'trialing', 'past_due')
+  group by s.product_code, s.status
+  union all
+  select 'token_billing_revenue_cents_total', jsonb_build_object('currency', r.cur), sum(r.cents)::bigint
+  from (
+    select lower(coalesce(p.currency, 'usd')) as cur, p.amount_paid_cents as cents
+    from billing.stripe_payments as p
+    union all
+    select lower(coalesce(p.currency, 'usd')), -r.amount_cents
+    from billing.stripe_refunds as r
+    inner join billing.stripe_payments as p on p.id = r.payment_id
+    where r.status is distinct from 'failed' and r.status is distinct from 'canceled'
+    union all
+    select lower(coalesce(p.currency, 'usd')), -d.amount_cents
+    from billing.stripe_disputes as d
+    inner join billing.stripe_payments as p on p.id = d.payment_id
+    where d.status = 'lost'
+  ) as r
+  group by r.cur
+  union all
+  select 'token_billing_tokens_granted_total', jsonb_build_object('kind', t.kind), t.credited
+  from billing.ledger_totals as t
+  where t.credited > 0
+  union all
+  select 'token_billing_tokens_used_total', '{}'::jsonb, coalesce((
+    select t.debited from billing.ledger_totals as t where t.kind = 'usage'), 0)
+  union all
+  select 'token_billing_tokens_expired_total', '{}'::jsonb, coalesce((
+    select t.debited from billing.ledger_totals as t where t.kind = 'expiry'), 0)
+  union all
+  select 'token_billing_tokens_taken_back_total', jsonb_build_object('kind', t.kind), t.debited
+  from billing.ledger_totals as t
+  where t.debited > 0 and t.kind not in ('usage', 'expiry')
+  union all
+  select 'token_billing_ledger_totals_through_timestamp_seconds', '{}'::jsonb,
+    greatest(extract(epoch from v_through), 0)::bigint
+  union all
+  select 'token_billing_stripe_events_parked', '{}'::jsonb, count(*)
+  from billing.stripe_events as e
+  where e.status = 'parked'
+  union all
+  select 'token_billing_invoice_payment_failures_total', '{}'::jsonb, count(*)
+  from billing.stripe_events as e
+  where e.type = 'invoice.payment_failed'
+  union all
+  select 'token_billing_alerts', jsonb_build_object('kind', a.kind), count(*)
+  from billing.alerts as a
+  group by a.kind;
+end;
+$$;
+
+comment on function public.business_metrics(interval) is
+'The business figures of GET /metrics, one row per metric and label set: active subscribers by '
+'plan and status, net revenue by currency (minor units, all time), tokens granted by kind, used, '
+'expired and taken back by kind (billing.ledger_totals, advanced to now() - p_lag first), the '
+'time the ledger totals count up to, parked events, failed invoice payments and alerts by kind. '
+'Service role only; the service caches the answer.';
+
+revoke all on function public.business_metrics(interval) from public, anon, authenticated;
+grant execute on function public.business_metrics(interval) to service_role;
+
+insert into billing.schema_migrations (version, name) values ('20261202650300', 'business_metrics');
+$tb_migration_20261202650300$;
     v_applied := v_applied + 1;
   end if;
 
