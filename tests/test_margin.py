@@ -173,8 +173,8 @@ def expected_margin(
 
     grouped: dict[tuple[Any, ...], list[Any]] = {}
     for (t0, currency, user), (cents, cost, uncosted, tokens) in rows.items():
-        u = used.get((t0, user))
-        plan = u[3] if u is not None else history["final_plan"][user]
+        found = used.get((t0, user))
+        plan = found[3] if found is not None else history["final_plan"][user]
         key = (t0, currency, plan if group != "total" else None, user if group == "user" else None)
         g = grouped.setdefault(key, [set(), 0, 0, 0, 0])
         g[0].add(user)
