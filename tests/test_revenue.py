@@ -125,6 +125,21 @@ def test_mrr_report_should_match_the_generated_history_exactly(db: Database) -> 
     assert len(changes) > 900, "the history should be long enough to mean something"
     assert sum(1 for c in changes if c.event["type"].endswith("deleted")) > 50
     assert [tuple(r) for r in got] == want
+    # The lifetimes the report narrows by are what the states say, whatever the delivery order.
+    assert (
+        scalar(
+            db,
+            "select count(*) from billing.subscription_lifetimes as l "
+            "full join (select distinct on (subscription_id) subscription_id, "
+            "min(at) over (partition by subscription_id) as first_at, at, mrr_cents "
+            "from billing.subscription_states "
+            "order by subscription_id, at desc, status_rank desc, event_id desc) as s "
+            "using (subscription_id) "
+            "where l.first_at is distinct from s.first_at or l.last_at is distinct from s.at "
+            "or l.last_mrr_cents is distinct from s.mrr_cents",
+        )
+        == 0
+    )
     # Movements explain MRR: start + new + expansion - contraction - churned = end.
     for r in want:
         assert r[2] + r[4] + r[5] - r[6] - r[7] == r[3]

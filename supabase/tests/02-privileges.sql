@@ -2,7 +2,7 @@
 -- the row and as another user) and service_role. Privileges before behaviour.
 begin;
 set local search_path = extensions, public;
-select plan(112);
+select plan(115);
 
 -- Two users: A owns the rows under test, B is another signed-in user.
 select tests.create_user('00000000-0000-0000-0000-00000000000a', 'a@example.com');
@@ -547,6 +547,19 @@ select table_privs_are(
 select table_privs_are(
   'billing', 'metric_state', 'authenticated', array[]::text[],
   'authenticated should have no privilege on billing.metric_state'
+);
+
+select table_privs_are(
+  'billing', 'subscription_lifetimes', 'service_role', array['SELECT'],
+  'service_role should only read billing.subscription_lifetimes'
+);
+select table_privs_are(
+  'billing', 'subscription_lifetimes', 'anon', array[]::text[],
+  'anon should have no privilege on billing.subscription_lifetimes'
+);
+select table_privs_are(
+  'billing', 'subscription_lifetimes', 'authenticated', array[]::text[],
+  'authenticated should have no privilege on billing.subscription_lifetimes'
 );
 
 -- Even the owner cannot edit the ledger: append-only for every role.
