@@ -18,9 +18,7 @@ create table billing.subscription_lifetimes (
   last_rank smallint not null,
   last_event_id text not null,
   last_mrr_cents bigint not null,
-  zero_since timestamptz generated always as (
-    case when last_mrr_cents = 0 then last_at end
-  ) stored
+  zero_since timestamptz
 );
 
 create index subscription_lifetimes_first_at_idx on billing.subscription_lifetimes (first_at);
@@ -53,9 +51,12 @@ begin
   -- The upsert waits on (and then reads) the row a concurrent state of the same subscription
   -- wrote: the latest state wins whatever the order of storage.
   insert into billing.subscription_lifetimes as l (
-    subscription_id, first_at, last_at, last_rank, last_event_id, last_mrr_cents
+    subscription_id, first_at, last_at, last_rank, last_event_id, last_mrr_cents, zero_since
   )
-  values (new.subscription_id, new.at, new.at, new.status_rank, new.event_id, new.mrr_cents)
+  values (
+    new.subscription_id, new.at, new.at, new.status_rank, new.event_id, new.mrr_cents,
+    case when new.mrr_cents = 0 then new.at end
+  )
   on conflict (subscription_id) do update
   set
     first_at = least(l.first_at, excluded.first_at),
@@ -68,7 +69,10 @@ begin
       else l.last_event_id end,
     last_mrr_cents = case when (excluded.last_at, excluded.last_rank, excluded.last_event_id)
       > (l.last_at, l.last_rank, l.last_event_id) then excluded.last_mrr_cents
-      else l.last_mrr_cents end;
+      else l.last_mrr_cents end,
+    zero_since = case when (excluded.last_at, excluded.last_rank, excluded.last_event_id)
+      > (l.last_at, l.last_rank, l.last_event_id) then excluded.zero_since
+      else l.zero_since end;
   return null;
 end;
 $$;
@@ -84,7 +88,7 @@ for each row execute function billing.tg_subscription_states__lifetime();
 
 -- The subscriptions stored before this migration.
 insert into billing.subscription_lifetimes (
-  subscription_id, first_at, last_at, last_rank, last_event_id, last_mrr_cents
+  subscription_id, first_at, last_at, last_rank, last_event_id, last_mrr_cents, zero_since
 )
 select distinct on (st.subscription_id)
   st.subscription_id,
@@ -92,7 +96,8 @@ select distinct on (st.subscription_id)
   st.at,
   st.status_rank,
   st.event_id,
-  st.mrr_cents
+  st.mrr_cents,
+  case when st.mrr_cents = 0 then st.at end as zero_since
 from billing.subscription_states as st
 order by st.subscription_id asc, st.at desc, st.status_rank desc, st.event_id desc;
 
