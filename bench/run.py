@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import coalesced, report, stripe
+from bench import coalesced, report, reports, stripe
 from bench.pgbench import Run, init_tpcb, run_script
 from bench.report import Row
 from scripts.pgcluster import OWNER, ROOT, PgCluster, build_template, temporary_cluster
@@ -62,6 +62,7 @@ class Options:
     skip_scaling: bool
     skip_webhooks: bool
     profile: bool
+    scaling_only: bool = False
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -87,6 +88,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--skip-scaling", action="store_true", help="no 10^5/10^7 ledger run")
     parser.add_argument("--skip-webhooks", action="store_true", help="no HTTP webhook run")
     parser.add_argument(
+        "--scaling-only",
+        action="store_true",
+        help="only the 10^5/10^7 ledger rows (deduct latency, the revenue and MRR reports)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="load pg_stat_statements (track=all) and print the costliest statements; "
@@ -102,6 +108,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         skip_scaling=ns.skip_scaling,
         skip_webhooks=ns.skip_webhooks,
         profile=ns.profile,
+        scaling_only=ns.scaling_only,
     )
 
 
@@ -596,6 +603,11 @@ def scaling_rows(cluster: PgCluster, opts: Options) -> tuple[list[Row], list[str
             file=BENCH / "sql" / "history.sql",
             extra=["-v", f"users={max(1, size // per_user)}", "-v", f"per_user={per_user}"],
         )
+        cluster.psql(
+            dbname,
+            file=BENCH / "sql" / "revenue_history.sql",
+            extra=["-v", f"users={max(1, size // per_user)}"],
+        )
         elapsed = time.monotonic() - started
         counts[name] = int(cluster.psql(dbname, "select count(*) from billing.ledger_entries"))
         notes.append(
@@ -642,6 +654,11 @@ def scaling_rows(cluster: PgCluster, opts: Options) -> tuple[list[Row], list[str
             [run.p99_ms for run in runs["small"]],
         ),
     ]
+    report_figures, plans = reports.report_rows(
+        cluster, SCALE_DBS, {"small": small, "large": large}, opts.rounds
+    )
+    rows += report_figures
+    notes += plans
     for name in ("small", "large"):
         cluster.drop_database(SCALE_DBS[name])
     return rows, notes
@@ -733,6 +750,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if opts.profile:
             cluster.psql(MAIN_DB, "create extension if not exists pg_stat_statements")
+        if opts.scaling_only:
+            scale_rows, scale_notes = scaling_rows(cluster, opts)
+            elapsed = time.monotonic() - started
+            text = render(scale_rows, notes + scale_notes, opts, cluster, elapsed)
+            print(text)
+            opts.output.parent.mkdir(parents=True, exist_ok=True)
+            opts.output.write_text(text)
+            log(f"wrote {opts.output}")
+            return 0
         outcome = run_rounds(cluster, opts, with_stripe)
         runs = outcome.runs
         rows += throughput_rows(runs, with_stripe)

@@ -68,6 +68,11 @@
 --   20261202600200_mrr.sql
 --   20261202600300_revenue.sql
 --   20261202600400_payment_failures.sql
+--   20261202650000_usage_costs.sql
+--   20261202650100_margin.sql
+--   20261202650200_adjust_tokens.sql
+--   20261202650300_business_metrics.sql
+--   20261202650400_mrr_lifetimes.sql
 
 do $token_billing_install$
 declare
@@ -114,7 +119,12 @@ declare
     '20261202600100',
     '20261202600200',
     '20261202600300',
-    '20261202600400'
+    '20261202600400',
+    '20261202650000',
+    '20261202650100',
+    '20261202650200',
+    '20261202650300',
+    '20261202650400'
   ]::text[];
   -- Every public function any token-billing version created: on an upgrade these are ours.
   v_known constant text[] := array[
@@ -156,7 +166,12 @@ declare
     'public.token_flow_report(timestamptz, timestamptz, text)',
     'public.revenue_report(timestamptz, timestamptz, text, text)',
     'public.revenue_by_product(timestamptz, timestamptz, text)',
-    'public.payment_failure_report(timestamptz, timestamptz, text)'
+    'public.payment_failure_report(timestamptz, timestamptz, text)',
+    'public.margin_report(timestamptz, timestamptz, text, text, text)',
+    'public.check_margin_floor(timestamptz, text)',
+    'public.list_alerts(integer)',
+    'public.adjust_tokens(uuid, bigint, text, text, boolean, text)',
+    'public.business_metrics(interval)'
   ]::text[];
   -- The names of the public functions this version creates.
   v_names constant text[] := array[
@@ -198,7 +213,12 @@ declare
     'token_flow_report',
     'revenue_report',
     'revenue_by_product',
-    'payment_failure_report'
+    'payment_failure_report',
+    'margin_report',
+    'check_margin_floor',
+    'list_alerts',
+    'adjust_tokens',
+    'business_metrics'
   ]::text[];
   v_replace text := lower(coalesce(
     nullif(btrim(current_setting('token_billing.replace_conflicting', true)), ''), 'off'
@@ -10748,6 +10768,1670 @@ to service_role;
 
 insert into billing.schema_migrations (version, name) values ('20261202600400', 'payment_failures');
 $tb_migration_20261202600400$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202650000_usage_costs.sql
+  if v_installed is null or '20261202650000' <> all(v_installed) then
+    execute $tb_migration_20261202650000$
+-- Migration: the provider's cost of usage, on the usage record; record_usage in one statement.
+--
+-- Purpose: margin (what a user, a plan, a period earned less what its usage cost the provider)
+-- needs the cost of each call next to its price. A price may carry the provider's cost rate
+-- alongside its token rate (cost_amount micro-cents per cost_divisor units of the meter), or the
+-- caller passes an item's cost itself (`cost_microcents`, e.g. from the model provider's
+-- response); the usage record keeps it (null: unknown), and the plan the account was on.
+-- record_usage is rewritten so the common call (a deduct, no hold) charges in ONE statement, as
+-- deduct_tokens does (20261202400100_fast_ledger.sql): the account's debit with the funds
+-- predicate, the ledger entry `on conflict do nothing`, the usage records and, for accumulating
+-- prices, the period totals, in one data-modifying CTE. Anything else (a hold, a call that costs
+-- nothing, a retried key, no funds, no account, a race) takes the careful path, the previous
+-- definition's logic.
+-- Objects: columns billing.prices.cost_amount, cost_divisor; billing.usage_records.cost_microcents,
+--   plan; index usage_records_created_at_brin; redefines billing.price_items() (drop and create:
+--   two more out arrays), public.quote_usage() (items carry cost_microcents),
+--   public.record_usage().
+--
+-- Units and rounding: cost is in micro-cents (10^-6 of the minor unit) of the cost currency
+-- (billing.settings.cost_currency, default usd: $1 = 10^8 micro-cents). An item's cost from the
+-- rate card is ceil(quantity * cost_amount / cost_divisor): rounded up once per item (a cost is
+-- never understated), linear in the item's own quantity (costs do not accumulate over a period
+-- as graduated token prices do). A customer's override price carries the cost columns of its
+-- own row. The caller's cost_microcents wins over the rate card's.
+--
+-- The fast path and the lock order: with a price that accumulates (graduated, or rounded per
+-- period) pricing reads the period's running total; the fast path reads it without the account
+-- lock, then takes the lock and checks the totals it priced from are still the totals (they
+-- change only under that lock), pricing again under the lock when they are not. Prices that do
+-- not accumulate take no lock before the debit statement, which locks the account as it
+-- updates it. A key found used (a retry, a concurrent twin) undoes the fast path's debit (nobody
+-- saw it: we hold the lock) and answers through the careful path.
+
+alter table billing.prices
+add column cost_amount bigint,
+add column cost_divisor bigint not null default 1,
+add constraint prices_cost_valid check (
+  (cost_amount is null or cost_amount between 0 and 1000000000000)
+  and cost_divisor between 1 and 1000000000
+);
+
+comment on column billing.prices.cost_amount is
+'The provider''s cost of cost_divisor units of the meter, in micro-cents of the cost currency '
+'(billing.settings.cost_currency); null: the rate card does not know the cost.';
+comment on column billing.prices.cost_divisor is
+'Divides cost_amount: 250 / 1000000 is 250 micro-cents per 1M units. An item''s cost is rounded '
+'up once, to a whole micro-cent.';
+
+alter table billing.usage_records
+add column cost_microcents bigint,
+add column plan text,
+drop constraint usage_records_amounts,
+-- One constraint, for the reason given at billing.ledger_entries' ledger_entries_shape.
+add constraint usage_records_amounts check (
+  quantity >= 0 and tokens >= 0 and line >= 1 and (cost_microcents is null or cost_microcents >= 0)
+);
+
+comment on column billing.usage_records.cost_microcents is
+'What the item cost the provider, in micro-cents of the cost currency: the caller''s figure or '
+'the price''s cost rate (rounded up); null when neither was known.';
+comment on column billing.usage_records.plan is
+'The plan of the account (billing.accounts.plan) when the usage was recorded; null for records '
+'written before 20261202650000.';
+
+-- Margin and cost reports read usage by period, not by user: the table is append-only, so a
+-- BRIN index on created_at stays small and exact enough.
+create index usage_records_created_at_brin on billing.usage_records
+using brin (created_at) with (pages_per_range = 32);
+
+drop function billing.price_items(uuid, jsonb, timestamptz);
+
+create function billing.price_items(
+  p_user_id uuid,
+  p_items jsonb,
+  p_as_of timestamptz,
+  out meter_codes text[],
+  out quantities bigint[],
+  out dimensions jsonb[],
+  out dimension_values text[],
+  out price_ids bigint[],
+  out percents_off integer[],
+  out tokens bigint[],
+  out accumulates boolean[],
+  out period_start timestamptz,
+  out costs bigint[],
+  out period_used bigint[]
+)
+language plpgsql stable
+set search_path = ''
+as $$
+declare
+  v_item jsonb;
+  v_dimensions jsonb;
+  v_dimension record;
+  v_value text;
+  v_found record;
+  v_price billing.prices;
+  v_used numeric;
+  v_before numeric;
+  v_after numeric;
+  v_charge numeric;
+  -- Quantities of earlier items of this call, per meter and dimension value.
+  v_in_call jsonb := '{}'::jsonb;
+  v_key text;
+  -- F at each quantity asked for (the period's total before and after, or the item's own).
+  v_quantities numeric [];
+  v_rated numeric [];
+  v_q numeric;
+  v_tier jsonb;
+  v_lower numeric;
+  v_upper numeric;
+  v_units numeric;
+  v_flat numeric;
+  v_in_tier numeric;
+  v_f numeric;
+  v_cost bigint;
+begin
+  if p_items is null or jsonb_typeof(p_items) <> 'array' or jsonb_array_length(p_items) = 0
+    or jsonb_array_length(p_items) > 100 then
+    raise exception using
+      errcode = '22023',
+      message = 'p_items must be a JSON array of 1 to 100 items {meter, quantity, dimensions}';
+  end if;
+  for i in 0 .. jsonb_array_length(p_items) - 1 loop
+    v_item := p_items -> i;
+    if jsonb_typeof(v_item) is distinct from 'object'
+      or jsonb_typeof(v_item -> 'meter') is distinct from 'string'
+      or jsonb_typeof(v_item -> 'quantity') is distinct from 'number'
+      or (v_item ->> 'quantity')::numeric <> trunc((v_item ->> 'quantity')::numeric)
+      or (v_item ->> 'quantity')::numeric not between 0 and 1000000000000
+      or coalesce(jsonb_typeof(v_item -> 'dimensions'), 'object') not in ('object', 'null') then
+      raise exception using
+        errcode = '22023',
+        message = format(
+          'p_items[%s] must be {"meter": text, "quantity": an integer 0..10^12, "dimensions": {...}}', i);
+    end if;
+    if v_item ? 'cost_microcents' and (
+      jsonb_typeof(v_item -> 'cost_microcents') is distinct from 'number'
+      or (v_item ->> 'cost_microcents')::numeric <> trunc((v_item ->> 'cost_microcents')::numeric)
+      or (v_item ->> 'cost_microcents')::numeric not between 0 and 1000000000000000) then
+      raise exception using
+        errcode = '22023',
+        message = format('p_items[%s].cost_microcents must be an integer 0..10^15 (the provider''s cost)', i);
+    end if;
+    v_dimensions := coalesce(nullif(v_item -> 'dimensions', 'null'), '{}');
+    if v_dimensions <> '{}' then
+      for v_dimension in select * from jsonb_each(v_dimensions) loop
+        if jsonb_typeof(v_dimension.value) <> 'string' or length(v_dimension.value #>> '{}') > 200
+          or length(v_dimension.key) > 64 then
+          raise exception using
+            errcode = '22023',
+            message = format('p_items[%s].dimensions.%s must be a text of at most 200 characters',
+              i, left(v_dimension.key, 64));
+        end if;
+      end loop;
+    end if;
+
+    -- One query: the meter, the user's term for it, and the price (override or list version).
+    select
+      m.code, coalesce(v_dimensions ->> m.dimension, '') as dimension_value, m.dimension,
+      t.percent_off, t.override_price_id, coalesce(o, l.price) as price
+    into v_found
+    from billing.meters as m
+    left join lateral (
+      select ct.percent_off, ct.override_price_id
+      from billing.customer_terms as ct
+      where ct.user_id = p_user_id
+        and (ct.meter_code = m.code or ct.meter_code is null)
+        and ct.valid_from <= p_as_of and (ct.valid_until is null or p_as_of < ct.valid_until)
+      order by ct.meter_code is null, ct.valid_from desc, ct.id desc
+      limit 1
+    ) as t on true
+    left join billing.prices as o on o.id = t.override_price_id
+    left join lateral (
+      select lp as price
+      from billing.prices as lp
+      where t.override_price_id is null and lp.meter_code = m.code and not lp.custom
+        and lp.dimension_value in (coalesce(v_dimensions ->> m.dimension, ''), '*')
+        and lp.effective_from <= p_as_of
+      order by lp.dimension_value = '*', lp.effective_from desc, lp.id desc
+      limit 1
+    ) as l on true
+    where m.code = v_item ->> 'meter';
+    if v_found.code is null then
+      raise exception using
+        errcode = '22023',
+        message = format('p_items[%s].meter: unknown meter %L', i, v_item ->> 'meter');
+    end if;
+    v_price := v_found.price;
+    v_value := v_found.dimension_value;
+    if v_price.id is null then
+      raise exception using
+        errcode = 'TBPRC',
+        message = format('meter %s has no price for %s at %s', v_found.code,
+          coalesce(v_found.dimension || ' = ' || quote_literal(v_value), 'its usage'), p_as_of);
+    end if;
+
+    if v_price.scheme = 'graduated' or v_price.unit_divisor > 1 or v_price.package_size > 1 then
+      -- Accumulating: what this period used before, so the call pays its share of F exactly.
+      if period_start is null then
+        select coalesce(s.current_period_start, date_trunc('month', p_as_of, 'UTC')) into period_start
+        from (select 1) as one
+        left join lateral (
+          select sub.current_period_start
+          from billing.subscriptions as sub
+          where sub.user_id = p_user_id
+            and sub.status in ('active', 'trialing', 'past_due')
+            and sub.current_period_start <= p_as_of and p_as_of < sub.current_period_end
+          order by sub.current_period_start desc
+          limit 1
+        ) as s on true;
+      end if;
+      v_key := v_found.code || '/' || v_value;
+      select coalesce(max(t.quantity), 0) into v_used
+      from billing.usage_totals as t
+      where t.user_id = p_user_id and t.meter_code = v_found.code and t.dimension_value = v_value
+        and t.period_start = price_items.period_start;
+      accumulates := accumulates || true;
+      period_used := period_used || v_used::bigint;
+      v_before := v_used + coalesce((v_in_call ->> v_key)::numeric, 0);
+      v_after := v_before + (v_item ->> 'quantity')::numeric;
+      v_in_call := v_in_call || jsonb_build_object(v_key, v_after - v_used);
+      v_quantities := array[v_before, v_after];
+    else
+      accumulates := accumulates || false;
+      period_used := period_used || null::bigint;
+      v_quantities := array[(v_item ->> 'quantity')::numeric];
+    end if;
+
+    -- F(q) for each quantity: expressions only (no query, no function call) on the hot path.
+    -- Every division rounds as the price says: up is div(n + d - 1, d), down is div(n, d).
+    v_rated := '{}';
+    foreach v_q in array v_quantities loop
+      if v_q <= 0 then
+        v_f := 0;
+      elsif v_price.scheme = 'per_unit' then
+        v_f := case when v_price.rounding = 'down' then div(v_q * v_price.unit_amount, v_price.unit_divisor)
+          else div(v_q * v_price.unit_amount + v_price.unit_divisor - 1, v_price.unit_divisor) end;
+      elsif v_price.scheme = 'package' then
+        v_f := v_price.unit_amount * case when v_price.rounding = 'down' then div(v_q, v_price.package_size)
+          else div(v_q + v_price.package_size - 1, v_price.package_size) end;
+      else
+        v_lower := 0;
+        v_units := 0;
+        v_flat := 0;
+        for t in 0 .. jsonb_array_length(v_price.tiers) - 1 loop
+          v_tier := v_price.tiers -> t;
+          v_upper := (v_tier ->> 'up_to')::numeric;
+          if v_price.scheme = 'volume' then
+            -- The tier the whole quantity falls in prices every unit.
+            if v_upper is null or v_upper >= v_q then
+              v_units := v_q * (v_tier ->> 'unit_amount')::numeric;
+              v_flat := coalesce((v_tier ->> 'flat_amount')::numeric, 0);
+              exit;
+            end if;
+          else
+            -- graduated: each tier's rate for the units inside it, its flat amount once reached.
+            v_in_tier := least(v_q, coalesce(v_upper, v_q)) - v_lower;
+            exit when v_in_tier <= 0;
+            v_units := v_units + v_in_tier * (v_tier ->> 'unit_amount')::numeric;
+            v_flat := v_flat + coalesce((v_tier ->> 'flat_amount')::numeric, 0);
+            v_lower := v_upper;
+            exit when v_upper is null;
+          end if;
+        end loop;
+        v_f := v_flat + case when v_price.rounding = 'down' then div(v_units, v_price.unit_divisor)
+          else div(v_units + v_price.unit_divisor - 1, v_price.unit_divisor) end;
+      end if;
+      -- D(x): the discount, rounded down.
+      if v_found.percent_off is not null then
+        v_f := v_f - div(v_f * v_found.percent_off, 100);
+      end if;
+      v_rated := v_rated || v_f;
+    end loop;
+    v_charge := v_rated[cardinality(v_rated)] - case when cardinality(v_rated) = 2 then v_rated[1] else 0 end;
+    if (v_item ->> 'quantity')::bigint > 0 then
+      v_charge := greatest(v_charge, v_price.minimum_tokens);
+    end if;
+
+    meter_codes := meter_codes || v_found.code;
+    quantities := quantities || (v_item ->> 'quantity')::bigint;
+    dimensions := dimensions || v_dimensions;
+    dimension_values := dimension_values || v_value;
+    price_ids := price_ids || v_price.id;
+    percents_off := percents_off || v_found.percent_off;
+    tokens := tokens || v_charge::bigint;
+    -- The provider's cost: the caller's figure, else the price's cost rate for the item's own
+    -- quantity (costs do not accumulate), rounded up to a whole micro-cent; null when unknown.
+    if v_item ? 'cost_microcents' then
+      v_cost := (v_item ->> 'cost_microcents')::bigint;
+    elsif v_price.cost_amount is not null then
+      v_cost := div((v_item ->> 'quantity')::numeric * v_price.cost_amount + v_price.cost_divisor - 1,
+        v_price.cost_divisor)::bigint;
+    else
+      v_cost := null;
+    end if;
+    costs := costs || v_cost;
+  end loop;
+end;
+$$;
+
+comment on function billing.price_items(uuid, jsonb, timestamptz) is
+'Prices each usage item for a user at a time (price version, customer term, period '
+'accumulation; see 20261202500000_rate_cards.sql) and its provider cost in micro-cents (the '
+'item''s cost_microcents, else the price''s cost rate; see 20261202650000_usage_costs.sql), as '
+'arrays in item order, with the period totals it read (period_used, null for items that do not '
+'accumulate). Raises 22023 on a bad item (naming it) or an unknown meter, TBPRC when a meter has '
+'no price. Reads only.';
+
+revoke all on function billing.price_items(uuid, jsonb, timestamptz) from public;
+
+create or replace function public.quote_usage(
+  p_user_id uuid, p_items jsonb, p_as_of timestamptz default now()
+)
+returns table (tokens bigint, items jsonb)
+language sql stable
+-- Definer: it calls the private billing.price_items, which no API role may execute.
+security definer
+set search_path = ''
+as $$
+  select
+    (select sum(t)::bigint from unnest(p.tokens) as t),
+    (
+      select jsonb_agg(jsonb_build_object(
+        'meter', u.meter, 'quantity', u.quantity, 'dimensions', u.dimensions,
+        'price_id', u.price_id, 'percent_off', u.percent_off, 'tokens', u.tokens,
+        'cost_microcents', u.cost
+      ) order by u.line)
+      from unnest(p.meter_codes, p.quantities, p.dimensions, p.price_ids, p.percents_off, p.tokens, p.costs)
+        with ordinality as u (meter, quantity, dimensions, price_id, percent_off, tokens, cost, line)
+    )
+  from billing.price_items(p_user_id, p_items, coalesce(p_as_of, now())) as p
+$$;
+
+comment on function public.quote_usage(uuid, jsonb, timestamptz) is
+'The price of usage items for a user without charging (an estimate for a hold): total tokens '
+'and one object per item (meter, quantity, dimensions, price_id, percent_off, tokens, '
+'cost_microcents: the provider cost, null when unknown). Counts the period''s usage so far for '
+'graduated prices. 22023 on bad items, TBPRC without a price.';
+
+create or replace function public.record_usage(
+  p_user_id uuid,
+  p_items jsonb,
+  p_idempotency_key text,
+  p_reservation_id uuid default null
+) returns table (status text, balance bigint, entry_id bigint, tokens bigint)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+declare
+  v_hold_user uuid;
+  v_hold_status text;
+  v_balance bigint;
+  v_plan text;
+  v_total bigint;
+  v_first jsonb;
+  v_first_user uuid;
+  v_first_hold uuid;
+  v_first_entry bigint;
+  v_priced record;
+  v_charge record;
+  v_entry bigint;
+  v_records bigint;
+begin
+  if p_idempotency_key is null or length(p_idempotency_key) > 255 or length(btrim(p_idempotency_key)) = 0
+    or p_idempotency_key like 'signup:%' or p_idempotency_key like 'expiry:%'
+    or p_idempotency_key like 'reservation:%' or p_idempotency_key like 'stripe:%' then
+    perform billing.require_caller_key('p_idempotency_key', p_idempotency_key);
+  end if;
+
+  -- The fast path: a deduct under a key no usage record has.
+  if p_reservation_id is null
+    and not exists (
+      select from billing.usage_records as r where r.idempotency_key = p_idempotency_key
+    ) then
+    select * into v_priced from billing.price_items(p_user_id, p_items, now());
+    select coalesce(sum(t), 0)::bigint into v_total from unnest(v_priced.tokens) as t;
+    if v_total > 0 and true = any(v_priced.accumulates) then
+      -- Accumulating prices: the totals change only under the account lock; priced from what
+      -- they are under it, or priced again.
+      perform from billing.accounts as a where a.user_id = p_user_id for no key update;
+      if exists (
+        select
+        from unnest(v_priced.meter_codes, v_priced.dimension_values, v_priced.period_used)
+          as u (meter_code, dimension_value, used)
+        left join billing.usage_totals as t
+          on t.user_id = p_user_id and t.meter_code = u.meter_code
+            and t.dimension_value = u.dimension_value and t.period_start = v_priced.period_start
+        where u.used is not null and coalesce(t.quantity, 0) <> u.used
+      ) then
+        select * into v_priced from billing.price_items(p_user_id, p_items, now());
+        select coalesce(sum(t), 0)::bigint into v_total from unnest(v_priced.tokens) as t;
+      end if;
+    end if;
+
+    if v_total > 0 then
+      -- One statement: debit the account (never below available), write the entry unless its
+      -- key exists, the usage records and the period totals.
+      with debited as (
+        update billing.accounts as a
+        set balance = a.balance - v_total, undrawn = a.undrawn + v_total, updated_at = now()
+        where a.user_id = p_user_id and a.balance - a.reserved >= v_total
+        returning a.balance, a.plan
+      ),
+
+      entry as (
+        insert into billing.ledger_entries (
+          user_id, amount, balance_after, kind, idempotency_key, description, metadata
+        )
+        select p_user_id, -v_total, debited.balance, 'usage', p_idempotency_key, 'Usage', '{"usage": true}'
+        from debited
+        on conflict (idempotency_key) do nothing
+        returning id
+      ),
+
+      records as (
+        insert into billing.usage_records (
+          user_id, idempotency_key, line, meter_code, quantity, dimensions, dimension_value,
+          price_id, percent_off, tokens, entry_id, cost_microcents, plan
+        )
+        select
+          p_user_id, p_idempotency_key, u.line, u.meter_code, u.quantity, u.dimensions,
+          u.dimension_value, u.price_id, u.percent_off, u.tokens, entry.id, u.cost, debited.plan
+        from entry
+        cross join debited
+        cross join unnest(
+          v_priced.meter_codes, v_priced.quantities, v_priced.dimensions, v_priced.dimension_values,
+          v_priced.price_ids, v_priced.percents_off, v_priced.tokens, v_priced.costs
+        ) with ordinality as u (
+          meter_code, quantity, dimensions, dimension_value, price_id, percent_off, tokens, cost, line
+        )
+        on conflict (idempotency_key, line) do nothing
+        returning 1
+      ),
+
+      totals as (
+        insert into billing.usage_totals as t (user_id, meter_code, dimension_value, period_start, quantity)
+        select p_user_id, u.meter_code, u.dimension_value, v_priced.period_start, sum(u.quantity)
+        from unnest(v_priced.meter_codes, v_priced.dimension_values, v_priced.quantities, v_priced.accumulates)
+          as u (meter_code, dimension_value, quantity, accumulates)
+        where u.accumulates and exists (select from entry)
+        group by u.meter_code, u.dimension_value
+        on conflict (user_id, meter_code, dimension_value, period_start)
+        do update set quantity = t.quantity + excluded.quantity
+      )
+
+      select debited.balance, entry.id, (select count(*) from records)
+      into v_balance, v_entry, v_records
+      from debited
+      left join entry on true;
+
+      if v_entry is not null then
+        if v_records <> cardinality(v_priced.tokens) then
+          -- A call under the same key that cost nothing committed in between: not this call's.
+          raise exception using
+            errcode = 'TBKEY',
+            message = format('idempotency key %L was already used with different usage', p_idempotency_key),
+            hint = 'Use a new key for a new call; repeat a key only to retry the same call.';
+        end if;
+        return query select 'applied'::text, v_balance, v_entry, v_total;
+        return;
+      end if;
+      if v_balance is not null then
+        -- The key was used before: take the debit back (nobody saw it, we hold the lock).
+        update billing.accounts as a
+        set balance = a.balance + v_total, undrawn = a.undrawn - v_total
+        where a.user_id = p_user_id;
+      end if;
+    end if;
+  end if;
+
+  -- The careful path: locks in the documented order, the hold, then the account.
+  if p_reservation_id is not null then
+    select r.user_id, r.status into v_hold_user, v_hold_status
+    from billing.reservations as r
+    where r.id = p_reservation_id
+    for no key update;
+    if not found then
+      raise exception using
+        errcode = 'TBRES', message = format('reservation %s not found', p_reservation_id);
+    end if;
+    if v_hold_user is distinct from p_user_id then
+      raise exception using
+        errcode = '22023',
+        message = format('reservation %s is not a hold of user %s', p_reservation_id, p_user_id);
+    end if;
+  end if;
+  -- The account lock and the first call's records under this key (a retry), in one statement.
+  select a.balance, a.plan, f.items, f.user_id, f.reservation_id, f.entry_id, f.tokens
+  into v_balance, v_plan, v_first, v_first_user, v_first_hold, v_first_entry, v_total
+  from billing.accounts as a
+  left join lateral (
+    select
+      jsonb_agg(jsonb_build_object('meter', r.meter_code, 'quantity', r.quantity,
+        'dimensions', r.dimensions, 'cost_microcents', r.cost_microcents) order by r.line) as items,
+      min(r.user_id::text)::uuid as user_id, min(r.reservation_id::text)::uuid as reservation_id,
+      min(r.entry_id) as entry_id, sum(r.tokens)::bigint as tokens
+    from billing.usage_records as r
+    where r.idempotency_key = p_idempotency_key
+  ) as f on true
+  where a.user_id = p_user_id
+  for no key update of a;
+  if not found then
+    perform billing.price_items(p_user_id, p_items, now());
+    return query select 'unknown_account'::text, null::bigint, null::bigint, null::bigint;
+    return;
+  end if;
+
+  if v_first is not null then
+    -- A retry: the first call's records decide, before anything is priced again. An item's
+    -- cost_microcents is compared when the retry gives one.
+    if v_first_user <> p_user_id or v_first_hold is distinct from p_reservation_id
+      or v_first <> (
+        select jsonb_agg(jsonb_build_object('meter', i.value ->> 'meter',
+          'quantity', (i.value ->> 'quantity')::bigint,
+          'dimensions', coalesce(nullif(i.value -> 'dimensions', 'null'), '{}'),
+          'cost_microcents', case
+            when i.value ? 'cost_microcents' then i.value -> 'cost_microcents'
+            else coalesce(v_first -> (i.line::integer - 1) -> 'cost_microcents', 'null')
+          end) order by i.line)
+        from jsonb_array_elements(p_items) with ordinality as i (value, line)
+      ) then
+      raise exception using
+        errcode = 'TBKEY',
+        message = format('idempotency key %L was already used with different usage', p_idempotency_key),
+        hint = 'Use a new key for a new call; repeat a key only to retry the same call.';
+    end if;
+    return query
+    select 'duplicate'::text, coalesce(e.balance_after, v_balance), e.id, v_total
+    from (select 1) as one
+    left join billing.ledger_entries as e on e.id = v_first_entry;
+    return;
+  end if;
+
+  if v_hold_status <> 'pending' then
+    return query select 'not_pending'::text, v_balance, null::bigint, null::bigint;
+    return;
+  end if;
+
+  select * into v_priced from billing.price_items(p_user_id, p_items, now());
+  select coalesce(sum(t), 0)::bigint into v_total from unnest(v_priced.tokens) as t;
+
+  if p_reservation_id is not null and v_total = 0 then
+    select 'applied'::text as status, v_balance as balance, null::bigint as entry_id into v_charge
+    from public.release_reservation(p_reservation_id) as r;
+  elsif p_reservation_id is not null then
+    select s.status, s.balance, s.entry_id into v_charge
+    from public.settle_reservation(p_reservation_id, v_total) as s;
+  elsif v_total = 0 then
+    select 'applied'::text as status, v_balance as balance, null::bigint as entry_id into v_charge;
+  else
+    select d.status, d.balance, d.entry_id into v_charge
+    from public.deduct_tokens(p_user_id, v_total, p_idempotency_key, 'Usage', '{"usage": true}') as d;
+    if v_charge.status = 'duplicate' then
+      -- The key is a plain deduct's (no usage record has it): not this call's.
+      raise exception using
+        errcode = 'TBKEY',
+        message = format('idempotency key %L was already used by a deduct (ledger entry %s)',
+          p_idempotency_key, v_charge.entry_id);
+    end if;
+  end if;
+
+  if v_charge.status not in ('applied', 'partial') then
+    return query select v_charge.status, v_charge.balance, v_charge.entry_id, v_total;
+    return;
+  end if;
+
+  insert into billing.usage_records (
+    user_id, idempotency_key, line, meter_code, quantity, dimensions, dimension_value, price_id,
+    percent_off, tokens, entry_id, reservation_id, cost_microcents, plan
+  )
+  select
+    p_user_id, p_idempotency_key, u.line, u.meter_code, u.quantity, u.dimensions, u.dimension_value,
+    u.price_id, u.percent_off, u.tokens, v_charge.entry_id, p_reservation_id, u.cost, v_plan
+  from unnest(
+    v_priced.meter_codes, v_priced.quantities, v_priced.dimensions, v_priced.dimension_values,
+    v_priced.price_ids, v_priced.percents_off, v_priced.tokens, v_priced.costs
+  ) with ordinality as u (
+    meter_code, quantity, dimensions, dimension_value, price_id, percent_off, tokens, cost, line
+  );
+
+  if true = any(v_priced.accumulates) then
+    insert into billing.usage_totals as t (user_id, meter_code, dimension_value, period_start, quantity)
+    select p_user_id, u.meter_code, u.dimension_value, v_priced.period_start, sum(u.quantity)
+    from unnest(v_priced.meter_codes, v_priced.dimension_values, v_priced.quantities, v_priced.accumulates)
+      as u (meter_code, dimension_value, quantity, accumulates)
+    where u.accumulates
+    group by u.meter_code, u.dimension_value
+    on conflict (user_id, meter_code, dimension_value, period_start)
+    do update set quantity = t.quantity + excluded.quantity;
+  end if;
+
+  return query select v_charge.status, v_charge.balance, v_charge.entry_id, v_total;
+end;
+$$;
+
+comment on function public.record_usage(uuid, jsonb, text, uuid) is
+'Prices usage items (as quote_usage) and charges them in one transaction: settling the given '
+'hold (statuses of settle_reservation; 0 tokens releases it, applied) or as a deduct (statuses '
+'of deduct_tokens; one statement on the fast path). One usage record per item, with its '
+'provider cost (the item''s cost_microcents, else the rate card''s) and the account''s plan. '
+'Same key and items: duplicate; other items, user, hold or cost: TBKEY. 22023 on bad items or a '
+'hold of another user, TBRES, TBPRC.';
+
+insert into billing.schema_migrations (version, name) values ('20261202650000', 'usage_costs');
+$tb_migration_20261202650000$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202650100_margin.sql
+  if v_installed is null or '20261202650100' <> all(v_installed) then
+    execute $tb_migration_20261202650100$
+-- Migration: margin (revenue attributed less the provider's cost) per user, plan and period, and
+-- the alert when a plan's margin falls under a floor.
+--
+-- Purpose: the guide's cost-per-user formula as a query. usage_records carry the provider's
+-- cost of each item (20261202650000_usage_costs.sql); Stripe's payments carry what users paid.
+-- margin_report puts them side by side for any period, per user, per plan or in total, and
+-- check_margin_floor writes an alert (billing.alerts, which the dashboard shows) for each plan
+-- whose margin in a period is under billing.settings.margin_floor_bp.
+-- Objects: columns billing.settings.cost_currency, margin_floor_bp; billing.alerts;
+--   public.margin_report(), public.check_margin_floor(), public.list_alerts().
+--
+-- The attribution rule, stated (cash basis, exact integers, no division but the last):
+--   revenue of a user in a period = what the user paid in it, net: payments at their paid_at,
+--     less refunds (unless failed or canceled) at their own Stripe time and lost disputes when
+--     lost, in the payment's currency: revenue_report's rule, per user. A pack bought in March
+--     and used in April is March's revenue and April's cost; over the months the sums agree.
+--   cost of a user in a period = the sum of usage_records.cost_microcents of the user's usage
+--     recorded in it (unknown costs count 0 and are counted in uncosted_records).
+--   the plan of a user in a period = the plan of the user's last usage record of the period
+--     (the account's plan when it was recorded), else the account's plan now; the user's revenue
+--     and cost of that period both count for it.
+--   currencies are never mixed: costs are in micro-cents of the cost currency
+--     (billing.settings.cost_currency, default usd); a user's cost counts in the currency of
+--     the user's latest payment before the period's end (the cost currency when there is none),
+--     and margin is computed only where that currency is the cost currency (null elsewhere:
+--     token-billing does not convert currencies).
+--   margin_microcents = revenue_cents x 10^6 - cost_microcents; margin_bp = margin / revenue x
+--     10000, rounded half away from zero; null without revenue.
+
+alter table billing.settings
+add column cost_currency text not null default 'usd',
+add column margin_floor_bp integer,
+add constraint settings_cost_currency_format check (cost_currency ~ '^[a-z]{3}$'),
+add constraint settings_margin_floor_bp_range check (margin_floor_bp between -1000000 and 10000);
+
+comment on column billing.settings.cost_currency is
+'The currency of the provider costs on prices and usage records (micro-cents of it), ISO code.';
+comment on column billing.settings.margin_floor_bp is
+'The least margin a plan should make in a period, in basis points of its revenue (2000: 20%); '
+'check_margin_floor alerts under it. Null: no margin alert.';
+
+create table billing.alerts (
+  id bigint generated always as identity primary key,
+  kind text not null,
+  subject text not null,
+  period_start timestamptz not null,
+  currency text not null,
+  detail jsonb not null default '{}',
+  created_at timestamptz not null default now(),
+  updated_at timestamptz not null default now(),
+  constraint alerts_kind_known check (kind in ('margin_below_floor')),
+  constraint alerts_once unique (kind, subject, period_start, currency)
+);
+
+create index alerts_created_at_idx on billing.alerts (created_at desc);
+
+comment on table billing.alerts is
+'Alerts for the operator (the dashboard lists them): one row per kind, subject, period and '
+'currency, raised again only by updating its detail. Written by check_margin_floor.';
+comment on column billing.alerts.id is 'Alert id.';
+comment on column billing.alerts.kind is 'margin_below_floor: a plan''s margin under billing.settings.margin_floor_bp.';
+comment on column billing.alerts.subject is 'What it is about (for margin_below_floor, the plan).';
+comment on column billing.alerts.period_start is 'The period it is about (its first instant).';
+comment on column billing.alerts.currency is 'The currency of its figures.';
+comment on column billing.alerts.detail is 'Its figures, e.g. revenue_cents, cost_microcents, margin_bp, floor_bp.';
+comment on column billing.alerts.created_at is 'When it was first raised.';
+comment on column billing.alerts.updated_at is 'When a check last found it (its detail is that check''s).';
+
+alter table billing.alerts enable row level security;
+-- No policy: service role only.
+revoke all on billing.alerts from public, anon, authenticated, service_role;
+grant select on billing.alerts to service_role;
+
+create function public.margin_report(
+  p_from timestamptz,
+  p_to timestamptz,
+  p_granularity text default 'month',
+  p_group_by text default 'plan',
+  p_currency text default null
+)
+returns table (
+  period_start timestamptz,
+  currency text,
+  plan text,
+  user_id uuid,
+  users bigint,
+  revenue_cents bigint,
+  cost_currency text,
+  cost_microcents bigint,
+  uncosted_records bigint,
+  tokens_used bigint,
+  margin_microcents bigint,
+  margin_bp bigint
+)
+language plpgsql stable
+security invoker
+-- Reports plan row counts they cannot know (a period, a history): JIT would compile for
+-- seconds to save milliseconds.
+set jit = off
+set search_path = ''
+as $$
+declare
+  v_cost_currency text;
+begin
+  if p_granularity is null or p_granularity not in ('day', 'week', 'month') then
+    raise exception 'p_granularity must be day, week or month, got %',
+      coalesce(quote_literal(p_granularity), 'null')
+      using errcode = '22023';
+  end if;
+  if p_group_by is null or p_group_by not in ('user', 'plan', 'total') then
+    raise exception 'p_group_by must be user, plan or total, got %',
+      coalesce(quote_literal(p_group_by), 'null')
+      using errcode = '22023';
+  end if;
+  if p_from is null or p_to is null or p_to <= p_from then
+    raise exception 'p_to must be later than p_from, got % .. %',
+      coalesce(p_from::text, 'null'), coalesce(p_to::text, 'null')
+      using errcode = '22023';
+  end if;
+  if p_to - p_from > interval '10 years' then
+    raise exception 'a report spans at most 10 years, got %', p_to - p_from
+      using errcode = '22023';
+  end if;
+  select s.cost_currency into v_cost_currency from billing.settings as s;
+  v_cost_currency := coalesce(v_cost_currency, 'usd');
+
+  return query
+  with money as (
+    -- What each user paid and was given back, at Stripe's time (revenue_report's rules).
+    select p.user_id as uid, p.paid_at as at, coalesce(lower(p.currency), v_cost_currency) as cur,
+      p.amount_paid_cents as cents
+    from billing.stripe_payments as p
+    where p.paid_at >= p_from and p.paid_at < p_to
+    union all
+    select p.user_id, coalesce(r.refund_created, r.created_at),
+      coalesce(lower(p.currency), v_cost_currency), -r.amount_cents
+    from billing.stripe_refunds as r
+    inner join billing.stripe_payments as p on p.id = r.payment_id
+    where coalesce(r.refund_created, r.created_at) >= p_from
+      and coalesce(r.refund_created, r.created_at) < p_to
+      and r.status is distinct from 'failed'
+      and r.status is distinct from 'canceled'
+    union all
+    select p.user_id, d.last_event_created, coalesce(lower(p.currency), v_cost_currency),
+      -d.amount_cents
+    from billing.stripe_disputes as d
+    inner join billing.stripe_payments as p on p.id = d.payment_id
+    where d.status = 'lost'
+      and d.last_event_created >= p_from and d.last_event_created < p_to
+  ),
+
+  revenue as (
+    select date_trunc(p_granularity, m.at, 'UTC') as t0, m.uid, m.cur, sum(m.cents) as cents
+    from money as m
+    group by 1, 2, 3
+  ),
+
+  usage as (
+    select
+      date_trunc(p_granularity, r.created_at, 'UTC') as t0,
+      r.user_id as uid,
+      sum(coalesce(r.cost_microcents, 0)) as cost,
+      count(*) filter (where r.cost_microcents is null) as uncosted,
+      sum(r.tokens) as tokens,
+      (array_agg(r.plan order by r.id desc) filter (where r.plan is not null))[1] as last_plan
+    from billing.usage_records as r
+    where r.created_at >= p_from and r.created_at < p_to
+    group by 1, 2
+  ),
+
+  used as (
+    -- A user's cost counts in the currency of the user's latest payment before the period's end.
+    select u.*, coalesce((
+      select coalesce(lower(p.currency), v_cost_currency)
+      from billing.stripe_payments as p
+      where p.user_id = u.uid
+        and p.paid_at < u.t0 + case p_granularity
+          when 'day' then interval '1 day' when 'week' then interval '1 week'
+          else interval '1 month' end
+      order by p.paid_at desc, p.id desc
+      limit 1
+    ), v_cost_currency) as cur
+    from usage as u
+  ),
+
+  per_user as (
+    select
+      coalesce(rv.t0, us.t0) as t0,
+      coalesce(rv.cur, us.cur) as cur,
+      coalesce(rv.uid, us.uid) as uid,
+      coalesce(rv.cents, 0) as cents,
+      coalesce(us.cost, 0) as cost,
+      coalesce(us.uncosted, 0) as uncosted,
+      coalesce(us.tokens, 0) as tokens
+    from revenue as rv
+    full join used as us on us.t0 = rv.t0 and us.uid = rv.uid and us.cur = rv.cur
+  ),
+
+  planned as (
+    select pu.*, coalesce(
+      (select us.last_plan from usage as us where us.t0 = pu.t0 and us.uid = pu.uid),
+      a.plan
+    ) as user_plan
+    from per_user as pu
+    left join billing.accounts as a on a.user_id = pu.uid
+    where p_currency is null or pu.cur = lower(p_currency)
+  ),
+
+  grouped as (
+    select
+      pl.t0,
+      pl.cur,
+      case when p_group_by <> 'total' then pl.user_plan end as g_plan,
+      case when p_group_by = 'user' then pl.uid end as g_user,
+      count(distinct pl.uid) as n_users,
+      sum(pl.cents) as cents,
+      sum(pl.cost) as cost,
+      sum(pl.uncosted) as uncosted,
+      sum(pl.tokens) as tokens
+    from planned as pl
+    group by 1, 2, 3, 4
+  )
+
+  select
+    g.t0,
+    g.cur,
+    g.g_plan,
+    g.g_user,
+    g.n_users,
+    g.cents::bigint,
+    v_cost_currency,
+    g.cost::bigint,
+    g.uncosted::bigint,
+    g.tokens::bigint,
+    case when g.cur = v_cost_currency then (g.cents * 1000000 - g.cost)::bigint end,
+    case when g.cur = v_cost_currency and g.cents > 0
+      then round((g.cents * 1000000 - g.cost) * 10000 / (g.cents * 1000000.0))::bigint
+    end
+  from grouped as g
+  order by g.t0, g.cur, g.g_plan nulls first, g.g_user nulls first;
+end;
+$$;
+
+comment on function public.margin_report(timestamptz, timestamptz, text, text, text) is
+'Revenue attributed and provider cost in [p_from, p_to) by period (day, week or month, UTC), '
+'currency and p_group_by (user, plan or total): users, net revenue in minor units, cost in '
+'micro-cents of cost_currency (uncosted_records: records without a cost), tokens used, margin '
+'(revenue x 10^6 - cost; null unless the currency is the cost currency) and margin_bp (margin / '
+'revenue in basis points, half away from zero). Cash basis; the rule is stated in '
+'20261202650100_margin.sql. Service role only.';
+
+revoke all on function public.margin_report(timestamptz, timestamptz, text, text, text)
+from public, anon, authenticated;
+grant execute on function public.margin_report(timestamptz, timestamptz, text, text, text)
+to service_role;
+
+create function public.check_margin_floor(
+  p_period_start timestamptz,
+  p_granularity text default 'month'
+)
+returns table (
+  plan text,
+  currency text,
+  revenue_cents bigint,
+  cost_microcents bigint,
+  margin_bp bigint,
+  floor_bp integer,
+  alert_id bigint
+)
+language plpgsql
+-- Definer: it writes billing.alerts, which service_role only reads.
+security definer
+set jit = off
+set search_path = ''
+as $$
+declare
+  v_floor integer;
+  v_cost_currency text;
+  v_start timestamptz;
+begin
+  if p_granularity is null or p_granularity not in ('day', 'week', 'month') then
+    raise exception 'p_granularity must be day, week or month, got %',
+      coalesce(quote_literal(p_granularity), 'null')
+      using errcode = '22023';
+  end if;
+  if p_period_start is null then
+    raise exception 'p_period_start must be a time in the period to check' using errcode = '22023';
+  end if;
+  select s.margin_floor_bp, s.cost_currency into v_floor, v_cost_currency from billing.settings as s;
+  if v_floor is null then
+    return;
+  end if;
+  v_start := date_trunc(p_granularity, p_period_start, 'UTC');
+
+  -- Plans with revenue in the period whose margin is under the floor (a plan without revenue,
+  -- the free plan say, has no margin to fall).
+  return query
+  with breaches as (
+    select m.plan, m.currency, m.revenue_cents, m.cost_microcents, m.margin_bp
+    from public.margin_report(
+      v_start,
+      v_start + case p_granularity
+        when 'day' then interval '1 day' when 'week' then interval '1 week'
+        else interval '1 month' end,
+      p_granularity, 'plan', v_cost_currency
+    ) as m
+    where m.revenue_cents > 0 and m.margin_bp < v_floor
+  ),
+
+  raised as (
+    insert into billing.alerts as al (kind, subject, period_start, currency, detail)
+    select
+      'margin_below_floor', coalesce(b.plan, '(none)'), v_start, b.currency,
+      jsonb_build_object(
+        'granularity', p_granularity, 'revenue_cents', b.revenue_cents,
+        'cost_microcents', b.cost_microcents, 'margin_bp', b.margin_bp, 'floor_bp', v_floor
+      )
+    from breaches as b
+    on conflict on constraint alerts_once
+    do update set detail = excluded.detail, updated_at = now()
+    returning al.id, al.subject
+  )
+
+  select b.plan, b.currency, b.revenue_cents, b.cost_microcents, b.margin_bp, v_floor, r.id
+  from breaches as b
+  inner join raised as r on r.subject = coalesce(b.plan, '(none)')
+  order by b.margin_bp, b.plan;
+end;
+$$;
+
+comment on function public.check_margin_floor(timestamptz, text) is
+'The plans whose margin in the period (day, week or month, UTC) containing p_period_start is '
+'under billing.settings.margin_floor_bp, in the cost currency, among plans with revenue; each is '
+'raised (or refreshed) as a margin_below_floor row of billing.alerts. No rows when no floor is '
+'set. Service role only; run it from cron (token-billing report margin --check-floor).';
+
+revoke all on function public.check_margin_floor(timestamptz, text) from public, anon, authenticated;
+grant execute on function public.check_margin_floor(timestamptz, text) to service_role;
+
+create function public.list_alerts(p_limit integer default 20)
+returns table (
+  id bigint,
+  kind text,
+  subject text,
+  period_start timestamptz,
+  currency text,
+  detail jsonb,
+  created_at timestamptz,
+  updated_at timestamptz
+)
+language plpgsql stable
+security invoker
+set search_path = ''
+as $$
+begin
+  if p_limit is null or p_limit not between 1 and 1000 then
+    raise exception 'p_limit must be 1..1000, got %', coalesce(p_limit::text, 'null')
+      using errcode = '22023';
+  end if;
+  return query
+  select a.id, a.kind, a.subject, a.period_start, a.currency, a.detail, a.created_at, a.updated_at
+  from billing.alerts as a
+  order by a.created_at desc, a.id desc
+  limit p_limit;
+end;
+$$;
+
+comment on function public.list_alerts(integer) is
+'The newest p_limit (1..1000) alerts of billing.alerts, newest first. Service role only.';
+
+revoke all on function public.list_alerts(integer) from public, anon, authenticated;
+grant execute on function public.list_alerts(integer) to service_role;
+
+insert into billing.schema_migrations (version, name) values ('20261202650100', 'margin');
+$tb_migration_20261202650100$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202650200_adjust_tokens.sql
+  if v_installed is null or '20261202650200' <> all(v_installed) then
+    execute $tb_migration_20261202650200$
+-- Migration: an operator's adjustment of a balance, with a reason, once per key.
+--
+-- Purpose: `token-billing adjust <user> <+-amount> --reason "..."` corrects a balance (a
+-- goodwill credit, a charge the service missed, a test grant taken back) as one `adjustment`
+-- ledger entry that says who did it and why, and that a repeated command never applies twice.
+-- A credit lands in a never-expiring bucket as add_tokens' do; a debit draws like usage and never
+-- takes available below zero, unless the operator allows debt (p_allow_debt): then the balance
+-- may go below zero, the hold rule of billing.check_invariants is waived for that account as it
+-- is after a clawback, and usage is refused until a credit brings it back.
+-- An adjustment may have either sign: the sign rule of the ledger (the writers', reported by
+-- billing.check_invariants since the CHECK holds only amount <> 0) exempts it.
+-- Objects: public.adjust_tokens(); redefines billing.check_invariants() (an adjustment of
+--   either sign; one that left the balance below zero is debt, as a clawback or a lost dispute
+--   is).
+
+create function public.adjust_tokens(
+  p_user_id uuid,
+  p_amount bigint,
+  p_reason text,
+  p_idempotency_key text,
+  p_allow_debt boolean default false,
+  p_operator text default null
+) returns table (status text, balance bigint, entry_id bigint)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+declare
+  v_metadata jsonb;
+begin
+  if p_amount is null or p_amount = 0 or abs(p_amount) > 1000000000000000 then
+    raise exception using
+      errcode = '22023',
+      message = format('p_amount must be a non-zero integer within +-10^15 tokens, got %s',
+        coalesce(p_amount::text, 'null'));
+  end if;
+  if p_reason is null or length(btrim(p_reason)) not between 3 and 500 then
+    raise exception using
+      errcode = '22023',
+      message = 'p_reason must say why, in 3 to 500 characters';
+  end if;
+  if p_operator is not null and length(p_operator) > 200 then
+    raise exception using errcode = '22023', message = 'p_operator must be at most 200 characters';
+  end if;
+  if p_allow_debt is null then
+    raise exception using errcode = '22023', message = 'p_allow_debt must be true or false';
+  end if;
+  perform billing.require_caller_key('p_idempotency_key', p_idempotency_key);
+
+  v_metadata := jsonb_build_object('reason', btrim(p_reason), 'operator', p_operator);
+  if p_amount > 0 then
+    return query select * from billing.credit(
+      p_user_id, p_amount, p_idempotency_key, 'adjustment', btrim(p_reason), null, v_metadata);
+  else
+    return query select * from billing.debit(
+      p_user_id, -p_amount, p_idempotency_key, 'adjustment', btrim(p_reason),
+      v_metadata || jsonb_build_object('allow_debt', p_allow_debt), p_allow_debt);
+  end if;
+end;
+$$;
+
+comment on function public.adjust_tokens(uuid, bigint, text, text, boolean, text) is
+'An operator''s adjustment: p_amount tokens (positive: a credit into a never-expiring bucket; '
+'negative: a debit, never below available unless p_allow_debt) as one adjustment ledger entry '
+'whose description is the reason and whose metadata holds reason and operator. Statuses applied, '
+'duplicate (same key and amount), insufficient_funds, unknown_account; TBKEY for a key used '
+'otherwise; 22023 for a zero amount, a missing reason or key.';
+
+revoke all on function public.adjust_tokens(uuid, bigint, text, text, boolean, text)
+from public, anon, authenticated;
+grant execute on function public.adjust_tokens(uuid, bigint, text, text, boolean, text)
+to service_role;
+
+-- The invariants of 20261202400100_fast_ledger.sql, with debt from an adjustment.
+create or replace function billing.check_invariants() returns table (
+  user_id uuid, problem text, expected bigint, actual bigint
+)
+language sql stable
+set search_path = ''
+as $$
+  with entry_totals as (
+    select e.user_id, sum(e.amount)::bigint as total
+    from billing.ledger_entries as e
+    group by e.user_id
+  ),
+
+  pending_totals as (
+    select r.user_id, sum(r.amount)::bigint as total
+    from billing.reservations as r
+    where r.status = 'pending'
+    group by r.user_id
+  ),
+
+  bucket_totals as (
+    select b.user_id, sum(b.remaining)::bigint as total
+    from billing.credit_buckets as b
+    group by b.user_id
+  ),
+
+  debt_users as (
+    select distinct e.user_id
+    from billing.ledger_entries as e
+    where e.kind in ('clawback', 'dispute')
+      -- An operator's adjustment allowed into debt (public.adjust_tokens, p_allow_debt).
+      or (e.kind = 'adjustment' and e.amount < 0 and e.balance_after < 0)
+  ),
+
+  chain as (
+    select
+      e.user_id,
+      e.id,
+      e.balance_after,
+      sum(e.amount) over (partition by e.user_id order by e.id) as running
+    from billing.ledger_entries as e
+  )
+
+  select a.user_id, 'balance = sum(ledger_entries.amount)', coalesce(t.total, 0), a.balance
+  from billing.accounts as a
+  left join entry_totals as t on a.user_id = t.user_id
+  where a.balance <> coalesce(t.total, 0)
+  union all
+  select a.user_id, 'reserved = sum(pending reservations)', coalesce(p.total, 0), a.reserved
+  from billing.accounts as a
+  left join pending_totals as p on a.user_id = p.user_id
+  where a.reserved <> coalesce(p.total, 0)
+  union all
+  select
+    a.user_id,
+    'greatest(sum(buckets.remaining) - undrawn + held_expired, 0) = greatest(balance, 0)',
+    greatest(a.balance, 0), greatest(coalesce(b.total, 0) - a.undrawn + a.held_expired, 0)
+  from billing.accounts as a
+  left join bucket_totals as b on a.user_id = b.user_id
+  where greatest(coalesce(b.total, 0) - a.undrawn + a.held_expired, 0) <> greatest(a.balance, 0)
+  union all
+  -- Holds keep their tokens: what is held never exceeds the tokens of unexpired buckets plus
+  -- the held tokens whose bucket expired. Only debt (a clawback, a lost dispute) may break it.
+  select
+    a.user_id,
+    'reserved <= sum(buckets.remaining) - undrawn + held_expired (holds keep their tokens)',
+    coalesce(b.total, 0) - a.undrawn + a.held_expired, a.reserved
+  from billing.accounts as a
+  left join bucket_totals as b on a.user_id = b.user_id
+  where a.reserved > coalesce(b.total, 0) - a.undrawn + a.held_expired
+    and not exists (select 1 from debt_users as d where d.user_id = a.user_id)
+  union all
+  -- Also the accounts CHECK (accounts_row_valid); reported should it ever be dropped.
+  select
+    a.user_id, 'held_expired between 0 and reserved', a.reserved, a.held_expired
+  from billing.accounts as a
+  where a.held_expired < 0 or a.held_expired > a.reserved
+  union all
+  select
+    e.user_id, format('entry %s (%s) left the balance below zero', e.id, e.kind), 0,
+    e.balance_after
+  from billing.ledger_entries as e
+  where e.kind in ('usage', 'expiry') and e.balance_after < 0
+  union all
+  select e.user_id, format('entry %s without an account', e.id), null, null
+  from billing.ledger_entries as e
+  where not exists (select 1 from billing.accounts as a where a.user_id = e.user_id)
+  union all
+  select r.user_id, format('reservation %s without an account', r.id), null, null
+  from billing.reservations as r
+  where not exists (select 1 from billing.accounts as a where a.user_id = r.user_id)
+  union all
+  select c.user_id, format('entry %s: balance_after = running sum', c.id), c.running::bigint,
+    c.balance_after
+  from chain as c
+  where c.balance_after <> c.running
+  union all
+  select
+    e.user_id,
+    format('entry %s: %s %s has the wrong sign, a key of %s characters or metadata of type %s',
+      e.id, e.kind, e.amount, length(e.idempotency_key), jsonb_typeof(e.metadata)),
+    null, null
+  from billing.ledger_entries as e
+  where (
+    e.kind <> 'adjustment'
+    and (e.amount < 0) <> (e.kind in ('usage', 'expiry', 'clawback', 'dispute'))
+  )
+    or length(e.idempotency_key) not between 1 and 255
+    or jsonb_typeof(e.metadata) is distinct from 'object'
+  union all
+  -- The writers' rules (20261202400000_plain_checks.sql): the sign of each kind (adjustments
+  -- either), a key of 1..255 characters, metadata an object, known kinds, and keys in
+  -- token-billing's own namespaces only on the entries they describe.
+  select e.user_id, format('entry %s: kind %s is not a known kind', e.id, e.kind), null, null
+  from billing.ledger_entries as e
+  where e.kind not in (
+    'purchase', 'subscription', 'promotion', 'adjustment', 'refund', 'signup', 'dispute_won',
+    'clawback_reversed', 'usage', 'expiry', 'clawback', 'dispute'
+  )
+  union all
+  select
+    e.user_id,
+    format('entry %s: key %s is in token-billing''s namespace but not its entry', e.id,
+      e.idempotency_key),
+    null, null
+  from billing.ledger_entries as e
+  where (e.idempotency_key like 'signup:%' and e.kind <> 'signup')
+    or (e.idempotency_key like 'expiry:%' and e.kind <> 'expiry')
+    or (
+      e.idempotency_key like 'reservation:%'
+      and e.idempotency_key is distinct from 'reservation:' || e.reservation_id::text
+    )
+    or (
+      e.idempotency_key like 'stripe:%'
+      and not (
+        e.kind in (
+          'purchase', 'subscription', 'clawback', 'dispute', 'dispute_won', 'clawback_reversed'
+        )
+        and e.metadata ? 'stripe_event_id'
+      )
+    )
+$$;
+
+comment on function billing.check_invariants() is
+'One row per broken invariant (none when the books are sound): balances equal entry sums, '
+'reserved equals pending reservations, buckets plus held_expired hold the positive balance, '
+'holds never exceed the tokens that back them (except in debt: a clawback, a lost dispute or an '
+'adjustment allowed below zero), held_expired is within '
+'0..reserved, usage and expiry never leave a balance below zero, balance_after chains, '
+'entries have known kinds and keys of token-billing''s namespaces only on their own entries.';
+
+revoke all on function billing.check_invariants() from public;
+
+insert into billing.schema_migrations (version, name) values ('20261202650200', 'adjust_tokens');
+$tb_migration_20261202650200$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202650300_business_metrics.sql
+  if v_installed is null or '20261202650300' <> all(v_installed) then
+    execute $tb_migration_20261202650300$
+-- Migration: the business figures the service exports as Prometheus metrics, cheaply.
+--
+-- Purpose: GET /metrics shows active subscribers by plan, revenue by currency, tokens granted,
+-- used and expired, parked events, failed invoice payments and open alerts. The service asks
+-- public.business_metrics() at most once every METRICS_BUSINESS_SECONDS (60 by default) and
+-- serves the cached answer in between; the call itself never scans the ledger's history: the
+-- ledger's totals per kind are maintained in billing.ledger_totals, each call adding only the
+-- entries created since the last one (a BRIN range of billing.ledger_entries.created_at). The
+-- other figures read small tables (subscriptions, payments, refunds, disputes, alerts) or
+-- partial indexes (parked events, failed invoice payments).
+-- Objects: billing.ledger_totals, billing.metric_state, public.business_metrics().
+--
+-- The ledger's totals lag: they count entries created before now() - p_lag (default 10
+-- minutes), so that an entry of a transaction still open when the totals advanced (created_at is
+-- its transaction's start) is not skipped; an entry of a transaction open longer than the lag
+-- would be. The first call counts the whole history once.
+
+create table billing.ledger_totals (
+  kind text primary key,
+  entries bigint not null default 0,
+  credited bigint not null default 0,
+  debited bigint not null default 0,
+  constraint ledger_totals_not_negative check (entries >= 0 and credited >= 0 and debited >= 0)
+);
+
+comment on table billing.ledger_totals is
+'Per ledger kind: entries, tokens credited (positive amounts) and debited (negative amounts, as '
+'a positive number), of the entries created before billing.metric_state.ledger_through. '
+'Advanced only by public.business_metrics().';
+comment on column billing.ledger_totals.kind is 'The ledger kind.';
+comment on column billing.ledger_totals.entries is 'Entries of the kind counted.';
+comment on column billing.ledger_totals.credited is 'Sum of their positive amounts.';
+comment on column billing.ledger_totals.debited is 'Minus the sum of their negative amounts.';
+
+alter table billing.ledger_totals enable row level security;
+-- No policy: service role only.
+revoke all on billing.ledger_totals from public, anon, authenticated, service_role;
+grant select on billing.ledger_totals to service_role;
+
+create table billing.metric_state (
+  id boolean primary key default true,
+  ledger_through timestamptz not null default '-infinity',
+  refreshed_at timestamptz,
+  constraint metric_state_one_row check (id)
+);
+
+comment on table billing.metric_state is
+'One row: how far billing.ledger_totals counts (entries created before ledger_through) and when '
+'it last advanced. Its row lock serializes concurrent refreshes.';
+comment on column billing.metric_state.id is 'Always true: the table has exactly one row.';
+comment on column billing.metric_state.ledger_through is 'ledger_totals counts entries created before this.';
+comment on column billing.metric_state.refreshed_at is 'When ledger_totals last advanced.';
+
+alter table billing.metric_state enable row level security;
+-- No policy: service role only.
+revoke all on billing.metric_state from public, anon, authenticated, service_role;
+grant select on billing.metric_state to service_role;
+
+insert into billing.metric_state (id) values (true) on conflict (id) do nothing;
+
+create function public.business_metrics(p_lag interval default '10 minutes')
+returns table (metric text, labels jsonb, value bigint)
+language plpgsql
+-- Definer: it advances billing.ledger_totals, which service_role only reads.
+security definer
+set jit = off
+set search_path = ''
+as $$
+declare
+  v_through timestamptz;
+  v_to timestamptz;
+begin
+  if p_lag is null or p_lag < interval '0' or p_lag > interval '1 day' then
+    raise exception 'p_lag must be between 0 and 1 day, got %', coalesce(p_lag::text, 'null')
+      using errcode = '22023';
+  end if;
+  select s.ledger_through into v_through from billing.metric_state as s for update;
+  v_to := now() - p_lag;
+  if v_to > v_through then
+    insert into billing.ledger_totals as t (kind, entries, credited, debited)
+    select
+      e.kind, count(*),
+      coalesce(sum(e.amount) filter (where e.amount > 0), 0),
+      coalesce(-sum(e.amount) filter (where e.amount < 0), 0)
+    from billing.ledger_entries as e
+    where e.created_at >= v_through and e.created_at < v_to
+    group by e.kind
+    on conflict (kind) do update
+    set entries = t.entries + excluded.entries, credited = t.credited + excluded.credited,
+      debited = t.debited + excluded.debited;
+    update billing.metric_state set ledger_through = v_to, refreshed_at = now();
+    v_through := v_to;
+  end if;
+
+  return query
+  select 'token_billing_subscribers', jsonb_build_object('plan', s.product_code, 'status', s.status),
+    count(*)
+  from billing.subscriptions as s
+  where s.status in ('active', 'trialing', 'past_due')
+  group by s.product_code, s.status
+  union all
+  select 'token_billing_revenue_cents_total', jsonb_build_object('currency', r.cur), sum(r.cents)::bigint
+  from (
+    select lower(coalesce(p.currency, 'usd')) as cur, p.amount_paid_cents as cents
+    from billing.stripe_payments as p
+    union all
+    select lower(coalesce(p.currency, 'usd')), -r.amount_cents
+    from billing.stripe_refunds as r
+    inner join billing.stripe_payments as p on p.id = r.payment_id
+    where r.status is distinct from 'failed' and r.status is distinct from 'canceled'
+    union all
+    select lower(coalesce(p.currency, 'usd')), -d.amount_cents
+    from billing.stripe_disputes as d
+    inner join billing.stripe_payments as p on p.id = d.payment_id
+    where d.status = 'lost'
+  ) as r
+  group by r.cur
+  union all
+  select 'token_billing_tokens_granted_total', jsonb_build_object('kind', t.kind), t.credited
+  from billing.ledger_totals as t
+  where t.credited > 0
+  union all
+  select 'token_billing_tokens_used_total', '{}'::jsonb, coalesce((
+    select t.debited from billing.ledger_totals as t where t.kind = 'usage'), 0)
+  union all
+  select 'token_billing_tokens_expired_total', '{}'::jsonb, coalesce((
+    select t.debited from billing.ledger_totals as t where t.kind = 'expiry'), 0)
+  union all
+  select 'token_billing_tokens_taken_back_total', jsonb_build_object('kind', t.kind), t.debited
+  from billing.ledger_totals as t
+  where t.debited > 0 and t.kind not in ('usage', 'expiry')
+  union all
+  select 'token_billing_ledger_totals_through_timestamp_seconds', '{}'::jsonb,
+    greatest(extract(epoch from v_through), 0)::bigint
+  union all
+  select 'token_billing_stripe_events_parked', '{}'::jsonb, count(*)
+  from billing.stripe_events as e
+  where e.status = 'parked'
+  union all
+  select 'token_billing_invoice_payment_failures_total', '{}'::jsonb, count(*)
+  from billing.stripe_events as e
+  where e.type = 'invoice.payment_failed'
+  union all
+  select 'token_billing_alerts', jsonb_build_object('kind', a.kind), count(*)
+  from billing.alerts as a
+  group by a.kind;
+end;
+$$;
+
+comment on function public.business_metrics(interval) is
+'The business figures of GET /metrics, one row per metric and label set: active subscribers by '
+'plan and status, net revenue by currency (minor units, all time), tokens granted by kind, used, '
+'expired and taken back by kind (billing.ledger_totals, advanced to now() - p_lag first), the '
+'time the ledger totals count up to, parked events, failed invoice payments and alerts by kind. '
+'Service role only; the service caches the answer.';
+
+revoke all on function public.business_metrics(interval) from public, anon, authenticated;
+grant execute on function public.business_metrics(interval) to service_role;
+
+insert into billing.schema_migrations (version, name) values ('20261202650300', 'business_metrics');
+$tb_migration_20261202650300$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202650400_mrr_lifetimes.sql
+  if v_installed is null or '20261202650400' <> all(v_installed) then
+    execute $tb_migration_20261202650400$
+-- Migration: MRR for a month costs what that month's subscriptions cost, not the history's.
+--
+-- Purpose: mrr_report (20261202600200_mrr.sql) ordered every state of every subscription ever
+-- stored to find which state holds at each month's edges: a month's MRR cost grew with the
+-- history (the bench's 10^7-entry database has 100 times the 10^5 one's subscriptions). Now
+-- billing.subscription_lifetimes keeps, per subscription, when its first state is and its latest
+-- state (so since when it is worth 0 for good: canceled, unpaid, paused...), and the
+-- report reads only the states of subscriptions begun by the last edge and not worth 0 since
+-- before the first: the same rows, exactly (a subscription worth 0 at every edge adds nothing to
+-- any figure), read through two indexes.
+-- Objects: billing.subscription_lifetimes (+ trigger tg_subscription_states__lifetime),
+--   redefines public.mrr_report() (the same figures).
+
+create table billing.subscription_lifetimes (
+  subscription_id text primary key,
+  first_at timestamptz not null,
+  last_at timestamptz not null,
+  last_rank smallint not null,
+  last_event_id text not null,
+  last_mrr_cents bigint not null,
+  zero_since timestamptz
+);
+
+create index subscription_lifetimes_first_at_idx on billing.subscription_lifetimes (first_at);
+create index subscription_lifetimes_zero_since_idx on billing.subscription_lifetimes (zero_since);
+
+comment on table billing.subscription_lifetimes is
+'Per subscription of billing.subscription_states: its first state''s time and its latest state '
+'(by at, status rank, event id, the order mrr_report reads them in); kept by a trigger on '
+'billing.subscription_states under this row''s lock, so it is what those states say whatever '
+'order they are stored in.';
+comment on column billing.subscription_lifetimes.subscription_id is 'The subscription (sub_...).';
+comment on column billing.subscription_lifetimes.first_at is 'Stripe''s time of its first state.';
+comment on column billing.subscription_lifetimes.last_at is 'The time of its latest state.';
+comment on column billing.subscription_lifetimes.last_rank is 'The status rank of its latest state.';
+comment on column billing.subscription_lifetimes.last_event_id is 'The event of its latest state.';
+comment on column billing.subscription_lifetimes.last_mrr_cents is 'The MRR of its latest state.';
+comment on column billing.subscription_lifetimes.zero_since is
+'last_at when the latest state is worth 0 (so is the subscription from then on); else null.';
+
+alter table billing.subscription_lifetimes enable row level security;
+-- No policy: service role only.
+revoke all on billing.subscription_lifetimes from public, anon, authenticated, service_role;
+grant select on billing.subscription_lifetimes to service_role;
+
+create function billing.tg_subscription_states__lifetime() returns trigger
+language plpgsql
+set search_path = ''
+as $$
+begin
+  -- The upsert waits on (and then reads) the row a concurrent state of the same subscription
+  -- wrote: the latest state wins whatever the order of storage.
+  insert into billing.subscription_lifetimes as l (
+    subscription_id, first_at, last_at, last_rank, last_event_id, last_mrr_cents, zero_since
+  )
+  values (
+    new.subscription_id, new.at, new.at, new.status_rank, new.event_id, new.mrr_cents,
+    case when new.mrr_cents = 0 then new.at end
+  )
+  on conflict (subscription_id) do update
+  set
+    first_at = least(l.first_at, excluded.first_at),
+    last_at = case when (excluded.last_at, excluded.last_rank, excluded.last_event_id)
+      > (l.last_at, l.last_rank, l.last_event_id) then excluded.last_at else l.last_at end,
+    last_rank = case when (excluded.last_at, excluded.last_rank, excluded.last_event_id)
+      > (l.last_at, l.last_rank, l.last_event_id) then excluded.last_rank else l.last_rank end,
+    last_event_id = case when (excluded.last_at, excluded.last_rank, excluded.last_event_id)
+      > (l.last_at, l.last_rank, l.last_event_id) then excluded.last_event_id
+      else l.last_event_id end,
+    last_mrr_cents = case when (excluded.last_at, excluded.last_rank, excluded.last_event_id)
+      > (l.last_at, l.last_rank, l.last_event_id) then excluded.last_mrr_cents
+      else l.last_mrr_cents end,
+    zero_since = case when (excluded.last_at, excluded.last_rank, excluded.last_event_id)
+      > (l.last_at, l.last_rank, l.last_event_id) then excluded.zero_since
+      else l.zero_since end;
+  return null;
+end;
+$$;
+
+comment on function billing.tg_subscription_states__lifetime() is
+'After a subscription state is stored: its subscription''s first time and latest state.';
+
+revoke all on function billing.tg_subscription_states__lifetime() from public;
+
+create trigger tg_subscription_states__lifetime
+after insert on billing.subscription_states
+for each row execute function billing.tg_subscription_states__lifetime();
+
+-- The subscriptions stored before this migration.
+insert into billing.subscription_lifetimes (
+  subscription_id, first_at, last_at, last_rank, last_event_id, last_mrr_cents, zero_since
+)
+select distinct on (st.subscription_id)
+  st.subscription_id,
+  min(st.at) over (partition by st.subscription_id) as first_at,
+  st.at,
+  st.status_rank,
+  st.event_id,
+  st.mrr_cents,
+  case when st.mrr_cents = 0 then st.at end as zero_since
+from billing.subscription_states as st
+order by st.subscription_id asc, st.at desc, st.status_rank desc, st.event_id desc;
+
+create or replace function public.mrr_report(
+  p_from timestamptz,
+  p_to timestamptz,
+  p_currency text default null
+)
+returns table (
+  month_start timestamptz,
+  currency text,
+  mrr_start_cents bigint,
+  mrr_end_cents bigint,
+  new_cents bigint,
+  expansion_cents bigint,
+  contraction_cents bigint,
+  churned_cents bigint,
+  subscribers_start bigint,
+  subscribers_end bigint,
+  new_subscribers bigint,
+  churned_subscribers bigint,
+  churn_rate_bp bigint,
+  arpu_cents bigint,
+  ltv_cents bigint
+)
+language plpgsql stable
+security invoker
+-- Reports plan row counts they cannot know (a period, a history): JIT would compile for
+-- seconds to save milliseconds.
+set jit = off
+set search_path = ''
+as $$
+declare
+  v_first_edge timestamptz;
+  v_last_edge timestamptz;
+begin
+  if p_from is null or p_to is null or p_to <= p_from then
+    raise exception 'p_to must be later than p_from, got % .. %',
+      coalesce(p_from::text, 'null'), coalesce(p_to::text, 'null')
+      using errcode = '22023';
+  end if;
+  if p_to - p_from > interval '10 years' then
+    raise exception 'a report spans at most 10 years, got %', p_to - p_from
+      using errcode = '22023';
+  end if;
+
+  v_first_edge := date_trunc('month', p_from at time zone 'UTC') at time zone 'UTC';
+  v_last_edge := (date_trunc('month', (p_to at time zone 'UTC') - interval '1 microsecond')
+    + interval '1 month') at time zone 'UTC';
+
+  return query
+  with months as (
+    -- Calendar months of UTC, whatever the session's time zone.
+    select
+      m at time zone 'UTC' as t0,
+      (m + interval '1 month') at time zone 'UTC' as t1
+    from generate_series(
+      date_trunc('month', p_from at time zone 'UTC'),
+      (p_to at time zone 'UTC') - interval '1 microsecond',
+      interval '1 month'
+    ) as m
+  ),
+
+  -- Each state lasts until the next one of its subscription; same-second states order by how
+  -- final the status is, then by event id.
+  states as (
+    select
+      st.*,
+      coalesce(c.user_id::text, st.stripe_customer_id, st.subscription_id) as payer,
+      lead(st.at) over (
+        partition by st.subscription_id order by st.at, st.status_rank, st.event_id
+      ) as until
+    -- Only subscriptions that may be worth something at an edge of the months: begun by the
+    -- last edge, and not worth 0 for good since before the first (billing.subscription_lifetimes).
+    from billing.subscription_lifetimes as l
+    cross join lateral (
+      -- Each one's states by its index; `offset 0` keeps the planner from hashing the whole
+      -- table instead (the bench's 10^7 database: a parallel scan of every state ever stored).
+      select s.*
+      from billing.subscription_states as s
+      where s.subscription_id = l.subscription_id
+      offset 0
+    ) as st
+    left join billing.customers as c on c.stripe_customer_id = st.stripe_customer_id
+    where l.first_at <= v_last_edge
+      and (l.zero_since is null or l.zero_since > v_first_edge)
+      and (p_currency is null or st.currency = lower(p_currency))
+  ),
+
+  -- What each payer (a user, or the customer when no user is linked) pays a month at the
+  -- month's start and end, per currency: their subscriptions sum.
+  worth as (
+    select mo.t0, x.edge, st.payer, st.currency, sum(st.mrr_cents) as cents
+    from months as mo
+    cross join lateral (values (mo.t0, 'start'), (mo.t1, 'end')) as x (at, edge)
+    inner join states as st
+      on st.at <= x.at and (st.until is null or st.until > x.at)
+    group by mo.t0, x.edge, st.payer, st.currency
+  ),
+
+  moves as (
+    select
+      coalesce(s.t0, e.t0) as t0,
+      coalesce(s.currency, e.currency) as currency,
+      coalesce(s.cents, 0) as a,
+      coalesce(e.cents, 0) as b
+    from (select * from worth where edge = 'start') as s
+    full join (select * from worth where edge = 'end') as e
+      on e.t0 = s.t0 and e.payer = s.payer and e.currency = s.currency
+  ),
+
+  totals as (
+    select
+      mv.t0,
+      mv.currency,
+      sum(mv.a)::bigint as mrr_start,
+      sum(mv.b)::bigint as mrr_end,
+      sum(case when mv.a = 0 and mv.b > 0 then mv.b else 0 end)::bigint as new_c,
+      sum(case when mv.a > 0 and mv.b > mv.a then mv.b - mv.a else 0 end)::bigint as expansion,
+      sum(case when mv.b > 0 and mv.b < mv.a then mv.a - mv.b else 0 end)::bigint as contraction,
+      sum(case when mv.a > 0 and mv.b = 0 then mv.a else 0 end)::bigint as churned,
+      count(*) filter (where mv.a > 0) as subs_start,
+      count(*) filter (where mv.b > 0) as subs_end,
+      count(*) filter (where mv.a = 0 and mv.b > 0) as subs_new,
+      count(*) filter (where mv.a > 0 and mv.b = 0) as subs_churned
+    from moves as mv
+    group by mv.t0, mv.currency
+  )
+
+  select
+    t.t0,
+    t.currency,
+    t.mrr_start,
+    t.mrr_end,
+    t.new_c,
+    t.expansion,
+    t.contraction,
+    t.churned,
+    t.subs_start,
+    t.subs_end,
+    t.subs_new,
+    t.subs_churned,
+    case when t.subs_start > 0 then round(10000.0 * t.subs_churned / t.subs_start)::bigint end,
+    case when t.subs_end > 0 then round(t.mrr_end::numeric / t.subs_end)::bigint end,
+    -- ARPU / churn rate = (end MRR / end subscribers) / (churned / start subscribers): one
+    -- division of integers, so the half-up rounding is exact.
+    case
+      when t.subs_start > 0 and t.subs_churned > 0 and t.subs_end > 0
+        then round(
+          (t.mrr_end::numeric * t.subs_start) / (t.subs_end * t.subs_churned)
+        )::bigint
+    end
+  from totals as t
+  where t.mrr_start > 0 or t.mrr_end > 0
+  order by t.t0, t.currency;
+end;
+$$;
+
+
+insert into billing.schema_migrations (version, name) values ('20261202650400', 'mrr_lifetimes');
+$tb_migration_20261202650400$;
     v_applied := v_applied + 1;
   end if;
 

@@ -52,7 +52,12 @@ declare
     'public.token_flow_report(timestamptz, timestamptz, text)',
     'public.revenue_report(timestamptz, timestamptz, text, text)',
     'public.revenue_by_product(timestamptz, timestamptz, text)',
-    'public.payment_failure_report(timestamptz, timestamptz, text)'
+    'public.payment_failure_report(timestamptz, timestamptz, text)',
+    'public.margin_report(timestamptz, timestamptz, text, text, text)',
+    'public.check_margin_floor(timestamptz, text)',
+    'public.list_alerts(integer)',
+    'public.adjust_tokens(uuid, bigint, text, text, boolean, text)',
+    'public.business_metrics(interval)'
   ]::text[];
   v_triggers constant text[] := array[
     'tg_users__50_open_billing_account',

@@ -100,6 +100,12 @@ def test_summary_should_refuse_a_users_supabase_token(db: Database, service: str
 
 def test_summary_should_report_what_the_sql_reports(db: Database, service: str) -> None:
     start, now = _history(db)
+    with db.connect() as conn:
+        conn.execute(
+            "insert into billing.alerts (kind, subject, period_start, currency, detail) values "
+            "('margin_below_floor', 'pro', date_trunc('month', now()), 'usd', "
+            '\'{"margin_bp": 1200, "floor_bp": 2000}\')'
+        )
     until = datetime(now.year + 1, 1, 1, tzinfo=UTC)
     period = {"from": start.date().isoformat(), "to": until.date().isoformat()}
     response = httpx.get(
@@ -141,6 +147,9 @@ def test_summary_should_report_what_the_sql_reports(db: Database, service: str) 
         tuple(r) for r in revenue
     ]
     assert len(revenue) > 5
+    assert [(a["kind"], a["subject"], a["detail"]["margin_bp"]) for a in body["alerts"]] == [
+        ("margin_below_floor", "pro", 1200)
+    ]
 
     bad = httpx.get(
         f"{service}/v1/ops/summary",

@@ -125,6 +125,21 @@ def test_mrr_report_should_match_the_generated_history_exactly(db: Database) -> 
     assert len(changes) > 900, "the history should be long enough to mean something"
     assert sum(1 for c in changes if c.event["type"].endswith("deleted")) > 50
     assert [tuple(r) for r in got] == want
+    # The lifetimes the report narrows by are what the states say, whatever the delivery order.
+    assert (
+        scalar(
+            db,
+            "select count(*) from billing.subscription_lifetimes as l "
+            "full join (select distinct on (subscription_id) subscription_id, "
+            "min(at) over (partition by subscription_id) as first_at, at, mrr_cents "
+            "from billing.subscription_states "
+            "order by subscription_id, at desc, status_rank desc, event_id desc) as s "
+            "using (subscription_id) "
+            "where l.first_at is distinct from s.first_at or l.last_at is distinct from s.at "
+            "or l.last_mrr_cents is distinct from s.mrr_cents",
+        )
+        == 0
+    )
     # Movements explain MRR: start + new + expansion - contraction - churned = end.
     for r in want:
         assert r[2] + r[4] + r[5] - r[6] - r[7] == r[3]
@@ -140,10 +155,36 @@ def test_mrr_report_refusals_and_one_currency(db: Database) -> None:
             with pytest.raises(Exception, match=said):
                 conn.execute(bad)
             conn.rollback()
-        rows = conn.execute(
-            "select * from public.mrr_report(now() - interval '1 month', now(), 'EUR')"
-        ).fetchall()
-    assert rows == []
+    # A history in both currencies: one currency's report is exactly that currency's rows of
+    # the full report, whatever the case of the code.
+    rng = random.Random(1805)
+    now = datetime.now(UTC)
+    start = month_start(*add_months(now.year, now.month, -3))
+    with db.connect() as conn:
+        for code, (currency, unit, _) in PLANS.items():
+            conn.execute(
+                "insert into billing.products (code, kind, name, tokens, price_cents, currency, "
+                "stripe_price_id) values (%s, 'plan', %s, 1000, %s, %s, %s)",
+                [code, code, unit, currency, f"price_{code}"],
+            )
+    users = [uuid.uuid4() for _ in range(30)]
+    for n, user in enumerate(users):
+        db.create_user(user)
+        scalar(
+            db,
+            "select status from public.link_stripe_customer(%s, %s)",
+            [str(user), f"cus_rv{n:05d}"],
+        )
+    deliver_all(db, [c.event for c in generate(rng, start, int(now.timestamp()) - 60, users)])
+    window = [datetime.fromtimestamp(start, UTC), now]
+    with db.connect() as conn:
+        every = conn.execute("select * from public.mrr_report(%s, %s)", window).fetchall()
+        eur = conn.execute("select * from public.mrr_report(%s, %s, 'EUR')", window).fetchall()
+        usd = conn.execute("select * from public.mrr_report(%s, %s, 'usd')", window).fetchall()
+    assert {r[1] for r in every} == {"eur", "usd"}, "the history should have both currencies"
+    assert eur == [r for r in every if r[1] == "eur"]
+    assert usd == [r for r in every if r[1] == "usd"]
+    assert eur, "the euro rows should not be empty"
 
 
 def test_token_flow_report_should_sum_each_kind_of_the_period(db: Database) -> None:

@@ -284,6 +284,33 @@ def test_an_agent_should_price_and_charge_a_model_call_in_one_request(
     assert client.get("/v1/balance", headers=key_auth(key)).json()["balance"] == 89
 
 
+def test_an_agent_may_send_the_provider_cost_of_a_call(client: TestClient, db: Database) -> None:
+    user = new_user(db)
+    key = make_key(client, user)["key"]
+    items = [{**GPT4O_CALL[0], "cost_microcents": 300_000}, GPT4O_CALL[1]]
+    charged = client.post("/v1/usage", json={"items": items}, headers=key_auth(key, "costed"))
+    assert charged.status_code == 200, charged.text
+    with db.connect() as conn:
+        costs = conn.execute(
+            "select cost_microcents, plan from billing.usage_records where user_id = %s "
+            "order by line",
+            [user],
+        ).fetchall()
+    assert costs == [(300_000, "free"), (None, "free")], "the seed's prices carry no cost"
+    bad = client.post(
+        "/v1/usage",
+        json={"items": [{**GPT4O_CALL[0], "cost_microcents": -1}]},
+        headers=key_auth(key, "bad-cost"),
+    )
+    assert bad.status_code == 422
+    other = client.post(
+        "/v1/usage",
+        json={"items": [{**GPT4O_CALL[0], "cost_microcents": 1}, GPT4O_CALL[1]]},
+        headers=key_auth(key, "costed"),
+    )
+    assert other.status_code == 409, "the same key with another cost is another call"
+
+
 def test_two_users_may_use_the_same_idempotency_key(client: TestClient, db: Database) -> None:
     for _ in range(2):
         key = make_key(client, new_user(db))["key"]

@@ -447,8 +447,10 @@ class TokenBilling:
         hold: uuid.UUID | str | None = None,
     ) -> Result:
         """Price usage items by the rate card and charge them in one transaction: settling
-        `hold` (a reservation id), or as a deduct. Raises InsufficientTokens rather than go
-        below zero (a deduct), UnknownAccount; `Result.tokens` is what the items cost."""
+        `hold` (a reservation id), or as a deduct. An item may carry `cost_microcents`, what the
+        call cost the provider (else the rate card's cost is recorded, if it has one). Raises
+        InsufficientTokens rather than go below zero (a deduct), UnknownAccount;
+        `Result.tokens` is what the items cost."""
         row = _one(
             await self.db.rpc(
                 "record_usage",

@@ -2,7 +2,7 @@
 -- the row and as another user) and service_role. Privileges before behaviour.
 begin;
 set local search_path = extensions, public;
-select plan(88);
+select plan(115);
 
 -- Two users: A owns the rows under test, B is another signed-in user.
 select tests.create_user('00000000-0000-0000-0000-00000000000a', 'a@example.com');
@@ -449,6 +449,117 @@ select function_privs_are(
 select function_privs_are(
   'public', 'installed_migrations', array[]::text[],
   'authenticated', array[]::text[], 'authenticated should not execute installed_migrations'
+);
+
+-- Margin, alerts, adjustments and the business metrics (20261202650100..650300): service_role only.
+select function_privs_are(
+  'public', 'margin_report', array['timestamp with time zone', 'timestamp with time zone', 'text', 'text', 'text'],
+  'service_role', array['EXECUTE'], 'service_role should execute margin_report'
+);
+select function_privs_are(
+  'public', 'margin_report', array['timestamp with time zone', 'timestamp with time zone', 'text', 'text', 'text'],
+  'anon', array[]::text[], 'anon should not execute margin_report'
+);
+select function_privs_are(
+  'public', 'margin_report', array['timestamp with time zone', 'timestamp with time zone', 'text', 'text', 'text'],
+  'authenticated', array[]::text[], 'authenticated should not execute margin_report'
+);
+select function_privs_are(
+  'public', 'check_margin_floor', array['timestamp with time zone', 'text'],
+  'service_role', array['EXECUTE'], 'service_role should execute check_margin_floor'
+);
+select function_privs_are(
+  'public', 'check_margin_floor', array['timestamp with time zone', 'text'],
+  'anon', array[]::text[], 'anon should not execute check_margin_floor'
+);
+select function_privs_are(
+  'public', 'check_margin_floor', array['timestamp with time zone', 'text'],
+  'authenticated', array[]::text[], 'authenticated should not execute check_margin_floor'
+);
+select function_privs_are(
+  'public', 'list_alerts', array['integer'],
+  'service_role', array['EXECUTE'], 'service_role should execute list_alerts'
+);
+select function_privs_are(
+  'public', 'list_alerts', array['integer'],
+  'anon', array[]::text[], 'anon should not execute list_alerts'
+);
+select function_privs_are(
+  'public', 'list_alerts', array['integer'],
+  'authenticated', array[]::text[], 'authenticated should not execute list_alerts'
+);
+select function_privs_are(
+  'public', 'adjust_tokens', array['uuid', 'bigint', 'text', 'text', 'boolean', 'text'],
+  'service_role', array['EXECUTE'], 'service_role should execute adjust_tokens'
+);
+select function_privs_are(
+  'public', 'adjust_tokens', array['uuid', 'bigint', 'text', 'text', 'boolean', 'text'],
+  'anon', array[]::text[], 'anon should not execute adjust_tokens'
+);
+select function_privs_are(
+  'public', 'adjust_tokens', array['uuid', 'bigint', 'text', 'text', 'boolean', 'text'],
+  'authenticated', array[]::text[], 'authenticated should not execute adjust_tokens'
+);
+select function_privs_are(
+  'public', 'business_metrics', array['interval'],
+  'service_role', array['EXECUTE'], 'service_role should execute business_metrics'
+);
+select function_privs_are(
+  'public', 'business_metrics', array['interval'],
+  'anon', array[]::text[], 'anon should not execute business_metrics'
+);
+select function_privs_are(
+  'public', 'business_metrics', array['interval'],
+  'authenticated', array[]::text[], 'authenticated should not execute business_metrics'
+);
+select table_privs_are(
+  'billing', 'alerts', 'service_role', array['SELECT'],
+  'service_role should only read billing.alerts'
+);
+select table_privs_are(
+  'billing', 'alerts', 'anon', array[]::text[],
+  'anon should have no privilege on billing.alerts'
+);
+select table_privs_are(
+  'billing', 'alerts', 'authenticated', array[]::text[],
+  'authenticated should have no privilege on billing.alerts'
+);
+select table_privs_are(
+  'billing', 'ledger_totals', 'service_role', array['SELECT'],
+  'service_role should only read billing.ledger_totals'
+);
+select table_privs_are(
+  'billing', 'ledger_totals', 'anon', array[]::text[],
+  'anon should have no privilege on billing.ledger_totals'
+);
+select table_privs_are(
+  'billing', 'ledger_totals', 'authenticated', array[]::text[],
+  'authenticated should have no privilege on billing.ledger_totals'
+);
+select table_privs_are(
+  'billing', 'metric_state', 'service_role', array['SELECT'],
+  'service_role should only read billing.metric_state'
+);
+select table_privs_are(
+  'billing', 'metric_state', 'anon', array[]::text[],
+  'anon should have no privilege on billing.metric_state'
+);
+select table_privs_are(
+  'billing', 'metric_state', 'authenticated', array[]::text[],
+  'authenticated should have no privilege on billing.metric_state'
+);
+
+select table_privs_are(
+  'billing', 'subscription_lifetimes', 'service_role', array['SELECT'],
+  'service_role should only read billing.subscription_lifetimes'
+);
+select table_privs_are(
+  'billing', 'subscription_lifetimes', 'anon', array[]::text[],
+  'anon should have no privilege on billing.subscription_lifetimes'
+);
+select table_privs_are(
+  'billing', 'subscription_lifetimes', 'authenticated', array[]::text[],
+  'authenticated should have no privilege on billing.subscription_lifetimes'
 );
 
 -- Even the owner cannot edit the ledger: append-only for every role.

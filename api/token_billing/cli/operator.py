@@ -1,16 +1,19 @@
-"""The operator's commands: `token-billing user <id|email>`, `token-billing events
-parked|replay` and `token-billing report mrr|usage`. They read the same settings as the service
-and call its RPCs as service_role."""
+"""The operator's commands: `token-billing user <id|email>`, `token-billing adjust`,
+`token-billing events parked|replay` and `token-billing report
+revenue|products|mrr|failures|usage|margin`. They read the same settings as the service and call
+its RPCs as service_role."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import csv
+import getpass
+import hashlib
 import json
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from token_billing.cli.settings import server_settings
@@ -31,6 +34,30 @@ def add_parser(commands: Any) -> None:
     u.add_argument("user", metavar="USER", help="the user id (auth.users.id) or email address")
     u.add_argument("--json", action="store_true", help="the report as one JSON object")
     u.set_defaults(run=user)
+
+    a = commands.add_parser(
+        "adjust",
+        help="credit or debit a user's balance by hand, with a reason",
+        description="One `adjustment` ledger entry (public.adjust_tokens) carrying the reason and "
+        "the operator. A positive amount credits (a never-expiring bucket); a negative one "
+        "debits and never takes available below zero unless --allow-debt. The idempotency key "
+        "defaults to one derived from the user, the amount and the reason, so running the same "
+        "command twice applies it once (the second answers duplicate); give --idempotency-key "
+        "to apply an identical adjustment again on purpose. Exit 1 when nothing was applied "
+        "(no such user or account, insufficient funds).",
+    )
+    a.add_argument("user", metavar="USER", help="the user id (auth.users.id) or email address")
+    a.add_argument(
+        "amount", metavar="AMOUNT", type=_signed_amount, help="tokens: +50 credits, -50 debits"
+    )
+    a.add_argument("--reason", required=True, help="why (3..500 characters); kept on the entry")
+    a.add_argument("--idempotency-key", dest="key", help="the entry's key (default: derived)")
+    a.add_argument(
+        "--allow-debt", action="store_true", help="a debit may take the balance below zero"
+    )
+    a.add_argument("--operator", default=None, help="who is adjusting (default: the login name)")
+    a.add_argument("--json", action="store_true", help="the result as one JSON object")
+    a.set_defaults(run=adjust)
 
     e = commands.add_parser(
         "events",
@@ -63,19 +90,22 @@ def add_parser(commands: Any) -> None:
 
     r = commands.add_parser(
         "report",
-        help="figures for a period: revenue, products, MRR, failed payments, the token flow",
+        help="figures for a period: revenue, products, MRR, failed payments, the token flow, "
+        "margin",
         description="revenue: payments, refunds, lost disputes and net by period and currency; "
         "products: what each product sold in the period earned; mrr: MRR by calendar month "
         "(UTC) per currency, with new, expansion, contraction and churned MRR, subscribers, "
         "churn rate, ARPU and LTV; failures: the failed-payment rate of invoices; usage: tokens "
-        "granted, used, expired (breakage) and clawed back by period and kind. Money in minor "
-        "units, never mixing currencies.",
+        "granted, used, expired (breakage) and clawed back by period and kind; margin: revenue "
+        "attributed (cash basis: what users paid in the period, net) against the provider cost "
+        "of their usage, per plan, user or in total. Money in minor units (costs in micro-cents), "
+        "never mixing currencies.",
     )
     reports = r.add_subparsers(
         dest="report",
         required=True,
         metavar="REPORT",
-        help="revenue, products, mrr, failures or usage",
+        help="revenue, products, mrr, failures, usage or margin",
     )
     for name, text in [
         ("revenue", "payments, refunds, lost disputes and net by period and currency"),
@@ -83,6 +113,7 @@ def add_parser(commands: Any) -> None:
         ("mrr", "MRR by month with its movements, churn, ARPU and LTV"),
         ("failures", "invoices tried, failed at least once, recovered, and the failure rate"),
         ("usage", "tokens by period and ledger kind"),
+        ("margin", "revenue attributed against the provider cost of usage, by plan, user or total"),
     ]:
         one = reports.add_parser(name, help=text, description=text + ".")
         one.add_argument(
@@ -91,9 +122,20 @@ def add_parser(commands: Any) -> None:
         one.add_argument(
             "--to", dest="end", required=True, type=_date, help="the day after the last, YYYY-MM-DD"
         )
-        if name in ("revenue", "products", "mrr"):
+        if name in ("revenue", "products", "mrr", "margin"):
             one.add_argument("--currency", help="only this currency (ISO code)")
-        if name in ("usage", "revenue", "failures"):
+        if name == "margin":
+            one.add_argument(
+                "--group", choices=("plan", "user", "total"), default="plan",
+                help="rows per plan (default), per user, or one per period and currency",
+            )  # fmt: skip
+            one.add_argument(
+                "--check-floor",
+                action="store_true",
+                help="also check each period against billing.settings.margin_floor_bp: raise an "
+                "alert (billing.alerts) for every plan under it and exit 3 when there is one",
+            )
+        if name in ("usage", "revenue", "failures", "margin"):
             one.add_argument(
                 "--by", choices=("day", "week", "month"), default="month",
                 help="the period (default month)",
@@ -305,6 +347,17 @@ def report(args: argparse.Namespace) -> int:
                 "revenue_by_product",
                 {"p_from": args.start, "p_to": args.end, "p_currency": args.currency},
             )
+        elif args.report == "margin":
+            rows = await db.rpc(
+                "margin_report",
+                {
+                    "p_from": args.start,
+                    "p_to": args.end,
+                    "p_granularity": args.by,
+                    "p_group_by": args.group,
+                    "p_currency": args.currency,
+                },
+            )
         else:
             rows = await db.rpc(
                 "token_flow_report",
@@ -317,6 +370,120 @@ def report(args: argparse.Namespace) -> int:
                 writer.writerow([_cell(v) for v in row.values()])
         else:
             print("\n".join(render_table(rows)))
+        if args.report == "margin" and args.check_floor:
+            return await check_floor(db, args.start, args.end, args.by)
         return 0
 
     return _run(f"report {args.report}", args, work)
+
+
+def _periods(start: datetime, end: datetime, by: str) -> list[datetime]:
+    """The first instant of every period (day, week from Monday, month; UTC) that meets
+    [start, end)."""
+    if by == "month":
+        at = start.replace(day=1)
+    elif by == "week":
+        at = start - timedelta(days=start.weekday())
+    else:
+        at = start
+    periods = []
+    while at < end:
+        periods.append(at)
+        if by == "month":
+            at = at.replace(year=at.year + at.month // 12, month=at.month % 12 + 1)
+        else:
+            at += timedelta(days=7 if by == "week" else 1)
+    return periods
+
+
+async def check_floor(db: Database, start: datetime, end: datetime, by: str) -> int:
+    """public.check_margin_floor for every period of the report: 3 when a plan is under the
+    floor (each such plan is then an alert row), else 0."""
+    breaches: list[Mapping[str, Any]] = []
+    for period in _periods(start, end, by):
+        for row in await db.rpc(
+            "check_margin_floor", {"p_period_start": period, "p_granularity": by}
+        ):
+            breaches.append({"period_start": period, **row})
+    if not breaches:
+        print("margin floor: no plan under it (or no floor set: billing.settings.margin_floor_bp)")
+        return 0
+    for b in breaches:
+        print(
+            f"margin floor: plan {b['plan']} {b['currency']} {_cell(b['period_start'])}: margin "
+            f"{b['margin_bp']} bp < floor {b['floor_bp']} bp (alert {b['alert_id']})",
+            file=sys.stderr,
+        )
+    return 3
+
+
+def _signed_amount(text: str) -> int:
+    try:
+        amount = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of tokens") from None
+    if amount == 0:
+        raise argparse.ArgumentTypeError("the amount must not be 0")
+    return amount
+
+
+def adjustment_key(user_id: str, amount: int, reason: str) -> str:
+    """The default key of `adjust`: the same user, amount and reason make the same key, so a
+    command run twice applies once."""
+    digest = hashlib.sha256(f"{user_id}\n{amount}\n{reason.strip()}".encode()).hexdigest()
+    return f"adjust:{user_id}:{digest[:32]}"
+
+
+def adjust(args: argparse.Namespace) -> int:
+    async def work(db: Database) -> int:
+        rows = await db.rpc("describe_user", {"p_user": args.user})
+        if not rows:
+            print(f"token-billing: no user {args.user!r}", file=sys.stderr)
+            return 1
+        report = rows[0]["report"]
+        if isinstance(report, str):
+            report = json.loads(report)
+        user_id = str(report["user_id"])
+        key = args.key or adjustment_key(user_id, args.amount, args.reason)
+        result = (
+            await db.rpc(
+                "adjust_tokens",
+                {
+                    "p_user_id": user_id,
+                    "p_amount": args.amount,
+                    "p_reason": args.reason,
+                    "p_idempotency_key": key,
+                    "p_allow_debt": args.allow_debt,
+                    "p_operator": args.operator or _login(),
+                },
+            )
+        )[0]
+        outcome = {"user_id": user_id, "amount": args.amount, "idempotency_key": key, **result}
+        if args.json:
+            print(json.dumps(outcome, default=str))
+        elif result["status"] in ("applied", "duplicate"):
+            again = " (already applied: nothing changed)" if result["status"] == "duplicate" else ""
+            print(
+                f"{result['status']}: {_signed(args.amount)} tokens for {user_id}, balance "
+                f"{result['balance']}, entry {result['entry_id']}{again}"
+            )
+        else:
+            print(
+                f"token-billing: {result['status']} for {user_id}"
+                + (
+                    f" (balance {result['balance']}; --allow-debt lets a debit go below zero)"
+                    if result["status"] == "insufficient_funds"
+                    else ""
+                ),
+                file=sys.stderr,
+            )
+        return 0 if result["status"] in ("applied", "duplicate") else 1
+
+    return _run("adjust", args, work)
+
+
+def _login() -> str | None:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None

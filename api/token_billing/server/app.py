@@ -88,6 +88,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await gateway.close()
             await http.aclose()
             raise
+        metrics.business.attach(db, settings.metrics_business_seconds)
         balances = stream.BalanceBroker.from_settings(settings, db)
         await balances.start()
         app.state.balances = balances
@@ -124,6 +125,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             yield
         finally:
+            metrics.business.detach()
             await balances.close()
             await db.close()
             await gateway.close()

@@ -179,6 +179,13 @@ class UsageItem(Model):
         max_length=16,
         description='e.g. {"model": "gpt-4o"}: the meter\'s dimension picks the price.',
     )
+    cost_microcents: StrictInt | None = Field(
+        default=None,
+        ge=0,
+        le=1_000_000_000_000_000,
+        description="What the call cost the provider, in micro-cents (10^-6 of a cent) of the "
+        "cost currency; default: the rate card's cost for the meter, if it has one.",
+    )
 
 
 class UsageRequest(Model):
@@ -207,6 +214,9 @@ class PricedItem(Model):
     price_id: int = Field(description="The price version it was priced at.")
     percent_off: int | None = Field(default=None, description="The customer discount applied.")
     tokens: int
+    cost_microcents: int | None = Field(
+        default=None, description="The provider's cost in micro-cents; null when unknown."
+    )
 
 
 class Quote(Model):

@@ -213,6 +213,11 @@ class Settings(BaseSettings):
     """A bearer token that GET /metrics then requires (`Authorization: Bearer <token>`); with it,
     /metrics is also served on the API port. At least 16 characters."""
 
+    metrics_business_seconds: int = Field(default=60, ge=0, le=86_400)
+    """How long GET /metrics serves the business figures (subscribers, revenue, tokens granted,
+    used and expired, parked events: public.business_metrics) before it asks the database
+    again. 0: no business figures on /metrics."""
+
     operator_token: SecretStr | None = None
     """A bearer token for the operator dashboard: with it, GET /ops serves the page and
     GET /v1/ops/summary its figures (`Authorization: Bearer <token>`). At least 32 characters."""

@@ -176,21 +176,34 @@ function render(data) {
     { name: "expired", values: flowMonths.map((m) => -sum(m, ["expiry"])) },
   ], { kind: "bars" });
 
-  const body = $("parked").querySelector("tbody");
+  fillTable($("parked"), data.parked_events.map((e) => [
+    e.event_id, e.type, e.created.slice(0, 16).replace("T", " "), e.attempts, e.detail ?? "",
+  ]));
+  fillTable($("alerts"), (data.alerts ?? []).map((a) => [
+    a.kind, `${a.subject} (${a.currency})`, a.period_start.slice(0, 10),
+    a.kind === "margin_below_floor"
+      ? `margin ${(a.detail.margin_bp / 100).toFixed(2)}% < floor ${(a.detail.floor_bp / 100).toFixed(2)}%`
+      : JSON.stringify(a.detail),
+    a.updated_at.slice(0, 16).replace("T", " "),
+  ]));
+}
+
+function fillTable(table, rows) {
+  const body = table.querySelector("tbody");
   body.replaceChildren();
-  for (const e of data.parked_events) {
+  for (const values of rows) {
     const row = document.createElement("tr");
-    for (const v of [e.event_id, e.type, e.created.slice(0, 16).replace("T", " "), e.attempts, e.detail ?? ""]) {
+    for (const v of values) {
       const td = document.createElement("td");
       td.textContent = String(v);
       row.append(td);
     }
     body.append(row);
   }
-  if (!data.parked_events.length) {
+  if (!rows.length) {
     const row = document.createElement("tr");
     const td = document.createElement("td");
-    td.colSpan = 5;
+    td.colSpan = table.querySelectorAll("th").length;
     td.textContent = "none";
     row.append(td);
     body.append(row);

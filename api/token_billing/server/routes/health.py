@@ -100,6 +100,7 @@ def _render(metrics: Metrics) -> Response:
 async def metrics(request: Request) -> Response:
     rt = runtime(request)
     check_metrics_token(request, rt.settings)
+    await rt.metrics.refresh()
     return _render(rt.metrics)
 
 
@@ -145,6 +146,7 @@ def metrics_app(registry: Metrics, settings: Settings) -> Starlette:
 
     async def endpoint(request: Request) -> Response:
         check_metrics_token(request, settings)
+        await registry.refresh()
         return _render(registry)
 
     return Starlette(

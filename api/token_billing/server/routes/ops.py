@@ -113,6 +113,17 @@ class ParkedEvent(schemas.Model):
     detail: str | None
 
 
+class Alert(schemas.Model):
+    id: int
+    kind: str
+    subject: str
+    period_start: datetime
+    currency: str
+    detail: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+
 class Summary(schemas.Model):
     """The dashboard's figures for a period (minor units and tokens are integers)."""
 
@@ -122,6 +133,7 @@ class Summary(schemas.Model):
     mrr: list[MrrMonth]
     token_flow: list[TokenFlow]
     parked_events: list[ParkedEvent]
+    alerts: list[Alert] = Field(description="The newest alerts (a plan's margin under the floor).")
 
 
 def check_operator(request: Request, settings: Settings) -> None:
@@ -155,6 +167,7 @@ async def summary(request: Request) -> Response:
         "token_flow_report", {"p_from": p_from, "p_to": p_to, "p_granularity": "month"}
     )
     parked = await rt.db.rpc("list_parked_stripe_events", {"p_limit": 20})
+    alerts = await rt.db.rpc("list_alerts", {"p_limit": 20})
     body: dict[str, Any] = {
         "period_from": start,
         "period_to": end,
@@ -162,6 +175,7 @@ async def summary(request: Request) -> Response:
         "mrr": mrr,
         "token_flow": flow,
         "parked_events": parked,
+        "alerts": alerts,
     }
     response = schemas.respond(Summary.model_validate(body))
     response.headers["Cache-Control"] = "no-store"
@@ -190,7 +204,7 @@ def routes(settings: Settings) -> list[BaseRoute]:
             summary,
             methods=["GET"],
             summary="The operator dashboard's figures: revenue and MRR by month, token flow, "
-            "parked events",
+            "parked events, alerts",
             query=SummaryQuery,
             security="operatorToken",
             tag="operator",

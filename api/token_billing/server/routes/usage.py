@@ -50,7 +50,7 @@ def call_key(request: Request, user_id: uuid.UUID) -> str:
 
 
 def items_json(items: list[schemas.UsageItem]) -> list[dict[str, Any]]:
-    return [item.model_dump() for item in items]
+    return [item.model_dump(exclude_none=True) for item in items]
 
 
 def charge_outcome(row: dict[str, Any], *, requested: int | None = None) -> None:
