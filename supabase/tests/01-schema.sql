@@ -18,7 +18,7 @@ select columns_are(
   'billing', 'accounts',
   array[
     'user_id', 'balance', 'reserved', 'undrawn', 'held_expired', 'plan', 'subscription_status',
-    'created_at', 'updated_at'
+    'created_at', 'updated_at', 'past_due_since', 'alert_levels'
   ],
   'accounts should have the contract''s columns'
 );
