@@ -137,11 +137,11 @@ select ok(
 
 select is(
   (
-    select count(*)::int from pg_publication_tables
+    select array_agg(tablename::text order by tablename) from pg_publication_tables
     where pubname = 'supabase_realtime' and schemaname = 'billing'
   ),
-  1,
-  'only billing.accounts should be published (ledger rows stay off the wire)'
+  array['accounts', 'notifications'],
+  'only billing.accounts and billing.notifications should be published (ledger rows stay off the wire)'
 );
 
 select trigger_is(
