@@ -77,6 +77,9 @@ comment on column billing.products.postpaid_unit_amount is
 'postpaid: the price of 1,000 tokens taken below zero, in the currency''s minor unit; the '
 'period''s amount is rounded up to a whole minor unit.';
 
+-- The guide's free plan warns at 20% and at 0 (only when nobody has set thresholds yet).
+update billing.products set alert_thresholds = '{20, 0}' where code = 'free' and alert_thresholds = '{}';
+
 -- Levels and periods --------------------------------------------------------------------------
 
 create function billing.plan_alert_levels(p_plan text) returns bigint[]
@@ -148,6 +151,11 @@ revoke all on function billing.tg_products__alert_levels() from public;
 create trigger tg_products__alert_levels
 after update of tokens, alert_thresholds, overage_strategy, auto_top_up_below on billing.products
 for each row execute function billing.tg_products__alert_levels();
+
+-- Accounts that exist already (the free plan's thresholds above).
+update billing.accounts as a
+set alert_levels = billing.plan_alert_levels(a.plan)
+where billing.plan_alert_levels(a.plan) is not null;
 
 create function billing.usage_period_start(p_user_id uuid, p_as_of timestamptz) returns timestamptz
 language sql stable
