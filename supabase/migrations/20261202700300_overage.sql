@@ -872,7 +872,7 @@ as $$
   debt_users as (
     select distinct e.user_id
     from billing.ledger_entries as e
-    where e.kind in ('clawback', 'dispute')
+    where e.kind in ('clawback', 'dispute') or (e.kind = 'usage' and e.metadata ? 'overage')
   ),
 
   chain as (
