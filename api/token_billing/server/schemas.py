@@ -63,6 +63,7 @@ class PurchaseRequest(Model):
     error_codes: ClassVar[Mapping[str, str]] = {
         "product": "invalid_request",
         "quantity": "invalid_quantity",
+        "interval": "invalid_interval",
     }
 
     product: StrictStr = Field(
@@ -76,6 +77,14 @@ class PurchaseRequest(Model):
         ge=1,
         le=100,
         description="How many packs (1 to 100); a plan is bought with 1.",
+    )
+    interval: Literal["month", "year"] | None = Field(
+        default=None,
+        description=(
+            "Plans only: the billing interval of the price to subscribe at (month, the default, or "
+            "year when the plan has an annual price)."
+        ),
+        examples=["year"],
     )
 
 
@@ -133,6 +142,15 @@ class LedgerPage(Model):
     entries: list[LedgerEntry]
 
 
+class ProductPrice(Model):
+    """One price of a plan: per month or per year, in a currency."""
+
+    interval: Literal["month", "year"]
+    currency: str
+    unit_amount: int = Field(description="The price per interval in the currency's minor unit.")
+    purchasable: bool = Field(description="Has a Stripe price: checkout can sell it.")
+
+
 class Product(Model):
     code: str
     kind: Literal["pack", "plan"]
@@ -144,6 +162,10 @@ class Product(Model):
     rollover: bool = False
     sort_order: int = 0
     purchasable: bool = Field(description="Has a Stripe price: checkout can sell it.")
+    prices: list[ProductPrice] = Field(
+        default_factory=list,
+        description="Plans: every price it sells at (monthly, annual), for the pricing cards.",
+    )
 
 
 class ProductList(Model):
