@@ -351,8 +351,8 @@ class StripeDouble:
                     return _missing("price", price_id, 404)
                 price = dict(self.state.prices[price_id])
                 if "product" in _indexed(data.get("expand")):
-                    product = self.state.products.get(str(price["product"]))
-                    price["product"] = product or {"id": price["product"], "object": "product"}
+                    expanded = self.state.products.get(str(price["product"]))
+                    price["product"] = expanded or {"id": price["product"], "object": "product"}
                 return 200, price
             case ("POST", ["v1", "prices"]):
                 return self._create_price(data)

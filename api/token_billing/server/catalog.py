@@ -109,9 +109,19 @@ async def _ensure_price(
     currency: str,
     interval: str | None,
     key: str,
+    stored: str | None = None,
 ) -> tuple[str, bool]:
-    """The active Price with this lookup key, created (taking the key over) when it differs;
-    (price id, created)."""
+    """The price already stored (an adopted one) if it still matches, else the active Price
+    with this lookup key, created (taking the key over) when it differs; (price id, created)."""
+    if stored:
+        try:
+            mapped = await client.v1.prices.retrieve_async(stored)
+        except stripe.InvalidRequestError as exc:
+            if not _missing(exc):
+                raise
+        else:
+            if _price_matches(mapped, code, unit_amount, currency, interval):
+                return stored, False
     found = await client.v1.prices.list_async(params={"lookup_keys": [key], "limit": 1})
     current = found.data[0] if found.data else None
     if current is not None and _price_matches(current, code, unit_amount, currency, interval):
@@ -163,6 +173,7 @@ async def sync_one(client: stripe.StripeClient, db: Database, row: dict[str, Any
         str(row["currency"]),
         "month" if row["kind"] == "plan" else None,
         lookup_key(code),
+        row.get("stripe_price_id"),
     )
     action = "created" if created else ("updated" if product_changed else "unchanged")
     if row.get("stripe_price_id") != price_id:
@@ -189,6 +200,7 @@ async def sync_extra_price(
         currency,
         interval,
         lookup_key(code, interval, currency),
+        price.get("stripe_price_id"),
     )
     action = "created" if created else "unchanged"
     if price.get("stripe_price_id") != price_id:
@@ -212,7 +224,8 @@ async def adopt_price(client: stripe.StripeClient, db: Database, price_id: str) 
     product's metadata.token_billing_code); nothing is created in Stripe."""
     price = await client.v1.prices.retrieve_async(price_id, params={"expand": ["product"]})
     product = price.product
-    metadata = getattr(product, "metadata", None) or {}
+    raw_metadata = getattr(product, "metadata", None)
+    metadata: dict[str, Any] = raw_metadata.to_dict() if raw_metadata is not None else {}
     product_id = product if isinstance(product, str) else product.id
     code = metadata.get("token_billing_code") or (
         product_id[3:] if product_id.startswith("tb_") else None
