@@ -78,13 +78,14 @@ returns table (
   entitled_plan text,
   limits jsonb,
   features text[],
-  grace_until timestamptz
+  grace_until timestamptz,
+  period_tokens bigint
 )
 language sql stable
 security invoker
 set search_path = ''
 as $$
-  select a.plan, a.subscription_status, e.plan, ep.limits, ep.features, e.grace_until
+  select a.plan, a.subscription_status, e.plan, ep.limits, ep.features, e.grace_until, p.tokens
   from billing.accounts as a
   inner join billing.products as p on p.code = a.plan
   -- the entitled plan: the own plan, or past_due within the grace period; else free.
@@ -105,8 +106,9 @@ $$;
 
 comment on function public.my_entitlements(timestamptz) is
 'The signed-in user''s plan, subscription status, the plan whose entitlements apply at p_as_of '
-'(past_due: until grace_until, then free), its limits and features. Security invoker: reads '
-'through RLS, so no row for anyone else (or for anon).';
+'(past_due: until grace_until, then free), its limits and features, and the own plan''s tokens '
+'per period (what a low-balance warning is a share of). Security invoker: reads through RLS, so '
+'no row for anyone else (or for anon).';
 
 revoke all on function public.my_entitlements(timestamptz) from public, anon, service_role;
 grant execute on function public.my_entitlements(timestamptz) to authenticated;

@@ -78,7 +78,8 @@ comment on column billing.products.postpaid_unit_amount is
 'period''s amount is rounded up to a whole minor unit.';
 
 -- The guide's free plan warns at 20% and at 0 (only when nobody has set thresholds yet).
-update billing.products set alert_thresholds = '{20, 0}' where code = 'free' and alert_thresholds = '{}';
+update billing.products set alert_thresholds = '{20, 0}'
+where code = 'free' and alert_thresholds = '{}';
 
 -- Levels and periods --------------------------------------------------------------------------
 

@@ -76,7 +76,10 @@ values (
 update billing.accounts set subscription_status = 'past_due'
 where user_id = '00000000-0000-0000-0000-000000000401';
 select is(
-  (select past_due_since from billing.accounts where user_id = '00000000-0000-0000-0000-000000000401'),
+  (
+    select past_due_since from billing.accounts
+    where user_id = '00000000-0000-0000-0000-000000000401'
+  ),
   '2026-11-20 10:00:00+00'::timestamptz,
   'past_due_since should be the past_due subscription''s Stripe event time'
 );
@@ -104,20 +107,25 @@ select results_eq(
   $$values (false, 1::bigint)$$,
   'after the grace period the free plan''s limits should apply'
 );
-update billing.products set grace_period = '1 day' where code = 'pro';
+update billing.products set grace_period = '1 day'
+where code = 'pro';
 select results_eq(
   $$select entitled_plan from public.check_entitlement(
     '00000000-0000-0000-0000-000000000401', 'api_access', '2026-11-21 10:00:00+00')$$,
   $$values ('free'::text)$$,
   'the grace period should be the plan''s to configure (1 day: over after a day)'
 );
-update billing.products set grace_period = '7 days' where code = 'pro';
+update billing.products set grace_period = '7 days'
+where code = 'pro';
 
 -- Paid again: the plan's, the grace clock cleared ---------------------------------------------------
 update billing.accounts set subscription_status = 'active'
 where user_id = '00000000-0000-0000-0000-000000000401';
 select is(
-  (select past_due_since from billing.accounts where user_id = '00000000-0000-0000-0000-000000000401'),
+  (
+    select past_due_since from billing.accounts
+    where user_id = '00000000-0000-0000-0000-000000000401'
+  ),
   null::timestamptz,
   'leaving past_due should clear past_due_since'
 );
@@ -212,10 +220,11 @@ select set_config(
 );
 set local role authenticated;
 select results_eq(
-  $$select plan, subscription_status, entitled_plan, limits, features, grace_until
+  $$select plan, subscription_status, entitled_plan, limits, features, grace_until, period_tokens
     from public.my_entitlements('2026-11-22 00:00:00+00')$$,
   $$values ('pro'::text, 'past_due'::text, 'pro'::text, '{"max_agents": 10}'::jsonb,
-    '{basic,file_upload,export,api_access,custom_agents}'::text[], '2026-11-27 10:00:00+00'::timestamptz)$$,
+    '{basic,file_upload,export,api_access,custom_agents}'::text[], '2026-11-27 10:00:00+00'::timestamptz,
+    25000::bigint)$$,
   'my_entitlements should show the own plan, its entitlements and when the grace period ends'
 );
 select results_eq(

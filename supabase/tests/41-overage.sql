@@ -13,7 +13,10 @@ select tests.create_user('00000000-0000-0000-0000-000000000414', 'topup@example.
 
 -- block (free: 100 tokens, thresholds 20% and 0) -----------------------------------------------------
 select is(
-  (select alert_levels from billing.accounts where user_id = '00000000-0000-0000-0000-000000000411'),
+  (
+    select alert_levels from billing.accounts
+    where user_id = '00000000-0000-0000-0000-000000000411'
+  ),
   array[20, 0]::bigint[],
   'a free account should carry the free plan''s alert levels (20% and 0 of 100 tokens)'
 );
@@ -35,7 +38,10 @@ select results_eq(
   'a deduct below the threshold should apply'
 );
 select is(
-  (select count(*)::int from billing.notifications where user_id = '00000000-0000-0000-0000-000000000411'),
+  (
+    select count(*)::int from billing.notifications
+    where user_id = '00000000-0000-0000-0000-000000000411'
+  ),
   1, 'staying below a threshold should not notify again'
 );
 select results_eq(
@@ -58,13 +64,18 @@ select results_eq(
 select status from public.add_tokens('00000000-0000-0000-0000-000000000411', 100, 'blk-refill');
 select status from public.deduct_tokens('00000000-0000-0000-0000-000000000411', 95, 'blk-5');
 select is(
-  (select count(*)::int from billing.notifications where user_id = '00000000-0000-0000-0000-000000000411'),
+  (
+    select count(*)::int from billing.notifications
+    where user_id = '00000000-0000-0000-0000-000000000411'
+  ),
   2, 'a second crossing of a threshold in the same period should not notify again'
 );
 select is(
-  (select count(*)::int from billing.notification_deliveries as d
-    join billing.notifications as n on n.id = d.notification_id
-    where n.user_id = '00000000-0000-0000-0000-000000000411' and d.status = 'pending'),
+  (
+    select count(*)::int from billing.notification_deliveries as d
+    inner join billing.notifications as n on d.notification_id = n.id
+    where n.user_id = '00000000-0000-0000-0000-000000000411' and d.status = 'pending'
+  ),
   2, 'each notification should have one pending webhook delivery'
 );
 select results_eq(
@@ -77,7 +88,10 @@ select results_eq(
 update billing.accounts set plan = 'starter', subscription_status = 'active'
 where user_id = '00000000-0000-0000-0000-000000000412';
 select is(
-  (select alert_levels from billing.accounts where user_id = '00000000-0000-0000-0000-000000000412'),
+  (
+    select alert_levels from billing.accounts
+    where user_id = '00000000-0000-0000-0000-000000000412'
+  ),
   array[1000, 0]::bigint[],
   'a plan change should set the new plan''s alert levels (20% and 0 of 5,000)'
 );
@@ -121,7 +135,10 @@ select throws_ok(
   'TBKEY', null, 'throttle: a replayed key with another amount should raise TBKEY'
 );
 select is(
-  (select overage_tokens from billing.overage_periods where user_id = '00000000-0000-0000-0000-000000000412'),
+  (
+    select overage_tokens from billing.overage_periods
+    where user_id = '00000000-0000-0000-0000-000000000412'
+  ),
   500::bigint, 'the period should count 500 tokens of overage'
 );
 select tests.invariants_hold('the books should balance with throttled overage below zero');
@@ -161,7 +178,8 @@ select results_eq(
   $$values (1001001::bigint, 200201::bigint, 'usd'::text, 'enterprise'::text)$$,
   'an ended period should be due: 1,001,001 tokens at $2.00 per 1,000, rounded up'
 );
-update billing.products set postpaid_unit_amount = 3 where code = 'enterprise';
+update billing.products set postpaid_unit_amount = 3
+where code = 'enterprise';
 select results_eq(
   $$select amount_cents from public.postpaid_due(now() + interval '32 days')$$,
   $$values (3004::bigint)$$,
@@ -199,7 +217,10 @@ select results_eq(
   'auto_top_up: a deduct above the threshold should apply'
 );
 select is(
-  (select count(*)::int from billing.auto_top_ups where user_id = '00000000-0000-0000-0000-000000000414'),
+  (
+    select count(*)::int from billing.auto_top_ups
+    where user_id = '00000000-0000-0000-0000-000000000414'
+  ),
   0, 'no top-up should be requested above the threshold'
 );
 select results_eq(
@@ -215,7 +236,10 @@ select results_eq(
 );
 select status from public.deduct_tokens('00000000-0000-0000-0000-000000000414', 100, 'tu-3');
 select is(
-  (select count(*)::int from billing.auto_top_ups where user_id = '00000000-0000-0000-0000-000000000414'),
+  (
+    select count(*)::int from billing.auto_top_ups
+    where user_id = '00000000-0000-0000-0000-000000000414'
+  ),
   1, 'further deducts below the threshold should request nothing more'
 );
 select results_eq(
@@ -269,7 +293,10 @@ select results_eq(
 select status from public.add_tokens('00000000-0000-0000-0000-000000000414', 1000, 'tu-refill-1');
 select status from public.deduct_tokens('00000000-0000-0000-0000-000000000414', 1000, 'tu-5');
 select is(
-  (select count(*)::int from billing.auto_top_ups where user_id = '00000000-0000-0000-0000-000000000414'),
+  (
+    select count(*)::int from billing.auto_top_ups
+    where user_id = '00000000-0000-0000-0000-000000000414'
+  ),
   1, 'with auto top-up off a crossing should buy nothing'
 );
 set local role service_role;
@@ -288,21 +315,29 @@ select results_eq(
   'with auto top-up on again the next crossing should request the period''s second top-up'
 );
 -- At most N a period: the plan allows 2 now; the second one charged, a third crossing buys nothing.
-update billing.products set auto_top_up_max_per_period = 2 where code = 'pro';
+update billing.products set auto_top_up_max_per_period = 2
+where code = 'pro';
 update billing.auto_top_ups set status = 'charged', decided_at = now()
 where user_id = '00000000-0000-0000-0000-000000000414' and n = 2;
 select status from public.add_tokens('00000000-0000-0000-0000-000000000414', 1000, 'tu-refill-3');
 select status from public.deduct_tokens('00000000-0000-0000-0000-000000000414', 1000, 'tu-7');
 select is(
-  (select count(*)::int from billing.auto_top_ups where user_id = '00000000-0000-0000-0000-000000000414'),
+  (
+    select count(*)::int from billing.auto_top_ups
+    where user_id = '00000000-0000-0000-0000-000000000414'
+  ),
   2, 'a crossing past the period''s maximum of top-ups should buy nothing'
 );
 select is(
-  (select top_ups from billing.overage_periods where user_id = '00000000-0000-0000-0000-000000000414'),
+  (
+    select top_ups from billing.overage_periods
+    where user_id = '00000000-0000-0000-0000-000000000414'
+  ),
   2, 'the period should count its two top-ups'
 );
 -- A refused deduct that would cross the threshold counts as the crossing.
-update billing.products set auto_top_up_max_per_period = 3 where code = 'pro';
+update billing.products set auto_top_up_max_per_period = 3
+where code = 'pro';
 select status from public.add_tokens('00000000-0000-0000-0000-000000000414', 1000, 'tu-refill-4');
 select results_eq(
   $$select status from public.deduct_tokens('00000000-0000-0000-0000-000000000414', 100000, 'tu-8')$$,

@@ -8,7 +8,8 @@ select plan(26);
 select tests.create_user('00000000-0000-0000-0000-000000000421', 'annual@example.com');
 select public.link_stripe_customer('00000000-0000-0000-0000-000000000421', 'cus_00000000000000');
 
-update billing.products set stripe_price_id = 'price_pro_month' where code = 'pro';
+update billing.products set stripe_price_id = 'price_pro_month'
+where code = 'pro';
 
 -- Prices --------------------------------------------------------------------------------------
 set local role service_role;
@@ -107,7 +108,10 @@ select results_eq(
   'months 2 to 12 should be scheduled, one a month, each expiring at its month''s end'
 );
 select is(
-  (select tokens from billing.stripe_payments where id = 'in_annual421'),
+  (
+    select tokens from billing.stripe_payments
+    where id = 'in_annual421'
+  ),
   300000::bigint, 'the payment should be recorded with the whole year''s tokens (refunds claw back from it)'
 );
 set local role service_role;
@@ -135,7 +139,8 @@ select results_eq(
   'month 2 should be a subscription grant expiring at its month''s end'
 );
 -- A full refund stops the months still to come.
-update billing.stripe_payments set refunded_cents = 95000 where id = 'in_annual421';
+update billing.stripe_payments set refunded_cents = 95000
+where id = 'in_annual421';
 set local role service_role;
 select results_eq(
   $$select granted, canceled from public.grant_scheduled_tokens('2026-04-01 00:00:00+00')$$,
@@ -143,7 +148,8 @@ select results_eq(
   'after a full refund the due months should be canceled, not granted'
 );
 reset role;
-update billing.stripe_payments set refunded_cents = 0 where id = 'in_annual421';
+update billing.stripe_payments set refunded_cents = 0
+where id = 'in_annual421';
 set local role service_role;
 select results_eq(
   $$select granted from public.grant_scheduled_tokens('2027-01-01 00:00:00+00')$$,
@@ -154,7 +160,8 @@ reset role;
 select tests.invariants_hold('the books should balance after the monthly grants of an annual plan');
 
 -- annual_grants = yearly: the year at once -------------------------------------------------------
-update billing.products set annual_grants = 'yearly' where code = 'pro';
+update billing.products set annual_grants = 'yearly'
+where code = 'pro';
 set local role service_role;
 select results_eq(
   $$select status, detail from public.handle_stripe_event(
@@ -165,7 +172,10 @@ select results_eq(
 );
 reset role;
 select is(
-  (select count(*)::int from billing.scheduled_grants where stripe_invoice_id = 'in_annual421b'),
+  (
+    select count(*)::int from billing.scheduled_grants
+    where stripe_invoice_id = 'in_annual421b'
+  ),
   0, 'a yearly grant should schedule nothing'
 );
 select tests.invariants_hold('the books should balance after an annual grant');

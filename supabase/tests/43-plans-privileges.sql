@@ -112,19 +112,26 @@ select is_empty(
 );
 select ok(
   (
-    select bool_and(has_table_privilege('service_role', ('billing.' || t.name)::regclass, 'SELECT')
-      and not has_table_privilege('service_role', ('billing.' || t.name)::regclass, 'INSERT, UPDATE, DELETE'))
-    from (values ('notification_deliveries'), ('scheduled_grants'), ('overage_periods'),
-      ('auto_top_up_preferences'), ('auto_top_ups')) as t (name)
+    select
+      bool_and(
+        has_table_privilege('service_role', ('billing.' || t.name)::regclass, 'SELECT')
+        and not has_table_privilege('service_role', ('billing.' || t.name)::regclass, 'INSERT, UPDATE, DELETE')
+      )
+    from (
+      values ('notification_deliveries'), ('scheduled_grants'), ('overage_periods'),
+      ('auto_top_up_preferences'), ('auto_top_ups')
+    ) as t (name)
   ),
   'service_role should only select the service-only tables'
 );
 select ok(
   (
     select bool_and(c.relrowsecurity)
-    from pg_class as c join pg_namespace as n on n.oid = c.relnamespace
-    where n.nspname = 'billing' and c.relname in ('notifications', 'notification_deliveries',
-      'product_prices', 'scheduled_grants', 'overage_periods', 'auto_top_up_preferences', 'auto_top_ups')
+    from pg_class as c inner join pg_namespace as n on c.relnamespace = n.oid
+    where n.nspname = 'billing' and c.relname in (
+        'notifications', 'notification_deliveries',
+        'product_prices', 'scheduled_grants', 'overage_periods', 'auto_top_up_preferences', 'auto_top_ups'
+      )
   ),
   'every new table should have RLS on'
 );
@@ -224,7 +231,8 @@ select throws_ok(
 reset role;
 
 -- Stripe events raise notifications once: a failed payment, a cancellation ----------------------------
-update billing.products set stripe_price_id = 'price_1234' where code = 'pro';
+update billing.products set stripe_price_id = 'price_1234'
+where code = 'pro';
 select public.link_stripe_customer('00000000-0000-0000-0000-000000000432', 'cus_1234');
 set local role service_role;
 select results_eq(
@@ -255,7 +263,10 @@ select results_eq(
   'a failed payment should raise one payment_failed notification, redelivery or not'
 );
 select is(
-  (select past_due_since from billing.accounts where user_id = '00000000-0000-0000-0000-000000000432'),
+  (
+    select past_due_since from billing.accounts
+    where user_id = '00000000-0000-0000-0000-000000000432'
+  ),
   to_timestamp(1700200100), 'the grace period should start at the failure''s Stripe time'
 );
 set local role service_role;

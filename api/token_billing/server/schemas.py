@@ -121,6 +121,27 @@ class Balance(Model):
     subscription_status: str = Field(description="Stripe's subscription status, or none.")
 
 
+class Entitlements(Model):
+    """What the signed-in user's plan entitles them to: the fields of public.my_entitlements()."""
+
+    plan: str = Field(description="The plan subscribed to (free without a subscription).")
+    subscription_status: str = Field(description="Stripe's subscription status, or none.")
+    entitled_plan: str = Field(
+        description="The plan whose entitlements apply now: the own, or free once a past_due "
+        "subscription's grace period is over."
+    )
+    limits: dict[str, int | float | None] = Field(
+        description='Host-defined limits, e.g. {"max_agents": 3}; null: unlimited.'
+    )
+    features: list[str] = Field(description="Host-defined feature keys, e.g. api_access.")
+    grace_until: datetime | None = Field(
+        default=None, description="past_due only: when the plan's entitlements end."
+    )
+    period_tokens: int = Field(
+        description="The plan's tokens per period: the low-balance warning is a share of it."
+    )
+
+
 class LedgerQuery(Model):
     error_codes: ClassVar[Mapping[str, str]] = {"limit": "invalid_limit"}
 
