@@ -508,6 +508,7 @@ def test_plan_checkout_with_an_interval_should_sell_that_price(
         MONTHLY_PRO_PRICE,
         MONTHLY_PRO_PRICE,
     ]
+    assert (monthly.status_code, default.status_code) == (201, 201)
     assert sessions[0].params["mode"] == "subscription"
     assert sessions[0].params["metadata[interval]"] == "year"
     assert sessions[0].params["subscription_data[metadata][interval]"] == "year"

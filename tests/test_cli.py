@@ -282,7 +282,8 @@ def test_sync_products_should_adopt_an_existing_price(
         out = capsys.readouterr().out
         created = stripe_double.posts("/v1/prices")
 
-    assert "starter/year/usd" in out and "adopted" in out
+    assert "starter/year/usd" in out
+    assert "adopted" in out
     assert "not a monthly or yearly price" in out
     assert (
         scalar(
