@@ -12348,7 +12348,6 @@ declare
   v_percent integer;
   v_level bigint;
   v_n integer;
-  v_id uuid;
 begin
   -- The caller holds the account's lock (the deduct's update): crossings of one account are
   -- decided one at a time, so one crossing raises one notification and one top-up.
@@ -12403,8 +12402,7 @@ begin
         values (
           p_user_id, v_period, v_n, v_pack.code, coalesce(v_pack.price_cents, 0), v_pack.currency,
           p_after
-        )
-        returning id into v_id;
+        );
       end if;
     end if;
   end if;
