@@ -7,6 +7,11 @@ Both sets of migrations are applied to two databases of one throwaway cluster (t
 against each in turn, in rounds whose order flips, so both sides see the same machine at nearly
 the same moment. It prints each round's tps and the ratio (working tree / base), then the
 medians: on a shared, noisy machine the ratio of neighbours is what holds.
+
+    .venv/bin/python -m bench.ab --script deduct_thresholds --versus deduct --rounds 8
+
+With `--versus`, both scripts run against the working tree's database instead (no ref): the
+ratio is --script over --versus.
 """
 
 from __future__ import annotations
@@ -62,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         help="the accounts a script draws from (-D first, last; default 10k)",
     )
     parser.add_argument(
+        "--versus",
+        help="another bench/scripts/<name>.sql to compare --script with, both on the working tree",
+    )
+    parser.add_argument(
         "--variant",
         type=Path,
         action="append",
@@ -75,9 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="tb-ab-") as tmp,
         temporary_cluster(**SETTINGS) as cluster,
     ):
-        export(ns.base, Path(tmp))
-        load(cluster, "ab_base", Path(tmp))
-        load(cluster, "ab_tree", ROOT, ns.variant)
+        if ns.versus:
+            load(cluster, "ab_tree", ROOT, ns.variant)
+        else:
+            export(ns.base, Path(tmp))
+            load(cluster, "ab_base", Path(tmp))
+            load(cluster, "ab_tree", ROOT, ns.variant)
+        # With --versus, "base" is the other script on the same database.
+        scripts = {"ab_base": ns.versus or ns.script, "ab_tree": ns.script}
+        databases = {"ab_base": "ab_tree" if ns.versus else "ab_base", "ab_tree": "ab_tree"}
         ratios: list[float] = []
         tps: dict[str, list[float]] = {"ab_base": [], "ab_tree": []}
         for index in range(ns.rounds):
@@ -86,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             for dbname in order:
                 run = run_script(
                     cluster,
-                    dbname,
-                    ns.script,
+                    databases[dbname],
+                    scripts[dbname],
                     clients=ns.clients,
                     seconds=ns.seconds,
                     defines={"first": first, "last": last},
@@ -102,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(
             f"{ns.script}, {ns.clients} clients, {ns.rounds} rounds of {ns.seconds:g} s: "
-            f"base ({ns.base}) median {statistics.median(tps['ab_base']):,.0f} tps, "
+            f"base ({ns.versus or ns.base}) median {statistics.median(tps['ab_base']):,.0f} tps, "
             f"tree median {statistics.median(tps['ab_tree']):,.0f} tps, "
             f"ratio median {statistics.median(ratios):.3f} "
             f"(min {min(ratios):.3f}, max {max(ratios):.3f})"

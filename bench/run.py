@@ -247,6 +247,7 @@ def round_groups(durability: str, with_stripe: bool) -> list[list[Job]]:
                         Job("add_tokens/on/8", "add_tokens", 8, ledger=True),
                         Job("record_usage_unit/on/8", "record_usage_unit", 8, ledger=True),
                         Job("record_usage_tiered/on/8", "record_usage_tiered", 8, ledger=True),
+                        Job("deduct_thresholds/on/8", "deduct_thresholds", 8, ledger=True),
                     ]
                 if accounts == "10k" and clients == 32:
                     group.append(
@@ -553,6 +554,18 @@ def throughput_rows(runs: dict[str, list[Run]], with_stripe: bool) -> list[Row]:
             tps(runs, "deduct/on/10k/8"),
             ">=",
             round(1 / 1.5, 2),
+        ),
+        # Issue 17: on a plan with thresholds and auto top-up, a deduct that crosses none costs
+        # at most 1.1x a deduct on a plan without auto top-up.
+        Row(
+            f"deduct_tokens, thresholds and auto top-up, none crossed, vs deduct_tokens [{on}]",
+            "8",
+            "tps",
+            tps(runs, "deduct_thresholds/on/8"),
+            "deduct_tokens",
+            tps(runs, "deduct/on/10k/8"),
+            ">=",
+            round(1 / 1.1, 2),
         ),
     ]
     rows += deduct_rows(runs, "off")

@@ -73,6 +73,10 @@
 --   20261202650200_adjust_tokens.sql
 --   20261202650300_business_metrics.sql
 --   20261202650400_mrr_lifetimes.sql
+--   20261202700000_plan_entitlements.sql
+--   20261202700100_plan_prices.sql
+--   20261202700200_notifications.sql
+--   20261202700300_overage.sql
 
 do $token_billing_install$
 declare
@@ -124,7 +128,11 @@ declare
     '20261202650100',
     '20261202650200',
     '20261202650300',
-    '20261202650400'
+    '20261202650400',
+    '20261202700000',
+    '20261202700100',
+    '20261202700200',
+    '20261202700300'
   ]::text[];
   -- Every public function any token-billing version created: on an upgrade these are ours.
   v_known constant text[] := array[
@@ -171,7 +179,20 @@ declare
     'public.check_margin_floor(timestamptz, text)',
     'public.list_alerts(integer)',
     'public.adjust_tokens(uuid, bigint, text, text, boolean, text)',
-    'public.business_metrics(interval)'
+    'public.business_metrics(interval)',
+    'public.my_entitlements(timestamptz)',
+    'public.check_entitlement(uuid, text, timestamptz)',
+    'public.check_limit(uuid, text, bigint, timestamptz)',
+    'public.list_product_prices(boolean)',
+    'public.set_product_price(text, text, text, bigint, text)',
+    'public.grant_scheduled_tokens(timestamptz)',
+    'public.claim_notification_deliveries(integer, interval, timestamptz)',
+    'public.complete_notification_delivery(uuid, boolean, text, integer)',
+    'public.claim_auto_top_ups(integer, interval, timestamptz)',
+    'public.finish_auto_top_up(uuid, text, jsonb, text)',
+    'public.set_auto_top_up(uuid, boolean, text)',
+    'public.postpaid_due(timestamptz)',
+    'public.mark_postpaid_invoiced(uuid, timestamptz, text)'
   ]::text[];
   -- The names of the public functions this version creates.
   v_names constant text[] := array[
@@ -218,7 +239,20 @@ declare
     'check_margin_floor',
     'list_alerts',
     'adjust_tokens',
-    'business_metrics'
+    'business_metrics',
+    'my_entitlements',
+    'check_entitlement',
+    'check_limit',
+    'list_product_prices',
+    'set_product_price',
+    'grant_scheduled_tokens',
+    'claim_notification_deliveries',
+    'complete_notification_delivery',
+    'claim_auto_top_ups',
+    'finish_auto_top_up',
+    'set_auto_top_up',
+    'postpaid_due',
+    'mark_postpaid_invoiced'
   ]::text[];
   v_replace text := lower(coalesce(
     nullif(btrim(current_setting('token_billing.replace_conflicting', true)), ''), 'off'
@@ -12432,6 +12466,2359 @@ $$;
 
 insert into billing.schema_migrations (version, name) values ('20261202650400', 'mrr_lifetimes');
 $tb_migration_20261202650400$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202700000_plan_entitlements.sql
+  if v_installed is null or '20261202700000' <> all(v_installed) then
+    execute $tb_migration_20261202700000$
+-- Migration: what a plan entitles its subscriber to, and for how long a late payment keeps it.
+--
+-- Purpose: a plan is more than a token count (the monetization guide's tiers): it carries limits
+-- (`{"max_agents": 3}`; null = unlimited) and features (`{api_access, custom_agents}`), any key
+-- the host defines. The account's entitlements follow its subscription state: active, trialing
+-- and plans given without Stripe (status none) entitle; past_due keeps the plan's entitlements
+-- for the plan's grace_period after the subscription went past_due (Stripe's time), then the
+-- free plan's (the guide's "downgrade after grace period"); anything else is the free plan.
+-- Objects: columns billing.products.limits, .features, .grace_period;
+--   billing.accounts.past_due_since and its trigger tg_accounts__past_due_since;
+--   public.my_entitlements(); public.check_entitlement();
+--   public.check_limit().
+
+alter table billing.products
+add column limits jsonb not null default '{}',
+add column features text[] not null default '{}',
+add column grace_period interval not null default '7 days',
+add constraint products_limits_valid check (
+  jsonb_typeof(limits) = 'object'
+  and not jsonb_path_exists(limits, '$.* ? (@.type() != "number" && @.type() != "null")')
+),
+add constraint products_grace_period_valid check (grace_period >= interval '0');
+
+comment on column billing.products.limits is
+'Plans: host-defined limits, name to a whole number (null: unlimited), e.g. {"max_agents": 3}. '
+'A limit the plan does not name allows nothing (check_limit).';
+comment on column billing.products.features is
+'Plans: host-defined feature keys the plan includes, e.g. {api_access, custom_agents}.';
+comment on column billing.products.grace_period is
+'Plans: how long a past_due subscription keeps the plan''s entitlements, from when it went '
+'past_due; then the account has the free plan''s until it is paid.';
+
+-- The guide's free plan: one agent, the basic features. Only when nobody has set them yet.
+update billing.products
+set limits = '{"max_agents": 1}', features = '{basic}'
+where code = 'free' and limits = '{}' and features = '{}';
+
+alter table billing.accounts
+add column past_due_since timestamptz;
+
+comment on column billing.accounts.past_due_since is
+'When subscription_status became past_due (the past_due subscription''s last Stripe event time); '
+'null in any other status. The grace period runs from here.';
+
+create function billing.tg_accounts__past_due_since() returns trigger
+language plpgsql
+set search_path = ''
+as $$
+begin
+  if new.subscription_status = 'past_due' and old.subscription_status is distinct from 'past_due' then
+    new.past_due_since := coalesce(
+      (
+        select max(s.last_event_created) from billing.subscriptions as s
+        where s.user_id = new.user_id and s.status = 'past_due'
+      ),
+      now());
+  elsif new.subscription_status <> 'past_due' then
+    new.past_due_since := null;
+  end if;
+  return new;
+end;
+$$;
+
+comment on function billing.tg_accounts__past_due_since() is
+'Keeps accounts.past_due_since: set when subscription_status becomes past_due, cleared when it '
+'leaves it. Fires only on updates naming subscription_status (never on the usage path).';
+
+revoke all on function billing.tg_accounts__past_due_since() from public;
+
+create trigger tg_accounts__past_due_since
+before update of subscription_status on billing.accounts
+for each row execute function billing.tg_accounts__past_due_since();
+
+create function public.my_entitlements(p_as_of timestamptz default now())
+returns table (
+  plan text,
+  subscription_status text,
+  entitled_plan text,
+  limits jsonb,
+  features text[],
+  grace_until timestamptz,
+  period_tokens bigint
+)
+language sql stable
+security invoker
+set search_path = ''
+as $$
+  select a.plan, a.subscription_status, e.plan, ep.limits, ep.features, e.grace_until, p.tokens
+  from billing.accounts as a
+  inner join billing.products as p on p.code = a.plan
+  -- the entitled plan: the own plan, or past_due within the grace period; else free.
+  cross join lateral (
+    select
+      case
+        when a.subscription_status in ('none', 'active', 'trialing') then a.plan
+        when a.subscription_status = 'past_due'
+          and coalesce(p_as_of, now()) < coalesce(a.past_due_since, now()) + p.grace_period then a.plan
+        else 'free'
+      end as plan,
+      case when a.subscription_status = 'past_due'
+          then coalesce(a.past_due_since, now()) + p.grace_period end as grace_until
+  ) as e
+  inner join billing.products as ep on ep.code = e.plan
+  where a.user_id = (select auth.uid());
+$$;
+
+comment on function public.my_entitlements(timestamptz) is
+'The signed-in user''s plan, subscription status, the plan whose entitlements apply at p_as_of '
+'(past_due: until grace_until, then free), its limits and features, and the own plan''s tokens '
+'per period (what a low-balance warning is a share of). Security invoker: reads through RLS, so '
+'no row for anyone else (or for anon).';
+
+revoke all on function public.my_entitlements(timestamptz) from public, anon, service_role;
+grant execute on function public.my_entitlements(timestamptz) to authenticated;
+
+create function public.check_entitlement(
+  p_user_id uuid,
+  p_feature text,
+  p_as_of timestamptz default now()
+) returns table (allowed boolean, entitled_plan text, detail text)
+language plpgsql stable
+security invoker
+set search_path = ''
+as $$
+begin
+  if p_feature is null or length(btrim(p_feature)) = 0 then
+    raise exception using errcode = '22023', message = 'p_feature must be a feature key, got null or blank';
+  end if;
+  return query
+  select
+    p_feature = any(ep.features), e.plan,
+    format('%s %s %s%s', e.plan, case when p_feature = any(ep.features) then 'includes' else 'lacks' end,
+      p_feature,
+      case when e.plan <> a.plan then format(' (plan %s is %s)', a.plan, a.subscription_status) else '' end)
+  from billing.accounts as a
+  inner join billing.products as p on p.code = a.plan
+  -- the entitled plan: the own plan, or past_due within the grace period; else free.
+  cross join lateral (
+    select
+      case
+        when a.subscription_status in ('none', 'active', 'trialing') then a.plan
+        when a.subscription_status = 'past_due'
+          and coalesce(p_as_of, now()) < coalesce(a.past_due_since, now()) + p.grace_period then a.plan
+        else 'free'
+      end as plan,
+      case when a.subscription_status = 'past_due'
+          then coalesce(a.past_due_since, now()) + p.grace_period end as grace_until
+  ) as e
+  inner join billing.products as ep on ep.code = e.plan
+  where a.user_id = p_user_id;
+  if not found then
+    return query select false, null::text, 'unknown_account'::text;
+  end if;
+end;
+$$;
+
+comment on function public.check_entitlement(uuid, text, timestamptz) is
+'Whether the user''s entitled plan at p_as_of includes feature p_feature (allowed), which plan '
+'that is and why. Unknown account: not allowed, detail unknown_account. 22023 on a blank key.';
+
+revoke all on function public.check_entitlement(uuid, text, timestamptz) from public, anon, authenticated;
+grant execute on function public.check_entitlement(uuid, text, timestamptz) to service_role;
+
+create function public.check_limit(
+  p_user_id uuid,
+  p_limit text,
+  p_current bigint,
+  p_as_of timestamptz default now()
+) returns table (allowed boolean, max_value bigint, entitled_plan text, detail text)
+language plpgsql stable
+security invoker
+set search_path = ''
+as $$
+begin
+  if p_limit is null or length(btrim(p_limit)) = 0 then
+    raise exception using errcode = '22023', message = 'p_limit must be a limit key, got null or blank';
+  end if;
+  if p_current is null or p_current < 0 then
+    raise exception using
+      errcode = '22023',
+      message = format('p_current must be a count of 0 or more, got %s', coalesce(p_current::text, 'null'));
+  end if;
+  return query
+  select
+    case
+      when not ep.limits ? p_limit then false
+      when jsonb_typeof(ep.limits -> p_limit) = 'null' then true
+      else p_current < floor((ep.limits ->> p_limit)::numeric)
+    end,
+    case when jsonb_typeof(ep.limits -> p_limit) = 'number'
+        then floor((ep.limits ->> p_limit)::numeric)::bigint end,
+    e.plan,
+    case
+      when not ep.limits ? p_limit then format('%s sets no %s: nothing allowed', e.plan, p_limit)
+      when jsonb_typeof(ep.limits -> p_limit) = 'null' then format('%s: %s unlimited', e.plan, p_limit)
+      else format('%s: %s %s of %s', e.plan, p_limit, p_current, ep.limits ->> p_limit)
+    end
+  from billing.accounts as a
+  inner join billing.products as p on p.code = a.plan
+  -- the entitled plan: the own plan, or past_due within the grace period; else free.
+  cross join lateral (
+    select
+      case
+        when a.subscription_status in ('none', 'active', 'trialing') then a.plan
+        when a.subscription_status = 'past_due'
+          and coalesce(p_as_of, now()) < coalesce(a.past_due_since, now()) + p.grace_period then a.plan
+        else 'free'
+      end as plan,
+      case when a.subscription_status = 'past_due'
+          then coalesce(a.past_due_since, now()) + p.grace_period end as grace_until
+  ) as e
+  inner join billing.products as ep on ep.code = e.plan
+  where a.user_id = p_user_id;
+  if not found then
+    return query select false, null::bigint, null::text, 'unknown_account'::text;
+  end if;
+end;
+$$;
+
+comment on function public.check_limit(uuid, text, bigint, timestamptz) is
+'Whether a user who has p_current of p_limit (e.g. 2 agents) may have one more under the plan '
+'entitled at p_as_of: allowed when p_current < the limit (rounded down), always when the limit '
+'is null (unlimited), never when the plan does not name it; max_value is the limit. Unknown '
+'account: not allowed, detail unknown_account. 22023 on a blank key or a negative count.';
+
+revoke all on function public.check_limit(uuid, text, bigint, timestamptz) from public, anon, authenticated;
+grant execute on function public.check_limit(uuid, text, bigint, timestamptz) to service_role;
+
+insert into billing.schema_migrations (version, name) values ('20261202700000', 'plan_entitlements');
+$tb_migration_20261202700000$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202700100_plan_prices.sql
+  if v_installed is null or '20261202700100' <> all(v_installed) then
+    execute $tb_migration_20261202700100$
+-- Migration: several Stripe prices per plan (monthly, annual, other currencies), and annual plans'
+-- grant schedules.
+--
+-- Purpose: a plan sells at its products row's price (stripe_price_id: monthly, in its currency)
+-- and at any number of further prices in billing.product_prices (an annual price, a price in
+-- euros), each mapped back to the plan: invoices and subscriptions find their plan through
+-- billing.plan_of_price(), whichever price they name. A paid invoice of an annual price grants a
+-- year of the plan's tokens: all at once, expiring at the year's end (annual_grants = yearly), or
+-- the first month's now and one grant at the start of each further month (monthly, the default:
+-- 12 grants, each expiring at its month's end unless the plan rolls over), made by
+-- public.grant_scheduled_tokens() from billing.scheduled_grants. A payment refunded in full stops
+-- the grants still to come.
+-- Objects: billing.product_prices, billing.scheduled_grants, column billing.products.annual_grants,
+--   billing.plan_of_price(), billing.price_interval(), public.list_product_prices(),
+--   public.set_product_price(), public.grant_scheduled_tokens(); redefines
+--   billing.apply_invoice_paid_event() (20261202200120) and billing.apply_subscription_event()
+--   (20261202200130) to map prices through billing.plan_of_price().
+
+alter table billing.products
+add column annual_grants text not null default 'monthly',
+add constraint products_annual_grants_known check (annual_grants in ('monthly', 'yearly'));
+
+comment on column billing.products.annual_grants is
+'Plans: how an annual price grants its year of tokens (12 x tokens): monthly (12 grants, one at '
+'the start of each month) or yearly (one grant for the year).';
+
+create table billing.product_prices (
+  stripe_price_id text,
+  product_code text not null references billing.products (code) on update cascade,
+  billing_interval text not null,
+  currency text not null default 'usd',
+  unit_amount bigint not null,
+  active boolean not null default true,
+  created_at timestamptz not null default now(),
+  updated_at timestamptz not null default now(),
+  constraint product_prices_pkey primary key (product_code, billing_interval, currency),
+  constraint product_prices_stripe_price_id_key unique (stripe_price_id),
+  constraint product_prices_interval_known check (billing_interval in ('month', 'year')),
+  constraint product_prices_currency_format check (currency ~ '^[a-z]{3}$'),
+  constraint product_prices_amount_valid check (unit_amount >= 0),
+  constraint product_prices_price_format check (stripe_price_id ~ '^price_[A-Za-z0-9_]{1,250}$')
+);
+
+comment on table billing.product_prices is
+'Further prices of a plan besides its products row''s (monthly, in products.currency): one per '
+'interval and currency, each mapped back to the plan by its Stripe price id.';
+comment on column billing.product_prices.stripe_price_id is
+'The Stripe price (set by token-billing stripe sync-products, or adopted); null until synced.';
+comment on column billing.product_prices.product_code is 'The plan it sells.';
+comment on column billing.product_prices.billing_interval is 'month or year.';
+comment on column billing.product_prices.currency is 'ISO currency code, lowercase.';
+comment on column billing.product_prices.unit_amount is
+'The price per interval in the currency''s minor unit (e.g. 95000 = $950.00 a year).';
+comment on column billing.product_prices.active is 'Inactive prices are not offered at checkout.';
+comment on column billing.product_prices.created_at is 'When the price was added.';
+comment on column billing.product_prices.updated_at is 'When the price was last changed.';
+
+alter table billing.product_prices enable row level security;
+
+-- The pricing cards read the active prices, as they read the active catalog.
+create policy product_prices_select_active on billing.product_prices
+for select to authenticated
+using (active);
+
+revoke all on billing.product_prices from public, anon, authenticated, service_role;
+grant select on billing.product_prices to authenticated, service_role;
+
+create table billing.scheduled_grants (
+  stripe_invoice_id text not null,
+  installment integer not null,
+  user_id uuid not null references billing.accounts (user_id),
+  product_code text not null references billing.products (code) on update cascade,
+  tokens bigint not null,
+  grant_at timestamptz not null,
+  expires_at timestamptz,
+  stripe_event_id text not null,
+  status text not null default 'pending',
+  entry_id bigint,
+  decided_at timestamptz,
+  constraint scheduled_grants_pkey primary key (stripe_invoice_id, installment),
+  constraint scheduled_grants_installment_valid check (installment between 2 and 12),
+  constraint scheduled_grants_tokens_positive check (tokens > 0),
+  constraint scheduled_grants_status_known check (status in ('pending', 'granted', 'canceled')),
+  constraint scheduled_grants_decided check ((status = 'pending') = (decided_at is null))
+);
+
+create index scheduled_grants_due_idx on billing.scheduled_grants (grant_at)
+where status = 'pending';
+
+comment on table billing.scheduled_grants is
+'Months 2 to 12 of an annual price paid with annual_grants = monthly: each is granted once, when '
+'grant_at has come (public.grant_scheduled_tokens), or canceled when the payment is refunded in '
+'full.';
+comment on column billing.scheduled_grants.stripe_invoice_id is 'The paid annual invoice.';
+comment on column billing.scheduled_grants.installment is 'Which month of the year (2..12).';
+comment on column billing.scheduled_grants.user_id is 'Who is granted.';
+comment on column billing.scheduled_grants.product_code is 'The plan paid for.';
+comment on column billing.scheduled_grants.tokens is 'The month''s tokens (plan tokens x quantity).';
+comment on column billing.scheduled_grants.grant_at is 'The start of that month.';
+comment on column billing.scheduled_grants.expires_at is
+'The end of that month (null when the plan rolls over).';
+comment on column billing.scheduled_grants.stripe_event_id is 'The event that paid the invoice.';
+comment on column billing.scheduled_grants.status is 'pending, granted or canceled.';
+comment on column billing.scheduled_grants.entry_id is 'The ledger entry of the grant.';
+comment on column billing.scheduled_grants.decided_at is 'When it was granted or canceled.';
+
+alter table billing.scheduled_grants enable row level security;
+-- No policy: service role only.
+revoke all on billing.scheduled_grants from public, anon, authenticated, service_role;
+grant select on billing.scheduled_grants to service_role;
+
+create function billing.plan_of_price(p_stripe_price_id text) returns text
+language sql stable
+set search_path = ''
+as $$
+  select coalesce(
+    (select p.code from billing.products as p
+      where p.stripe_price_id = p_stripe_price_id and p.kind = 'plan'),
+    (select pp.product_code from billing.product_prices as pp
+      inner join billing.products as p on p.code = pp.product_code and p.kind = 'plan'
+      where pp.stripe_price_id = p_stripe_price_id)
+  )
+$$;
+
+comment on function billing.plan_of_price(text) is
+'The plan a Stripe price sells: the plan whose stripe_price_id it is, or whose product_prices '
+'lists it; null for any other price (a pack''s, an unknown one).';
+
+revoke all on function billing.plan_of_price(text) from public;
+
+create function billing.price_interval(p_stripe_price_id text) returns text
+language sql stable
+set search_path = ''
+as $$
+  select coalesce(
+    (select pp.billing_interval from billing.product_prices as pp
+      where pp.stripe_price_id = p_stripe_price_id),
+    'month')
+$$;
+
+comment on function billing.price_interval(text) is
+'The billing interval of a plan''s price: product_prices says; a products row''s price is monthly.';
+
+revoke all on function billing.price_interval(text) from public;
+
+create function public.list_product_prices(p_include_inactive boolean default false)
+returns table (
+  product_code text,
+  billing_interval text,
+  currency text,
+  unit_amount bigint,
+  stripe_price_id text,
+  active boolean
+)
+language sql stable
+security invoker
+set search_path = ''
+as $$
+  select pp.product_code, pp.billing_interval, pp.currency, pp.unit_amount, pp.stripe_price_id, pp.active
+  from billing.product_prices as pp
+  inner join billing.products as p on p.code = pp.product_code
+  where (pp.active and p.active) or coalesce(p_include_inactive, false)
+  order by p.sort_order, pp.product_code, pp.billing_interval, pp.currency;
+$$;
+
+comment on function public.list_product_prices(boolean) is
+'The further prices of the plans (annual, other currencies), active ones or all. Security '
+'invoker: service_role reads billing.product_prices itself.';
+
+revoke all on function public.list_product_prices(boolean) from public, anon, authenticated;
+grant execute on function public.list_product_prices(boolean) to service_role;
+
+create function public.set_product_price(
+  p_code text,
+  p_interval text,
+  p_currency text,
+  p_unit_amount bigint,
+  p_stripe_price_id text
+) returns table (status text)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+begin
+  if p_interval is null or p_interval not in ('month', 'year') then
+    raise exception using errcode = '22023',
+      message = format('p_interval must be month or year, got %s', coalesce(quote_literal(p_interval), 'null'));
+  end if;
+  if p_currency is null or p_currency !~ '^[a-z]{3}$' then
+    raise exception using errcode = '22023',
+      message = format('p_currency must be a lowercase ISO code, got %s',
+        coalesce(quote_literal(p_currency), 'null'));
+  end if;
+  if p_unit_amount is null or p_unit_amount < 0 then
+    raise exception using errcode = '22023',
+      message = format('p_unit_amount must be 0 or more, got %s', coalesce(p_unit_amount::text, 'null'));
+  end if;
+  if p_stripe_price_id is not null and p_stripe_price_id !~ '^price_[A-Za-z0-9_]{1,250}$' then
+    raise exception using errcode = '22023',
+      message = format('p_stripe_price_id must be a Stripe price id (price_...), got %L', p_stripe_price_id);
+  end if;
+  if not exists (select 1 from billing.products as p where p.code = p_code and p.kind = 'plan') then
+    return query select 'unknown_product'::text;
+    return;
+  end if;
+
+  insert into billing.product_prices as pp (
+    product_code, billing_interval, currency, unit_amount, stripe_price_id
+  )
+  values (p_code, p_interval, p_currency, p_unit_amount, p_stripe_price_id)
+  on conflict (product_code, billing_interval, currency) do update
+  set unit_amount = excluded.unit_amount,
+    stripe_price_id = coalesce(excluded.stripe_price_id, pp.stripe_price_id),
+    active = true, updated_at = now()
+  where (pp.unit_amount, pp.stripe_price_id, pp.active)
+    is distinct from (excluded.unit_amount, coalesce(excluded.stripe_price_id, pp.stripe_price_id), true);
+  if found then
+    return query select 'applied'::text;
+  else
+    return query select 'duplicate'::text;
+  end if;
+end;
+$$;
+
+comment on function public.set_product_price(text, text, text, bigint, text) is
+'Adds or updates a plan''s price for an interval and currency, and maps its Stripe price to the '
+'plan (sync-products, --adopt). Statuses: applied, duplicate (unchanged), unknown_product (no '
+'such plan). 22023 on invalid arguments; 23505 if another product has that price.';
+
+revoke all on function public.set_product_price(text, text, text, bigint, text) from public, anon, authenticated;
+grant execute on function public.set_product_price(text, text, text, bigint, text) to service_role;
+
+create function public.grant_scheduled_tokens(p_as_of timestamptz default now())
+returns table (granted bigint, canceled bigint)
+language plpgsql
+-- Definer: the caller (service_role, pg_cron) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+declare
+  v_grant record;
+  v_credit record;
+  v_as_of timestamptz := coalesce(p_as_of, now());
+begin
+  granted := 0;
+  canceled := 0;
+  for v_grant in
+    select g.*
+    from billing.scheduled_grants as g
+    where g.status = 'pending' and g.grant_at <= v_as_of
+    order by g.user_id, g.grant_at, g.stripe_invoice_id, g.installment
+    for update skip locked
+  loop
+    if exists (
+      select 1 from billing.stripe_payments as sp
+      where sp.id = v_grant.stripe_invoice_id
+        and sp.refunded_cents >= sp.amount_paid_cents and sp.amount_paid_cents > 0
+    ) then
+      update billing.scheduled_grants as g
+      set status = 'canceled', decided_at = now()
+      where g.stripe_invoice_id = v_grant.stripe_invoice_id and g.installment = v_grant.installment;
+      canceled := canceled + 1;
+      continue;
+    end if;
+    select c.status, c.entry_id into v_credit
+    from billing.credit(
+      v_grant.user_id, v_grant.tokens,
+      format('stripe:invoice:%s:m%s', v_grant.stripe_invoice_id, v_grant.installment), 'subscription',
+      format('Plan %s tokens, month %s of 12 of invoice %s', v_grant.product_code, v_grant.installment,
+        v_grant.stripe_invoice_id),
+      case when v_grant.expires_at > v_as_of then v_grant.expires_at end,
+      jsonb_build_object(
+        'stripe_event_id', v_grant.stripe_event_id, 'stripe_invoice', v_grant.stripe_invoice_id,
+        'product', v_grant.product_code, 'installment', v_grant.installment,
+        'period_end', v_grant.expires_at)
+    ) as c;
+    update billing.scheduled_grants as g
+    set status = 'granted', entry_id = v_credit.entry_id, decided_at = now()
+    where g.stripe_invoice_id = v_grant.stripe_invoice_id and g.installment = v_grant.installment;
+    granted := granted + 1;
+  end loop;
+  return next;
+end;
+$$;
+
+comment on function public.grant_scheduled_tokens(timestamptz) is
+'Grants every scheduled month of an annual plan whose grant_at has come by p_as_of (key '
+'stripe:invoice:<invoice>:m<n>, kind subscription, once each; a month already over grants '
+'nothing that expires) and cancels those of a payment refunded in full. Run it with '
+'expire_tokens (pg_cron). Returns how many were granted and canceled.';
+
+revoke all on function public.grant_scheduled_tokens(timestamptz) from public, anon, authenticated;
+grant execute on function public.grant_scheduled_tokens(timestamptz) to service_role;
+
+create or replace function billing.apply_invoice_paid_event(p_event jsonb)
+returns table (status text, detail text)
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_invoice jsonb := billing.require_stripe_object(p_event, 'invoice');
+  v_invoice_id text := v_invoice ->> 'id';
+  v_reason text := v_invoice ->> 'billing_reason';
+  v_customer text := billing.stripe_ref(v_invoice -> 'customer');
+  v_amount_paid bigint := coalesce(billing.stripe_bigint(v_invoice -> 'amount_paid', 'amount_paid'), 0);
+  v_lines jsonb := case
+    when jsonb_typeof(v_invoice #> '{lines,data}') = 'array' then v_invoice #> '{lines,data}'
+    else '[]'
+  end;
+  v_line jsonb;
+  v_old_line jsonb;
+  v_code text;
+  v_old_code text;
+  v_product billing.products;
+  v_old billing.products;
+  v_subscription_id text;
+  v_subscription billing.subscriptions;
+  v_user_id uuid;
+  v_problem text;
+  v_quantity bigint;
+  v_tokens bigint;
+  v_fraction numeric;
+  v_unit numeric;
+  v_what text;
+  v_period_end timestamptz;
+  v_payment_intent text;
+  v_charge text;
+  v_credit record;
+  v_period_start timestamptz;
+  v_grant_end timestamptz;
+  v_installments integer := 0;
+begin
+  if v_reason is null
+    or v_reason not in ('subscription_create', 'subscription_cycle', 'subscription_update') then
+    return query select 'ignored'::text, format(
+      'invoice %s (billing_reason %s): only subscription_create and subscription_cycle invoices '
+      'grant plan tokens (and subscription_update ones, for plan changes)', v_invoice_id, coalesce(v_reason, 'null'));
+    return;
+  end if;
+
+  -- The plan paid for: the first non-proration line with a plan's price.
+  select l.line, p.code into v_line, v_code
+  from jsonb_array_elements(v_lines) with ordinality as l (line, n)
+  inner join billing.products as p
+    on p.code = billing.plan_of_price(billing.invoice_line_price(l.line))
+  where not billing.invoice_line_proration(l.line)
+  order by l.n
+  limit 1;
+
+  if v_code is null and v_reason = 'subscription_update' then
+    -- A change invoiced at once: the new plan's remaining time (positive) against the old
+    -- plan's unused time (negative).
+    select l.line, p.code into v_line, v_code
+    from jsonb_array_elements(v_lines) as l (line)
+    inner join billing.products as p
+      on p.code = billing.plan_of_price(billing.invoice_line_price(l.line))
+    where billing.invoice_line_proration(l.line)
+      and coalesce(billing.stripe_bigint(l.line -> 'amount', 'line amount'), 0) > 0
+    order by (l.line ->> 'amount')::numeric desc
+    limit 1;
+    select l.line, p.code into v_old_line, v_old_code
+    from jsonb_array_elements(v_lines) as l (line)
+    inner join billing.products as p
+      on p.code = billing.plan_of_price(billing.invoice_line_price(l.line))
+    where billing.invoice_line_proration(l.line)
+      and coalesce(billing.stripe_bigint(l.line -> 'amount', 'line amount'), 0) < 0
+    order by (l.line ->> 'amount')::numeric
+    limit 1;
+    if v_code is null then
+      return query select 'ignored'::text, format(
+        'invoice %s (subscription_update): no proration line charges a plan: nothing to grant '
+        '(a downgrade takes effect at the next period)', v_invoice_id);
+      return;
+    end if;
+  end if;
+
+  if v_code is null then
+    return query select 'parked'::text, format(
+      'invoice %s: no line''s price is a plan''s stripe_price_id (prices: %s)',
+      v_invoice_id,
+      coalesce((
+        select string_agg(distinct billing.invoice_line_price(l.line), ', ')
+        from jsonb_array_elements(v_lines) as l (line)
+      ), 'none'));
+    return;
+  end if;
+  select p.* into v_product from billing.products as p where p.code = v_code;
+
+  v_subscription_id := coalesce(
+    billing.stripe_ref(v_invoice -> 'subscription'),
+    v_invoice #>> '{parent,subscription_details,subscription}',
+    billing.stripe_ref(v_line -> 'subscription'),
+    v_line #>> '{parent,subscription_item_details,subscription}'
+  );
+  select s.* into v_subscription from billing.subscriptions as s where s.id = v_subscription_id;
+
+  select r.user_id, r.problem into v_user_id, v_problem
+  from billing.resolve_stripe_user(
+    array['subscription metadata.user_id'],
+    array[coalesce(
+      v_invoice #>> '{parent,subscription_details,metadata,user_id}',
+      v_invoice #>> '{subscription_details,metadata,user_id}',
+      v_line #>> '{metadata,user_id}'
+    )],
+    v_customer, v_subscription_id, true
+  ) as r;
+  if v_user_id is null then
+    return query select 'parked'::text, format('invoice %s: %s', v_invoice_id, v_problem);
+    return;
+  end if;
+
+  v_quantity := coalesce(billing.stripe_bigint(v_line -> 'quantity', 'line quantity'), 1);
+  v_period_end := coalesce(
+    to_timestamp(billing.stripe_bigint(v_line #> '{period,end}', 'line period.end')),
+    v_subscription.current_period_end
+  );
+
+  if billing.invoice_line_proration(v_line) then
+    -- Upgrade policy: (new tokens - old tokens) x the unused part of the period, rounded down.
+    -- The unused part is the new plan's proration amount over its full price for the quantity:
+    -- the line's price.unit_amount (before API 2025-03-31), else the catalog's price_cents.
+    select p.* into v_old from billing.products as p where p.code = v_old_code;
+    v_unit := coalesce(
+      (v_line #>> '{price,unit_amount}')::numeric, v_product.price_cents::numeric,
+      (v_line #>> '{pricing,unit_amount_decimal}')::numeric);
+    v_fraction := case
+      when coalesce(v_unit, 0) > 0
+        then least(greatest((v_line ->> 'amount')::numeric / (v_unit * v_quantity), 0), 1)
+      else 0
+    end;
+    v_tokens := floor(
+      (v_product.tokens * v_quantity
+        - coalesce(v_old.tokens * coalesce(billing.stripe_bigint(v_old_line -> 'quantity',
+          'line quantity'), 1), 0))
+      * v_fraction)::bigint;
+    v_what := format('plan %s (upgrade from %s for %s of the period)', v_product.code,
+      coalesce(v_old.code, 'none'), round(v_fraction, 4));
+    if v_tokens <= 0 then
+      return query select 'ignored'::text, format(
+        'invoice %s: %s grants no tokens (a downgrade takes effect at the next period)',
+        v_invoice_id, v_what);
+      return;
+    end if;
+  elsif v_reason = 'subscription_create' and v_amount_paid = 0
+    and coalesce(billing.stripe_bigint(v_line -> 'amount', 'line amount'), 0) = 0 then
+    v_tokens := coalesce(v_product.trial_tokens, v_product.tokens) * v_quantity;
+    v_what := format('plan %s (trial)', v_product.code);
+  else
+    v_tokens := v_product.tokens * v_quantity;
+    v_what := format('plan %s', v_product.code);
+    if billing.price_interval(billing.invoice_line_price(v_line)) = 'year' then
+      -- An annual price: a year of the plan's monthly tokens, at once or in 12 monthly grants.
+      v_period_start := coalesce(
+        to_timestamp(billing.stripe_bigint(v_line #> '{period,start}', 'line period.start')),
+        v_period_end - interval '1 year');
+      if v_product.annual_grants = 'yearly' then
+        v_tokens := v_tokens * 12;
+        v_what := format('plan %s (a year)', v_product.code);
+      else
+        v_installments := 12;
+        v_grant_end := least(v_period_start + interval '1 month', v_period_end);
+        v_what := format('plan %s (month 1 of 12)', v_product.code);
+      end if;
+    end if;
+  end if;
+  if v_tokens <= 0 then
+    return query select 'ignored'::text, format('invoice %s: %s x %s grants no tokens',
+      v_invoice_id, v_what, v_quantity);
+    return;
+  end if;
+
+  perform billing.ensure_account(v_user_id);
+  if v_customer is not null then
+    perform billing.link_customer(v_customer, v_user_id);
+  end if;
+
+  -- The payment refunds and disputes name: the older fields, the invoice's payments list, or an
+  -- invoice_payment.paid that arrived first.
+  select coalesce(billing.stripe_ref(v_invoice -> 'payment_intent'), x.pi),
+    coalesce(billing.stripe_ref(v_invoice -> 'charge'), x.ch)
+  into v_payment_intent, v_charge
+  from (
+    select
+      coalesce(
+        (select billing.stripe_ref(pay.value #> '{payment,payment_intent}')
+          from jsonb_array_elements(case when jsonb_typeof(v_invoice #> '{payments,data}') = 'array'
+            then v_invoice #> '{payments,data}' else '[]' end) as pay
+          where pay.value #> '{payment,payment_intent}' is not null
+          limit 1),
+        (select ip.stripe_payment_intent_id from billing.stripe_invoice_payments as ip
+          where ip.invoice_id = v_invoice_id and ip.stripe_payment_intent_id is not null
+          order by ip.created_at limit 1)) as pi,
+      coalesce(
+        (select billing.stripe_ref(pay.value #> '{payment,charge}')
+          from jsonb_array_elements(case when jsonb_typeof(v_invoice #> '{payments,data}') = 'array'
+            then v_invoice #> '{payments,data}' else '[]' end) as pay
+          where pay.value #> '{payment,charge}' is not null
+          limit 1),
+        (select ip.stripe_charge_id from billing.stripe_invoice_payments as ip
+          where ip.invoice_id = v_invoice_id and ip.stripe_charge_id is not null
+          order by ip.created_at limit 1)) as ch
+  ) as x;
+
+  -- A refund or dispute of this payment that is parking holds these (billing.lock_stripe_refs).
+  perform billing.lock_stripe_refs(array[v_payment_intent, v_charge]);
+  insert into billing.stripe_payments (
+    id, source, user_id, product_code, quantity, tokens, amount_paid_cents, currency,
+    stripe_payment_intent_id, stripe_charge_id, paid_at
+  )
+  values (
+    v_invoice_id, 'invoice', v_user_id, v_product.code, v_quantity,
+    v_tokens * greatest(v_installments, 1), v_amount_paid,
+    v_invoice ->> 'currency', v_payment_intent, v_charge,
+    to_timestamp(billing.stripe_bigint(p_event -> 'created', 'created'))
+  )
+  on conflict do nothing;
+
+  select c.status, c.balance, c.entry_id into v_credit
+  from billing.credit(
+    v_user_id, v_tokens, 'stripe:invoice:' || v_invoice_id, 'subscription',
+    format('Plan %s tokens for the period ending %s', v_product.code,
+      coalesce(v_grant_end, v_period_end)),
+    case when v_product.rollover then null else coalesce(v_grant_end, v_period_end) end,
+    jsonb_build_object(
+      'stripe_event_id', p_event ->> 'id', 'stripe_invoice', v_invoice_id,
+      'stripe_subscription', v_subscription_id, 'product', v_product.code,
+      'period_end', v_period_end)
+  ) as c;
+
+  if v_credit.status = 'applied' and v_installments > 0 then
+    -- Months 2 to 12, granted by public.grant_scheduled_tokens when each month begins.
+    insert into billing.scheduled_grants (
+      user_id, stripe_invoice_id, installment, tokens, grant_at, expires_at, product_code,
+      stripe_event_id
+    )
+    select
+      v_user_id, v_invoice_id, m.n, v_tokens, v_period_start + make_interval(months => m.n - 1),
+      case when not v_product.rollover
+          then least(v_period_start + make_interval(months => m.n), v_period_end) end,
+      v_product.code, p_event ->> 'id'
+    from generate_series(2, v_installments) as m (n)
+    on conflict do nothing;
+  end if;
+
+  if v_credit.status = 'applied' then
+    return query select 'applied'::text, format(
+      'granted %s tokens of %s to user %s%s (balance %s)', v_tokens, v_what, v_user_id,
+      case when v_product.rollover then '' else format(', expiring %s', coalesce(v_grant_end, v_period_end)) end,
+      v_credit.balance);
+  else
+    return query select 'duplicate'::text, format(
+      'invoice %s was already granted (ledger entry %s)', v_invoice_id, v_credit.entry_id);
+  end if;
+end;
+$$;
+
+create or replace function billing.apply_subscription_event(p_event jsonb)
+returns table (status text, detail text)
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_sub jsonb := billing.require_stripe_object(p_event, 'subscription');
+  v_subscription_id text := v_sub ->> 'id';
+  v_created timestamptz := to_timestamp(billing.stripe_bigint(p_event -> 'created', 'created'));
+  v_customer text := billing.stripe_ref(v_sub -> 'customer');
+  v_items jsonb := case
+    when jsonb_typeof(v_sub #> '{items,data}') = 'array' then v_sub #> '{items,data}'
+    else '[]'
+  end;
+  v_status text := case
+    when p_event ->> 'type' = 'customer.subscription.deleted' then 'canceled'
+    when v_sub ->> 'status' in ('active', 'trialing', 'past_due')
+      and jsonb_typeof(v_sub -> 'pause_collection') = 'object' then 'paused'
+    else v_sub ->> 'status'
+  end;
+  v_item jsonb;
+  v_code text;
+  v_existing billing.subscriptions;
+  v_user_id uuid;
+  v_problem text;
+  v_period_start timestamptz;
+  v_period_end timestamptz;
+begin
+  if v_status is null or v_status not in (
+    'incomplete', 'incomplete_expired', 'trialing', 'active', 'past_due', 'canceled', 'unpaid',
+    'paused'
+  ) then
+    return query select 'parked'::text, format('subscription %s: unknown status %s',
+      v_subscription_id, coalesce(quote_literal(v_status), 'null'));
+    return;
+  end if;
+
+  select l.item, p.code into v_item, v_code
+  from jsonb_array_elements(v_items) with ordinality as l (item, n)
+  inner join billing.products as p
+    on p.code = billing.plan_of_price(coalesce(
+      billing.stripe_ref(l.item -> 'price'), billing.stripe_ref(l.item -> 'plan')
+    ))
+  order by l.n
+  limit 1;
+
+  -- The period is on the item from API 2025-03-31 (basil), on the subscription before.
+  v_period_start := to_timestamp(coalesce(
+    billing.stripe_bigint(v_item -> 'current_period_start', 'current_period_start'),
+    billing.stripe_bigint(v_sub -> 'current_period_start', 'current_period_start')));
+  v_period_end := to_timestamp(coalesce(
+    billing.stripe_bigint(v_item -> 'current_period_end', 'current_period_end'),
+    billing.stripe_bigint(v_sub -> 'current_period_end', 'current_period_end')));
+
+  select s.* into v_existing
+  from billing.subscriptions as s
+  where s.id = v_subscription_id
+  for update;
+  if found and (
+    v_created < v_existing.last_event_created
+    or (v_created = v_existing.last_event_created
+      and (billing.subscription_status_rank(v_status), coalesce(v_period_end, '-infinity'))
+        < (billing.subscription_status_rank(v_existing.status),
+          coalesce(v_existing.current_period_end, '-infinity')))
+  ) then
+    return query select 'stale'::text, format(
+      'subscription %s: event of %s is older than the last applied (%s)%s', v_subscription_id,
+      v_created, v_existing.last_event_created,
+      case when v_created = v_existing.last_event_created then format(
+        ': same second, and %s is not further along than %s', v_status, v_existing.status)
+        else '' end);
+    return;
+  end if;
+
+  if v_code is null and v_status in ('canceled', 'incomplete_expired') then
+    -- An ended subscription keeps its recorded plan: its price may have left the catalog.
+    v_code := v_existing.product_code;
+  end if;
+  if v_code is null then
+    return query select 'parked'::text, format(
+      'subscription %s: no item''s price is a plan''s stripe_price_id (prices: %s)',
+      v_subscription_id,
+      coalesce((
+        select string_agg(distinct coalesce(
+          billing.stripe_ref(l.item -> 'price'), billing.stripe_ref(l.item -> 'plan')), ', ')
+        from jsonb_array_elements(v_items) as l (item)
+      ), 'none'));
+    return;
+  end if;
+
+  if v_existing.id is not null then
+    v_user_id := v_existing.user_id;
+  else
+    select r.user_id, r.problem into v_user_id, v_problem
+    from billing.resolve_stripe_user(
+      array['metadata.user_id'], array[v_sub #>> '{metadata,user_id}'], v_customer,
+      v_subscription_id, true
+    ) as r;
+  end if;
+  if v_user_id is null then
+    return query select 'parked'::text,
+      format('subscription %s: %s', v_subscription_id, v_problem);
+    return;
+  end if;
+
+  perform billing.ensure_account(v_user_id);
+  if v_customer is not null and billing.link_customer(v_customer, v_user_id) <> v_user_id then
+    return query select 'ignored'::text, format(
+      'subscription %s: customer %s belongs to another user than %s; not recorded',
+      v_subscription_id, v_customer, v_user_id);
+    return;
+  end if;
+
+  insert into billing.subscriptions as s (
+    id, user_id, stripe_customer_id, product_code, stripe_price_id, status,
+    current_period_start, current_period_end, cancel_at_period_end, last_event_id,
+    last_event_created
+  )
+  values (
+    v_subscription_id, v_user_id, v_customer, v_code,
+    coalesce(billing.stripe_ref(v_item -> 'price'), billing.stripe_ref(v_item -> 'plan')),
+    v_status, v_period_start, v_period_end,
+    coalesce(v_sub -> 'cancel_at_period_end' = 'true'::jsonb, false),
+    p_event ->> 'id', v_created
+  )
+  on conflict (id) do update
+  set
+    stripe_customer_id = coalesce(excluded.stripe_customer_id, s.stripe_customer_id),
+    product_code = excluded.product_code,
+    stripe_price_id = coalesce(excluded.stripe_price_id, s.stripe_price_id),
+    status = excluded.status,
+    current_period_start = coalesce(excluded.current_period_start, s.current_period_start),
+    current_period_end = coalesce(excluded.current_period_end, s.current_period_end),
+    cancel_at_period_end = excluded.cancel_at_period_end,
+    last_event_id = excluded.last_event_id,
+    last_event_created = excluded.last_event_created,
+    updated_at = now()
+  where s.last_event_created < excluded.last_event_created
+    or (s.last_event_created = excluded.last_event_created
+      and (billing.subscription_status_rank(excluded.status),
+        coalesce(excluded.current_period_end, '-infinity'))
+        >= (billing.subscription_status_rank(s.status),
+          coalesce(s.current_period_end, '-infinity')))
+  returning s.user_id into v_user_id;
+
+  if not found then
+    -- A newer event for this subscription committed while this one waited.
+    return query select 'stale'::text, format(
+      'subscription %s: a newer event was applied concurrently', v_subscription_id);
+    return;
+  end if;
+
+  perform billing.sync_account_plan(v_user_id);
+
+  return query select 'applied'::text, format('subscription %s of user %s: %s on plan %s',
+    v_subscription_id, v_user_id, v_status, v_code);
+end;
+$$;
+
+insert into billing.schema_migrations (version, name) values ('20261202700100', 'plan_prices');
+$tb_migration_20261202700100$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202700200_notifications.sql
+  if v_installed is null or '20261202700200' <> all(v_installed) then
+    execute $tb_migration_20261202700200$
+-- Migration: notifications to the user and the host app: low balance, failed payments,
+-- cancellations, disputes, auto top-up results.
+--
+-- Purpose: a notification is a row the user reads through RLS and receives live on Realtime
+-- (billing.notifications is published like the account row), and a delivery in an outbox
+-- (billing.notification_deliveries) that the service posts to the host app's HTTPS webhook,
+-- signed like Stripe's webhooks, retried with backoff until it is delivered once. Each
+-- notification has a dedup key (one per threshold crossing per period, one per Stripe event), so
+-- nothing raises it twice. Stripe events raise theirs from a trigger on billing.stripe_events when
+-- they are applied: invoice.payment_failed (payment_failed), customer.subscription.deleted
+-- (subscription_canceled), charge.dispute.created (dispute_opened).
+-- Objects: billing.notifications, billing.notification_deliveries, billing.notify(),
+--   billing.tg_stripe_events__notify() and its trigger, public.claim_notification_deliveries(),
+--   public.complete_notification_delivery(); billing.notifications in supabase_realtime.
+--
+-- Delivery is at least once per attempt and exactly once per notification id as the host sees it
+-- when it keeps the ids it has processed (the id is in the body and a header): a delivery is
+-- marked delivered in the database after the host answered 2xx, and never sent again; a worker
+-- that dies between the answer and the mark sends it again after its lease, with the same id.
+
+create table billing.notifications (
+  id uuid primary key default gen_random_uuid(),
+  user_id uuid not null references billing.accounts (user_id),
+  kind text not null,
+  message text not null,
+  data jsonb not null default '{}',
+  dedup_key text not null,
+  created_at timestamptz not null default now(),
+  constraint notifications_dedup_key_key unique (dedup_key),
+  constraint notifications_kind_known check (
+    kind in (
+      'low_balance', 'out_of_tokens', 'payment_failed', 'subscription_canceled', 'dispute_opened',
+      'auto_top_up_charged', 'auto_top_up_failed'
+    )
+  ),
+  constraint notifications_data_object check (jsonb_typeof(data) = 'object')
+);
+
+create index notifications_user_id_created_at_idx on billing.notifications (user_id, created_at desc);
+
+comment on table billing.notifications is
+'What token-billing told a user: one row per event worth telling (a threshold crossed in a '
+'period, a failed payment, a cancellation, a dispute, an auto top-up result), never two for one '
+'dedup_key. The user reads the own rows through RLS and Realtime.';
+comment on column billing.notifications.id is 'The notification id; the host webhook dedups on it.';
+comment on column billing.notifications.user_id is 'Whom it is for.';
+comment on column billing.notifications.kind is
+'low_balance, out_of_tokens, payment_failed, subscription_canceled, dispute_opened, '
+'auto_top_up_charged, auto_top_up_failed.';
+comment on column billing.notifications.message is 'A sentence to show the user.';
+comment on column billing.notifications.data is
+'Details: threshold percent, available, period_start, Stripe ids, amounts.';
+comment on column billing.notifications.dedup_key is
+'What makes it unique: threshold:<user>:<period start>:<percent>, stripe:<event id>, '
+'auto_top_up:<id>.';
+comment on column billing.notifications.created_at is 'When it was raised.';
+
+alter table billing.notifications enable row level security;
+
+create policy notifications_select_own on billing.notifications
+for select to authenticated
+using (user_id = (select auth.uid()));
+
+revoke all on billing.notifications from public, anon, authenticated, service_role;
+grant select on billing.notifications to authenticated, service_role;
+
+do $publication$
+begin
+  if exists (select 1 from pg_catalog.pg_publication where pubname = 'supabase_realtime')
+    and not exists (
+      select 1
+      from pg_catalog.pg_publication_tables
+      where pubname = 'supabase_realtime' and schemaname = 'billing' and tablename = 'notifications'
+    ) then
+    alter publication supabase_realtime add table billing.notifications;
+  end if;
+end
+$publication$;
+
+create table billing.notification_deliveries (
+  notification_id uuid primary key references billing.notifications (id),
+  status text not null default 'pending',
+  attempts integer not null default 0,
+  next_attempt_at timestamptz not null default now(),
+  locked_until timestamptz,
+  last_error text,
+  delivered_at timestamptz,
+  constraint notification_deliveries_status_known check (status in ('pending', 'delivered', 'failed')),
+  constraint notification_deliveries_attempts_valid check (attempts >= 0),
+  constraint notification_deliveries_delivered check ((status = 'delivered') = (delivered_at is not null))
+);
+
+create index notification_deliveries_due_idx on billing.notification_deliveries (next_attempt_at)
+where status = 'pending';
+
+comment on table billing.notification_deliveries is
+'The outbox of the host webhook: one delivery per notification, pending until the host answered '
+'2xx (delivered) or the attempts ran out (failed). Claimed with a lease, so one worker sends it '
+'at a time.';
+comment on column billing.notification_deliveries.notification_id is 'The notification to send.';
+comment on column billing.notification_deliveries.status is 'pending, delivered or failed.';
+comment on column billing.notification_deliveries.attempts is 'Attempts claimed so far.';
+comment on column billing.notification_deliveries.next_attempt_at is
+'When it may be tried (again): backoff of 10 s x 2^(attempts - 1), at most an hour.';
+comment on column billing.notification_deliveries.locked_until is
+'The claiming worker''s lease; another worker may claim it after that.';
+comment on column billing.notification_deliveries.last_error is 'Why the last attempt failed.';
+comment on column billing.notification_deliveries.delivered_at is 'When the host acknowledged it.';
+
+alter table billing.notification_deliveries enable row level security;
+-- No policy: service role only.
+revoke all on billing.notification_deliveries from public, anon, authenticated, service_role;
+grant select on billing.notification_deliveries to service_role;
+
+create function billing.notify(
+  p_user_id uuid,
+  p_kind text,
+  p_message text,
+  p_data jsonb,
+  p_dedup_key text
+) returns uuid
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_id uuid;
+begin
+  insert into billing.notifications (user_id, kind, message, data, dedup_key)
+  values (p_user_id, p_kind, p_message, coalesce(p_data, '{}'), p_dedup_key)
+  on conflict (dedup_key) do nothing
+  returning id into v_id;
+  if v_id is not null then
+    insert into billing.notification_deliveries (notification_id) values (v_id);
+  end if;
+  return v_id;
+end;
+$$;
+
+comment on function billing.notify(uuid, text, text, jsonb, text) is
+'Raises a notification and its webhook delivery, once per dedup key: returns its id, or null '
+'when that key was raised before.';
+
+revoke all on function billing.notify(uuid, text, text, jsonb, text) from public;
+
+create function billing.tg_stripe_events__notify() returns trigger
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_object jsonb := new.payload #> '{data,object}';
+  v_user_id uuid;
+begin
+  if new.type = 'invoice.payment_failed' then
+    select s.user_id into v_user_id from billing.subscriptions as s
+    where s.id = coalesce(billing.stripe_ref(v_object -> 'subscription'),
+      v_object #>> '{parent,subscription_details,subscription}');
+    if v_user_id is not null then
+      perform billing.notify(v_user_id, 'payment_failed', format(
+        'Your payment of %s %s failed; update your card to keep your plan.',
+        round(coalesce((v_object ->> 'amount_due')::numeric, 0) / 100, 2), upper(v_object ->> 'currency')),
+        jsonb_build_object('stripe_invoice', v_object ->> 'id', 'stripe_event_id', new.id,
+          'hosted_invoice_url', v_object ->> 'hosted_invoice_url'),
+        'stripe:' || new.id);
+    end if;
+  elsif new.type = 'customer.subscription.deleted' then
+    select s.user_id into v_user_id from billing.subscriptions as s where s.id = v_object ->> 'id';
+    if v_user_id is not null then
+      perform billing.notify(v_user_id, 'subscription_canceled',
+        'Your subscription was canceled; you are on the free plan now.',
+        jsonb_build_object('stripe_subscription', v_object ->> 'id', 'stripe_event_id', new.id),
+        'stripe:' || new.id);
+    end if;
+  elsif new.type = 'charge.dispute.created' then
+    select p.user_id into v_user_id
+    from billing.stripe_disputes as d
+    inner join billing.stripe_payments as p on p.id = d.payment_id
+    where d.id = v_object ->> 'id';
+    if v_user_id is not null then
+      perform billing.notify(v_user_id, 'dispute_opened',
+        'A payment of yours is disputed; its tokens are held until the dispute closes.',
+        jsonb_build_object('stripe_dispute', v_object ->> 'id', 'stripe_event_id', new.id),
+        'stripe:' || new.id);
+    end if;
+  end if;
+  return null;
+end;
+$$;
+
+comment on function billing.tg_stripe_events__notify() is
+'Raises the user''s notification of an applied Stripe event: invoice.payment_failed, '
+'customer.subscription.deleted, charge.dispute.created (once per event id).';
+
+revoke all on function billing.tg_stripe_events__notify() from public;
+
+create trigger tg_stripe_events__notify
+after update of status on billing.stripe_events
+for each row
+when (
+  new.status = 'applied' and old.status is distinct from 'applied'
+  and new.type in ('invoice.payment_failed', 'customer.subscription.deleted', 'charge.dispute.created')
+)
+execute function billing.tg_stripe_events__notify();
+
+create function public.claim_notification_deliveries(
+  p_limit integer default 10,
+  p_lease interval default '1 minute',
+  p_as_of timestamptz default now()
+)
+returns table (
+  notification_id uuid,
+  user_id uuid,
+  kind text,
+  message text,
+  data jsonb,
+  created_at timestamptz,
+  attempts integer
+)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+begin
+  if p_limit is null or p_limit < 1 or p_limit > 1000 then
+    raise exception using errcode = '22023',
+      message = format('p_limit must be from 1 to 1000, got %s', coalesce(p_limit::text, 'null'));
+  end if;
+  if p_lease is null or p_lease <= interval '0' then
+    raise exception using errcode = '22023', message = 'p_lease must be a positive interval';
+  end if;
+  return query
+  with due as (
+    select d.notification_id
+    from billing.notification_deliveries as d
+    where d.status = 'pending' and d.next_attempt_at <= coalesce(p_as_of, now())
+      and (d.locked_until is null or d.locked_until <= coalesce(p_as_of, now()))
+    order by d.next_attempt_at, d.notification_id
+    limit p_limit
+    for update skip locked
+  ),
+
+  claimed as (
+    update billing.notification_deliveries as d
+    set attempts = d.attempts + 1, locked_until = coalesce(p_as_of, now()) + p_lease
+    from due
+    where d.notification_id = due.notification_id
+    returning d.notification_id, d.attempts
+  )
+
+  select n.id, n.user_id, n.kind, n.message, n.data, n.created_at, c.attempts
+  from claimed as c
+  inner join billing.notifications as n on n.id = c.notification_id
+  order by n.created_at, n.id;
+end;
+$$;
+
+comment on function public.claim_notification_deliveries(integer, interval, timestamptz) is
+'Claims up to p_limit due webhook deliveries for p_lease (skipping those another worker holds) '
+'and returns their notifications; the worker posts each and reports it with '
+'complete_notification_delivery.';
+
+revoke all on function public.claim_notification_deliveries(integer, interval, timestamptz)
+from public, anon, authenticated;
+grant execute on function public.claim_notification_deliveries(integer, interval, timestamptz)
+to service_role;
+
+create function public.complete_notification_delivery(
+  p_notification_id uuid,
+  p_delivered boolean,
+  p_error text default null,
+  p_max_attempts integer default 12
+) returns table (status text, next_attempt_at timestamptz)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+begin
+  if p_delivered is null then
+    raise exception using errcode = '22023', message = 'p_delivered must not be null';
+  end if;
+  return query
+  update billing.notification_deliveries as d
+  set
+    status = case
+      when p_delivered then 'delivered'
+      when d.attempts >= coalesce(p_max_attempts, 12) then 'failed'
+      else 'pending'
+    end,
+    delivered_at = case when p_delivered then now() end,
+    locked_until = null,
+    last_error = case when p_delivered then d.last_error else left(p_error, 1000) end,
+    -- Backoff: 10 s, 20 s, 40 s, ... at most an hour.
+    next_attempt_at = case
+      when p_delivered then d.next_attempt_at
+      else now() + least(interval '10 seconds' * power(2, greatest(d.attempts - 1, 0)), interval '1 hour')
+    end
+  where d.notification_id = p_notification_id and d.status = 'pending'
+  returning d.status, d.next_attempt_at;
+  if not found then
+    return query
+    select coalesce(d.status, 'unknown'), d.next_attempt_at
+    from (select 1) as one
+    left join billing.notification_deliveries as d on d.notification_id = p_notification_id;
+  end if;
+end;
+$$;
+
+comment on function public.complete_notification_delivery(uuid, boolean, text, integer) is
+'Reports a claimed delivery: delivered (never sent again), or failed with p_error and retried '
+'after the backoff until p_max_attempts (then status failed). A delivery already decided answers '
+'its status unchanged (unknown for no such notification).';
+
+revoke all on function public.complete_notification_delivery(uuid, boolean, text, integer)
+from public, anon, authenticated;
+grant execute on function public.complete_notification_delivery(uuid, boolean, text, integer)
+to service_role;
+
+insert into billing.schema_migrations (version, name) values ('20261202700200', 'notifications');
+$tb_migration_20261202700200$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202700300_overage.sql
+  if v_installed is null or '20261202700300' <> all(v_installed) then
+    execute $tb_migration_20261202700300$
+-- Migration: what a plan does when its tokens run out (overage strategies), low-balance
+-- thresholds, and auto top-up requests.
+--
+-- Purpose: each plan says, in the database, what a deduct that the balance cannot cover does, in
+-- the same call that would refuse it:
+--   block        refused: insufficient_funds (as before);
+--   throttle     applied, taking the balance below zero by at most overage_allowance tokens per
+--                period, and the answer carries retry_after_ms (throttle_delay_ms): the caller
+--                waits that long before its next call; past the allowance, refused;
+--   auto_top_up  refused like block; the top-up is bought when available falls to the
+--                auto_top_up_below threshold (below);
+--   postpaid     always applied (unlimited: Enterprise); the balance may go negative for this
+--                plan alone, and the tokens taken below zero in a period are invoiced after it
+--                ends (public.postpaid_due, public.mark_postpaid_invoiced).
+-- Thresholds: alert_thresholds (percent of the plan's tokens per period, e.g. {20, 0}) raise one
+-- notification per threshold per period when available falls to or below it (low_balance;
+-- out_of_tokens at 0). auto_top_up_below (percent) raises an auto top-up request when it is
+-- crossed (at most auto_top_up_max_per_period per period, none while one is pending, none once
+-- turned off for the user); the service claims it, charges the saved card off-session for
+-- auto_top_up_pack and reports the outcome; payment_intent.succeeded credits it.
+-- Objects: columns of billing.products (overage_strategy, overage_allowance, throttle_delay_ms,
+--   alert_thresholds, auto_top_up_pack, auto_top_up_below, auto_top_up_max_per_period,
+--   postpaid_unit_amount), billing.accounts.alert_levels and its triggers,
+--   billing.overage_periods, billing.auto_top_up_preferences, billing.auto_top_ups,
+--   billing.plan_alert_levels(), billing.usage_period_start(), billing.note_crossings(),
+--   billing.debit_overage(), public.claim_auto_top_ups(), public.finish_auto_top_up(),
+--   public.set_auto_top_up(), public.postpaid_due(), public.mark_postpaid_invoiced();
+--   replaces public.deduct_tokens() (new column retry_after_ms), billing.check_invariants()
+--   (overage entries may end below zero), billing.apply_payment_intent_event() (an auto
+--   top-up's intent not recorded yet parks instead of being ignored).
+--
+-- Cost: the deduct's statement is unchanged but for returning reserved and alert_levels; a plan
+-- without thresholds pays one null test, one with thresholds a loop over its levels (two or
+-- three) in plpgsql; only a crossing or a refusal runs a query more.
+
+alter table billing.products
+add column overage_strategy text not null default 'block',
+add column overage_allowance bigint not null default 0,
+add column throttle_delay_ms integer not null default 0,
+add column alert_thresholds integer[] not null default '{}',
+add column auto_top_up_pack text references billing.products (code) on update cascade,
+add column auto_top_up_below integer,
+add column auto_top_up_max_per_period integer not null default 3,
+add column postpaid_unit_amount integer,
+add constraint products_overage_strategy_known check (
+  overage_strategy in ('block', 'throttle', 'auto_top_up', 'postpaid')
+),
+add constraint products_overage_allowance_valid check (overage_allowance >= 0),
+add constraint products_throttle_delay_valid check (throttle_delay_ms between 0 and 3600000),
+add constraint products_alert_thresholds_valid check (
+  0 <= all(alert_thresholds) and 100 >= all(alert_thresholds) and cardinality(alert_thresholds) <= 5
+),
+add constraint products_auto_top_up_valid check (
+  overage_strategy <> 'auto_top_up'
+  or (auto_top_up_pack is not null and auto_top_up_below between 0 and 100)
+),
+add constraint products_auto_top_up_max_valid check (auto_top_up_max_per_period between 0 and 100),
+add constraint products_postpaid_unit_amount_valid check (postpaid_unit_amount >= 0);
+
+comment on column billing.products.overage_strategy is
+'Plans: what a deduct the balance cannot cover does: block (refused), throttle (applied within '
+'overage_allowance per period, with a delay), auto_top_up (refused; a top-up is bought at the '
+'threshold), postpaid (always applied; invoiced after the period).';
+comment on column billing.products.overage_allowance is
+'throttle: tokens a period may take below zero.';
+comment on column billing.products.throttle_delay_ms is
+'throttle: the retry_after_ms a deduct taken below zero answers.';
+comment on column billing.products.alert_thresholds is
+'Percent of the plan''s tokens (the period''s grant) at which the user is notified once per '
+'period, e.g. {20, 0}: at or below 20% (low_balance) and at 0 (out_of_tokens).';
+comment on column billing.products.auto_top_up_pack is 'auto_top_up: the pack it buys.';
+comment on column billing.products.auto_top_up_below is
+'auto_top_up: percent of the plan''s tokens at or below which a top-up is bought.';
+comment on column billing.products.auto_top_up_max_per_period is
+'auto_top_up: at most this many top-ups per period.';
+comment on column billing.products.postpaid_unit_amount is
+'postpaid: the price of 1,000 tokens taken below zero, in the currency''s minor unit; the '
+'period''s amount is rounded up to a whole minor unit.';
+
+-- The guide's free plan warns at 20% and at 0 (only when nobody has set thresholds yet).
+update billing.products set alert_thresholds = '{20, 0}'
+where code = 'free' and alert_thresholds = '{}';
+
+-- Levels and periods --------------------------------------------------------------------------
+
+create function billing.plan_alert_levels(p_plan text) returns bigint[]
+language sql stable
+set search_path = ''
+as $$
+  select nullif(
+    array(
+      select distinct floor(p.tokens * t.percent / 100.0)::bigint as level
+      from unnest(p.alert_thresholds || case when p.overage_strategy = 'auto_top_up'
+          then array[p.auto_top_up_below] else '{}'::integer[] end) as t (percent)
+      order by level desc
+    ),
+    '{}')
+  from billing.products as p
+  where p.code = p_plan
+$$;
+
+comment on function billing.plan_alert_levels(text) is
+'The available-token levels whose crossing the deduct path reports for a plan: its '
+'alert_thresholds and auto_top_up_below as tokens (percent of its tokens, rounded down), '
+'highest first; null when none.';
+
+revoke all on function billing.plan_alert_levels(text) from public;
+
+alter table billing.accounts
+add column alert_levels bigint[];
+
+comment on column billing.accounts.alert_levels is
+'The plan''s levels of available tokens (billing.plan_alert_levels) whose downward crossing a '
+'deduct reports to billing.note_crossings; null: none. Kept by triggers on plan changes.';
+
+create function billing.tg_accounts__alert_levels() returns trigger
+language plpgsql
+set search_path = ''
+as $$
+begin
+  new.alert_levels := billing.plan_alert_levels(new.plan);
+  return new;
+end;
+$$;
+
+comment on function billing.tg_accounts__alert_levels() is
+'Sets accounts.alert_levels from the plan when an account opens or changes plan.';
+
+revoke all on function billing.tg_accounts__alert_levels() from public;
+
+create trigger tg_accounts__alert_levels
+before insert or update of plan on billing.accounts
+for each row execute function billing.tg_accounts__alert_levels();
+
+create function billing.tg_products__alert_levels() returns trigger
+language plpgsql
+set search_path = ''
+as $$
+begin
+  update billing.accounts as a
+  set alert_levels = billing.plan_alert_levels(new.code)
+  where a.plan = new.code and a.alert_levels is distinct from billing.plan_alert_levels(new.code);
+  return null;
+end;
+$$;
+
+comment on function billing.tg_products__alert_levels() is
+'Recomputes the alert levels of the accounts on a plan whose tokens or thresholds changed.';
+
+revoke all on function billing.tg_products__alert_levels() from public;
+
+create trigger tg_products__alert_levels
+after update of tokens, alert_thresholds, overage_strategy, auto_top_up_below on billing.products
+for each row execute function billing.tg_products__alert_levels();
+
+-- Accounts that exist already (the free plan's thresholds above).
+update billing.accounts as a
+set alert_levels = billing.plan_alert_levels(a.plan)
+where billing.plan_alert_levels(a.plan) is not null;
+
+create function billing.usage_period_start(p_user_id uuid, p_as_of timestamptz) returns timestamptz
+language sql stable
+set search_path = ''
+as $$
+  select coalesce(
+    (
+      select s.current_period_start
+      from billing.subscriptions as s
+      where s.user_id = p_user_id
+        and s.status in ('active', 'trialing', 'past_due')
+        and s.current_period_start <= p_as_of and p_as_of < s.current_period_end
+      order by s.current_period_start desc
+      limit 1
+    ),
+    date_trunc('month', p_as_of, 'UTC'))
+$$;
+
+comment on function billing.usage_period_start(uuid, timestamptz) is
+'The start of the user''s period at p_as_of: the current subscription period''s, else the UTC '
+'calendar month''s (as billing.price_items counts usage).';
+
+revoke all on function billing.usage_period_start(uuid, timestamptz) from public;
+
+create table billing.overage_periods (
+  user_id uuid not null references billing.accounts (user_id),
+  period_start timestamptz not null,
+  plan text not null references billing.products (code) on update cascade,
+  overage_tokens bigint not null default 0,
+  top_ups integer not null default 0,
+  invoiced_at timestamptz,
+  stripe_invoice_item_id text,
+  constraint overage_periods_pkey primary key (user_id, period_start),
+  constraint overage_periods_counts_valid check (overage_tokens >= 0 and top_ups >= 0),
+  constraint overage_periods_invoiced check ((invoiced_at is null) = (stripe_invoice_item_id is null))
+);
+
+comment on table billing.overage_periods is
+'Per user and period: the tokens deducts took below zero (throttle, postpaid) and the auto '
+'top-ups requested; for postpaid plans, the Stripe invoice item that billed them.';
+comment on column billing.overage_periods.user_id is 'The user.';
+comment on column billing.overage_periods.period_start is 'The period (billing.usage_period_start).';
+comment on column billing.overage_periods.plan is 'The plan of the period''s first overage.';
+comment on column billing.overage_periods.overage_tokens is
+'Tokens taken below zero in the period (what throttle counts against its allowance, what '
+'postpaid invoices).';
+comment on column billing.overage_periods.top_ups is 'Auto top-ups requested in the period.';
+comment on column billing.overage_periods.invoiced_at is 'postpaid: when the overage was invoiced.';
+comment on column billing.overage_periods.stripe_invoice_item_id is
+'postpaid: the Stripe invoice item (ii_...) that bills the overage.';
+
+alter table billing.overage_periods enable row level security;
+-- No policy: service role only.
+revoke all on billing.overage_periods from public, anon, authenticated, service_role;
+grant select on billing.overage_periods to service_role;
+
+create table billing.auto_top_up_preferences (
+  user_id uuid primary key references billing.accounts (user_id),
+  enabled boolean not null,
+  reason text,
+  updated_at timestamptz not null default now()
+);
+
+comment on table billing.auto_top_up_preferences is
+'Whether auto top-up is on for a user of an auto_top_up plan (no row: on). A failed or '
+'SCA-blocked top-up turns it off with the reason; public.set_auto_top_up turns it on again.';
+comment on column billing.auto_top_up_preferences.user_id is 'The user.';
+comment on column billing.auto_top_up_preferences.enabled is 'Whether top-ups are bought.';
+comment on column billing.auto_top_up_preferences.reason is 'Why it was turned off (or on).';
+comment on column billing.auto_top_up_preferences.updated_at is 'When it last changed.';
+
+alter table billing.auto_top_up_preferences enable row level security;
+-- No policy: service role only.
+revoke all on billing.auto_top_up_preferences from public, anon, authenticated, service_role;
+grant select on billing.auto_top_up_preferences to service_role;
+
+create table billing.auto_top_ups (
+  id uuid primary key default gen_random_uuid(),
+  user_id uuid not null references billing.accounts (user_id),
+  period_start timestamptz not null,
+  n integer not null,
+  product_code text not null references billing.products (code) on update cascade,
+  amount_cents bigint not null,
+  currency text not null,
+  available_at_crossing bigint not null,
+  status text not null default 'pending',
+  attempts integer not null default 0,
+  locked_until timestamptz,
+  stripe_payment_intent_id text unique,
+  detail text,
+  created_at timestamptz not null default now(),
+  decided_at timestamptz,
+  constraint auto_top_ups_crossing_key unique (user_id, period_start, n),
+  constraint auto_top_ups_status_known check (
+    status in ('pending', 'charged', 'failed', 'requires_action')
+  ),
+  constraint auto_top_ups_decided check ((status = 'pending') = (decided_at is null)),
+  constraint auto_top_ups_amount_valid check (amount_cents >= 0 and n >= 1)
+);
+
+-- At most one top-up in flight per user: a second crossing while one is pending buys nothing.
+create unique index auto_top_ups_one_pending_idx on billing.auto_top_ups (user_id)
+where status = 'pending';
+
+comment on table billing.auto_top_ups is
+'One row per threshold crossing that buys a top-up (the n-th of its period): the outbox the '
+'service claims, charges off-session with the idempotency key tb-auto-top-up-<id> and decides.';
+comment on column billing.auto_top_ups.id is 'The request; its Stripe idempotency key is tb-auto-top-up-<id>.';
+comment on column billing.auto_top_ups.user_id is 'Whose card is charged.';
+comment on column billing.auto_top_ups.period_start is 'The period of the crossing.';
+comment on column billing.auto_top_ups.n is 'Which top-up of the period (1..auto_top_up_max_per_period).';
+comment on column billing.auto_top_ups.product_code is 'The pack bought.';
+comment on column billing.auto_top_ups.amount_cents is 'The pack''s price_cents at the crossing.';
+comment on column billing.auto_top_ups.currency is 'The pack''s currency.';
+comment on column billing.auto_top_ups.available_at_crossing is 'Tokens available after the crossing deduct.';
+comment on column billing.auto_top_ups.status is
+'pending (to charge), charged (the PaymentIntent succeeded or is processing; its '
+'payment_intent.succeeded credits), failed (declined, no card), requires_action (SCA).';
+comment on column billing.auto_top_ups.attempts is 'How many times a worker claimed it.';
+comment on column billing.auto_top_ups.locked_until is 'The claiming worker''s lease.';
+comment on column billing.auto_top_ups.stripe_payment_intent_id is 'The PaymentIntent (pi_...).';
+comment on column billing.auto_top_ups.detail is 'What Stripe answered.';
+comment on column billing.auto_top_ups.created_at is 'When the threshold was crossed.';
+comment on column billing.auto_top_ups.decided_at is 'When the outcome was reported.';
+
+alter table billing.auto_top_ups enable row level security;
+-- No policy: service role only.
+revoke all on billing.auto_top_ups from public, anon, authenticated, service_role;
+grant select on billing.auto_top_ups to service_role;
+
+-- Crossings -----------------------------------------------------------------------------------
+
+create function billing.note_crossings(p_user_id uuid, p_before bigint, p_after bigint) returns void
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_plan billing.products;
+  v_pack billing.products;
+  v_period timestamptz;
+  v_percent integer;
+  v_level bigint;
+  v_n integer;
+begin
+  -- The caller holds the account's lock (the deduct's update): crossings of one account are
+  -- decided one at a time, so one crossing raises one notification and one top-up.
+  select p.* into v_plan
+  from billing.accounts as a
+  inner join billing.products as p on p.code = a.plan
+  where a.user_id = p_user_id;
+  v_period := billing.usage_period_start(p_user_id, now());
+
+  foreach v_percent in array v_plan.alert_thresholds loop
+    v_level := floor(v_plan.tokens * v_percent / 100.0)::bigint;
+    if p_before > v_level and p_after <= v_level then
+      perform billing.notify(
+        p_user_id,
+        case when v_percent = 0 then 'out_of_tokens' else 'low_balance' end,
+        case when v_percent = 0
+          then format('You are out of tokens on %s: top up to keep going.', v_plan.name)
+          else format('%s tokens left: below %s%% of your %s plan''s %s.', greatest(p_after, 0),
+            v_percent, v_plan.name, v_plan.tokens)
+        end,
+        jsonb_build_object('threshold_percent', v_percent, 'threshold_tokens', v_level,
+          'available', p_after, 'plan', v_plan.code, 'period_start', v_period),
+        format('threshold:%s:%s:%s', p_user_id, v_period, v_percent));
+    end if;
+  end loop;
+
+  if v_plan.overage_strategy = 'auto_top_up' then
+    v_level := floor(v_plan.tokens * v_plan.auto_top_up_below / 100.0)::bigint;
+    if p_before > v_level and p_after <= v_level
+      and not exists (
+        select 1 from billing.auto_top_up_preferences as t where t.user_id = p_user_id and not t.enabled
+      )
+      and not exists (
+        select 1 from billing.auto_top_ups as t where t.user_id = p_user_id and t.status = 'pending'
+      ) then
+      select p.* into v_pack from billing.products as p
+      where p.code = v_plan.auto_top_up_pack and p.kind = 'pack' and p.active;
+      if v_pack.code is null then
+        return;
+      end if;
+      insert into billing.overage_periods as o (user_id, period_start, plan, top_ups)
+      select p_user_id, v_period, v_plan.code, 1
+      where v_plan.auto_top_up_max_per_period >= 1
+      on conflict (user_id, period_start) do update
+      set top_ups = o.top_ups + 1
+      where o.top_ups < v_plan.auto_top_up_max_per_period
+      returning o.top_ups into v_n;
+      if v_n is not null then
+        insert into billing.auto_top_ups (
+          user_id, period_start, n, product_code, amount_cents, currency, available_at_crossing
+        )
+        values (
+          p_user_id, v_period, v_n, v_pack.code, coalesce(v_pack.price_cents, 0), v_pack.currency,
+          p_after
+        );
+      end if;
+    end if;
+  end if;
+end;
+$$;
+
+comment on function billing.note_crossings(uuid, bigint, bigint) is
+'A deduct took available from p_before to p_after: raises the notification of each threshold '
+'crossed (to or below it; once per period) and, on an auto_top_up plan, the top-up request of '
+'its threshold (none while one is pending, at most the plan''s per period, none when off). The '
+'caller holds the account''s lock.';
+
+revoke all on function billing.note_crossings(uuid, bigint, bigint) from public;
+
+-- The deduct ----------------------------------------------------------------------------------
+
+create function billing.debit_overage(
+  p_user_id uuid,
+  p_amount bigint,
+  p_idempotency_key text,
+  p_description text,
+  p_metadata jsonb,
+  p_debited boolean
+) returns table (status text, balance bigint, entry_id bigint, retry_after_ms integer)
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_balance bigint;
+  v_reserved bigint;
+  v_plan billing.products;
+  v_available bigint;
+  v_over bigint;
+  v_used bigint;
+  v_period timestamptz;
+  v_debit record;
+begin
+  if p_debited then
+    -- The key was used before (billing.debit_refused undoes the debit and replays).
+    return query select r.status, r.balance, r.entry_id, null::integer
+    from billing.debit_refused(p_user_id, p_amount, p_idempotency_key, 'usage', true) as r;
+    return;
+  end if;
+  return query select r.status, r.balance, r.entry_id, null::integer
+  from billing.replay_entry(p_idempotency_key, p_user_id, -p_amount, 'usage') as r;
+  if found then
+    return;
+  end if;
+
+  select a.balance, a.reserved into v_balance, v_reserved
+  from billing.accounts as a
+  where a.user_id = p_user_id
+  for no key update;
+  if not found then
+    return query select 'unknown_account'::text, null::bigint, null::bigint, null::integer;
+    return;
+  end if;
+  select p.* into v_plan
+  from billing.accounts as a
+  inner join billing.products as p on p.code = a.plan
+  where a.user_id = p_user_id;
+  v_available := v_balance - v_reserved;
+
+  if v_available >= p_amount then
+    -- A credit landed since the deduct's statement: a plain debit now.
+    return query select d.status, d.balance, d.entry_id, null::integer
+    from billing.debit(p_user_id, p_amount, p_idempotency_key, 'usage', p_description,
+      p_metadata) as d;
+    perform billing.note_crossings(p_user_id, v_available, v_available - p_amount);
+    return;
+  end if;
+
+  if v_plan.overage_strategy in ('throttle', 'postpaid') then
+    v_over := p_amount - greatest(v_available, 0);
+    v_period := billing.usage_period_start(p_user_id, now());
+    select o.overage_tokens into v_used
+    from billing.overage_periods as o
+    where o.user_id = p_user_id and o.period_start = v_period
+    for update;
+    if v_plan.overage_strategy = 'postpaid'
+      or coalesce(v_used, 0) + v_over <= v_plan.overage_allowance then
+      insert into billing.overage_periods as o (user_id, period_start, plan, overage_tokens)
+      values (p_user_id, v_period, v_plan.code, v_over)
+      on conflict (user_id, period_start) do update
+      set overage_tokens = o.overage_tokens + excluded.overage_tokens;
+      select d.status, d.balance, d.entry_id into v_debit
+      from billing.debit(p_user_id, p_amount, p_idempotency_key, 'usage', p_description,
+        coalesce(p_metadata, '{}') || jsonb_build_object(
+          'overage', v_plan.overage_strategy, 'overage_tokens', v_over,
+          'period_start', v_period),
+        true) as d;
+      perform billing.note_crossings(p_user_id, v_available, v_available - p_amount);
+      return query select v_debit.status, v_debit.balance, v_debit.entry_id,
+        case when v_plan.overage_strategy = 'throttle' then v_plan.throttle_delay_ms end;
+      return;
+    end if;
+  end if;
+
+  -- block, auto_top_up, or throttle past its allowance: refused. A refused call that would have
+  -- crossed a threshold counts as the crossing (a top-up is bought for it).
+  perform billing.note_crossings(p_user_id, v_available, v_available - p_amount);
+  return query select 'insufficient_funds'::text, v_balance, null::bigint, null::integer;
+end;
+$$;
+
+comment on function billing.debit_overage(uuid, bigint, text, text, jsonb, boolean) is
+'The deduct''s refusal branch: a replayed key (duplicate, TBKEY), no account, or no funds, where '
+'the plan''s overage strategy decides: throttle (within the period''s allowance) and postpaid '
+'apply it below zero (entry metadata overage), throttle answering retry_after_ms; otherwise '
+'insufficient_funds. Thresholds crossed are noted either way.';
+
+revoke all on function billing.debit_overage(uuid, bigint, text, text, jsonb, boolean) from public;
+
+-- The answer gains retry_after_ms: a new row type, so the function is dropped and created again.
+drop function public.deduct_tokens(uuid, bigint, text, text, jsonb);
+
+create function public.deduct_tokens(
+  p_user_id uuid,
+  p_amount bigint,
+  p_idempotency_key text,
+  p_description text default null,
+  p_metadata jsonb default '{}'
+) returns table (status text, balance bigint, entry_id bigint, retry_after_ms integer)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+declare
+  v_reserved bigint;
+  v_levels bigint[];
+  v_level bigint;
+begin
+  if p_amount is null or p_amount <= 0 or p_amount > 1000000000000000
+    or p_idempotency_key is null or length(p_idempotency_key) > 255
+    or length(btrim(p_idempotency_key)) = 0
+    or p_idempotency_key like 'signup:%' or p_idempotency_key like 'expiry:%'
+    or p_idempotency_key like 'reservation:%' or p_idempotency_key like 'stripe:%'
+    or (p_metadata is not null and jsonb_typeof(p_metadata) <> 'object') then
+    perform billing.require_amount('p_amount', p_amount);
+    perform billing.require_caller_key('p_idempotency_key', p_idempotency_key);
+    perform billing.require_object('p_metadata', p_metadata);
+  end if;
+
+  -- One statement: lock and debit the account (usage never takes available below zero here),
+  -- then write the entry unless its key exists already.
+  with debited as (
+    update billing.accounts as a
+    set balance = a.balance - p_amount, undrawn = a.undrawn + p_amount, updated_at = now()
+    where a.user_id = p_user_id and a.balance - a.reserved >= p_amount
+    returning a.balance, a.reserved, a.alert_levels
+  ),
+
+  entry as (
+    insert into billing.ledger_entries (
+      user_id, amount, balance_after, kind, idempotency_key, description, metadata
+    )
+    select
+      p_user_id, -p_amount, debited.balance, 'usage', p_idempotency_key, p_description,
+      coalesce(p_metadata, '{}')
+    from debited
+    on conflict (idempotency_key) do nothing
+    returning id
+  )
+
+  select debited.balance, debited.reserved, debited.alert_levels, entry.id
+  into balance, v_reserved, v_levels, entry_id
+  from debited
+  left join entry on true;
+
+  if entry_id is not null then
+    status := 'applied';
+    if v_levels is not null then
+      -- A threshold crossed (available fell to or below a level): notifications, a top-up.
+      foreach v_level in array v_levels loop
+        if balance - v_reserved <= v_level and balance - v_reserved + p_amount > v_level then
+          perform billing.note_crossings(p_user_id, balance - v_reserved + p_amount, balance - v_reserved);
+          exit;
+        end if;
+      end loop;
+    end if;
+    return next;
+    return;
+  end if;
+  return query select * from billing.debit_overage(
+    p_user_id, p_amount, p_idempotency_key, p_description, p_metadata, balance is not null);
+end;
+$$;
+
+comment on function public.deduct_tokens(uuid, bigint, text, text, jsonb) is
+'Charges usage: applied when available covers it; otherwise the plan''s overage strategy decides '
+'(block and auto_top_up: insufficient_funds; throttle: applied below zero within the period''s '
+'allowance, retry_after_ms set; postpaid: applied). duplicate for a replayed key, '
+'unknown_account. Reports threshold crossings (notifications, auto top-ups).';
+
+revoke all on function public.deduct_tokens(uuid, bigint, text, text, jsonb) from public, anon, authenticated;
+grant execute on function public.deduct_tokens(uuid, bigint, text, text, jsonb) to service_role;
+
+-- Auto top-up ---------------------------------------------------------------------------------
+
+create function public.claim_auto_top_ups(
+  p_limit integer default 10,
+  p_lease interval default '2 minutes',
+  p_as_of timestamptz default now()
+)
+returns table (
+  id uuid,
+  user_id uuid,
+  product_code text,
+  amount_cents bigint,
+  currency text,
+  stripe_customer_id text,
+  idempotency_key text,
+  attempts integer
+)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+begin
+  if p_limit is null or p_limit < 1 or p_limit > 1000 then
+    raise exception using errcode = '22023',
+      message = format('p_limit must be from 1 to 1000, got %s', coalesce(p_limit::text, 'null'));
+  end if;
+  if p_lease is null or p_lease <= interval '0' then
+    raise exception using errcode = '22023', message = 'p_lease must be a positive interval';
+  end if;
+  return query
+  with due as (
+    select t.id
+    from billing.auto_top_ups as t
+    where t.status = 'pending' and (t.locked_until is null or t.locked_until <= coalesce(p_as_of, now()))
+    order by t.created_at, t.id
+    limit p_limit
+    for update skip locked
+  ),
+
+  claimed as (
+    update billing.auto_top_ups as t
+    set attempts = t.attempts + 1, locked_until = coalesce(p_as_of, now()) + p_lease
+    from due
+    where t.id = due.id
+    returning t.*
+  )
+
+  select
+    c.id, c.user_id, c.product_code, c.amount_cents, c.currency,
+    (
+      select cu.stripe_customer_id from billing.customers as cu
+      where cu.user_id = c.user_id
+      order by cu.created_at, cu.stripe_customer_id
+      limit 1
+    ),
+    'tb-auto-top-up-' || c.id::text, c.attempts
+  from claimed as c
+  order by c.created_at, c.id;
+end;
+$$;
+
+comment on function public.claim_auto_top_ups(integer, interval, timestamptz) is
+'Claims up to p_limit pending auto top-ups for p_lease (skipping those another worker holds): '
+'what to charge, whose customer, and the Stripe idempotency key of the crossing (the same on '
+'every attempt, so a crash and a retry charge once).';
+
+revoke all on function public.claim_auto_top_ups(integer, interval, timestamptz) from public, anon, authenticated;
+grant execute on function public.claim_auto_top_ups(integer, interval, timestamptz) to service_role;
+
+create function public.finish_auto_top_up(
+  p_id uuid,
+  p_outcome text,
+  p_payment_intent jsonb default null,
+  p_detail text default null
+) returns table (status text, detail text)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+declare
+  v_top_up billing.auto_top_ups;
+  v_pack billing.products;
+  v_intent_id text := p_payment_intent ->> 'id';
+begin
+  if p_outcome is null or p_outcome not in ('succeeded', 'processing', 'failed', 'requires_action') then
+    raise exception using errcode = '22023', message = format(
+      'p_outcome must be succeeded, processing, failed or requires_action, got %s',
+      coalesce(quote_literal(p_outcome), 'null'));
+  end if;
+  if p_outcome in ('succeeded', 'processing') and v_intent_id is null then
+    raise exception using errcode = '22023',
+      message = 'p_payment_intent must be the PaymentIntent Stripe returned when it was charged';
+  end if;
+
+  select t.* into v_top_up from billing.auto_top_ups as t where t.id = p_id for update;
+  if not found then
+    return query select 'unknown'::text, format('no auto top-up %s', p_id);
+    return;
+  end if;
+  if v_top_up.status <> 'pending' then
+    return query select 'duplicate'::text, format('auto top-up %s is %s already', p_id, v_top_up.status);
+    return;
+  end if;
+  select p.* into v_pack from billing.products as p where p.code = v_top_up.product_code;
+
+  if p_outcome in ('succeeded', 'processing') then
+    -- What was sold, recorded as Stripe returned it; its payment_intent.succeeded credits it
+    -- (and one that arrived before this record parked and is applied now).
+    perform billing.record_stripe_sale(p_payment_intent, 'payment_intent', 'amount');
+    update billing.auto_top_ups as t
+    set status = 'charged', stripe_payment_intent_id = v_intent_id, detail = p_detail,
+      decided_at = now(), locked_until = null
+    where t.id = p_id;
+    perform billing.notify(v_top_up.user_id, 'auto_top_up_charged',
+      format('Auto top-up: %s bought for %s %s; the tokens land when the payment settles.',
+        v_pack.name, round(v_top_up.amount_cents / 100.0, 2), upper(v_top_up.currency)),
+      jsonb_build_object('auto_top_up', p_id, 'product', v_pack.code, 'tokens', v_pack.tokens,
+        'amount_cents', v_top_up.amount_cents, 'currency', v_top_up.currency,
+        'stripe_payment_intent', v_intent_id),
+      'auto_top_up:' || p_id::text);
+    perform billing.heal_parked_stripe_events(array[v_intent_id]);
+    return query select 'applied'::text, format('auto top-up %s charged (%s)', p_id, v_intent_id);
+    return;
+  end if;
+
+  update billing.auto_top_ups as t
+  set status = p_outcome, stripe_payment_intent_id = v_intent_id, detail = p_detail,
+    decided_at = now(), locked_until = null
+  where t.id = p_id;
+  insert into billing.auto_top_up_preferences as pr (user_id, enabled, reason)
+  values (v_top_up.user_id, false, format('auto top-up %s %s: %s', p_id, p_outcome, coalesce(p_detail, '')))
+  on conflict (user_id) do update
+  set enabled = false, reason = excluded.reason, updated_at = now();
+  perform billing.notify(v_top_up.user_id, 'auto_top_up_failed',
+    case when p_outcome = 'requires_action'
+      then format('Auto top-up of %s needs you to confirm the payment; auto top-up is off until you do.',
+        v_pack.name)
+      else format('Auto top-up of %s failed (%s); auto top-up is off. Update your card and top up.',
+        v_pack.name, coalesce(p_detail, 'declined'))
+    end,
+    jsonb_build_object('auto_top_up', p_id, 'product', v_pack.code, 'outcome', p_outcome,
+      'reason', p_detail, 'stripe_payment_intent', v_intent_id),
+    'auto_top_up:' || p_id::text);
+  return query select 'applied'::text, format('auto top-up %s %s; auto top-up turned off for user %s',
+    p_id, p_outcome, v_top_up.user_id);
+end;
+$$;
+
+comment on function public.finish_auto_top_up(uuid, text, jsonb, text) is
+'Reports a claimed auto top-up: succeeded or processing records the PaymentIntent (its '
+'payment_intent.succeeded credits the pack once) and notifies; failed or requires_action turns '
+'auto top-up off for the user and notifies. Once per top-up: later reports answer duplicate.';
+
+revoke all on function public.finish_auto_top_up(uuid, text, jsonb, text) from public, anon, authenticated;
+grant execute on function public.finish_auto_top_up(uuid, text, jsonb, text) to service_role;
+
+create function public.set_auto_top_up(p_user_id uuid, p_enabled boolean, p_reason text default null)
+returns table (status text)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+begin
+  if p_enabled is null then
+    raise exception using errcode = '22023', message = 'p_enabled must not be null';
+  end if;
+  if not exists (select 1 from billing.accounts as a where a.user_id = p_user_id) then
+    return query select 'unknown_account'::text;
+    return;
+  end if;
+  insert into billing.auto_top_up_preferences as pr (user_id, enabled, reason)
+  values (p_user_id, p_enabled, p_reason)
+  on conflict (user_id) do update
+  set enabled = excluded.enabled, reason = excluded.reason, updated_at = now()
+  where pr.enabled is distinct from excluded.enabled;
+  return query select case when found then 'applied' else 'duplicate' end;
+end;
+$$;
+
+comment on function public.set_auto_top_up(uuid, boolean, text) is
+'Turns auto top-up on or off for a user (e.g. on again once the card is fixed). Statuses: '
+'applied, duplicate (already so), unknown_account.';
+
+revoke all on function public.set_auto_top_up(uuid, boolean, text) from public, anon, authenticated;
+grant execute on function public.set_auto_top_up(uuid, boolean, text) to service_role;
+
+-- Postpaid ------------------------------------------------------------------------------------
+
+create function public.postpaid_due(p_as_of timestamptz default now())
+returns table (
+  user_id uuid,
+  period_start timestamptz,
+  plan text,
+  overage_tokens bigint,
+  amount_cents bigint,
+  currency text,
+  stripe_customer_id text,
+  idempotency_key text
+)
+language sql stable
+security invoker
+set search_path = ''
+as $$
+  select
+    o.user_id, o.period_start, o.plan, o.overage_tokens,
+    -- Rounded up to a whole minor unit.
+    ceil(o.overage_tokens * coalesce(p.postpaid_unit_amount, 0) / 1000.0)::bigint,
+    p.currency,
+    (
+      select cu.stripe_customer_id from billing.customers as cu
+      where cu.user_id = o.user_id
+      order by cu.created_at, cu.stripe_customer_id
+      limit 1
+    ),
+    format('tb-postpaid-%s-%s', o.user_id, extract(epoch from o.period_start)::bigint)
+  from billing.overage_periods as o
+  inner join billing.products as p on p.code = o.plan
+  where p.overage_strategy = 'postpaid' and o.overage_tokens > 0 and o.invoiced_at is null
+    and o.period_start < billing.usage_period_start(o.user_id, coalesce(p_as_of, now()))
+  order by o.period_start, o.user_id;
+$$;
+
+comment on function public.postpaid_due(timestamptz) is
+'Postpaid periods that ended by p_as_of with overage not yet invoiced: tokens, the amount '
+'(tokens x postpaid_unit_amount / 1000, rounded up), the customer and the Stripe idempotency key '
+'of its invoice item. Security invoker: service_role reads the tables itself.';
+
+revoke all on function public.postpaid_due(timestamptz) from public, anon, authenticated;
+grant execute on function public.postpaid_due(timestamptz) to service_role;
+
+create function public.mark_postpaid_invoiced(
+  p_user_id uuid,
+  p_period_start timestamptz,
+  p_stripe_invoice_item_id text
+) returns table (status text, balance bigint)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+declare
+  v_period billing.overage_periods;
+  v_credit record;
+begin
+  if p_stripe_invoice_item_id is null or p_stripe_invoice_item_id !~ '^ii_[A-Za-z0-9_]{1,250}$' then
+    raise exception using errcode = '22023', message = format(
+      'p_stripe_invoice_item_id must be a Stripe invoice item id (ii_...), got %s',
+      coalesce(quote_literal(p_stripe_invoice_item_id), 'null'));
+  end if;
+  select o.* into v_period from billing.overage_periods as o
+  where o.user_id = p_user_id and o.period_start = p_period_start
+  for update;
+  if not found then
+    return query select 'unknown'::text, null::bigint;
+    return;
+  end if;
+  if v_period.invoiced_at is not null then
+    return query select 'duplicate'::text, null::bigint;
+    return;
+  end if;
+  update billing.overage_periods as o
+  set invoiced_at = now(), stripe_invoice_item_id = p_stripe_invoice_item_id
+  where o.user_id = p_user_id and o.period_start = p_period_start;
+  -- The invoiced tokens are paid for: they no longer count against the balance.
+  select c.status, c.balance into v_credit
+  from billing.credit(
+    p_user_id, v_period.overage_tokens,
+    format('postpaid:%s:%s', p_user_id, extract(epoch from p_period_start)::bigint), 'adjustment',
+    format('Postpaid usage of the period from %s, invoiced as %s', p_period_start, p_stripe_invoice_item_id),
+    null,
+    jsonb_build_object('postpaid', true, 'period_start', p_period_start,
+      'stripe_invoice_item', p_stripe_invoice_item_id)
+  ) as c;
+  return query select 'applied'::text, v_credit.balance;
+end;
+$$;
+
+comment on function public.mark_postpaid_invoiced(uuid, timestamptz, text) is
+'Records the Stripe invoice item that bills a postpaid period''s overage and credits those tokens '
+'back (kind adjustment): what was invoiced no longer counts against the balance. Statuses: '
+'applied, duplicate (already invoiced), unknown (no such period).';
+
+revoke all on function public.mark_postpaid_invoiced(uuid, timestamptz, text) from public, anon, authenticated;
+grant execute on function public.mark_postpaid_invoiced(uuid, timestamptz, text) to service_role;
+
+-- Invariants and the payment intent event ----------------------------------------------------
+
+create or replace function billing.check_invariants() returns table (
+  user_id uuid, problem text, expected bigint, actual bigint
+)
+language sql stable
+set search_path = ''
+as $$
+  with entry_totals as (
+    select e.user_id, sum(e.amount)::bigint as total
+    from billing.ledger_entries as e
+    group by e.user_id
+  ),
+
+  pending_totals as (
+    select r.user_id, sum(r.amount)::bigint as total
+    from billing.reservations as r
+    where r.status = 'pending'
+    group by r.user_id
+  ),
+
+  bucket_totals as (
+    select b.user_id, sum(b.remaining)::bigint as total
+    from billing.credit_buckets as b
+    group by b.user_id
+  ),
+
+  debt_users as (
+    select distinct e.user_id
+    from billing.ledger_entries as e
+    where e.kind in ('clawback', 'dispute')
+      -- An operator's adjustment allowed into debt (public.adjust_tokens, p_allow_debt).
+      or (e.kind = 'adjustment' and e.amount < 0 and e.balance_after < 0)
+      -- A throttle or postpaid plan's overage (billing.debit_overage).
+      or (e.kind = 'usage' and e.metadata ? 'overage')
+  ),
+
+  chain as (
+    select
+      e.user_id,
+      e.id,
+      e.balance_after,
+      sum(e.amount) over (partition by e.user_id order by e.id) as running
+    from billing.ledger_entries as e
+  )
+
+  select a.user_id, 'balance = sum(ledger_entries.amount)', coalesce(t.total, 0), a.balance
+  from billing.accounts as a
+  left join entry_totals as t on a.user_id = t.user_id
+  where a.balance <> coalesce(t.total, 0)
+  union all
+  select a.user_id, 'reserved = sum(pending reservations)', coalesce(p.total, 0), a.reserved
+  from billing.accounts as a
+  left join pending_totals as p on a.user_id = p.user_id
+  where a.reserved <> coalesce(p.total, 0)
+  union all
+  select
+    a.user_id,
+    'greatest(sum(buckets.remaining) - undrawn + held_expired, 0) = greatest(balance, 0)',
+    greatest(a.balance, 0), greatest(coalesce(b.total, 0) - a.undrawn + a.held_expired, 0)
+  from billing.accounts as a
+  left join bucket_totals as b on a.user_id = b.user_id
+  where greatest(coalesce(b.total, 0) - a.undrawn + a.held_expired, 0) <> greatest(a.balance, 0)
+  union all
+  -- Holds keep their tokens: what is held never exceeds the tokens of unexpired buckets plus
+  -- the held tokens whose bucket expired. Only debt (a clawback, a lost dispute) may break it.
+  select
+    a.user_id,
+    'reserved <= sum(buckets.remaining) - undrawn + held_expired (holds keep their tokens)',
+    coalesce(b.total, 0) - a.undrawn + a.held_expired, a.reserved
+  from billing.accounts as a
+  left join bucket_totals as b on a.user_id = b.user_id
+  where a.reserved > coalesce(b.total, 0) - a.undrawn + a.held_expired
+    and not exists (select 1 from debt_users as d where d.user_id = a.user_id)
+  union all
+  -- Also the accounts CHECK (accounts_row_valid); reported should it ever be dropped.
+  select
+    a.user_id, 'held_expired between 0 and reserved', a.reserved, a.held_expired
+  from billing.accounts as a
+  where a.held_expired < 0 or a.held_expired > a.reserved
+  union all
+  select
+    e.user_id, format('entry %s (%s) left the balance below zero', e.id, e.kind), 0,
+    e.balance_after
+  from billing.ledger_entries as e
+  where e.kind in ('usage', 'expiry') and e.balance_after < 0
+    -- A throttle or postpaid plan's overage (billing.debit_overage) may end below zero.
+    and not (e.kind = 'usage' and e.metadata ? 'overage')
+  union all
+  select e.user_id, format('entry %s without an account', e.id), null, null
+  from billing.ledger_entries as e
+  where not exists (select 1 from billing.accounts as a where a.user_id = e.user_id)
+  union all
+  select r.user_id, format('reservation %s without an account', r.id), null, null
+  from billing.reservations as r
+  where not exists (select 1 from billing.accounts as a where a.user_id = r.user_id)
+  union all
+  select c.user_id, format('entry %s: balance_after = running sum', c.id), c.running::bigint,
+    c.balance_after
+  from chain as c
+  where c.balance_after <> c.running
+  union all
+  select
+    e.user_id,
+    format('entry %s: %s %s has the wrong sign, a key of %s characters or metadata of type %s',
+      e.id, e.kind, e.amount, length(e.idempotency_key), jsonb_typeof(e.metadata)),
+    null, null
+  from billing.ledger_entries as e
+  where (
+    e.kind <> 'adjustment'
+    and (e.amount < 0) <> (e.kind in ('usage', 'expiry', 'clawback', 'dispute'))
+  )
+    or length(e.idempotency_key) not between 1 and 255
+    or jsonb_typeof(e.metadata) is distinct from 'object'
+  union all
+  -- The writers' rules (20261202400000_plain_checks.sql): the sign of each kind (adjustments
+  -- either), a key of 1..255 characters, metadata an object, known kinds, and keys in
+  -- token-billing's own namespaces only on the entries they describe.
+  select e.user_id, format('entry %s: kind %s is not a known kind', e.id, e.kind), null, null
+  from billing.ledger_entries as e
+  where e.kind not in (
+    'purchase', 'subscription', 'promotion', 'adjustment', 'refund', 'signup', 'dispute_won',
+    'clawback_reversed', 'usage', 'expiry', 'clawback', 'dispute'
+  )
+  union all
+  select
+    e.user_id,
+    format('entry %s: key %s is in token-billing''s namespace but not its entry', e.id,
+      e.idempotency_key),
+    null, null
+  from billing.ledger_entries as e
+  where (e.idempotency_key like 'signup:%' and e.kind <> 'signup')
+    or (e.idempotency_key like 'expiry:%' and e.kind <> 'expiry')
+    or (
+      e.idempotency_key like 'reservation:%'
+      and e.idempotency_key is distinct from 'reservation:' || e.reservation_id::text
+    )
+    or (
+      e.idempotency_key like 'stripe:%'
+      and not (
+        e.kind in (
+          'purchase', 'subscription', 'clawback', 'dispute', 'dispute_won', 'clawback_reversed'
+        )
+        and e.metadata ? 'stripe_event_id'
+      )
+    )
+$$;
+
+comment on function billing.check_invariants() is
+'One row per broken invariant (none when the books are sound): balances equal entry sums, '
+'reserved equals pending reservations, buckets plus held_expired hold the positive balance, '
+'holds never exceed the tokens that back them (except in debt: a clawback, a lost dispute, an '
+'adjustment allowed below zero or a plan''s overage), held_expired is within 0..reserved, '
+'usage (but a throttle or postpaid plan''s overage) and expiry never leave a balance below '
+'zero, balance_after chains, entries have the sign of their kind (adjustments either), a key '
+'of 1..255 characters, object metadata, known kinds and keys of token-billing''s namespaces '
+'only on their own entries.';
+
+revoke all on function billing.check_invariants() from public;
+
+create or replace function billing.apply_payment_intent_event(p_event jsonb)
+returns table (status text, detail text)
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_intent jsonb := billing.require_stripe_object(p_event, 'payment_intent');
+  v_intent_id text := v_intent ->> 'id';
+  v_amount bigint := coalesce(
+    billing.stripe_bigint(v_intent -> 'amount_received', 'amount_received'),
+    billing.stripe_bigint(v_intent -> 'amount', 'amount'));
+  v_currency text := lower(v_intent ->> 'currency');
+  v_sale billing.stripe_sales;
+  v_product billing.products;
+begin
+  if coalesce(v_intent ->> 'status', 'succeeded') <> 'succeeded' then
+    return query select 'ignored'::text, format('payment intent %s is %s: nothing to credit',
+      v_intent_id, v_intent ->> 'status');
+    return;
+  end if;
+  select s.* into v_sale from billing.stripe_sales as s
+  where s.id = v_intent_id and s.kind = 'payment_intent';
+  if not found and v_intent #>> '{metadata,token_billing_auto_top_up}' is not null then
+    -- An auto top-up charged off-session: its webhook may overtake the service's record
+    -- (public.finish_auto_top_up), which heals this event.
+    return query select 'parked'::text, format(
+      'payment intent %s of auto top-up %s is not recorded yet: applied when the service records it',
+      v_intent_id, v_intent #>> '{metadata,token_billing_auto_top_up}');
+    return;
+  end if;
+  if not found then
+    return query select 'ignored'::text, format(
+      'payment intent %s was not recorded by the service (record_payment_intent): a Checkout '
+      'Session''s payment is credited by its checkout.session event', v_intent_id);
+    return;
+  end if;
+  if (v_amount, v_currency) is distinct from (v_sale.amount_cents, v_sale.currency) then
+    return query select 'parked'::text, format(
+      'payment intent %s received %s %s, but it was sold for %s %s: not credited', v_intent_id,
+      coalesce(v_amount::text, 'null'), coalesce(v_currency, 'null'), v_sale.amount_cents,
+      v_sale.currency);
+    return;
+  end if;
+  select p.* into v_product from billing.products as p where p.code = v_sale.product_code;
+  return query select * from billing.credit_stripe_sale(
+    p_event, v_intent_id, 'payment_intent', v_sale.user_id, v_product, v_sale.quantity, v_amount,
+    v_currency, v_intent_id, billing.stripe_ref(v_intent -> 'customer'));
+end;
+$$;
+
+comment on function billing.apply_payment_intent_event(jsonb) is
+'payment_intent.succeeded: credits a PaymentIntent the service recorded (Stripe''s Payment '
+'Element, an auto top-up) once, key stripe:payment_intent:<intent>, the amount and currency '
+'checked; parks an auto top-up''s that is not recorded yet (finish_auto_top_up heals it); ignores '
+'any other it did not record (a Checkout Session''s payment intent credits through the session).';
+
+insert into billing.schema_migrations (version, name) values ('20261202700300', 'overage');
+$tb_migration_20261202700300$;
     v_applied := v_applied + 1;
   end if;
 

@@ -57,7 +57,20 @@ declare
     'public.check_margin_floor(timestamptz, text)',
     'public.list_alerts(integer)',
     'public.adjust_tokens(uuid, bigint, text, text, boolean, text)',
-    'public.business_metrics(interval)'
+    'public.business_metrics(interval)',
+    'public.my_entitlements(timestamptz)',
+    'public.check_entitlement(uuid, text, timestamptz)',
+    'public.check_limit(uuid, text, bigint, timestamptz)',
+    'public.list_product_prices(boolean)',
+    'public.set_product_price(text, text, text, bigint, text)',
+    'public.grant_scheduled_tokens(timestamptz)',
+    'public.claim_notification_deliveries(integer, interval, timestamptz)',
+    'public.complete_notification_delivery(uuid, boolean, text, integer)',
+    'public.claim_auto_top_ups(integer, interval, timestamptz)',
+    'public.finish_auto_top_up(uuid, text, jsonb, text)',
+    'public.set_auto_top_up(uuid, boolean, text)',
+    'public.postpaid_due(timestamptz)',
+    'public.mark_postpaid_invoiced(uuid, timestamptz, text)'
   ]::text[];
   v_triggers constant text[] := array[
     'tg_users__50_open_billing_account',

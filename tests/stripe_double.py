@@ -49,6 +49,10 @@ class StripeState:
     events: dict[str, dict[str, Any]] = field(default_factory=dict)
     invoices: dict[str, dict[str, Any]] = field(default_factory=dict)
     line_items: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # Saved cards by payment method id: what an off-session confirmation of each does
+    # ("succeeded", "card_declined", "authentication_required", "requires_action").
+    card_outcomes: dict[str, str] = field(default_factory=dict)
+    invoice_items: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def nest(flat: dict[str, str]) -> dict[str, Any]:
@@ -151,6 +155,18 @@ class StripeDouble:
             "lookup_key": None,
             **fields,
         }
+
+    def save_card(self, customer_id: str, outcome: str = "succeeded") -> str:
+        """Give the customer a saved default card (invoice_settings.default_payment_method) whose
+        off-session charges end as `outcome`: succeeded, card_declined, authentication_required
+        (a 402, as Stripe answers off_session when SCA is needed) or requires_action (a 200
+        PaymentIntent waiting for the customer)."""
+        method = f"pm_double_{outcome}_{len(self.state.card_outcomes)}"
+        with self._lock:
+            self.state.card_outcomes[method] = outcome
+            customer = self.state.customers[customer_id]
+            customer["invoice_settings"] = {"default_payment_method": method}
+        return method
 
     def add_listed(self, obj: dict[str, Any]) -> None:
         """Make an event, Checkout Session, PaymentIntent or invoice (by its `object`) part of
@@ -330,8 +346,31 @@ class StripeDouble:
                     and ("active" not in data or p["active"] == (data["active"] == "true"))
                 ]
                 return 200, {"object": "list", "data": found, "has_more": False, "url": path}
+            case ("GET", ["v1", "prices", price_id]):
+                if price_id not in self.state.prices:
+                    return _missing("price", price_id, 404)
+                price = dict(self.state.prices[price_id])
+                if "product" in _indexed(data.get("expand")):
+                    expanded = self.state.products.get(str(price["product"]))
+                    price["product"] = expanded or {"id": price["product"], "object": "product"}
+                return 200, price
             case ("POST", ["v1", "prices"]):
                 return self._create_price(data)
+            case ("POST", ["v1", "invoiceitems"]):
+                customer_id = data.get("customer", "")
+                if customer_id not in self.state.customers:
+                    return _missing("customer", customer_id)
+                item = {
+                    "id": self._new_id("ii"),
+                    "object": "invoiceitem",
+                    "customer": customer_id,
+                    "amount": int(data.get("amount", 0)),
+                    "currency": data.get("currency"),
+                    "description": data.get("description"),
+                    "metadata": data.get("metadata", {}),
+                }
+                self.state.invoice_items[item["id"]] = item
+                return 200, item
             case ("POST", ["v1", "prices", price_id]):
                 if price_id not in self.state.prices:
                     return _missing("price", price_id, 404)
@@ -459,7 +498,31 @@ class StripeDouble:
             "livemode": False,
         }
         self.state.sessions[intent_id] = intent
+        if data.get("confirm") == "true":
+            return self._confirm(intent, data)
         return 200, intent
+
+    def _confirm(self, intent: dict[str, Any], data: dict[str, Any]) -> tuple[int, Any]:
+        """An immediate confirmation with a saved card (off_session: no customer present)."""
+        method = data.get("payment_method")
+        outcome = self.state.card_outcomes.get(str(method))
+        if outcome is None:
+            return _missing("payment_method", str(method))
+        intent["payment_method"] = method
+        if outcome == "succeeded":
+            intent.update(status="succeeded", amount_received=intent["amount"])
+            return 200, intent
+        if outcome == "requires_action" and data.get("off_session") != "true":
+            intent["status"] = "requires_action"
+            return 200, intent
+        code = "card_declined" if outcome == "card_declined" else "authentication_required"
+        intent["status"] = "requires_payment_method"
+        intent["last_payment_error"] = {"type": "card_error", "code": code}
+        error = _error("card_error", "Your card was declined.", code=code)
+        error["error"]["payment_intent"] = intent
+        if code == "card_declined":
+            error["error"]["decline_code"] = "generic_decline"
+        return 402, error
 
     def _create_price(self, data: dict[str, Any]) -> tuple[int, Any]:
         product_id = data.get("product")

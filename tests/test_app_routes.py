@@ -206,8 +206,13 @@ def test_products_should_list_the_active_catalog_without_login(db: Database) -> 
         "rollover": False,
         "sort_order": 10,
         "purchasable": True,
+        "prices": [],
     }
     assert products["pack_250"]["purchasable"] is False, "no Stripe price yet"
+    assert products["pro"]["prices"] == [
+        {"interval": "month", "currency": "usd", "unit_amount": 9900, "purchasable": False},
+        {"interval": "year", "currency": "usd", "unit_amount": 95000, "purchasable": False},
+    ], "a plan should list its monthly and annual prices (not on sale before sync-products)"
     assert "stripe_price_id" not in products["pack_100"]
 
 

@@ -460,3 +460,60 @@ def test_payment_intent_should_refuse_plans_and_unknown_products(
     unknown = client.post("/v1/payment-intents", json={"product": "nope"}, headers=bearer(user))
     assert unknown.status_code == 404
     assert stripe_double.posts("/v1/payment_intents") == []
+
+
+# --- plans by interval (monthly, annual) -------------------------------------------------------
+
+ANNUAL_PRICE = "price_test_pro_year"
+MONTHLY_PRO_PRICE = "price_test_pro_month"
+
+
+def test_plan_checkout_with_an_interval_should_sell_that_price(
+    priced: Database, stripe_double: StripeDouble
+) -> None:
+    stripe_double.add_price(
+        MONTHLY_PRO_PRICE, unit_amount=9900, currency="usd", recurring={"interval": "month"}
+    )
+    stripe_double.add_price(
+        ANNUAL_PRICE, unit_amount=95000, currency="usd", recurring={"interval": "year"}
+    )
+    with priced.connect() as conn:
+        conn.execute(
+            "update billing.products set stripe_price_id = %s where code = 'pro'",
+            [MONTHLY_PRO_PRICE],
+        )
+        conn.execute(
+            "select public.set_product_price('pro', 'year', 'usd', 95000, %s)", [ANNUAL_PRICE]
+        )
+    with TestClient(create_app(settings_for(priced, stripe_url=stripe_double.url))) as client:
+        products = client.get("/v1/products").json()["products"]
+        yearly = checkout(client, new_user(priced), product="pro", interval="year")
+        monthly = checkout(client, new_user(priced), product="pro", interval="month")
+        default = checkout(client, new_user(priced), product="pro")
+        no_annual = checkout(client, new_user(priced), product="starter", interval="year")
+        pack = checkout(client, new_user(priced), product="pack_100", interval="month")
+        bad = checkout(client, new_user(priced), product="pro", interval="week")
+
+    pro = next(p for p in products if p["code"] == "pro")
+    assert pro["prices"] == [
+        {"interval": "month", "currency": "usd", "unit_amount": 9900, "purchasable": True},
+        {"interval": "year", "currency": "usd", "unit_amount": 95000, "purchasable": True},
+    ], "the pricing cards should get both of pro's prices"
+    assert next(p for p in products if p["code"] == "pack_100")["prices"] == []
+
+    assert yearly.status_code == 201, yearly.text
+    sessions = stripe_double.posts("/v1/checkout/sessions")
+    assert [s.params["line_items[0][price]"] for s in sessions] == [
+        ANNUAL_PRICE,
+        MONTHLY_PRO_PRICE,
+        MONTHLY_PRO_PRICE,
+    ]
+    assert (monthly.status_code, default.status_code) == (201, 201)
+    assert sessions[0].params["mode"] == "subscription"
+    assert sessions[0].params["metadata[interval]"] == "year"
+    assert sessions[0].params["subscription_data[metadata][interval]"] == "year"
+    assert sessions[2].params["metadata[interval]"] == "month", "month is the default"
+    assert (no_annual.status_code, no_annual.json()["error"]["code"]) == (404, "unknown_price")
+    assert (pack.status_code, pack.json()["error"]["code"]) == (422, "invalid_interval")
+    assert (bad.status_code, bad.json()["error"]["code"]) == (422, "invalid_interval")
+    assert len(sessions) == 3, "refused checkouts should not reach Stripe"

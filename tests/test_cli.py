@@ -179,8 +179,21 @@ def test_sync_products_should_create_prices_once_and_store_them(
         writes_after_second = len(stripe_double.posts())
 
     assert set(created) == {
-        f"token-billing:{c}" for c in ("pack_100", "pack_250", "pack_600", "starter", "pro")
-    }
+        f"token-billing:{c}"
+        for c in ("pack_100", "pack_250", "pack_600", "starter", "pro", "enterprise")
+    } | {"token-billing:pro:year:usd"}
+    annual = created["token-billing:pro:year:usd"]
+    assert annual["recurring"] == {"interval": "year", "interval_count": 1}
+    assert annual["unit_amount"] == 95000
+    assert annual["product"] == "tb_pro", "the annual price should be a price of the pro product"
+    assert (
+        scalar(
+            db,
+            "select stripe_price_id from billing.product_prices "
+            "where product_code = 'pro' and billing_interval = 'year'",
+        )
+        == annual["id"]
+    )
     starter = created["token-billing:starter"]
     assert starter["recurring"] == {"interval": "month", "interval_count": 1}
     assert starter["unit_amount"] == 2900
@@ -193,7 +206,7 @@ def test_sync_products_should_create_prices_once_and_store_them(
     assert stored == starter["id"]
     assert scalar(db, "select stripe_price_id from billing.products where code = 'free'") is None
     assert writes_after_second == writes_after_first, "a second run should write nothing"
-    assert second.count("unchanged") == 5
+    assert second.count("unchanged") == 7
 
 
 def test_sync_products_should_replace_a_changed_price(
@@ -226,6 +239,63 @@ def test_sync_products_should_replace_a_changed_price(
     assert all(r.idempotency_key for r in stripe_double.posts())
     assert "pack_100" in out
     assert "created" in out
+
+
+def test_sync_products_should_adopt_an_existing_price(
+    db: Database,
+    cli_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with StripeDouble() as stripe_double:
+        monkeypatch.setenv("STRIPE_API_BASE", stripe_double.url)
+        stripe_double.state.products["tb_starter"] = {
+            "id": "tb_starter",
+            "object": "product",
+            "active": True,
+            "name": "Starter",
+            "description": None,
+            "metadata": {"token_billing_code": "starter"},
+        }
+        stripe_double.add_price(
+            "price_legacy_starter_year",
+            "tb_starter",
+            unit_amount=29000,
+            currency="usd",
+            recurring={"interval": "year", "interval_count": 1},
+        )
+        stripe_double.add_price("price_one_off", "tb_starter", unit_amount=100, currency="usd")
+
+        assert (
+            main(
+                [
+                    "stripe",
+                    "sync-products",
+                    "--adopt",
+                    "price_legacy_starter_year",
+                    "--adopt",
+                    "price_one_off",
+                ]
+            )
+            == 0
+        )
+        out = capsys.readouterr().out
+        created = stripe_double.posts("/v1/prices")
+
+    assert "starter/year/usd" in out
+    assert "adopted" in out
+    assert "not a monthly or yearly price" in out
+    assert (
+        scalar(
+            db,
+            "select stripe_price_id || ' ' || unit_amount from billing.product_prices "
+            "where product_code = 'starter' and billing_interval = 'year'",
+        )
+        == "price_legacy_starter_year 29000"
+    )
+    assert all(
+        "token-billing:starter:year" not in r.params.get("lookup_key", "") for r in created
+    ), "an adopted price should not be created again"
 
 
 # --- serve ----------------------------------------------------------------------------------

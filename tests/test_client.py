@@ -435,3 +435,35 @@ def test_settling_for_zero_should_release_the_hold_and_charge_nothing(db: Databa
     assert (result.status, result.entry_id) == ("applied", None)
     assert account(db, user) == {"balance": 100, "reserved": 0, "plan": "free", "status": "none"}
     assert scalar(db, "select status from billing.reservations") == "settled"
+
+
+def test_a_throttled_deduct_should_wait_the_answered_delay(db: Database) -> None:
+    """Starter throttles overage: past zero the deduct applies and answers retry_after_ms,
+    which the client waits before it returns (unless told not to)."""
+    user = new_user(db)
+    with db.connect() as conn:
+        conn.execute(
+            "update billing.accounts set plan = 'starter', subscription_status = 'active' "
+            "where user_id = %s",
+            [str(user)],
+        )
+        conn.execute("update billing.products set throttle_delay_ms = 300 where code = 'starter'")
+
+    async def body(tokens: TokenBilling) -> tuple[Result, float, Result, float, Result]:
+        plain = await tokens.deduct(user, 100, key="within")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        throttled = await tokens.deduct(user, 50, key="past-zero")
+        waited = loop.time() - started
+        quick = TokenBilling(tokens.db, honour_throttle=False)
+        started = loop.time()
+        unwaited = await quick.deduct(user, 50, key="past-zero-2")
+        return plain, waited, throttled, loop.time() - started, unwaited
+
+    plain, waited, throttled, unwaited_s, unwaited = run(db, body)
+    assert (plain.status, plain.balance, plain.retry_after_ms) == ("applied", 0, None)
+    assert (throttled.status, throttled.balance, throttled.retry_after_ms) == ("applied", -50, 300)
+    assert waited >= 0.3, "the client should wait the plan's delay"
+    assert (unwaited.status, unwaited.balance, unwaited.retry_after_ms) == ("applied", -100, 300)
+    assert unwaited_s < 0.3, "honour_throttle=False should return at once"
+    assert account(db, user)["balance"] == -100

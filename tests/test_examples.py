@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import uuid
+from pathlib import Path
 
 from starlette.testclient import TestClient
 
@@ -46,4 +48,17 @@ def test_the_agent_endpoint_charges_what_each_call_used_once(db: Database) -> No
         assert poor.status_code == 402
         assert f"{ESTIMATE} were requested" in poor.json()["error"]
         assert client.post("/agent", json={"user_id": str(USER), "prompt": "x"}).status_code == 400
+    assert db.psql("select count(*) from billing.check_invariants()").strip() == "0"
+
+
+PLANS = Path(__file__).resolve().parents[1] / "examples" / "plans"
+
+
+def test_the_plans_walkthrough_prints_what_the_readme_shows(db: Database) -> None:
+    """examples/plans/walkthrough.sql (the README's crossing of 20% and the auto top-up landing)
+    prints exactly examples/plans/walkthrough.out."""
+    out = db.cluster.psql(db.name, file=PLANS / "walkthrough.sql")
+    if os.environ.get("UPDATE_EXAMPLES") == "1":  # after changing the walkthrough on purpose
+        (PLANS / "walkthrough.out").write_text(out)
+    assert out == (PLANS / "walkthrough.out").read_text()
     assert db.psql("select count(*) from billing.check_invariants()").strip() == "0"

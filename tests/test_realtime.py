@@ -44,16 +44,16 @@ def test_deduction_is_published_as_an_update_of_the_owners_account(db: Database)
             "select schemaname || '.' || tablename from pg_publication_tables "
             "where pubname = 'supabase_realtime'"
         ).fetchall()
-        assert [row[0] for row in published] == ["billing.accounts"]
+        assert sorted(row[0] for row in published) == ["billing.accounts", "billing.notifications"]
         tables = ",".join(row[0] for row in published)
         conn.execute("select pg_create_logical_replication_slot(%s, 'wal2json')", [slot])
         try:
             with db.as_service_role() as svc:
                 # The test cluster commits asynchronously; decoding reads only flushed WAL.
                 svc.execute("set synchronous_commit = on")
-                status, balance, _ = svc.execute(
-                    "select * from public.deduct_tokens(%s, 7, 'rt-1')", [OWNER]
-                ).fetchone() or (None, None, None)
+                status, balance = svc.execute(
+                    "select status, balance from public.deduct_tokens(%s, 7, 'rt-1')", [OWNER]
+                ).fetchone() or (None, None)
             assert (status, balance) == ("applied", 93)
 
             changes = [c for c in _changes(conn, slot, tables) if c["action"] in "IUD"]
@@ -70,6 +70,27 @@ def test_deduction_is_published_as_an_update_of_the_owners_account(db: Database)
             assert row["reserved"] == 0
         finally:
             conn.execute("select pg_drop_replication_slot(%s)", [slot])
+
+
+def test_a_low_balance_notification_is_published_for_its_owner(db: Database) -> None:
+    """Crossing 20% of the free plan's 100 tokens inserts one notification, published like the
+    account row (and, like it, readable through RLS by its owner only)."""
+    db.create_user(OWNER)
+    slot = f"tb_realtime_{uuid.uuid4().hex[:8]}"
+    with db.connect_superuser() as conn:
+        conn.execute("select pg_create_logical_replication_slot(%s, 'wal2json')", [slot])
+        try:
+            with db.as_service_role() as svc:
+                svc.execute("set synchronous_commit = on")
+                svc.execute("select * from public.deduct_tokens(%s, 85, 'rt-low')", [OWNER])
+            inserted = [
+                c for c in _changes(conn, slot, "billing.notifications") if c["action"] == "I"
+            ]
+        finally:
+            conn.execute("select pg_drop_replication_slot(%s)", [slot])
+    assert len(inserted) == 1, inserted
+    row = {col["name"]: col["value"] for col in inserted[0]["columns"]}
+    assert (row["user_id"], row["kind"]) == (str(OWNER), "low_balance")
 
 
 def test_ledger_rows_never_reach_the_stream(db: Database) -> None:

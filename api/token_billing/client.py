@@ -63,6 +63,9 @@ class Result:
     available: int | None = None
     hold_expired: bool = False
     tokens: int | None = None
+    retry_after_ms: int | None = None
+    """Set when the plan throttles overage: the call applied below zero, and the caller should
+    wait this long before its next call (TokenBilling.deduct already waited, by default)."""
 
 
 UsageItems = Sequence[Mapping[str, Any]]
@@ -334,9 +337,18 @@ class TokenBilling:
     it, gathered with concurrent ones into `deduct_tokens_batch` calls; each still gets its own
     result."""
 
-    def __init__(self, db: Database, *, coalescer: DeductCoalescer | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        coalescer: DeductCoalescer | None = None,
+        honour_throttle: bool = True,
+    ) -> None:
         self.db = db
         self.coalescer = coalescer
+        # A throttled deduct (the plan's overage strategy) answers retry_after_ms: deduct waits
+        # that long before it returns, so the caller slows down as the plan asks.
+        self.honour_throttle = honour_throttle
 
     def reserve(
         self,
@@ -379,7 +391,8 @@ class TokenBilling:
         description: str | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> Result:
-        """Charge usage at once; raises InsufficientTokens rather than go below zero."""
+        """Charge usage at once; raises InsufficientTokens rather than go below zero, unless the
+        plan's overage strategy applies it (throttle: waits `retry_after_ms` first, postpaid)."""
         params = {
             "p_user_id": str(user_id),
             "p_amount": amount,
@@ -396,7 +409,12 @@ class TokenBilling:
             raise InsufficientTokens(user_id, amount, balance=row.get("balance"))
         if row["status"] == "unknown_account":
             raise UnknownAccount(f"no billing account for user {user_id}")
-        return Result(row["status"], row.get("balance"), row.get("entry_id"))
+        retry_after_ms = row.get("retry_after_ms")
+        if retry_after_ms and self.honour_throttle:
+            await asyncio.sleep(int(retry_after_ms) / 1000)
+        return Result(
+            row["status"], row.get("balance"), row.get("entry_id"), retry_after_ms=retry_after_ms
+        )
 
     async def add(
         self,

@@ -137,7 +137,9 @@ class DeductCoalescer:
             unanswered = []
             for index, pending in enumerate(live):
                 row = answered.get(index)
-                if row is None:
+                if row is None or row.get("status") == "insufficient_funds":
+                    # A refusal is re-asked of deduct_tokens itself: the plan's overage strategy
+                    # (throttle, postpaid) is decided there, and the refused item wrote nothing.
                     unanswered.append(pending)
                 elif not pending.future.done():
                     pending.future.set_result(

@@ -7,7 +7,9 @@
 --                 reserve + settle);
 --   10001         the hot account;
 --   20001..30000  add_tokens targets, kept apart so the buckets add_tokens leaves behind never
---                 lengthen the bucket walk of the deduct workloads.
+--                 lengthen the bucket walk of the deduct workloads;
+--   40001..50000  on a plan with thresholds (20% and 0) and auto top-up (issue 17): the deduct
+--                 that crosses none of them, against the deduct of 1..10000.
 -- Every funded account holds 10^9 tokens in one bucket (the hot one 10^12 in ours; the guides'
 -- integer columns cap them at 2*10^9): no deduct in the bench can run dry. Run as superuser.
 
@@ -42,6 +44,27 @@ select count(*) from (
   )
   from generate_series(1, 10001) as n
 ) as funded;
+
+-- Issue 17: a plan with alert thresholds and auto top-up (levels 200,000,000 and 0 of its
+-- 10^9 tokens a period), and 10,000 users on it, funded like the others: no deduct crosses.
+insert into billing.products (code, kind, name, tokens, price_cents)
+values ('bench_pack', 'pack', 'Bench pack', 1000, 100);
+insert into billing.products (
+  code, kind, name, tokens, price_cents, overage_strategy, alert_thresholds, auto_top_up_pack,
+  auto_top_up_below
+)
+values ('bench_topup', 'plan', 'Bench top-up plan', 1000000000, 100, 'auto_top_up', '{20, 0}',
+  'bench_pack', 20);
+insert into auth.users (id, email, aud, role)
+select lpad(to_hex(n), 32, '0')::uuid, 'bench' || n || '@example.com', 'authenticated',
+  'authenticated'
+from generate_series(40001, 50000) as n;
+update billing.accounts set plan = 'bench_topup', subscription_status = 'active'
+where user_id between lpad(to_hex(40001), 32, '0')::uuid and lpad(to_hex(50000), 32, '0')::uuid;
+select count(*) from (
+  select public.add_tokens(lpad(to_hex(n), 32, '0')::uuid, 1000000000, 'bench-fund-' || n, 'purchase')
+  from generate_series(40001, 50000) as n
+) as funded_topup;
 
 -- The references' ledgers get the same one purchase per user that ours has, so every table
 -- starts with rows, its planner statistics say so, and every lookup is an index lookup as it

@@ -9,6 +9,24 @@ export interface Balance {
   subscription_status: string;
 }
 
+export interface ProductPrice {
+  interval: "month" | "year";
+  currency: string;
+  unit_amount: number;
+  purchasable: boolean;
+}
+
+/** What the plan entitles the user to (public.my_entitlements()). */
+export interface Entitlements {
+  plan: string;
+  subscription_status: string;
+  entitled_plan: string;
+  limits: Record<string, number | null>;
+  features: string[];
+  grace_until: string | null;
+  period_tokens: number;
+}
+
 export interface Product {
   code: string;
   kind: "pack" | "plan";
@@ -18,6 +36,7 @@ export interface Product {
   price_cents: number | null;
   currency: string | null;
   purchasable: boolean;
+  prices: ProductPrice[];
 }
 
 export interface LedgerEntry {
@@ -94,6 +113,10 @@ export class TokenBillingApi {
     return this.call<Balance>("/v1/balance");
   }
 
+  entitlements(): Promise<Entitlements> {
+    return this.call<Entitlements>("/v1/entitlements");
+  }
+
   async products(): Promise<Product[]> {
     return (await this.call<{ products: Product[] }>("/v1/products")).products;
   }
@@ -102,12 +125,13 @@ export class TokenBillingApi {
     return (await this.call<{ entries: LedgerEntry[] }>(`/v1/ledger?limit=${limit}`)).entries;
   }
 
-  /** A Stripe Checkout Session for the product; the caller redirects to its url. */
-  checkout(product: string): Promise<{ id: string; url: string }> {
+  /** A Stripe Checkout Session for the product (a plan: at the interval's price); the caller
+   * redirects to its url. */
+  checkout(product: string, interval?: "month" | "year"): Promise<{ id: string; url: string }> {
     return this.call("/v1/checkout/sessions", {
       method: "POST",
       headers: { "Content-Type": "application/json", "Idempotency-Key": crypto.randomUUID() },
-      body: JSON.stringify({ product, quantity: 1 }),
+      body: JSON.stringify(interval ? { product, quantity: 1, interval } : { product, quantity: 1 }),
     });
   }
 

@@ -1,10 +1,18 @@
-// The token page: sign-in (demo), balance, catalog with Checkout, recent activity, live updates.
+// The token page: sign-in (demo), balance with the plan's entitlements and a low-balance warning,
+// catalog with Checkout (plans monthly or annually), recent activity, live updates.
 //
 // It reads config.json next to the page: where the API is (apiUrl, "" for the same origin) and,
 // when Supabase Realtime is available, the project URL and anon key. Without them the balance
 // follows the service's Server-Sent Events stream.
 
-import { TokenBillingApi, type Balance, type LedgerEntry, type Product } from "./api";
+import {
+  TokenBillingApi,
+  type Balance,
+  type Entitlements,
+  type LedgerEntry,
+  type Product,
+  type ProductPrice,
+} from "./api";
 import { realtimeBalance, streamBalance, type LiveHandlers, type LiveState, type Stop } from "./live";
 import { isExpired, plainWords, type Context } from "./messages";
 
@@ -77,6 +85,10 @@ let config: Config = {
 let session: Session | null = loadSession();
 let stopLive: Stop | null = null;
 let shown: Balance | null = null;
+let entitlements: Entitlements | null = null;
+let catalog: Product[] = [];
+// The share of the plan's tokens below which the page warns (the seed's alert threshold).
+const LOW_BALANCE_SHARE = 0.2;
 let ledgerTimer: ReturnType<typeof setTimeout> | undefined;
 let client = new TokenBillingApi("", () => session?.token ?? null);
 
@@ -135,6 +147,59 @@ function renderBalance(balance: Balance): void {
     clearTimeout(ledgerTimer);
     ledgerTimer = setTimeout(() => void loadLedger(), 300);
   }
+  if (previous && previous.plan !== balance.plan) void loadEntitlements();
+  renderLowBalance();
+}
+
+/** The warning below 20% of the plan's tokens, with a link to the top-up packs. */
+function renderLowBalance(): void {
+  const warning = $("low-balance");
+  const grant = entitlements?.period_tokens ?? 0;
+  if (!shown || grant <= 0 || shown.available >= grant * LOW_BALANCE_SHARE) {
+    warning.hidden = true;
+    return;
+  }
+  $("low-balance-text").textContent =
+    shown.available <= 0
+      ? "You're out of tokens."
+      : `Low balance: ${numbers.format(shown.available)} of your plan's ` +
+        `${numbers.format(grant)} tokens left (under ${LOW_BALANCE_SHARE * 100}%).`;
+  warning.hidden = false;
+}
+
+function featureName(key: string): string {
+  return key.replaceAll("_", " ").replace(/^./, (c) => c.toUpperCase());
+}
+
+function renderEntitlements(value: Entitlements): void {
+  entitlements = value;
+  const list = $("entitlement-list");
+  list.replaceChildren();
+  for (const [name, limit] of Object.entries(value.limits)) {
+    const item = document.createElement("li");
+    item.textContent = `${featureName(name)}: ${limit === null ? "unlimited" : numbers.format(limit)}`;
+    list.append(item);
+  }
+  for (const feature of value.features) {
+    const item = document.createElement("li");
+    item.textContent = featureName(feature);
+    list.append(item);
+  }
+  if (value.grace_until) {
+    const item = document.createElement("li");
+    item.textContent = `Payment overdue: these stay until ${times.format(new Date(value.grace_until))}`;
+    list.append(item);
+  }
+  $("entitlements").hidden = list.childElementCount === 0;
+  renderLowBalance();
+}
+
+async function loadEntitlements(): Promise<void> {
+  try {
+    renderEntitlements(await client.entitlements());
+  } catch (error) {
+    fail(error, "load");
+  }
 }
 
 function renderLive(state: LiveState): void {
@@ -144,18 +209,36 @@ function renderLive(state: LiveState): void {
     state === "live" ? "Live" : state === "connecting" ? "Connecting…" : "Reconnecting…";
 }
 
+function interval(): "month" | "year" {
+  const checked = document.querySelector<HTMLInputElement>('input[name="interval"]:checked');
+  return checked?.value === "year" ? "year" : "month";
+}
+
+/** The plan's price at the chosen interval (month when it has no annual price). */
+function planPrice(product: Product): ProductPrice | null {
+  const wanted = product.prices.find((p) => p.interval === interval());
+  return wanted ?? product.prices.find((p) => p.interval === "month") ?? null;
+}
+
 function price(product: Product): string {
-  if (product.price_cents == null) return "";
+  const chosen = product.kind === "plan" ? planPrice(product) : null;
+  const cents = chosen ? chosen.unit_amount : product.price_cents;
+  if (cents == null) return "";
   const money = new Intl.NumberFormat("en-US", {
     style: "currency",
-    currency: (product.currency ?? "usd").toUpperCase(),
-  }).format(product.price_cents / 100);
-  return product.kind === "plan" ? `${money} a month` : money;
+    currency: (chosen?.currency ?? product.currency ?? "usd").toUpperCase(),
+  }).format(cents / 100);
+  if (product.kind !== "plan") return money;
+  return chosen?.interval === "year" ? `${money} a year` : `${money} a month`;
 }
 
 function renderProducts(products: Product[]): void {
+  catalog = products;
   const list = $("products");
   list.replaceChildren();
+  $("billing-interval").hidden = !products.some((p) =>
+    p.prices.some((price) => price.interval === "year"),
+  );
   const forSale = products.filter((p) => (p.price_cents ?? 0) > 0);
   for (const product of forSale) {
     const item = document.createElement("li");
@@ -174,7 +257,8 @@ function renderProducts(products: Product[]): void {
     button.dataset["product"] = product.code;
     button.textContent = product.kind === "plan" ? "Subscribe" : "Buy";
     button.setAttribute("aria-label", `${button.textContent} ${product.name} for ${price(product)}`);
-    if (!product.purchasable) {
+    const chosen = product.kind === "plan" ? planPrice(product) : null;
+    if (chosen ? !chosen.purchasable : !product.purchasable) {
       // Still focusable, so a keyboard user can reach it and hear why it does nothing.
       button.setAttribute("aria-disabled", "true");
       button.textContent = "Not on sale yet";
@@ -280,7 +364,8 @@ async function payHere(product: Product, button: HTMLButtonElement): Promise<voi
 
 async function buy(product: Product, button: HTMLButtonElement): Promise<void> {
   clearError();
-  if (!product.purchasable) {
+  const chosen = product.kind === "plan" ? planPrice(product) : null;
+  if (chosen ? !chosen.purchasable : !product.purchasable) {
     showError(
       "This product can't be bought yet: it has no Stripe price. " +
         "(Developers: run `token-billing stripe sync-products`.)",
@@ -292,7 +377,8 @@ async function buy(product: Product, button: HTMLButtonElement): Promise<void> {
   button.setAttribute("aria-busy", "true");
   button.textContent = "Opening checkout…";
   try {
-    const { url } = await client.checkout(product.code);
+    const chosen = product.kind === "plan" ? planPrice(product) : null;
+    const { url } = await client.checkout(product.code, chosen?.interval);
     window.location.assign(url);
   } catch (error) {
     fail(error, "checkout");
@@ -366,11 +452,13 @@ async function start(): Promise<void> {
   $("account").hidden = false;
   $("signed-in").hidden = false;
   try {
-    const [balance, products, entries] = await Promise.all([
+    const [balance, products, entries, plan] = await Promise.all([
       client.balance(),
       client.products(),
       client.ledger(10),
+      client.entitlements(),
     ]);
+    renderEntitlements(plan);
     renderBalance(balance);
     renderProducts(products);
     renderLedger(entries);
@@ -406,6 +494,9 @@ async function boot(): Promise<void> {
   $("sign-in-button").addEventListener("click", () => void signIn());
   $("error-sign-in").addEventListener("click", () => void signIn());
   $("sign-out").addEventListener("click", () => signedOut());
+  for (const radio of document.querySelectorAll<HTMLInputElement>('input[name="interval"]')) {
+    radio.addEventListener("change", () => renderProducts(catalog));
+  }
   window.addEventListener("pagehide", stop);
   checkoutReturn();
   if (session) await start();

@@ -18,7 +18,7 @@ select columns_are(
   'billing', 'accounts',
   array[
     'user_id', 'balance', 'reserved', 'undrawn', 'held_expired', 'plan', 'subscription_status',
-    'created_at', 'updated_at'
+    'created_at', 'updated_at', 'past_due_since', 'alert_levels'
   ],
   'accounts should have the contract''s columns'
 );
@@ -137,11 +137,11 @@ select ok(
 
 select is(
   (
-    select count(*)::int from pg_publication_tables
+    select array_agg(tablename::text order by tablename) from pg_publication_tables
     where pubname = 'supabase_realtime' and schemaname = 'billing'
   ),
-  1,
-  'only billing.accounts should be published (ledger rows stay off the wire)'
+  array['accounts', 'notifications'],
+  'only billing.accounts and billing.notifications should be published (ledger rows stay off the wire)'
 );
 
 select trigger_is(

@@ -65,6 +65,14 @@ def add_parser(commands: Any) -> None:
         description="Make Stripe's Products and Prices match billing.products and store each "
         "price id back; running it again changes nothing unless the catalog changed.",
     )
+    y.add_argument(
+        "--adopt",
+        action="append",
+        default=[],
+        metavar="PRICE_ID",
+        help="map an existing Stripe price (price_...) of a tb_<code> product to its plan "
+        "(monthly or yearly, any currency) instead of creating one; repeatable",
+    )
     y.set_defaults(run=sync)
 
     r = stripe_commands.add_parser(
@@ -203,7 +211,7 @@ def trigger(args: argparse.Namespace) -> int:
     return 0 if response.is_success else 1
 
 
-async def _sync(settings: Settings) -> int:
+async def _sync(settings: Settings, adopt: list[str]) -> int:
     import stripe
 
     from token_billing.errors import DatabaseError, DatabaseUnavailable
@@ -215,7 +223,7 @@ async def _sync(settings: Settings) -> int:
     db = database_from_settings(settings)
     await db.open()
     try:
-        await sync_products(client, db, lambda result: print(result.line()))
+        await sync_products(client, db, lambda result: print(result.line()), adopt)
     except stripe.StripeError as exc:
         print(f"token-billing: {stripe_failure(exc, settings)}", file=sys.stderr)
         return 1
@@ -232,7 +240,7 @@ def sync(args: argparse.Namespace) -> int:
     settings = server_settings("stripe sync-products", args.env_file)
     if settings is None:
         return 2
-    return asyncio.run(_sync(settings))
+    return asyncio.run(_sync(settings, list(args.adopt)))
 
 
 def _progress_line(stage: str, count: int) -> None:

@@ -8,6 +8,7 @@ operation (token_billing.server.openapi), served at GET /openapi.json.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -43,6 +44,7 @@ from token_billing.server.routes import (
 )
 from token_billing.server.settings import Settings, load_settings
 from token_billing.server.stripe_api import StripeGateway
+from token_billing.server.worker import BillingWorker
 
 logger = logging.getLogger("token_billing.server")
 
@@ -122,10 +124,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 }
             },
         )
+        stop_worker = asyncio.Event()
+        worker_task: asyncio.Task[None] | None = None
+        if settings.billing_worker_interval_seconds > 0:
+            worker = BillingWorker(settings, db, gateway, http)
+            app.state.billing_worker = worker
+            worker_task = asyncio.create_task(
+                worker.run(settings.billing_worker_interval_seconds, stop_worker)
+            )
         try:
             yield
         finally:
             metrics.business.detach()
+            stop_worker.set()
+            if worker_task is not None:
+                await asyncio.gather(worker_task, return_exceptions=True)
             await balances.close()
             await db.close()
             await gateway.close()

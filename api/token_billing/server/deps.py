@@ -215,3 +215,8 @@ def request_key(request: Request, *parts: object) -> str:
 
 async def active_products(rt: Runtime) -> list[dict[str, Any]]:
     return await rt.db.rpc("list_products", {"p_include_inactive": False})
+
+
+async def active_prices(rt: Runtime) -> list[dict[str, Any]]:
+    """The plans' further prices (annual, other currencies): public.list_product_prices."""
+    return await rt.db.rpc("list_product_prices", {"p_include_inactive": False})

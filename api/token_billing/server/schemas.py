@@ -63,6 +63,7 @@ class PurchaseRequest(Model):
     error_codes: ClassVar[Mapping[str, str]] = {
         "product": "invalid_request",
         "quantity": "invalid_quantity",
+        "interval": "invalid_interval",
     }
 
     product: StrictStr = Field(
@@ -76,6 +77,14 @@ class PurchaseRequest(Model):
         ge=1,
         le=100,
         description="How many packs (1 to 100); a plan is bought with 1.",
+    )
+    interval: Literal["month", "year"] | None = Field(
+        default=None,
+        description=(
+            "Plans only: the billing interval of the price to subscribe at (month, the default, or "
+            "year when the plan has an annual price)."
+        ),
+        examples=["year"],
     )
 
 
@@ -112,6 +121,27 @@ class Balance(Model):
     subscription_status: str = Field(description="Stripe's subscription status, or none.")
 
 
+class Entitlements(Model):
+    """What the signed-in user's plan entitles them to: the fields of public.my_entitlements()."""
+
+    plan: str = Field(description="The plan subscribed to (free without a subscription).")
+    subscription_status: str = Field(description="Stripe's subscription status, or none.")
+    entitled_plan: str = Field(
+        description="The plan whose entitlements apply now: the own, or free once a past_due "
+        "subscription's grace period is over."
+    )
+    limits: dict[str, int | float | None] = Field(
+        description='Host-defined limits, e.g. {"max_agents": 3}; null: unlimited.'
+    )
+    features: list[str] = Field(description="Host-defined feature keys, e.g. api_access.")
+    grace_until: datetime | None = Field(
+        default=None, description="past_due only: when the plan's entitlements end."
+    )
+    period_tokens: int = Field(
+        description="The plan's tokens per period: the low-balance warning is a share of it."
+    )
+
+
 class LedgerQuery(Model):
     error_codes: ClassVar[Mapping[str, str]] = {"limit": "invalid_limit"}
 
@@ -133,6 +163,15 @@ class LedgerPage(Model):
     entries: list[LedgerEntry]
 
 
+class ProductPrice(Model):
+    """One price of a plan: per month or per year, in a currency."""
+
+    interval: Literal["month", "year"]
+    currency: str
+    unit_amount: int = Field(description="The price per interval in the currency's minor unit.")
+    purchasable: bool = Field(description="Has a Stripe price: checkout can sell it.")
+
+
 class Product(Model):
     code: str
     kind: Literal["pack", "plan"]
@@ -144,6 +183,10 @@ class Product(Model):
     rollover: bool = False
     sort_order: int = 0
     purchasable: bool = Field(description="Has a Stripe price: checkout can sell it.")
+    prices: list[ProductPrice] = Field(
+        default_factory=list,
+        description="Plans: every price it sells at (monthly, annual), for the pricing cards.",
+    )
 
 
 class ProductList(Model):

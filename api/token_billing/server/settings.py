@@ -222,6 +222,19 @@ class Settings(BaseSettings):
     """A bearer token for the operator dashboard: with it, GET /ops serves the page and
     GET /v1/ops/summary its figures (`Authorization: Bearer <token>`). At least 32 characters."""
 
+    billing_worker_interval_seconds: float = Field(default=0.0, ge=0, le=3600)
+    """How often the billing worker runs in the service: delivers notifications to the host
+    webhook, charges auto top-ups, grants annual plans' scheduled months, invoices postpaid
+    overage. 0: off (run one service with it on, e.g. 5)."""
+
+    notification_webhook_url: AnyHttpUrl | None = None
+    """The host app's HTTPS endpoint that receives each notification once (a signed JSON POST,
+    see docs/notifications.md). Unset: notifications are only rows the user reads."""
+
+    notification_webhook_secret: SecretStr | None = None
+    """The HMAC-SHA256 key of the Token-Billing-Signature header of notification webhooks; at
+    least 32 characters. Required with NOTIFICATION_WEBHOOK_URL."""
+
     db_startup_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
     """How long startup waits for the database to answer before the service exits (status 3)
     instead of running without it."""
@@ -298,6 +311,7 @@ class Settings(BaseSettings):
         "supabase_jwt_secret",
         "metrics_token",
         "operator_token",
+        "notification_webhook_secret",
     )
     @classmethod
     def _check_optional_secret(
@@ -308,7 +322,10 @@ class Settings(BaseSettings):
         _require_real(value.get_secret_value())
         if info.field_name == "metrics_token" and len(value.get_secret_value()) < 16:
             raise ValueError("must be at least 16 characters (e.g. `openssl rand -hex 24`)")
-        if info.field_name == "operator_token" and len(value.get_secret_value()) < 32:
+        if (
+            info.field_name in ("operator_token", "notification_webhook_secret")
+            and len(value.get_secret_value()) < 32
+        ):
             raise ValueError("must be at least 32 characters (e.g. `openssl rand -hex 32`)")
         return value
 
@@ -512,6 +529,22 @@ def _combination_problems(data: Mapping[str, Any]) -> list[tuple[str, str]]:
                 "supabase_jwt_secret",
                 "is required but not set (or set SUPABASE_URL: its JWKS then verifies user tokens)",
             )
+        )
+    webhook_url = _raw(data, "notification_webhook_url")
+    if webhook_url is not None and _raw(data, "notification_webhook_secret") is None:
+        problems.append(
+            (
+                "notification_webhook_secret",
+                "is required with NOTIFICATION_WEBHOOK_URL (the host verifies each delivery)",
+            )
+        )
+    if (
+        webhook_url is not None
+        and not webhook_url.lower().startswith("https://")
+        and environment.lower() == "production"
+    ):
+        problems.append(
+            ("notification_webhook_url", "must be an https:// URL with ENVIRONMENT=production")
         )
     low, high = _raw_int(data, "db_pool_min_size", 1), _raw_int(data, "db_pool_max_size", 10)
     if low is not None and high is not None and low > high:

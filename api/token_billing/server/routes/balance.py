@@ -1,4 +1,5 @@
-"""GET /v1/balance and GET /v1/balance/stream: the signed-in user's balance, now and as it changes.
+"""GET /v1/balance and GET /v1/balance/stream: the signed-in user's balance, now and as it changes;
+GET /v1/entitlements: what the user's plan entitles them to (`public.my_entitlements()`).
 
 GET /v1/balance reads `public.my_tokens()` as the user (through RLS); with an API key
 (balance:read) it reads `public.get_billing_profile` for the key's user. The stream is Server-Sent
@@ -34,6 +35,15 @@ async def get_balance(request: Request) -> Response:
     return schemas.respond(schemas.Balance.model_validate(balance_fields(rows[0])))
 
 
+async def get_entitlements(request: Request) -> Response:
+    rt = runtime(request)
+    user = await signed_in(request, rt)
+    rows = await rt.db.rpc("my_entitlements", {}, user=user)
+    if not rows:
+        raise ApiError(404, "unknown_account", "no billing account exists for this user")
+    return schemas.respond(schemas.Entitlements.model_validate(rows[0]))
+
+
 async def balance_stream(request: Request) -> Response:
     rt = runtime(request)
     balances = broker(request)
@@ -61,6 +71,18 @@ routes: list[BaseRoute] = [
         description="An API key needs the scope balance:read.",
         security=("supabaseAuth", "apiKey"),
         responses={200: schemas.Balance, 404: schemas.ErrorResponse, **schemas.AGENT_ERRORS},
+    ),
+    ApiRoute(
+        "/v1/entitlements",
+        get_entitlements,
+        methods=["GET"],
+        summary="The signed-in user's plan, limits and features (public.my_entitlements())",
+        security="supabaseAuth",
+        responses={
+            200: schemas.Entitlements,
+            404: schemas.ErrorResponse,
+            **schemas.SIGNED_IN_ERRORS,
+        },
     ),
     ApiRoute(
         "/v1/balance/stream",

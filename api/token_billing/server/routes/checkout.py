@@ -22,6 +22,7 @@ from token_billing.server.auth import User
 from token_billing.server.deps import (
     MAX_IDEMPOTENCY_KEY_LENGTH,
     Runtime,
+    active_prices,
     active_products,
     buyer,
     log_fields,
@@ -88,7 +89,25 @@ async def create_checkout_session(request: Request) -> Response:
         )
     if kind == "plan" and quantity != 1:
         raise ApiError(422, "invalid_quantity", "a plan is bought with quantity 1")
+    interval = body.interval
+    if kind == "pack" and interval is not None:
+        raise ApiError(422, "invalid_interval", "a pack is bought once: it has no interval")
     price_id = product.get("stripe_price_id")
+    if kind == "plan" and interval == "year":
+        currency = str(product.get("currency") or "usd")
+        annual = next(
+            (
+                p
+                for p in await active_prices(rt)
+                if (p["product_code"], p["billing_interval"], p["currency"])
+                == (code, "year", currency)
+            ),
+            None,
+        )
+        if annual is None:
+            raise ApiError(404, "unknown_price", f"plan {code!r} has no annual price in {currency}")
+        price_id = annual.get("stripe_price_id")
+    log_fields(request).update(interval=interval or ("month" if kind == "plan" else None))
     if not price_id:
         raise ApiError(
             409,
@@ -105,7 +124,10 @@ async def create_checkout_session(request: Request) -> Response:
         )
     customer_id = await ensure_customer(rt, user, profile)
 
-    metadata = StripeGateway.metadata({"user_id": user.id, "product": code, "quantity": quantity})
+    fields: dict[str, Any] = {"user_id": user.id, "product": code, "quantity": quantity}
+    if kind == "plan":
+        fields["interval"] = interval or "month"
+    metadata = StripeGateway.metadata(fields)
     params: dict[str, Any] = {
         "mode": "payment" if kind == "pack" else "subscription",
         "customer": customer_id,

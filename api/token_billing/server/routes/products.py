@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from token_billing.server import schemas
-from token_billing.server.deps import active_products, runtime
+from token_billing.server.deps import active_prices, active_products, runtime
 from token_billing.server.openapi import ApiRoute
 
 PUBLIC_PRODUCT_FIELDS = (
@@ -23,9 +25,39 @@ PUBLIC_PRODUCT_FIELDS = (
 )
 
 
+def plan_prices(row: dict[str, Any], prices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A plan's prices: its products row's (monthly) first, then product_prices'."""
+    if row.get("kind") != "plan" or not row.get("price_cents"):
+        return []
+    listed = [
+        {
+            "interval": "month",
+            "currency": row.get("currency") or "usd",
+            "unit_amount": row["price_cents"],
+            "purchasable": bool(row.get("stripe_price_id")),
+        }
+    ]
+    for price in prices:
+        if price["product_code"] != row["code"]:
+            continue
+        same = (price["billing_interval"], price["currency"]) == ("month", listed[0]["currency"])
+        if same:
+            continue
+        listed.append(
+            {
+                "interval": price["billing_interval"],
+                "currency": price["currency"],
+                "unit_amount": price["unit_amount"],
+                "purchasable": bool(price.get("stripe_price_id")),
+            }
+        )
+    return listed
+
+
 async def list_products(request: Request) -> Response:
     rt = runtime(request)
     rows = await active_products(rt)
+    prices = await active_prices(rt)
     return schemas.respond(
         schemas.ProductList(
             products=[
@@ -33,6 +65,7 @@ async def list_products(request: Request) -> Response:
                     {
                         **{key: row.get(key) for key in PUBLIC_PRODUCT_FIELDS},
                         "purchasable": bool(row.get("stripe_price_id")),
+                        "prices": plan_prices(row, prices),
                     }
                 )
                 for row in rows
