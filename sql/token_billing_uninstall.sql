@@ -52,7 +52,22 @@ declare
     'public.token_flow_report(timestamptz, timestamptz, text)',
     'public.revenue_report(timestamptz, timestamptz, text, text)',
     'public.revenue_by_product(timestamptz, timestamptz, text)',
-    'public.payment_failure_report(timestamptz, timestamptz, text)'
+    'public.payment_failure_report(timestamptz, timestamptz, text)',
+    'public.register_creator(uuid, text)',
+    'public.get_creator(uuid)',
+    'public.my_creator()',
+    'public.my_entitlements()',
+    'public.upsert_listing(uuid, text, text, integer, bigint, text, text, boolean)',
+    'public.list_listings(text)',
+    'public.creator_statement(uuid, timestamptz)',
+    'public.my_creator_earnings()',
+    'public.quote_listing_sale(uuid, text)',
+    'public.record_marketplace_checkout(jsonb, bigint, text)',
+    'public.get_marketplace_sale(text)',
+    'public.begin_creator_payouts(date, timestamptz)',
+    'public.complete_creator_payout(uuid, jsonb)',
+    'public.fail_creator_payout(uuid, text)',
+    'public.my_creator_payouts()'
   ]::text[];
   v_triggers constant text[] := array[
     'tg_users__50_open_billing_account',
