@@ -183,7 +183,8 @@ declare
     'public.begin_creator_payouts(date, timestamptz)',
     'public.complete_creator_payout(uuid, jsonb)',
     'public.fail_creator_payout(uuid, text)',
-    'public.my_creator_payouts()'
+    'public.my_creator_payouts()',
+    'public.list_creator_payouts(uuid)'
   ]::text[];
   -- The names of the public functions this version creates.
   v_names constant text[] := array[
@@ -240,7 +241,8 @@ declare
     'begin_creator_payouts',
     'complete_creator_payout',
     'fail_creator_payout',
-    'my_creator_payouts'
+    'my_creator_payouts',
+    'list_creator_payouts'
   ]::text[];
   v_replace text := lower(coalesce(
     nullif(btrim(current_setting('token_billing.replace_conflicting', true)), ''), 'off'
@@ -12616,7 +12618,8 @@ $tb_migration_20261202800300$;
 -- payout_returned); transfer.reversed returns what was reversed the same way.
 -- Fractions of a cent stay in the balance (a payout is floor(settled / 10^6) cents).
 -- Objects: billing.creator_payouts, public.begin_creator_payouts(), public.complete_creator_payout(),
---   public.fail_creator_payout(), billing.apply_transfer_event(), public.my_creator_payouts().
+--   public.fail_creator_payout(), billing.apply_transfer_event(), public.my_creator_payouts(),
+--   public.list_creator_payouts().
 --
 -- Lock order: one run at a time (a transaction advisory lock), creator rows in ascending
 -- user_id (for no key update), as the earnings ledger's debits take them.
@@ -12981,6 +12984,36 @@ comment on function public.my_creator_payouts() is
 
 revoke all on function public.my_creator_payouts() from public, anon, authenticated;
 grant execute on function public.my_creator_payouts() to authenticated;
+
+create function public.list_creator_payouts(p_creator_id uuid)
+returns table (
+  id uuid,
+  period text,
+  amount_cents bigint,
+  currency text,
+  status text,
+  stripe_transfer_id text,
+  reversed_cents bigint,
+  created_at timestamptz
+)
+language sql stable
+security invoker
+set search_path = ''
+as $$
+  select p.id, p.period, p.amount_cents, p.currency, p.status, p.stripe_transfer_id,
+    p.reversed_cents, p.created_at
+  from billing.creator_payouts as p
+  where p.creator_id = p_creator_id
+  order by p.created_at desc, p.id
+  limit 100
+$$;
+
+comment on function public.list_creator_payouts(uuid) is
+'A creator''s latest 100 payouts, newest first (the service''s GET /v1/creators/me). Security '
+'invoker: service_role reads billing.creator_payouts itself.';
+
+revoke all on function public.list_creator_payouts(uuid) from public, anon, authenticated;
+grant execute on function public.list_creator_payouts(uuid) to service_role;
 
 insert into billing.schema_migrations (version, name) values ('20261202800400', 'creator_payouts');
 $tb_migration_20261202800400$;

@@ -67,7 +67,8 @@ declare
     'public.begin_creator_payouts(date, timestamptz)',
     'public.complete_creator_payout(uuid, jsonb)',
     'public.fail_creator_payout(uuid, text)',
-    'public.my_creator_payouts()'
+    'public.my_creator_payouts()',
+    'public.list_creator_payouts(uuid)'
   ]::text[];
   v_triggers constant text[] := array[
     'tg_users__50_open_billing_account',

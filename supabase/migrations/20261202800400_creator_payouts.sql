@@ -12,7 +12,8 @@
 -- payout_returned); transfer.reversed returns what was reversed the same way.
 -- Fractions of a cent stay in the balance (a payout is floor(settled / 10^6) cents).
 -- Objects: billing.creator_payouts, public.begin_creator_payouts(), public.complete_creator_payout(),
---   public.fail_creator_payout(), billing.apply_transfer_event(), public.my_creator_payouts().
+--   public.fail_creator_payout(), billing.apply_transfer_event(), public.my_creator_payouts(),
+--   public.list_creator_payouts().
 --
 -- Lock order: one run at a time (a transaction advisory lock), creator rows in ascending
 -- user_id (for no key update), as the earnings ledger's debits take them.
@@ -377,5 +378,35 @@ comment on function public.my_creator_payouts() is
 
 revoke all on function public.my_creator_payouts() from public, anon, authenticated;
 grant execute on function public.my_creator_payouts() to authenticated;
+
+create function public.list_creator_payouts(p_creator_id uuid)
+returns table (
+  id uuid,
+  period text,
+  amount_cents bigint,
+  currency text,
+  status text,
+  stripe_transfer_id text,
+  reversed_cents bigint,
+  created_at timestamptz
+)
+language sql stable
+security invoker
+set search_path = ''
+as $$
+  select p.id, p.period, p.amount_cents, p.currency, p.status, p.stripe_transfer_id,
+    p.reversed_cents, p.created_at
+  from billing.creator_payouts as p
+  where p.creator_id = p_creator_id
+  order by p.created_at desc, p.id
+  limit 100
+$$;
+
+comment on function public.list_creator_payouts(uuid) is
+'A creator''s latest 100 payouts, newest first (the service''s GET /v1/creators/me). Security '
+'invoker: service_role reads billing.creator_payouts itself.';
+
+revoke all on function public.list_creator_payouts(uuid) from public, anon, authenticated;
+grant execute on function public.list_creator_payouts(uuid) to service_role;
 
 insert into billing.schema_migrations (version, name) values ('20261202800400', 'creator_payouts');

@@ -32,6 +32,7 @@ from token_billing.server.routes import (
     api_keys,
     balance,
     checkout,
+    creators,
     dev,
     health,
     holds,
@@ -131,6 +132,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     routes: list[BaseRoute] = [
         *checkout.routes,
+        *creators.routes,
         *balance.routes,
         *products.routes,
         *webhooks.routes,

@@ -155,6 +155,9 @@ async def sync_products(
     """Make Stripe match billing.products; return what happened to each product."""
     results = []
     for row in await db.rpc("list_products", {"p_include_inactive": True}):
+        if row["kind"] == "agent":
+            # A creator's listing is sold with price_data, to the creator's account: no Price.
+            continue
         result = await sync_one(client, db, row)
         report(result)
         results.append(result)
