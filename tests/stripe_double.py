@@ -4,10 +4,12 @@ It answers the handful of endpoints the service and the CLI call (customers, che
 billing portal sessions, products, prices, and the lists of events, sessions and invoices, paged
 as Stripe pages them; for the marketplace, Connect accounts, account links, login links,
 destination-charge sessions, transfers and refunds with reverse_transfer) the way Stripe does:
-form-encoded requests, JSON objects with `id` and `object`, Stripe's error envelope, and idempotency (the same
-Idempotency-Key with the same parameters replays the first response; with other parameters it is
-an `idempotency_error`). It can be told to fail the next requests with a status or to drop the
-connection, to exercise the stripe library's retries and the service's error mapping.
+form-encoded requests, JSON objects with `id` and `object`, Stripe's error envelope, and
+idempotency (the same Idempotency-Key with the same parameters replays the first response; with
+other parameters it is an `idempotency_error`). It can be told to fail the next requests with a
+status, to drop the connection, or to do a request and drop the connection before answering (a
+timeout after Stripe acted), to exercise the stripe library's retries and the service's error
+mapping.
 """
 
 from __future__ import annotations

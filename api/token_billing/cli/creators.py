@@ -198,15 +198,12 @@ async def _refund(settings: Settings, args: argparse.Namespace) -> int:
             print(f"token-billing: {args.session} is not a paid agent sale", file=sys.stderr)
             return 1
         sale = rows[0]
-        amount = (
-            args.amount
-            if args.amount is not None
-            else sale["amount_cents"] - sale["refunded_cents"]
-        )
-        if not 1 <= amount <= sale["amount_cents"] - sale["refunded_cents"]:
+        left = int(sale["amount_cents"]) - int(sale["refunded_cents"])
+        amount = args.amount if args.amount is not None else left
+        if not 1 <= amount <= left:
             print(
-                f"token-billing: --amount must be from 1 to {sale['amount_cents'] - sale['refunded_cents']}"
-                f" (the part of {args.session} not refunded)",
+                f"token-billing: --amount must be from 1 to {left} (the part of {args.session} "
+                "not refunded)",
                 file=sys.stderr,
             )
             return 1
