@@ -10951,8 +10951,9 @@ set search_path = ''
 as $$
   select
     c.stripe_account_id, c.charges_enabled, c.payouts_enabled, c.details_submitted,
-    c.requirements, billing.creator_commission_bps(c.user_id), c.deauthorized_at
+    c.requirements, coalesce(c.commission_bps, s.marketplace_commission_bps), c.deauthorized_at
   from billing.creators as c
+  cross join billing.settings as s
   where c.user_id = p_user_id
 $$;
 
@@ -12076,7 +12077,8 @@ begin
     raise exception using
       errcode = 'TBENT', message = format('user %s already owns agent %s', p_buyer_id, p_code);
   end if;
-  v_bps := billing.creator_commission_bps(v_creator.user_id);
+  -- The creator's rate, else the platform's (read here: billing functions are not the caller's).
+  v_bps := coalesce(v_creator.commission_bps, (select s.marketplace_commission_bps from billing.settings as s));
   return query select
     v_product.code, v_product.name, v_product.price_cents::bigint, v_product.currency, v_bps,
     -- Rounding: the fee is rounded down (integer division), the creator gets the fraction.

@@ -179,8 +179,9 @@ set search_path = ''
 as $$
   select
     c.stripe_account_id, c.charges_enabled, c.payouts_enabled, c.details_submitted,
-    c.requirements, billing.creator_commission_bps(c.user_id), c.deauthorized_at
+    c.requirements, coalesce(c.commission_bps, s.marketplace_commission_bps), c.deauthorized_at
   from billing.creators as c
+  cross join billing.settings as s
   where c.user_id = p_user_id
 $$;
 

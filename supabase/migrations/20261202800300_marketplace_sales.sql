@@ -216,7 +216,8 @@ begin
     raise exception using
       errcode = 'TBENT', message = format('user %s already owns agent %s', p_buyer_id, p_code);
   end if;
-  v_bps := billing.creator_commission_bps(v_creator.user_id);
+  -- The creator's rate, else the platform's (read here: billing functions are not the caller's).
+  v_bps := coalesce(v_creator.commission_bps, (select s.marketplace_commission_bps from billing.settings as s));
   return query select
     v_product.code, v_product.name, v_product.price_cents::bigint, v_product.currency, v_bps,
     -- Rounding: the fee is rounded down (integer division), the creator gets the fraction.
