@@ -54,10 +54,14 @@ create table billing.creator_earnings (
   created_at timestamptz not null default now(),
   constraint creator_earnings_idempotency_key_unique unique (idempotency_key),
   constraint creator_earnings_sign check (
-    (kind in ('usage_share', 'sale_refund_reversed', 'sale_dispute_reversed', 'payout_returned')
-      and amount_microcents > 0)
-    or (kind in ('usage_share_reversed', 'sale_refund', 'sale_dispute', 'payout', 'debt')
-      and amount_microcents < 0)
+    (
+      kind in ('usage_share', 'sale_refund_reversed', 'sale_dispute_reversed', 'payout_returned')
+      and amount_microcents > 0
+    )
+    or (
+      kind in ('usage_share_reversed', 'sale_refund', 'sale_dispute', 'payout', 'debt')
+      and amount_microcents < 0
+    )
   ),
   constraint creator_earnings_key_length check (length(idempotency_key) between 1 and 255),
   constraint creator_earnings_tokens_valid check (tokens is null or tokens >= 0),

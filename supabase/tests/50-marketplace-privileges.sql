@@ -76,7 +76,8 @@ select is_empty(
 select ok(
   (
     select bool_and(has_function_privilege('authenticated', f.signature::regprocedure, 'execute'))
-    from (values
+    from (
+      values
       ('public.my_creator()'), ('public.my_entitlements()'), ('public.my_creator_earnings()'),
       ('public.my_creator_payouts()')
     ) as f (signature)
@@ -121,11 +122,14 @@ select is_empty(
 );
 select ok(
   (
-    select bool_and(
-      has_table_privilege('service_role', ('billing.' || t.name)::regclass, 'SELECT')
-      and not has_table_privilege('service_role', ('billing.' || t.name)::regclass, 'INSERT')
-      and not has_table_privilege('service_role', ('billing.' || t.name)::regclass, 'UPDATE'))
-    from (values
+    select
+      bool_and(
+        has_table_privilege('service_role', ('billing.' || t.name)::regclass, 'SELECT')
+        and not has_table_privilege('service_role', ('billing.' || t.name)::regclass, 'INSERT')
+        and not has_table_privilege('service_role', ('billing.' || t.name)::regclass, 'UPDATE')
+      )
+    from (
+      values
       ('creators'), ('entitlements'), ('creator_earnings'), ('creator_payouts'),
       ('marketplace_sales'), ('marketplace_refunds'), ('marketplace_disputes')
     ) as t (name)
@@ -209,7 +213,8 @@ select throws_ok(
   $$select * from public.upsert_listing('00000000-0000-0000-0000-0000000000d5', 'agent_nope', 'Nope', 500)$$,
   'TBLST', null, 'a user who is not a creator should not list'
 );
-update billing.creators set charges_enabled = false where user_id = '00000000-0000-0000-0000-0000000000c5';
+update billing.creators set charges_enabled = false
+where user_id = '00000000-0000-0000-0000-0000000000c5';
 select throws_ok(
   $$select * from public.upsert_listing('00000000-0000-0000-0000-0000000000c5', 'agent_new', 'New', 500)$$,
   'TBLST', null, 'a creator without charges_enabled should not list'
@@ -218,7 +223,8 @@ select throws_ok(
   $$select * from public.quote_listing_sale('00000000-0000-0000-0000-0000000000d5', 'agent_priv')$$,
   'TBLST', null, 'an agent of a creator without charges_enabled should not be sold'
 );
-update billing.creators set charges_enabled = true where user_id = '00000000-0000-0000-0000-0000000000c5';
+update billing.creators set charges_enabled = true
+where user_id = '00000000-0000-0000-0000-0000000000c5';
 select results_eq(
   $$select amount_cents, application_fee_cents, stripe_account_id
     from public.quote_listing_sale('00000000-0000-0000-0000-0000000000d5', 'agent_priv')$$,
