@@ -64,7 +64,7 @@ declare
     'public.quote_listing_sale(uuid, text)',
     'public.record_marketplace_checkout(jsonb, bigint, text)',
     'public.get_marketplace_sale(text)',
-    'public.begin_creator_payouts(date, timestamptz)',
+    'public.begin_creator_payouts(date, timestamptz, boolean)',
     'public.complete_creator_payout(uuid, jsonb)',
     'public.fail_creator_payout(uuid, text)',
     'public.my_creator_payouts()',

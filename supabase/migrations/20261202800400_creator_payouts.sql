@@ -70,7 +70,7 @@ grant select on billing.creator_payouts to authenticated, service_role;
 
 create function public.begin_creator_payouts(
   p_period date default null,
-  p_as_of timestamptz default now(),
+  p_as_of timestamptz default null,
   p_dry_run boolean default false
 ) returns table (
   payout_id uuid,
@@ -89,16 +89,15 @@ set search_path = ''
 set jit = off
 as $$
 declare
-  v_period text := to_char(coalesce(p_period, (p_as_of at time zone 'UTC')::date), 'YYYY-MM-DD');
+  -- p_as_of null: now (a default of now() would hide the next argument from the installer's parser).
+  v_as_of timestamptz := coalesce(p_as_of, now());
+  v_period text := to_char(coalesce(p_period, (v_as_of at time zone 'UTC')::date), 'YYYY-MM-DD');
   v_settings billing.settings;
   v_creator billing.creators;
   v_settled bigint;
   v_cents bigint;
   v_payout billing.creator_payouts;
 begin
-  if p_as_of is null then
-    raise exception using errcode = '22023', message = 'p_as_of must not be null';
-  end if;
   -- One run at a time: a concurrent run waits, then finds this run's payouts.
   perform pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('token-billing:creator_payouts'));
   select s.* into v_settings from billing.settings as s;
@@ -118,7 +117,7 @@ begin
     select coalesce(sum(e.amount_microcents), 0)::bigint into v_settled
     from billing.creator_earnings as e
     where e.creator_id = v_creator.user_id
-      and (e.amount_microcents < 0 or e.created_at <= p_as_of - v_settings.creator_earnings_hold);
+      and (e.amount_microcents < 0 or e.created_at <= v_as_of - v_settings.creator_earnings_hold);
     -- Whole cents, rounded down: the fraction stays in the balance for the next payout.
     v_cents := greatest(v_settled, 0) / 1000000;
     if v_cents < v_settings.creator_payout_minimum_cents then
@@ -149,7 +148,7 @@ begin
     )
     values (
       v_creator.user_id, 'payout', -v_cents * 1000000, 'payout:' || v_payout.id::text, v_payout.id,
-      jsonb_build_object('period', v_period, 'as_of', p_as_of)
+      jsonb_build_object('period', v_period, 'as_of', v_as_of)
     );
   end loop;
 
@@ -167,7 +166,7 @@ end;
 $$;
 
 comment on function public.begin_creator_payouts(date, timestamptz, boolean) is
-'Makes this period''s payouts (p_period, default the UTC date of p_as_of): for each creator with '
+'Makes this period''s payouts (p_period, default the UTC date of p_as_of, default now): for each creator with '
 'payouts_enabled and settled earnings of at least creator_payout_minimum_cents, once per creator '
 'and period, a pending payout of floor(settled / 10^6) cents and its payout entry. Returns every '
 'pending payout (to transfer, or to retry with the same key); with p_dry_run, what it would make, '
