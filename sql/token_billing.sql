@@ -77,6 +77,12 @@
 --   20261202700100_plan_prices.sql
 --   20261202700200_notifications.sql
 --   20261202700300_overage.sql
+--   20261202800000_creators.sql
+--   20261202800100_listings.sql
+--   20261202800200_creator_earnings.sql
+--   20261202800300_marketplace_sales.sql
+--   20261202800400_creator_payouts.sql
+--   20261202800900_connect_dispatch.sql
 
 do $token_billing_install$
 declare
@@ -132,7 +138,13 @@ declare
     '20261202700000',
     '20261202700100',
     '20261202700200',
-    '20261202700300'
+    '20261202700300',
+    '20261202800000',
+    '20261202800100',
+    '20261202800200',
+    '20261202800300',
+    '20261202800400',
+    '20261202800900'
   ]::text[];
   -- Every public function any token-billing version created: on an upgrade these are ours.
   v_known constant text[] := array[
@@ -192,7 +204,23 @@ declare
     'public.finish_auto_top_up(uuid, text, jsonb, text)',
     'public.set_auto_top_up(uuid, boolean, text)',
     'public.postpaid_due(timestamptz)',
-    'public.mark_postpaid_invoiced(uuid, timestamptz, text)'
+    'public.mark_postpaid_invoiced(uuid, timestamptz, text)',
+    'public.register_creator(uuid, text)',
+    'public.get_creator(uuid)',
+    'public.my_creator()',
+    'public.my_agents()',
+    'public.upsert_listing(uuid, text, text, integer, bigint, text, text, boolean)',
+    'public.list_listings(text)',
+    'public.creator_statement(uuid, timestamptz)',
+    'public.my_creator_earnings()',
+    'public.quote_listing_sale(uuid, text)',
+    'public.record_marketplace_checkout(jsonb, bigint, text)',
+    'public.get_marketplace_sale(text)',
+    'public.begin_creator_payouts(date, timestamptz, boolean)',
+    'public.complete_creator_payout(uuid, jsonb)',
+    'public.fail_creator_payout(uuid, text)',
+    'public.my_creator_payouts()',
+    'public.list_creator_payouts(uuid)'
   ]::text[];
   -- The names of the public functions this version creates.
   v_names constant text[] := array[
@@ -252,7 +280,23 @@ declare
     'finish_auto_top_up',
     'set_auto_top_up',
     'postpaid_due',
-    'mark_postpaid_invoiced'
+    'mark_postpaid_invoiced',
+    'register_creator',
+    'get_creator',
+    'my_creator',
+    'my_agents',
+    'upsert_listing',
+    'list_listings',
+    'creator_statement',
+    'my_creator_earnings',
+    'quote_listing_sale',
+    'record_marketplace_checkout',
+    'get_marketplace_sale',
+    'begin_creator_payouts',
+    'complete_creator_payout',
+    'fail_creator_payout',
+    'my_creator_payouts',
+    'list_creator_payouts'
   ]::text[];
   v_replace text := lower(coalesce(
     nullif(btrim(current_setting('token_billing.replace_conflicting', true)), ''), 'off'
@@ -14819,6 +14863,2501 @@ comment on function billing.apply_payment_intent_event(jsonb) is
 
 insert into billing.schema_migrations (version, name) values ('20261202700300', 'overage');
 $tb_migration_20261202700300$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202800000_creators.sql
+  if v_installed is null or '20261202800000' <> all(v_installed) then
+    execute $tb_migration_20261202800000$
+-- Migration: creators, the sellers of the marketplace (Stripe Connect Express accounts).
+--
+-- Purpose: a creator is a user who sells agents on the platform. The service creates the
+-- creator's Stripe Express account once (POST /v1/creators/onboard) and records it here with
+-- register_creator; from then on account.updated keeps charges_enabled, payouts_enabled,
+-- details_submitted and the requirements as Stripe last said (by Stripe's created: an older
+-- event is stale), and account.application.deauthorized ends the connection. The platform's
+-- commission is a setting in basis points (default 2000 = 20%), with a per-creator override.
+-- Objects: billing.settings.marketplace_commission_bps, .creator_token_value_microcents,
+--   .creator_payout_minimum_cents, .creator_earnings_hold, billing.creators,
+--   billing.creator_commission_bps(), billing.apply_account_event(), public.register_creator(),
+--   public.get_creator(), public.my_creator().
+--
+-- Money: every amount is an integer in the currency's minor unit (cents), or in micro-cents
+-- (millionths of a cent) where a fraction of a cent must carry over (the creator earnings
+-- ledger, 20261202800300_creator_earnings.sql). Commission rates are basis points (1/10000).
+
+alter table billing.settings
+add column marketplace_commission_bps integer not null default 2000,
+add column creator_token_value_microcents bigint not null default 3333333,
+add column creator_payout_minimum_cents bigint not null default 1000,
+add column creator_earnings_hold interval not null default '7 days',
+add constraint settings_marketplace_commission_valid check (marketplace_commission_bps between 0 and 10000),
+add constraint settings_creator_token_value_valid check (
+  creator_token_value_microcents between 1 and 1000000000000
+),
+add constraint settings_creator_payout_minimum_valid check (creator_payout_minimum_cents >= 1),
+add constraint settings_creator_earnings_hold_valid check (creator_earnings_hold >= interval '0');
+
+comment on column billing.settings.marketplace_commission_bps is
+'The platform''s commission on creators'' sales and token revenue share, in basis points (2000 = '
+'20%); billing.creators.commission_bps overrides it per creator.';
+comment on column billing.settings.creator_token_value_microcents is
+'What one token spent on a creator''s agent is worth, in millionths of a cent, before the '
+'commission (default 3333333: $20 / 600 tokens, the seed''s cheapest tokens, rounded down).';
+comment on column billing.settings.creator_payout_minimum_cents is
+'A creator is paid out only when the settled earnings reach this many cents (default $10).';
+comment on column billing.settings.creator_earnings_hold is
+'How long earnings wait before a payout may pay them (refunds and disputes of the tokens come '
+'first); default 7 days.';
+
+create table billing.creators (
+  user_id uuid primary key references billing.accounts (user_id),
+  stripe_account_id text not null unique,
+  charges_enabled boolean not null default false,
+  payouts_enabled boolean not null default false,
+  details_submitted boolean not null default false,
+  requirements jsonb not null default '{}',
+  commission_bps integer,
+  deauthorized_at timestamptz,
+  account_event_created timestamptz,
+  created_at timestamptz not null default now(),
+  updated_at timestamptz not null default now(),
+  constraint creators_stripe_account_format check (stripe_account_id ~ '^acct_[A-Za-z0-9]{1,250}$'),
+  constraint creators_commission_valid check (commission_bps between 0 and 10000),
+  constraint creators_requirements_object check (jsonb_typeof(requirements) = 'object')
+);
+
+comment on table billing.creators is
+'Users who sell agents, one Stripe Connect Express account each (never another one). The Stripe '
+'state is what the last account.updated said; only a creator with charges_enabled (and not '
+'deauthorized) can list an agent or sell one.';
+comment on column billing.creators.user_id is 'The creator (auth.users.id).';
+comment on column billing.creators.stripe_account_id is 'The connected account, acct_...';
+comment on column billing.creators.charges_enabled is 'Stripe: the account can take charges.';
+comment on column billing.creators.payouts_enabled is 'Stripe: the account can be paid out.';
+comment on column billing.creators.details_submitted is
+'Stripe: onboarding was submitted (the Express dashboard login link needs it).';
+comment on column billing.creators.requirements is
+'Stripe''s requirements object of the last account.updated (currently_due, disabled_reason, ...).';
+comment on column billing.creators.commission_bps is
+'This creator''s commission in basis points; null: the platform''s '
+'(billing.settings.marketplace_commission_bps). Set it as the owner with an update.';
+comment on column billing.creators.deauthorized_at is
+'When account.application.deauthorized said the account left the platform: no more sales or payouts.';
+comment on column billing.creators.account_event_created is
+'Stripe''s created time of the last account event applied: an older one is stale.';
+comment on column billing.creators.created_at is 'When the creator was registered.';
+comment on column billing.creators.updated_at is 'When the row last changed.';
+
+alter table billing.creators enable row level security;
+
+create policy creators_select_own on billing.creators
+for select to authenticated
+using (user_id = (select auth.uid()));
+
+revoke all on billing.creators from public, anon, authenticated, service_role;
+grant select on billing.creators to authenticated, service_role;
+
+create function billing.creator_commission_bps(p_creator_id uuid) returns integer
+language sql stable
+set search_path = ''
+as $$
+  select coalesce(
+    (select c.commission_bps from billing.creators as c where c.user_id = p_creator_id),
+    (select s.marketplace_commission_bps from billing.settings as s),
+    2000
+  )
+$$;
+
+comment on function billing.creator_commission_bps(uuid) is
+'The commission the platform takes from this creator, in basis points: the creator''s override, '
+'else the platform default.';
+
+revoke all on function billing.creator_commission_bps(uuid) from public;
+
+create function public.register_creator(
+  p_user_id uuid,
+  p_stripe_account_id text
+) returns table (status text, stripe_account_id text)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+declare
+  v_existing billing.creators;
+begin
+  if p_user_id is null then
+    raise exception using errcode = '22023', message = 'p_user_id must not be null';
+  end if;
+  if p_stripe_account_id is null or p_stripe_account_id !~ '^acct_[A-Za-z0-9]{1,250}$' then
+    raise exception using
+      errcode = '22023',
+      message = format('p_stripe_account_id must be a Stripe account id (acct_...), got %s',
+        coalesce(quote_literal(p_stripe_account_id), 'null'));
+  end if;
+  perform billing.ensure_account(p_user_id);
+
+  insert into billing.creators as c (user_id, stripe_account_id)
+  values (p_user_id, p_stripe_account_id)
+  on conflict do nothing;
+  if found then
+    return query select 'applied'::text, p_stripe_account_id;
+    return;
+  end if;
+
+  select c.* into v_existing from billing.creators as c
+  where c.user_id = p_user_id or c.stripe_account_id = p_stripe_account_id
+  order by c.user_id = p_user_id desc
+  limit 1;
+  if v_existing.user_id = p_user_id and v_existing.stripe_account_id = p_stripe_account_id then
+    return query select 'duplicate'::text, p_stripe_account_id;
+    return;
+  end if;
+  raise exception using
+    errcode = 'TBCRE',
+    message = case when v_existing.user_id = p_user_id
+      then format('user %s is already the creator of Stripe account %s, not %s', p_user_id,
+        v_existing.stripe_account_id, p_stripe_account_id)
+      else format('Stripe account %s belongs to creator %s, not %s', p_stripe_account_id,
+        v_existing.user_id, p_user_id)
+    end,
+    hint = 'A creator has one connected account for good.';
+end;
+$$;
+
+comment on function public.register_creator(uuid, text) is
+'Records the Stripe Express account the service created for a user (opening the user''s account '
+'if missing). Statuses: applied, duplicate (the same pair again). 22023 on invalid arguments; '
+'TBCRE when the user has another account or the account belongs to another user.';
+
+revoke all on function public.register_creator(uuid, text) from public, anon, authenticated;
+grant execute on function public.register_creator(uuid, text) to service_role;
+
+create function public.get_creator(p_user_id uuid)
+returns table (
+  stripe_account_id text,
+  charges_enabled boolean,
+  payouts_enabled boolean,
+  details_submitted boolean,
+  requirements jsonb,
+  commission_bps integer,
+  deauthorized_at timestamptz
+)
+language sql stable
+security invoker
+set search_path = ''
+as $$
+  select
+    c.stripe_account_id, c.charges_enabled, c.payouts_enabled, c.details_submitted,
+    c.requirements, coalesce(c.commission_bps, s.marketplace_commission_bps), c.deauthorized_at
+  from billing.creators as c
+  cross join billing.settings as s
+  where c.user_id = p_user_id
+$$;
+
+comment on function public.get_creator(uuid) is
+'The creator''s connected account and its Stripe state, with the effective commission in basis '
+'points; no row for a user who is not a creator. Security invoker: service_role reads '
+'billing.creators itself.';
+
+revoke all on function public.get_creator(uuid) from public, anon, authenticated;
+grant execute on function public.get_creator(uuid) to service_role;
+
+create function public.my_creator()
+returns table (
+  stripe_account_id text,
+  charges_enabled boolean,
+  payouts_enabled boolean,
+  details_submitted boolean,
+  commission_bps integer,
+  deauthorized_at timestamptz
+)
+language sql stable
+security invoker
+set search_path = ''
+as $$
+  select
+    c.stripe_account_id, c.charges_enabled, c.payouts_enabled, c.details_submitted,
+    c.commission_bps, c.deauthorized_at
+  from billing.creators as c
+  where c.user_id = (select auth.uid())
+$$;
+
+comment on function public.my_creator() is
+'The signed-in user''s creator account, read through RLS (no row for a user who is not a '
+'creator). commission_bps is the creator''s own rate in basis points, null for the platform''s.';
+
+revoke all on function public.my_creator() from public, anon, authenticated;
+grant execute on function public.my_creator() to authenticated;
+
+-- account.updated, account.application.deauthorized --------------------------------------------
+
+create function billing.apply_account_event(p_event jsonb)
+returns table (status text, detail text)
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_type text := p_event ->> 'type';
+  v_created timestamptz := to_timestamp(billing.stripe_bigint(p_event -> 'created', 'created'));
+  v_object jsonb := p_event #> '{data,object}';
+  v_account_id text;
+  v_creator billing.creators;
+begin
+  if v_type = 'account.updated' then
+    v_object := billing.require_stripe_object(p_event, 'account');
+    v_account_id := v_object ->> 'id';
+    if nullif(p_event ->> 'account', '') is distinct from v_account_id
+      and nullif(p_event ->> 'account', '') is not null then
+      return query select 'ignored'::text, format(
+        'event of account %s describes another account, %s', p_event ->> 'account', v_account_id);
+      return;
+    end if;
+  else
+    -- data.object is the application (ca_...); the account is the event's.
+    v_account_id := nullif(p_event ->> 'account', '');
+  end if;
+
+  select c.* into v_creator from billing.creators as c
+  where c.stripe_account_id = v_account_id
+  for no key update;
+  if not found then
+    return query select 'ignored'::text, format(
+      'Stripe account %s is not a creator of this deployment', coalesce(v_account_id, 'null'));
+    return;
+  end if;
+  if v_creator.account_event_created > v_created then
+    return query select 'stale'::text, format(
+      'account %s: an event newer than this one (%s) was already applied', v_account_id,
+      v_created);
+    return;
+  end if;
+
+  if v_type = 'account.application.deauthorized' then
+    update billing.creators as c
+    set
+      charges_enabled = false,
+      payouts_enabled = false,
+      deauthorized_at = coalesce(c.deauthorized_at, v_created),
+      account_event_created = v_created,
+      updated_at = now()
+    where c.user_id = v_creator.user_id;
+    return query select 'applied'::text, format(
+      'account %s of creator %s deauthorized the platform: no more sales or payouts',
+      v_account_id, v_creator.user_id);
+    return;
+  end if;
+
+  update billing.creators as c
+  set
+    charges_enabled = coalesce((v_object ->> 'charges_enabled')::boolean, false),
+    payouts_enabled = coalesce((v_object ->> 'payouts_enabled')::boolean, false),
+    details_submitted = coalesce((v_object ->> 'details_submitted')::boolean, false),
+    requirements = case when jsonb_typeof(v_object -> 'requirements') = 'object'
+      then v_object -> 'requirements' else '{}' end,
+    account_event_created = v_created,
+    updated_at = now()
+  where c.user_id = v_creator.user_id;
+  return query select 'applied'::text, format(
+    'account %s of creator %s: charges_enabled %s, payouts_enabled %s', v_account_id,
+    v_creator.user_id, coalesce((v_object ->> 'charges_enabled')::boolean, false),
+    coalesce((v_object ->> 'payouts_enabled')::boolean, false));
+end;
+$$;
+
+comment on function billing.apply_account_event(jsonb) is
+'account.updated (keeps charges_enabled, payouts_enabled, details_submitted and requirements) and '
+'account.application.deauthorized (ends sales and payouts) for a known creator; stale when an '
+'event of the account with a later created was applied; ignored for an unknown account.';
+
+revoke all on function billing.apply_account_event(jsonb) from public;
+
+insert into billing.schema_migrations (version, name) values ('20261202800000', 'creators');
+$tb_migration_20261202800000$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202800100_listings.sql
+  if v_installed is null or '20261202800100' <> all(v_installed) then
+    execute $tb_migration_20261202800100$
+-- Migration: listings (agents creators sell) and entitlements (the agents a user bought).
+--
+-- Purpose: a creator's agent is a product of kind `agent`, owned by the creator
+-- (products.creator_id), sold for a one-off price (price_cents: a Checkout Session, a
+-- destination charge to the creator) and/or for tokens per run (products.tokens: what a run
+-- costs; the creator earns a share of the tokens spent, 20261202800300_creator_earnings.sql).
+-- Only a creator whose Stripe account has charges_enabled (and is not deauthorized) can list:
+-- a trigger refuses an active listing of anyone else (TBLST). A paid sale grants the buyer an
+-- entitlement, once per sale; a full refund or a lost dispute revokes it.
+-- Objects: products kind agent, billing.products.creator_id, billing.tg_products__check_listing(),
+--   billing.entitlements, public.upsert_listing(), public.list_listings(),
+--   public.my_agents().
+
+alter table billing.products
+drop constraint products_kind_known,
+add constraint products_kind_known check (kind in ('pack', 'plan', 'agent')),
+drop constraint products_tokens_valid,
+add constraint products_tokens_valid check (tokens > 0 or (kind in ('plan', 'agent') and tokens = 0)),
+add column creator_id uuid references billing.creators (user_id),
+add constraint products_agent_has_creator check ((kind = 'agent') = (creator_id is not null)),
+add constraint products_agent_priced check (
+  kind <> 'agent' or coalesce(price_cents, 0) > 0 or tokens > 0
+);
+
+create index products_creator_id_idx on billing.products (creator_id) where creator_id is not null;
+
+comment on column billing.products.kind is
+'pack: one-off purchase of tokens; plan: a subscription; agent: a creator''s listing.';
+comment on column billing.products.tokens is
+'Tokens granted per pack bought, or per billing period for a plan; for an agent, what one run '
+'costs in tokens (0: not sold per run). Positive, except a plan or an agent may have 0.';
+comment on column billing.products.creator_id is
+'Agents only: the creator who sells it (billing.creators), paid through Stripe Connect.';
+
+create function billing.tg_products__check_listing() returns trigger
+language plpgsql
+set search_path = ''
+as $$
+begin
+  if new.active and (tg_op = 'INSERT' or not old.active or old.kind <> 'agent'
+    or old.creator_id is distinct from new.creator_id) and not exists (
+    select 1 from billing.creators as c
+    where c.user_id = new.creator_id and c.charges_enabled and c.deauthorized_at is null
+  ) then
+    raise exception using
+      errcode = 'TBLST',
+      message = format('creator %s cannot list agent %s: its Stripe account does not have '
+        'charges_enabled (finish onboarding first)', new.creator_id, new.code);
+  end if;
+  return new;
+end;
+$$;
+
+comment on function billing.tg_products__check_listing() is
+'Trigger: an agent becomes an active listing only for a creator with charges_enabled who has not '
+'deauthorized the platform (TBLST otherwise).';
+
+revoke all on function billing.tg_products__check_listing() from public;
+
+create trigger tg_products__20_check_listing
+before insert or update of kind, creator_id, active on billing.products
+for each row when (new.kind = 'agent')
+execute function billing.tg_products__check_listing();
+
+-- Entitlements -------------------------------------------------------------------------------
+
+create table billing.entitlements (
+  id bigint generated always as identity primary key,
+  user_id uuid not null references billing.accounts (user_id),
+  product_code text not null references billing.products (code) on update cascade,
+  sale_id text not null unique,
+  granted_at timestamptz not null default now(),
+  revoked_at timestamptz,
+  revoked_reason text,
+  constraint entitlements_revocation_explained check ((revoked_at is null) = (revoked_reason is null))
+);
+
+create unique index entitlements_one_active_idx on billing.entitlements (user_id, product_code)
+where revoked_at is null;
+
+comment on table billing.entitlements is
+'The agents a user bought: one row per paid sale (sale_id unique: a sale grants once), at most '
+'one unrevoked per user and agent. A full refund or a lost dispute sets revoked_at; nothing is '
+'deleted.';
+comment on column billing.entitlements.id is 'Entitlement id.';
+comment on column billing.entitlements.user_id is 'The buyer.';
+comment on column billing.entitlements.product_code is 'The agent (a product of kind agent).';
+comment on column billing.entitlements.sale_id is 'The Checkout Session that sold it (cs_...).';
+comment on column billing.entitlements.granted_at is 'Stripe''s time of the paid event.';
+comment on column billing.entitlements.revoked_at is 'When a refund or a dispute took it back.';
+comment on column billing.entitlements.revoked_reason is 'Why it was revoked.';
+
+alter table billing.entitlements enable row level security;
+
+create policy entitlements_select_own on billing.entitlements
+for select to authenticated
+using (user_id = (select auth.uid()));
+
+revoke all on billing.entitlements from public, anon, authenticated, service_role;
+grant select on billing.entitlements to authenticated, service_role;
+
+create function public.my_agents()
+returns table (product_code text, sale_id text, granted_at timestamptz, revoked_at timestamptz)
+language sql stable
+security invoker
+set search_path = ''
+as $$
+  select e.product_code, e.sale_id, e.granted_at, e.revoked_at
+  from billing.entitlements as e
+  where e.user_id = (select auth.uid())
+  order by e.granted_at desc, e.id desc
+$$;
+
+comment on function public.my_agents() is
+'The agents the signed-in user bought (revoked ones too, with revoked_at), read through RLS.';
+
+revoke all on function public.my_agents() from public, anon, authenticated;
+grant execute on function public.my_agents() to authenticated;
+
+-- Listing an agent ---------------------------------------------------------------------------
+
+create function public.upsert_listing(
+  p_creator_id uuid,
+  p_code text,
+  p_name text,
+  p_price_cents integer default null,
+  p_tokens_per_run bigint default 0,
+  p_description text default null,
+  p_currency text default 'usd',
+  p_active boolean default true
+) returns table (status text, code text)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+declare
+  v_existing billing.products;
+begin
+  if p_creator_id is null then
+    raise exception using errcode = '22023', message = 'p_creator_id must not be null';
+  end if;
+  if p_code is null or p_code !~ '^[a-z0-9_]{1,64}$' then
+    raise exception using
+      errcode = '22023',
+      message = format('p_code must be 1 to 64 of a-z, 0-9 and _, got %s',
+        coalesce(quote_literal(p_code), 'null'));
+  end if;
+  if p_name is null or length(btrim(p_name)) not between 1 and 200 then
+    raise exception using errcode = '22023', message = 'p_name must be 1 to 200 characters';
+  end if;
+  if p_price_cents is not null and p_price_cents not between 50 and 99999999 then
+    raise exception using
+      errcode = '22023',
+      message = format('p_price_cents must be null or from 50 to 99999999, got %s', p_price_cents);
+  end if;
+  if p_tokens_per_run is null or p_tokens_per_run not between 0 and 1000000000 then
+    raise exception using
+      errcode = '22023',
+      message = format('p_tokens_per_run must be from 0 to 10^9, got %s',
+        coalesce(p_tokens_per_run::text, 'null'));
+  end if;
+  if p_price_cents is null and p_tokens_per_run = 0 then
+    raise exception using
+      errcode = '22023',
+      message = 'a listing needs p_price_cents (a one-off price) or p_tokens_per_run (or both)';
+  end if;
+  if p_currency is null or p_currency !~ '^[a-z]{3}$' then
+    raise exception using
+      errcode = '22023',
+      message = format('p_currency must be a lowercase ISO code, got %s',
+        coalesce(quote_literal(p_currency), 'null'));
+  end if;
+  if not exists (select 1 from billing.creators as c where c.user_id = p_creator_id) then
+    raise exception using
+      errcode = 'TBLST',
+      message = format('user %s is not a creator: onboard first (POST /v1/creators/onboard)',
+        p_creator_id);
+  end if;
+
+  select p.* into v_existing from billing.products as p where p.code = p_code for update;
+  if found and v_existing.creator_id is distinct from p_creator_id then
+    raise exception using
+      errcode = 'TBLST',
+      message = format('product %s is not a listing of creator %s', p_code, p_creator_id);
+  end if;
+  if not found then
+    insert into billing.products (
+      code, kind, name, description, tokens, price_cents, currency, creator_id, active
+    )
+    values (
+      p_code, 'agent', btrim(p_name), p_description, p_tokens_per_run, p_price_cents, p_currency,
+      p_creator_id, coalesce(p_active, true)
+    );
+    return query select 'applied'::text, p_code;
+    return;
+  end if;
+  if (v_existing.name, v_existing.description, v_existing.tokens, v_existing.price_cents,
+      v_existing.currency, v_existing.active)
+    is not distinct from (btrim(p_name), p_description, p_tokens_per_run, p_price_cents,
+      p_currency, coalesce(p_active, true)) then
+    return query select 'duplicate'::text, p_code;
+    return;
+  end if;
+  update billing.products as p
+  set
+    name = btrim(p_name),
+    description = p_description,
+    tokens = p_tokens_per_run,
+    price_cents = p_price_cents,
+    currency = p_currency,
+    active = coalesce(p_active, true),
+    updated_at = now()
+  where p.code = p_code;
+  return query select 'updated'::text, p_code;
+end;
+$$;
+
+comment on function public.upsert_listing(uuid, text, text, integer, bigint, text, text, boolean) is
+'Creates or changes a creator''s agent listing: a one-off price in cents (50 or more) and/or a '
+'price in tokens per run. Statuses: applied (new), updated, duplicate (unchanged). 22023 on '
+'invalid arguments; TBLST when the user is not a creator, the code is another''s product, or the '
+'creator''s account does not have charges_enabled (an active listing).';
+
+revoke all on function public.upsert_listing(uuid, text, text, integer, bigint, text, text, boolean)
+from public, anon, authenticated;
+grant execute on function public.upsert_listing(uuid, text, text, integer, bigint, text, text, boolean)
+to service_role;
+
+create function public.list_listings(p_code text default null)
+returns table (
+  code text,
+  name text,
+  description text,
+  price_cents integer,
+  currency text,
+  tokens_per_run bigint,
+  creator_id uuid,
+  stripe_account_id text,
+  purchasable boolean
+)
+language sql stable
+security invoker
+set search_path = ''
+as $$
+  select
+    p.code, p.name, p.description, p.price_cents, p.currency, p.tokens, p.creator_id,
+    c.stripe_account_id,
+    p.price_cents is not null and c.charges_enabled and c.deauthorized_at is null
+  from billing.products as p
+  inner join billing.creators as c on c.user_id = p.creator_id
+  where p.kind = 'agent' and p.active and (p_code is null or p.code = p_code)
+  order by p.sort_order, p.code
+$$;
+
+comment on function public.list_listings(text) is
+'Active agent listings (or the one named), with the creator''s account; purchasable when it has a '
+'one-off price and the creator can take charges now. Security invoker: service_role reads the '
+'tables itself.';
+
+revoke all on function public.list_listings(text) from public, anon, authenticated;
+grant execute on function public.list_listings(text) to service_role;
+
+insert into billing.schema_migrations (version, name) values ('20261202800100', 'listings');
+$tb_migration_20261202800100$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202800200_creator_earnings.sql
+  if v_installed is null or '20261202800200' <> all(v_installed) then
+    execute $tb_migration_20261202800200$
+-- Migration: the creator earnings ledger: the usage revenue share, debts and payouts.
+--
+-- Purpose: when a user spends tokens on a creator's agent, the creator earns
+--   floor(tokens x creator_token_value_microcents x (10000 - commission_bps) / 10000)
+-- micro-cents (millionths of a cent), one entry per spend: a usage record whose dimensions name
+-- the listing ({"listing": "<agent code>"}, record_usage), or a deduct whose metadata does
+-- (deduct_tokens(..., p_metadata => '{"listing": "<agent code>"}')). Accruing in micro-cents
+-- keeps each entry's rounding below a millionth of a cent; a payout takes whole cents and the
+-- fraction stays in the balance, so sums stay exact. The ledger is append-only; a creator's
+-- balance is the sum of the creator's entries; each entry has a unique idempotency key (the
+-- source it comes from: a usage record, a ledger entry, a refund, a payout).
+--
+-- Rules, in a sentence each:
+--   * Share of a usage record: on the tokens it charged (a `partial` settlement charged less
+--     than the items were priced at: its items earn in line order until the charge is used up).
+--   * Refunded tokens: a clawback or dispute of a token purchase that leaves the buyer's
+--     balance below zero means the buyer spent tokens that were paid back; that many tokens
+--     (at most the clawback) of the buyer's most recent creator usage are reversed (kind
+--     usage_share_reversed, the share's micro-cents pro rata, rounded down; the last tokens of a
+--     share take its remainder, so a share is never reversed by more than it earned). A
+--     reversal is final: a refund that fails later gives the buyer the tokens back, not the
+--     creator the earnings.
+--   * Never below zero without a debt entry: an entry that takes money (a reversal, a refund or
+--     dispute the creator did not return through Stripe) takes at most the balance; the rest is
+--     a separate entry of kind debt. Later earnings pay the debt before any payout.
+-- Objects: billing.creator_earnings (+ append-only trigger), billing.creator_share_microcents(),
+--   billing.take_creator_earnings(), billing.reverse_creator_shares(), the triggers
+--   tg_usage_records__50_creator_share, tg_ledger_entries__50_creator_share,
+--   tg_ledger_entries__51_creator_share_reversal, public.creator_statement(),
+--   public.my_creator_earnings().
+--
+-- Hot path: deduct_tokens and record_usage are unchanged. The triggers' WHEN clauses test the
+-- new row only (metadata ? 'listing', dimensions ? 'listing', kind and balance_after), so a
+-- spend that names no listing runs no trigger function. A share entry locks nothing but the
+-- foreign key's share lock on the creator row (the functions that take money lock the creator
+-- `for no key update`, which does not conflict with it).
+--
+-- Lock order: the buyer's account (held by the ledger primitive that fired the trigger), then
+-- creator rows in ascending user_id; a payout locks creator rows only, in the same order.
+
+create table billing.creator_earnings (
+  id bigint generated always as identity primary key,
+  creator_id uuid not null references billing.creators (user_id),
+  kind text not null,
+  amount_microcents bigint not null,
+  idempotency_key text not null,
+  user_id uuid,
+  product_code text,
+  tokens bigint,
+  reverses_id bigint references billing.creator_earnings (id),
+  sale_id text,
+  payout_id uuid,
+  metadata jsonb not null default '{}',
+  created_at timestamptz not null default now(),
+  constraint creator_earnings_idempotency_key_unique unique (idempotency_key),
+  constraint creator_earnings_sign check (
+    (
+      kind in ('usage_share', 'sale_refund_reversed', 'sale_dispute_reversed', 'payout_returned')
+      and amount_microcents > 0
+    )
+    or (
+      kind in ('usage_share_reversed', 'sale_refund', 'sale_dispute', 'payout', 'debt')
+      and amount_microcents < 0
+    )
+  ),
+  constraint creator_earnings_key_length check (length(idempotency_key) between 1 and 255),
+  constraint creator_earnings_tokens_valid check (tokens is null or tokens >= 0),
+  constraint creator_earnings_metadata_object check (jsonb_typeof(metadata) = 'object')
+);
+
+create index creator_earnings_creator_id_id_idx on billing.creator_earnings (creator_id, id);
+create index creator_earnings_user_shares_idx on billing.creator_earnings (user_id, id)
+where kind = 'usage_share';
+create index creator_earnings_reverses_id_idx on billing.creator_earnings (reverses_id)
+where reverses_id is not null;
+
+comment on table billing.creator_earnings is
+'Append-only ledger of what the platform owes each creator, in micro-cents (millionths of a '
+'cent): a creator''s balance is the sum of the creator''s entries. Credits: usage_share, '
+'sale_refund_reversed, sale_dispute_reversed, payout_returned; debits: usage_share_reversed, '
+'sale_refund, sale_dispute, payout, and debt (the part of a debit beyond the balance).';
+comment on column billing.creator_earnings.id is 'Entry id, in the order entries were written.';
+comment on column billing.creator_earnings.creator_id is 'The creator whose balance it changes.';
+comment on column billing.creator_earnings.kind is 'What moved the balance (see the table).';
+comment on column billing.creator_earnings.amount_microcents is
+'Signed micro-cents: credits positive, debits negative; 10^6 micro-cents are a cent.';
+comment on column billing.creator_earnings.idempotency_key is
+'Unique: the source of the entry (usage:<record>, ledger:<entry>, sale-refund:<refund>:n<k>, '
+'payout:<payout>, ...), so a source moves the balance once.';
+comment on column billing.creator_earnings.user_id is 'The user who spent the tokens (shares).';
+comment on column billing.creator_earnings.product_code is 'The agent listing.';
+comment on column billing.creator_earnings.tokens is 'Tokens the share (or reversal) is on.';
+comment on column billing.creator_earnings.reverses_id is 'The usage_share a reversal takes back.';
+comment on column billing.creator_earnings.sale_id is 'The marketplace sale (cs_...) of a refund or dispute.';
+comment on column billing.creator_earnings.payout_id is 'The payout of a payout or payout_returned entry.';
+comment on column billing.creator_earnings.metadata is
+'Inputs of the computation (commission_bps, token value, the source''s ids).';
+comment on column billing.creator_earnings.created_at is 'When the entry was written.';
+
+create function billing.tg_creator_earnings__refuse_change() returns trigger
+language plpgsql
+set search_path = ''
+as $$
+begin
+  raise exception using
+    errcode = 'TBAPP',
+    message = format('billing.creator_earnings is append-only: %s refused', tg_op);
+end;
+$$;
+
+comment on function billing.tg_creator_earnings__refuse_change() is
+'Trigger: refuses every update, delete and truncate of creator earnings, for every role.';
+
+revoke all on function billing.tg_creator_earnings__refuse_change() from public;
+
+create trigger tg_creator_earnings__10_refuse_change
+before update or delete on billing.creator_earnings
+for each row execute function billing.tg_creator_earnings__refuse_change();
+
+create trigger tg_creator_earnings__11_refuse_truncate
+before truncate on billing.creator_earnings
+for each statement execute function billing.tg_creator_earnings__refuse_change();
+
+alter table billing.creator_earnings enable row level security;
+
+create policy creator_earnings_select_own on billing.creator_earnings
+for select to authenticated
+using (creator_id = (select auth.uid()));
+
+revoke all on billing.creator_earnings from public, anon, authenticated, service_role;
+grant select on billing.creator_earnings to authenticated, service_role;
+
+-- Computing and taking -----------------------------------------------------------------------
+
+create function billing.creator_share_microcents(
+  p_tokens bigint,
+  p_token_value_microcents bigint,
+  p_commission_bps integer
+) returns bigint
+language sql immutable
+set search_path = ''
+as $$
+  -- Rounding: down, to the micro-cent (the platform keeps less than a millionth of a cent).
+  select floor(
+    p_tokens::numeric * p_token_value_microcents * (10000 - p_commission_bps) / 10000
+  )::bigint
+$$;
+
+comment on function billing.creator_share_microcents(bigint, bigint, integer) is
+'A creator''s share of tokens spent: floor(tokens x token value in micro-cents x (10000 - '
+'commission in basis points) / 10000), in micro-cents.';
+
+revoke all on function billing.creator_share_microcents(bigint, bigint, integer) from public;
+
+create function billing.take_creator_earnings(
+  p_creator_id uuid,
+  p_amount_microcents bigint,
+  p_kind text,
+  p_idempotency_key text,
+  p_tokens bigint default null,
+  p_reverses_id bigint default null,
+  p_sale_id text default null,
+  p_user_id uuid default null,
+  p_product_code text default null,
+  p_metadata jsonb default '{}'
+) returns bigint
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_balance bigint;
+  v_taken bigint;
+begin
+  if p_amount_microcents <= 0 then
+    return 0;
+  end if;
+  -- Serializes the debits of one creator (not its credits: no key update vs key share).
+  perform 1 from billing.creators as c where c.user_id = p_creator_id for no key update;
+  if exists (
+    select 1 from billing.creator_earnings as e
+    where e.idempotency_key in (p_idempotency_key, p_idempotency_key || ':debt')
+  ) then
+    return 0;
+  end if;
+  select coalesce(sum(e.amount_microcents), 0)::bigint into v_balance
+  from billing.creator_earnings as e
+  where e.creator_id = p_creator_id;
+
+  v_taken := least(p_amount_microcents, greatest(v_balance, 0));
+  if v_taken > 0 then
+    insert into billing.creator_earnings (
+      creator_id, kind, amount_microcents, idempotency_key, user_id, product_code, tokens,
+      reverses_id, sale_id, metadata
+    )
+    values (
+      p_creator_id, p_kind, -v_taken, p_idempotency_key, p_user_id, p_product_code, p_tokens,
+      p_reverses_id, p_sale_id, p_metadata
+    );
+  end if;
+  if v_taken < p_amount_microcents then
+    -- Beyond the balance: a debt, an entry of its own, which later earnings pay back.
+    insert into billing.creator_earnings (
+      creator_id, kind, amount_microcents, idempotency_key, user_id, product_code, tokens,
+      reverses_id, sale_id, metadata
+    )
+    values (
+      p_creator_id, 'debt', v_taken - p_amount_microcents, p_idempotency_key || ':debt', p_user_id,
+      p_product_code, case when v_taken = 0 then p_tokens else 0 end, p_reverses_id, p_sale_id,
+      p_metadata || jsonb_build_object('debt_for', p_kind)
+    );
+  end if;
+  return p_amount_microcents;
+end;
+$$;
+
+comment on function billing.take_creator_earnings(
+  uuid, bigint, text, text, bigint, bigint, text, uuid, text, jsonb
+) is
+'Debits a creator''s earnings once per key: an entry of p_kind for what the balance covers and '
+'an entry of kind debt (key <key>:debt) for the rest, so only a debt entry takes the balance '
+'below zero. Locks the creator row (no key update); returns the micro-cents taken now (0 when '
+'the key was used).';
+
+revoke all on function billing.take_creator_earnings(
+  uuid, bigint, text, text, bigint, bigint, text, uuid, text, jsonb
+) from public;
+
+-- The usage revenue share --------------------------------------------------------------------
+
+create function billing.accrue_creator_share(
+  p_user_id uuid,
+  p_listing text,
+  p_tokens bigint,
+  p_idempotency_key text,
+  p_metadata jsonb
+) returns void
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_creator_id uuid;
+  v_bps integer;
+  v_value bigint;
+  v_amount bigint;
+begin
+  select p.creator_id into v_creator_id
+  from billing.products as p
+  where p.code = p_listing and p.kind = 'agent';
+  if v_creator_id is null then
+    raise exception using
+      errcode = '22023',
+      message = format('listing %s is not an agent of billing.products: nothing was charged',
+        coalesce(quote_literal(p_listing), 'null'));
+  end if;
+  if p_tokens <= 0 then
+    return;
+  end if;
+  v_bps := billing.creator_commission_bps(v_creator_id);
+  select s.creator_token_value_microcents into v_value from billing.settings as s;
+  v_amount := billing.creator_share_microcents(p_tokens, v_value, v_bps);
+  if v_amount <= 0 then
+    return;
+  end if;
+  insert into billing.creator_earnings (
+    creator_id, kind, amount_microcents, idempotency_key, user_id, product_code, tokens, metadata
+  )
+  values (
+    v_creator_id, 'usage_share', v_amount, p_idempotency_key, p_user_id, p_listing, p_tokens,
+    p_metadata || jsonb_build_object('commission_bps', v_bps, 'token_value_microcents', v_value)
+  )
+  on conflict (idempotency_key) do nothing;
+end;
+$$;
+
+comment on function billing.accrue_creator_share(uuid, text, bigint, text, jsonb) is
+'Credits the creator of an agent listing its share of tokens spent on it (kind usage_share, once '
+'per key); 22023 when the listing is not an agent (the spend is refused with it).';
+
+revoke all on function billing.accrue_creator_share(uuid, text, bigint, text, jsonb) from public;
+
+create function billing.tg_usage_records__creator_share() returns trigger
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_charged bigint;
+  v_before bigint;
+begin
+  if new.entry_id is null then
+    -- The call cost nothing (0 tokens, or a hold released): nothing earned.
+    perform billing.accrue_creator_share(new.user_id, new.dimensions ->> 'listing', 0, '', '{}');
+    return null;
+  end if;
+  -- What the call's ledger entry charged, less what the earlier items of the call took.
+  select -e.amount into v_charged from billing.ledger_entries as e where e.id = new.entry_id;
+  select coalesce(sum(r.tokens), 0)::bigint into v_before
+  from billing.usage_records as r
+  where r.idempotency_key = new.idempotency_key and r.line < new.line;
+  perform billing.accrue_creator_share(
+    new.user_id, new.dimensions ->> 'listing',
+    least(new.tokens, greatest(coalesce(v_charged, 0) - v_before, 0)),
+    'usage:' || new.id::text,
+    jsonb_build_object('usage_record_id', new.id, 'ledger_entry_id', new.entry_id));
+  return null;
+end;
+$$;
+
+comment on function billing.tg_usage_records__creator_share() is
+'Trigger: a usage record whose dimensions name a listing earns its creator the share of the '
+'tokens it charged (key usage:<record id>).';
+
+revoke all on function billing.tg_usage_records__creator_share() from public;
+
+create trigger tg_usage_records__50_creator_share
+after insert on billing.usage_records
+for each row when (new.dimensions ? 'listing')
+execute function billing.tg_usage_records__creator_share();
+
+create function billing.tg_ledger_entries__creator_share() returns trigger
+language plpgsql
+set search_path = ''
+as $$
+begin
+  perform billing.accrue_creator_share(
+    new.user_id, new.metadata ->> 'listing', -new.amount, 'ledger:' || new.id::text,
+    jsonb_build_object('ledger_entry_id', new.id));
+  return null;
+end;
+$$;
+
+comment on function billing.tg_ledger_entries__creator_share() is
+'Trigger: a usage debit (deduct_tokens) whose metadata names a listing earns its creator the '
+'share of its tokens (key ledger:<entry id>).';
+
+revoke all on function billing.tg_ledger_entries__creator_share() from public;
+
+create trigger tg_ledger_entries__50_creator_share
+after insert on billing.ledger_entries
+for each row when (new.kind = 'usage' and new.metadata ? 'listing')
+execute function billing.tg_ledger_entries__creator_share();
+
+-- Refunded tokens --------------------------------------------------------------------------
+
+create function billing.reverse_creator_shares(
+  p_user_id uuid,
+  p_tokens bigint,
+  p_source text
+) returns bigint
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_left bigint := p_tokens;
+  v_share record;
+  v_take bigint;
+  v_amount bigint;
+begin
+  if p_tokens <= 0 then
+    return 0;
+  end if;
+  -- The creators whose shares may be reversed, locked in ascending order (no deadlocks).
+  perform 1 from billing.creators as c
+  where c.user_id in (
+    select e.creator_id from billing.creator_earnings as e
+    where e.user_id = p_user_id and e.kind = 'usage_share'
+  )
+  order by c.user_id
+  for no key update;
+
+  for v_share in
+    select
+      e.id, e.creator_id, e.product_code, e.tokens, e.amount_microcents,
+      coalesce(r.tokens, 0)::bigint as reversed_tokens,
+      coalesce(-r.amount, 0)::bigint as reversed_microcents
+    from billing.creator_earnings as e
+    left join lateral (
+      select sum(x.tokens) as tokens, sum(x.amount_microcents) as amount
+      from billing.creator_earnings as x
+      where x.reverses_id = e.id
+    ) as r on true
+    where e.user_id = p_user_id and e.kind = 'usage_share'
+      and e.tokens > coalesce(r.tokens, 0)
+    order by e.id desc
+  loop
+    exit when v_left <= 0;
+    v_take := least(v_left, v_share.tokens - v_share.reversed_tokens);
+    -- Pro rata, rounded down; the share's last tokens take what is left of it.
+    v_amount := case
+      when v_take = v_share.tokens - v_share.reversed_tokens
+        then v_share.amount_microcents - v_share.reversed_microcents
+      else floor(v_share.amount_microcents::numeric * v_take / v_share.tokens)::bigint
+    end;
+    perform billing.take_creator_earnings(
+      v_share.creator_id, v_amount, 'usage_share_reversed',
+      format('usage-reversal:%s:%s', p_source, v_share.id), v_take, v_share.id, null, p_user_id,
+      v_share.product_code, jsonb_build_object('source', p_source));
+    v_left := v_left - v_take;
+  end loop;
+  return p_tokens - v_left;
+end;
+$$;
+
+comment on function billing.reverse_creator_shares(uuid, bigint, text) is
+'Reverses the creator shares of the user''s most recent creator usage, newest first, for up to '
+'p_tokens tokens (kind usage_share_reversed, pro rata rounded down, debt beyond the balance), '
+'once per source; returns the tokens reversed.';
+
+revoke all on function billing.reverse_creator_shares(uuid, bigint, text) from public;
+
+create function billing.tg_ledger_entries__creator_share_reversal() returns trigger
+language plpgsql
+set search_path = ''
+as $$
+begin
+  -- The tokens below zero after a clawback were spent before the purchase was paid back.
+  perform billing.reverse_creator_shares(
+    new.user_id, least(-new.amount, -new.balance_after), 'ledger:' || new.id::text);
+  return null;
+end;
+$$;
+
+comment on function billing.tg_ledger_entries__creator_share_reversal() is
+'Trigger: a clawback or dispute debit that leaves the balance below zero reverses the creator '
+'shares of that many of the user''s most recently spent tokens (at most the debit).';
+
+revoke all on function billing.tg_ledger_entries__creator_share_reversal() from public;
+
+create trigger tg_ledger_entries__51_creator_share_reversal
+after insert on billing.ledger_entries
+for each row when (new.kind in ('clawback', 'dispute') and new.balance_after < 0)
+execute function billing.tg_ledger_entries__creator_share_reversal();
+
+-- Reading ----------------------------------------------------------------------------------
+
+create function public.creator_statement(
+  p_creator_id uuid,
+  p_as_of timestamptz default now()
+) returns table (
+  balance_microcents bigint,
+  settled_microcents bigint,
+  earned_microcents bigint,
+  debt_microcents bigint,
+  paid_out_cents bigint,
+  entries bigint
+)
+language sql stable
+security invoker
+set search_path = ''
+as $$
+  select
+    coalesce(sum(e.amount_microcents), 0)::bigint,
+    coalesce(sum(e.amount_microcents) filter (
+      where e.amount_microcents < 0 or e.created_at <= p_as_of - s.creator_earnings_hold
+    ), 0)::bigint,
+    coalesce(sum(e.amount_microcents) filter (where e.kind = 'usage_share'), 0)::bigint,
+    coalesce(-sum(e.amount_microcents) filter (where e.kind = 'debt'), 0)::bigint,
+    (coalesce(-sum(e.amount_microcents) filter (where e.kind in ('payout', 'payout_returned')), 0)
+      / 1000000)::bigint,
+    count(e.id)
+  from billing.settings as s
+  left join billing.creator_earnings as e on e.creator_id = p_creator_id
+  group by s.creator_earnings_hold
+$$;
+
+comment on function public.creator_statement(uuid, timestamptz) is
+'A creator''s earnings as of p_as_of, in micro-cents: the balance (sum of entries), what is '
+'settled (older than billing.settings.creator_earnings_hold; debits count at once), the usage '
+'shares earned, the debt entries, and the cents paid out net of returns. Security invoker.';
+
+revoke all on function public.creator_statement(uuid, timestamptz) from public, anon, authenticated;
+grant execute on function public.creator_statement(uuid, timestamptz) to service_role;
+
+create function public.my_creator_earnings()
+returns table (
+  id bigint,
+  kind text,
+  amount_microcents bigint,
+  balance_microcents bigint,
+  product_code text,
+  tokens bigint,
+  created_at timestamptz
+)
+language sql stable
+security invoker
+set search_path = ''
+as $$
+  select
+    e.id, e.kind, e.amount_microcents,
+    (sum(e.amount_microcents) over (order by e.id))::bigint,
+    e.product_code, e.tokens, e.created_at
+  from billing.creator_earnings as e
+  where e.creator_id = (select auth.uid())
+  order by e.id desc
+$$;
+
+comment on function public.my_creator_earnings() is
+'The signed-in creator''s earnings entries, newest first, each with the balance after it (in '
+'micro-cents: 10^6 a cent), read through RLS.';
+
+revoke all on function public.my_creator_earnings() from public, anon, authenticated;
+grant execute on function public.my_creator_earnings() to authenticated;
+
+insert into billing.schema_migrations (version, name) values ('20261202800200', 'creator_earnings');
+$tb_migration_20261202800200$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202800300_marketplace_sales.sql
+  if v_installed is null or '20261202800300' <> all(v_installed) then
+    execute $tb_migration_20261202800300$
+-- Migration: marketplace sales: an agent bought through a Stripe Connect destination charge.
+--
+-- Purpose: the service sells an agent listing as a Checkout Session whose payment is a
+-- destination charge: payment_intent_data.application_fee_amount = the platform's commission,
+-- transfer_data.destination = the creator's connected account. quote_listing_sale says what to
+-- ask Stripe for; record_marketplace_checkout records the session as Stripe returned it (and the
+-- fee and destination sent) before its URL leaves the service. checkout.session.completed (paid)
+-- then grants the buyer the agent, once, and marks the sale paid; charge events record its
+-- charge and transfer. Refunds and disputes never leave a creator with money the platform paid
+-- back: a refund made with reverse_transfer and refund_application_fee (token-billing creators
+-- refund) returns the creator's share through Stripe (the refund names its transfer_reversal);
+-- a refund without (the Dashboard) and a dispute with funds withdrawn take the creator's share
+-- from the creator earnings ledger instead (kinds sale_refund, sale_dispute; debt beyond the
+-- balance), given back when the refund fails or the dispute is won. A full refund or a lost
+-- dispute revokes the entitlement.
+--
+-- Rounding, stated once:
+--   application_fee_amount = floor(amount x commission_bps / 10000)   (the creator gets the fraction)
+--   creator's share of a refund or dispute of r cents = r - floor(application_fee x r / amount)
+--     (the fee is returned rounded down, so the platform never returns more than r)
+-- Objects: billing.marketplace_sales, billing.marketplace_refunds, billing.marketplace_disputes,
+--   public.quote_listing_sale(), public.record_marketplace_checkout(),
+--   public.get_marketplace_sale(), billing.marketplace_sale_for_event(),
+--   billing.adjust_sale_clawback(), billing.set_sale_entitlement(),
+--   billing.apply_marketplace_checkout_event(), billing.apply_marketplace_charge_event(),
+--   billing.apply_marketplace_refund_event(), billing.apply_marketplace_dispute_event().
+--
+-- Lock order: the event row, then the sale row (for update), then creator rows (the earnings
+-- ledger); no account is locked (an entitlement is not a balance).
+
+create table billing.marketplace_sales (
+  id text primary key,
+  product_code text not null references billing.products (code) on update cascade,
+  buyer_id uuid not null references billing.accounts (user_id),
+  creator_id uuid not null references billing.creators (user_id),
+  stripe_account_id text not null,
+  amount_cents bigint not null,
+  currency text not null,
+  commission_bps integer not null,
+  application_fee_cents bigint not null,
+  livemode boolean not null,
+  status text not null default 'open',
+  paid_at timestamptz,
+  stripe_payment_intent_id text unique,
+  stripe_charge_id text unique,
+  stripe_transfer_id text,
+  refunded_cents bigint not null default 0,
+  transfer_reversed_cents bigint not null default 0,
+  created_at timestamptz not null default now(),
+  updated_at timestamptz not null default now(),
+  constraint marketplace_sales_id_format check (id ~ '^cs_[A-Za-z0-9_]{1,250}$'),
+  constraint marketplace_sales_amount_positive check (amount_cents > 0),
+  constraint marketplace_sales_currency_format check (currency ~ '^[a-z]{3}$'),
+  constraint marketplace_sales_commission_valid check (commission_bps between 0 and 10000),
+  -- Integer division of non-negative numbers: floor.
+  constraint marketplace_sales_fee_exact check (
+    application_fee_cents = amount_cents * commission_bps / 10000
+  ),
+  constraint marketplace_sales_status_known check (status in ('open', 'paid', 'expired', 'failed')),
+  constraint marketplace_sales_refunded_valid check (refunded_cents >= 0 and transfer_reversed_cents >= 0)
+);
+
+create index marketplace_sales_buyer_id_idx on billing.marketplace_sales (buyer_id);
+create index marketplace_sales_creator_id_idx on billing.marketplace_sales (creator_id);
+
+comment on table billing.marketplace_sales is
+'Every agent Checkout Session the service created (a destination charge to the creator), as '
+'Stripe returned it, with the fee and destination sent: the platform keeps application_fee_cents '
+'= floor(amount_cents x commission_bps / 10000), the creator gets the rest.';
+comment on column billing.marketplace_sales.id is 'The Checkout Session, cs_...';
+comment on column billing.marketplace_sales.product_code is 'The agent listing sold.';
+comment on column billing.marketplace_sales.buyer_id is 'The buyer (metadata.user_id).';
+comment on column billing.marketplace_sales.creator_id is 'The creator paid.';
+comment on column billing.marketplace_sales.stripe_account_id is 'transfer_data.destination sent.';
+comment on column billing.marketplace_sales.amount_cents is 'amount_total, minor units.';
+comment on column billing.marketplace_sales.currency is 'ISO currency code, lowercase.';
+comment on column billing.marketplace_sales.commission_bps is 'The commission when sold, basis points.';
+comment on column billing.marketplace_sales.application_fee_cents is
+'payment_intent_data.application_fee_amount sent: floor(amount x commission / 10000).';
+comment on column billing.marketplace_sales.livemode is 'Stripe''s livemode of the session.';
+comment on column billing.marketplace_sales.status is 'open, paid, expired, failed.';
+comment on column billing.marketplace_sales.paid_at is 'Stripe''s time of the paid event.';
+comment on column billing.marketplace_sales.stripe_payment_intent_id is 'The payment intent paid.';
+comment on column billing.marketplace_sales.stripe_charge_id is 'The charge, from its events.';
+comment on column billing.marketplace_sales.stripe_transfer_id is 'The transfer to the creator.';
+comment on column billing.marketplace_sales.refunded_cents is 'Refunded now (failed refunds not counted).';
+comment on column billing.marketplace_sales.transfer_reversed_cents is
+'The transfer''s amount_reversed, from transfer events (refunds made with reverse_transfer).';
+comment on column billing.marketplace_sales.created_at is 'When it was recorded.';
+comment on column billing.marketplace_sales.updated_at is 'When the row last changed.';
+
+alter table billing.marketplace_sales enable row level security;
+-- No policy: service role only.
+revoke all on billing.marketplace_sales from public, anon, authenticated, service_role;
+grant select on billing.marketplace_sales to service_role;
+
+create table billing.marketplace_refunds (
+  id text primary key,
+  sale_id text not null references billing.marketplace_sales (id),
+  amount_cents bigint not null,
+  status text,
+  reversed_transfer boolean not null default false,
+  clawed_cents bigint not null default 0,
+  adjustments integer not null default 0,
+  last_event_created timestamptz not null,
+  updated_at timestamptz not null default now(),
+  constraint marketplace_refunds_id_format check (id ~ '^[a-z]{2,4}_[A-Za-z0-9_]{1,250}$'),
+  constraint marketplace_refunds_amounts check (amount_cents >= 0 and clawed_cents >= 0 and adjustments >= 0)
+);
+
+create index marketplace_refunds_sale_id_idx on billing.marketplace_refunds (sale_id);
+
+comment on table billing.marketplace_refunds is
+'Each refund of a marketplace sale as its latest event said, and what the creator earnings '
+'ledger takes for it now (clawed_cents: the creator''s share when the refund did not reverse the '
+'transfer and neither failed nor was canceled, else 0).';
+comment on column billing.marketplace_refunds.id is 'The refund, re_...';
+comment on column billing.marketplace_refunds.sale_id is 'The sale refunded.';
+comment on column billing.marketplace_refunds.amount_cents is 'The refund''s amount.';
+comment on column billing.marketplace_refunds.status is 'Stripe''s refund status.';
+comment on column billing.marketplace_refunds.reversed_transfer is
+'The refund names a transfer_reversal: Stripe took the creator''s share back.';
+comment on column billing.marketplace_refunds.clawed_cents is 'What the earnings ledger takes for it now.';
+comment on column billing.marketplace_refunds.adjustments is 'Entries written for it: the next key suffix.';
+comment on column billing.marketplace_refunds.last_event_created is 'Stripe''s created of the event applied.';
+comment on column billing.marketplace_refunds.updated_at is 'When the row last changed.';
+
+alter table billing.marketplace_refunds enable row level security;
+-- No policy: service role only.
+revoke all on billing.marketplace_refunds from public, anon, authenticated, service_role;
+grant select on billing.marketplace_refunds to service_role;
+
+create table billing.marketplace_disputes (
+  id text primary key,
+  sale_id text not null references billing.marketplace_sales (id),
+  amount_cents bigint not null,
+  status text not null,
+  clawed_cents bigint not null default 0,
+  adjustments integer not null default 0,
+  last_event_created timestamptz not null,
+  updated_at timestamptz not null default now(),
+  constraint marketplace_disputes_id_format check (id ~ '^(dp|du)_[A-Za-z0-9_]{1,250}$'),
+  constraint marketplace_disputes_amounts check (amount_cents >= 0 and clawed_cents >= 0 and adjustments >= 0)
+);
+
+create index marketplace_disputes_sale_id_idx on billing.marketplace_disputes (sale_id);
+
+comment on table billing.marketplace_disputes is
+'Each dispute of a marketplace sale as its latest event said, and what the creator earnings '
+'ledger takes for it now: the creator''s share while funds are withdrawn (needs_response, '
+'under_review) or lost, else 0 (inquiries, won).';
+comment on column billing.marketplace_disputes.id is 'The dispute, dp_...';
+comment on column billing.marketplace_disputes.sale_id is 'The sale disputed.';
+comment on column billing.marketplace_disputes.amount_cents is 'The disputed amount.';
+comment on column billing.marketplace_disputes.status is 'Stripe''s dispute status.';
+comment on column billing.marketplace_disputes.clawed_cents is 'What the earnings ledger takes for it now.';
+comment on column billing.marketplace_disputes.adjustments is 'Entries written for it: the next key suffix.';
+comment on column billing.marketplace_disputes.last_event_created is 'Stripe''s created of the event applied.';
+comment on column billing.marketplace_disputes.updated_at is 'When the row last changed.';
+
+alter table billing.marketplace_disputes enable row level security;
+-- No policy: service role only.
+revoke all on billing.marketplace_disputes from public, anon, authenticated, service_role;
+grant select on billing.marketplace_disputes to service_role;
+
+-- Selling ------------------------------------------------------------------------------------
+
+create function public.quote_listing_sale(p_buyer_id uuid, p_code text)
+returns table (
+  product_code text,
+  name text,
+  amount_cents bigint,
+  currency text,
+  commission_bps integer,
+  application_fee_cents bigint,
+  stripe_account_id text,
+  creator_id uuid
+)
+language plpgsql stable
+security invoker
+set search_path = ''
+as $$
+declare
+  v_product billing.products;
+  v_creator billing.creators;
+  v_bps integer;
+begin
+  select p.* into v_product from billing.products as p
+  where p.code = p_code and p.kind = 'agent' and p.active;
+  if not found then
+    raise exception using
+      errcode = 'TBLST',
+      message = format('no active agent listing %s', coalesce(quote_literal(p_code), 'null'));
+  end if;
+  if v_product.price_cents is null then
+    raise exception using
+      errcode = 'TBLST',
+      message = format('agent %s is sold per run (%s tokens), not for a one-off price', p_code,
+        v_product.tokens);
+  end if;
+  select c.* into v_creator from billing.creators as c where c.user_id = v_product.creator_id;
+  if not v_creator.charges_enabled or v_creator.deauthorized_at is not null then
+    raise exception using
+      errcode = 'TBLST',
+      message = format('agent %s cannot be sold now: its creator''s Stripe account does not have '
+        'charges_enabled', p_code);
+  end if;
+  if p_buyer_id = v_product.creator_id then
+    raise exception using
+      errcode = 'TBLST', message = format('creator %s cannot buy its own agent %s', p_buyer_id, p_code);
+  end if;
+  if exists (
+    select 1 from billing.entitlements as e
+    where e.user_id = p_buyer_id and e.product_code = p_code and e.revoked_at is null
+  ) then
+    raise exception using
+      errcode = 'TBENT', message = format('user %s already owns agent %s', p_buyer_id, p_code);
+  end if;
+  -- The creator's rate, else the platform's (read here: billing functions are not the caller's).
+  v_bps := coalesce(v_creator.commission_bps, (select s.marketplace_commission_bps from billing.settings as s));
+  return query select
+    v_product.code, v_product.name, v_product.price_cents::bigint, v_product.currency, v_bps,
+    -- Rounding: the fee is rounded down (integer division), the creator gets the fraction.
+    (v_product.price_cents::bigint * v_bps / 10000)::bigint, v_creator.stripe_account_id,
+    v_creator.user_id;
+end;
+$$;
+
+comment on function public.quote_listing_sale(uuid, text) is
+'What to ask Stripe for to sell an agent to a buyer: the amount, the application fee '
+'(floor(amount x commission_bps / 10000)) and the destination account. TBLST when the listing is '
+'not for sale (unknown, per run only, creator without charges_enabled, the buyer is its '
+'creator); TBENT when the buyer already owns it. Security invoker.';
+
+revoke all on function public.quote_listing_sale(uuid, text) from public, anon, authenticated;
+grant execute on function public.quote_listing_sale(uuid, text) to service_role;
+
+create function public.record_marketplace_checkout(
+  p_session jsonb,
+  p_application_fee_cents bigint,
+  p_destination text
+) returns table (status text, detail text)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+declare
+  v_id text := p_session ->> 'id';
+  v_user_text text := p_session #>> '{metadata,user_id}';
+  v_code text := p_session #>> '{metadata,product}';
+  v_amount bigint;
+  v_product billing.products;
+  v_creator billing.creators;
+  v_bps integer;
+  v_sale billing.marketplace_sales;
+  v_existing billing.marketplace_sales;
+begin
+  if p_session is null or jsonb_typeof(p_session) <> 'object'
+    or coalesce(p_session ->> 'object', '') <> 'checkout.session'
+    or coalesce(v_id, '') !~ '^cs_' or p_session ->> 'mode' is distinct from 'payment' then
+    raise exception using
+      errcode = '22023',
+      message = format('p_session must be a payment-mode Stripe checkout.session with its id, got %s',
+        left(coalesce(p_session::text, 'null'), 200));
+  end if;
+  if v_user_text is null
+    or v_user_text !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' then
+    raise exception using
+      errcode = '22023',
+      message = format('p_session.metadata.user_id must be a user id, got %s',
+        coalesce(quote_literal(v_user_text), 'null'));
+  end if;
+  select p.* into v_product from billing.products as p where p.code = v_code and p.kind = 'agent';
+  if not found then
+    raise exception using
+      errcode = '22023',
+      message = format('p_session.metadata.product must be an agent listing, got %s',
+        coalesce(quote_literal(v_code), 'null'));
+  end if;
+  v_amount := billing.stripe_bigint(p_session -> 'amount_total', 'p_session.amount_total');
+  select c.* into v_creator from billing.creators as c where c.user_id = v_product.creator_id;
+  v_bps := billing.creator_commission_bps(v_creator.user_id);
+  if v_amount is distinct from v_product.price_cents::bigint
+    or lower(p_session ->> 'currency') is distinct from v_product.currency
+    or p_application_fee_cents is distinct from v_amount * v_bps / 10000
+    or p_destination is distinct from v_creator.stripe_account_id then
+    raise exception using
+      errcode = 'TBSAL',
+      message = format('checkout session %s does not sell agent %s as listed: %s %s, fee %s to '
+        'destination %s; the listing says %s %s, fee %s (%s bps) to %s', v_id, v_code,
+        coalesce(v_amount::text, 'null'), coalesce(p_session ->> 'currency', 'null'),
+        coalesce(p_application_fee_cents::text, 'null'), coalesce(p_destination, 'null'),
+        v_product.price_cents, v_product.currency, v_product.price_cents::bigint * v_bps / 10000,
+        v_bps, v_creator.stripe_account_id);
+  end if;
+
+  perform billing.ensure_account(v_user_text::uuid);
+  insert into billing.marketplace_sales (
+    id, product_code, buyer_id, creator_id, stripe_account_id, amount_cents, currency,
+    commission_bps, application_fee_cents, livemode
+  )
+  values (
+    v_id, v_code, v_user_text::uuid, v_creator.user_id, v_creator.stripe_account_id, v_amount,
+    v_product.currency, v_bps, p_application_fee_cents,
+    coalesce((p_session ->> 'livemode')::boolean, false)
+  )
+  on conflict (id) do nothing;
+  if found then
+    return query select 'applied'::text, format(
+      'checkout session %s recorded: agent %s for user %s, %s %s, fee %s, %s to %s', v_id, v_code,
+      v_user_text, v_amount, v_product.currency, p_application_fee_cents,
+      v_amount - p_application_fee_cents, v_creator.stripe_account_id);
+    return;
+  end if;
+  select s.* into v_existing from billing.marketplace_sales as s where s.id = v_id;
+  v_sale := v_existing;
+  if (v_existing.product_code, v_existing.buyer_id, v_existing.amount_cents,
+      v_existing.application_fee_cents, v_existing.stripe_account_id)
+    is distinct from (v_code, v_user_text::uuid, v_amount, p_application_fee_cents, p_destination) then
+    raise exception using
+      errcode = 'TBSAL',
+      message = format('checkout session %s was recorded with other values (%s for user %s, %s, '
+        'fee %s)', v_id, v_sale.product_code, v_sale.buyer_id, v_sale.amount_cents,
+        v_sale.application_fee_cents);
+  end if;
+  return query select 'duplicate'::text, format('checkout session %s was already recorded', v_id);
+end;
+$$;
+
+comment on function public.record_marketplace_checkout(jsonb, bigint, text) is
+'Records an agent Checkout Session the service created, as Stripe returned it, with the '
+'application fee and destination it sent, before its URL is handed out; they must be the '
+'listing''s (amount, currency, floor(amount x commission / 10000), the creator''s account). '
+'Statuses: applied, duplicate. 22023 for a session that names no user or agent; TBSAL for other '
+'values.';
+
+revoke all on function public.record_marketplace_checkout(jsonb, bigint, text) from public, anon, authenticated;
+grant execute on function public.record_marketplace_checkout(jsonb, bigint, text) to service_role;
+
+create function public.get_marketplace_sale(p_sale_id text)
+returns table (
+  id text,
+  product_code text,
+  buyer_id uuid,
+  creator_id uuid,
+  stripe_account_id text,
+  amount_cents bigint,
+  currency text,
+  application_fee_cents bigint,
+  status text,
+  stripe_payment_intent_id text,
+  stripe_charge_id text,
+  refunded_cents bigint
+)
+language sql stable
+security invoker
+set search_path = ''
+as $$
+  select
+    s.id, s.product_code, s.buyer_id, s.creator_id, s.stripe_account_id, s.amount_cents,
+    s.currency, s.application_fee_cents, s.status, s.stripe_payment_intent_id, s.stripe_charge_id,
+    s.refunded_cents
+  from billing.marketplace_sales as s
+  where s.id = p_sale_id
+$$;
+
+comment on function public.get_marketplace_sale(text) is
+'One marketplace sale (for the refund command). Security invoker: service_role reads it.';
+
+revoke all on function public.get_marketplace_sale(text) from public, anon, authenticated;
+grant execute on function public.get_marketplace_sale(text) to service_role;
+
+-- Events of a sale ---------------------------------------------------------------------------
+
+create function billing.marketplace_sale_for_event(p_event jsonb) returns text
+language sql stable
+set search_path = ''
+as $$
+  select s.id
+  from billing.marketplace_sales as s,
+    lateral (select p_event #> '{data,object}' as o) as x
+  where s.stripe_payment_intent_id = billing.stripe_ref(x.o -> 'payment_intent')
+    or s.stripe_charge_id = case
+      when x.o ->> 'object' = 'charge' then x.o ->> 'id' else billing.stripe_ref(x.o -> 'charge')
+    end
+  limit 1
+$$;
+
+comment on function billing.marketplace_sale_for_event(jsonb) is
+'The marketplace sale a charge, refund or dispute event is about (by payment intent, else '
+'charge), or null.';
+
+revoke all on function billing.marketplace_sale_for_event(jsonb) from public;
+
+create function billing.set_sale_entitlement(
+  p_sale billing.marketplace_sales,
+  p_revoke boolean,
+  p_reason text
+) returns text
+language plpgsql
+set search_path = ''
+as $$
+begin
+  if p_revoke then
+    update billing.entitlements as e
+    set revoked_at = now(), revoked_reason = p_reason
+    where e.sale_id = p_sale.id and e.revoked_at is null;
+    return case when found then format('; entitlement revoked (%s)', p_reason) else '' end;
+  end if;
+  -- A refund that failed or a dispute won gives the agent back, unless bought again since.
+  update billing.entitlements as e
+  set revoked_at = null, revoked_reason = null
+  where e.sale_id = p_sale.id and e.revoked_reason = p_reason
+    and not exists (
+      select 1 from billing.entitlements as o
+      where o.user_id = e.user_id and o.product_code = e.product_code and o.revoked_at is null
+    );
+  return case when found then '; entitlement restored' else '' end;
+end;
+$$;
+
+comment on function billing.set_sale_entitlement(billing.marketplace_sales, boolean, text) is
+'Revokes the entitlement of a sale for p_reason, or restores one revoked for p_reason when the '
+'buyer holds no other; returns a phrase for the event''s detail.';
+
+revoke all on function billing.set_sale_entitlement(billing.marketplace_sales, boolean, text) from public;
+
+create function billing.adjust_sale_clawback(
+  p_sale billing.marketplace_sales,
+  p_key text,
+  p_kind text,
+  p_delta_cents bigint,
+  p_event_id text
+) returns void
+language plpgsql
+set search_path = ''
+as $$
+begin
+  if p_delta_cents > 0 then
+    perform billing.take_creator_earnings(
+      p_sale.creator_id, p_delta_cents * 1000000, p_kind, p_key, null, null, p_sale.id,
+      p_sale.buyer_id, p_sale.product_code, jsonb_build_object('stripe_event_id', p_event_id));
+  elsif p_delta_cents < 0 then
+    insert into billing.creator_earnings (
+      creator_id, kind, amount_microcents, idempotency_key, user_id, product_code, sale_id, metadata
+    )
+    values (
+      p_sale.creator_id, p_kind || '_reversed', -p_delta_cents * 1000000, p_key, p_sale.buyer_id,
+      p_sale.product_code, p_sale.id, jsonb_build_object('stripe_event_id', p_event_id)
+    )
+    on conflict (idempotency_key) do nothing;
+  end if;
+end;
+$$;
+
+comment on function billing.adjust_sale_clawback(billing.marketplace_sales, text, text, bigint, text) is
+'Moves what the creator earnings ledger takes for a refund or dispute of a sale by p_delta_cents: '
+'a debit of p_kind (sale_refund, sale_dispute; debt beyond the balance) or a credit of '
+'<p_kind>_reversed.';
+
+revoke all on function billing.adjust_sale_clawback(billing.marketplace_sales, text, text, bigint, text)
+from public;
+
+create function billing.apply_marketplace_checkout_event(p_event jsonb, p_sale_id text)
+returns table (status text, detail text)
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_type text := p_event ->> 'type';
+  v_session jsonb := billing.require_stripe_object(p_event, 'checkout.session');
+  v_created timestamptz := to_timestamp(billing.stripe_bigint(p_event -> 'created', 'created'));
+  v_amount bigint := billing.stripe_bigint(v_session -> 'amount_total', 'amount_total');
+  v_intent text := billing.stripe_ref(v_session -> 'payment_intent');
+  v_sale billing.marketplace_sales;
+begin
+  select s.* into v_sale from billing.marketplace_sales as s where s.id = p_sale_id for update;
+  if v_type in ('checkout.session.expired', 'checkout.session.async_payment_failed') then
+    update billing.marketplace_sales as s
+    set
+      status = case when v_type = 'checkout.session.expired' then 'expired' else 'failed' end,
+      updated_at = now()
+    where s.id = p_sale_id and s.status = 'open';
+    return query select 'ignored'::text, format('agent checkout session %s %s: nothing sold',
+      p_sale_id, case when v_type = 'checkout.session.expired' then 'expired' else 'failed' end);
+    return;
+  end if;
+  if v_type = 'checkout.session.completed'
+    and coalesce(v_session ->> 'payment_status', '') not in ('paid', 'no_payment_required') then
+    return query select 'ignored'::text, format(
+      'agent checkout session %s completed with payment_status %s: granted on '
+      'checkout.session.async_payment_succeeded', p_sale_id,
+      coalesce(v_session ->> 'payment_status', 'null'));
+    return;
+  end if;
+  if (v_amount, lower(v_session ->> 'currency')) is distinct from (v_sale.amount_cents, v_sale.currency) then
+    return query select 'parked'::text, format(
+      'agent checkout session %s paid %s %s, but it was sold for %s %s: not granted', p_sale_id,
+      coalesce(v_amount::text, 'null'), coalesce(v_session ->> 'currency', 'null'),
+      v_sale.amount_cents, v_sale.currency);
+    return;
+  end if;
+  if v_sale.status = 'paid' then
+    return query select 'duplicate'::text, format('agent checkout session %s was already granted',
+      p_sale_id);
+    return;
+  end if;
+
+  -- Refunds or disputes of this payment that are parking wait for this (lock_stripe_refs).
+  perform billing.lock_stripe_refs(array[v_intent]);
+  update billing.marketplace_sales as s
+  set
+    status = 'paid', paid_at = v_created,
+    stripe_payment_intent_id = coalesce(s.stripe_payment_intent_id, v_intent), updated_at = now()
+  where s.id = p_sale_id;
+  insert into billing.entitlements (user_id, product_code, sale_id, granted_at)
+  values (v_sale.buyer_id, v_sale.product_code, p_sale_id, v_created)
+  on conflict do nothing;
+  return query select 'applied'::text, format(
+    'agent %s sold to user %s by checkout session %s: %s %s, platform fee %s, %s to creator %s (%s)%s',
+    v_sale.product_code, v_sale.buyer_id, p_sale_id, v_sale.amount_cents, v_sale.currency,
+    v_sale.application_fee_cents, v_sale.amount_cents - v_sale.application_fee_cents,
+    v_sale.creator_id, v_sale.stripe_account_id,
+    case when found then '' else '; the user already owned it (no second entitlement)' end);
+end;
+$$;
+
+comment on function billing.apply_marketplace_checkout_event(jsonb, text) is
+'checkout.session.* of a recorded agent sale: a paid one marks the sale paid and grants the buyer '
+'the agent once (duplicate after); the amount and currency paid are checked (parked otherwise); '
+'expired and failed sessions are marked and ignored.';
+
+revoke all on function billing.apply_marketplace_checkout_event(jsonb, text) from public;
+
+create function billing.apply_marketplace_charge_event(p_event jsonb, p_sale_id text)
+returns table (status text, detail text)
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_charge jsonb := billing.require_stripe_object(p_event, 'charge');
+  v_transfer text := billing.stripe_ref(v_charge -> 'transfer');
+begin
+  update billing.marketplace_sales as s
+  set
+    stripe_charge_id = v_charge ->> 'id',
+    stripe_transfer_id = coalesce(v_transfer, s.stripe_transfer_id),
+    updated_at = now()
+  where s.id = p_sale_id
+    and (s.stripe_charge_id, s.stripe_transfer_id) is distinct from
+      (v_charge ->> 'id', coalesce(v_transfer, s.stripe_transfer_id));
+  if not found then
+    return query select 'duplicate'::text, format('sale %s already names charge %s', p_sale_id,
+      v_charge ->> 'id');
+    return;
+  end if;
+  return query select 'applied'::text, format('sale %s: charge %s, transfer %s', p_sale_id,
+    v_charge ->> 'id', coalesce(v_transfer, 'not yet'));
+end;
+$$;
+
+comment on function billing.apply_marketplace_charge_event(jsonb, text) is
+'charge.succeeded / charge.updated of a marketplace sale: records its charge and transfer ids.';
+
+revoke all on function billing.apply_marketplace_charge_event(jsonb, text) from public;
+
+create function billing.apply_marketplace_refund_event(p_event jsonb, p_sale_id text)
+returns table (status text, detail text)
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_object jsonb := p_event #> '{data,object}';
+  v_created timestamptz := to_timestamp(billing.stripe_bigint(p_event -> 'created', 'created'));
+  v_sale billing.marketplace_sales;
+  v_refund jsonb;
+  v_existing billing.marketplace_refunds;
+  v_amount bigint;
+  v_status text;
+  v_reversed boolean;
+  v_target bigint;
+  v_refunded bigint;
+  v_changed integer := 0;
+  v_note text;
+begin
+  select s.* into v_sale from billing.marketplace_sales as s where s.id = p_sale_id for update;
+  update billing.marketplace_sales as s
+  set
+    stripe_charge_id = coalesce(s.stripe_charge_id, case
+      when v_object ->> 'object' = 'charge' then v_object ->> 'id'
+      else billing.stripe_ref(v_object -> 'charge') end),
+    stripe_transfer_id = coalesce(s.stripe_transfer_id, billing.stripe_ref(v_object -> 'transfer'))
+  where s.id = p_sale_id;
+
+  for v_refund in
+    select r.value
+    from jsonb_array_elements(case
+      when v_object ->> 'object' = 'refund' then jsonb_build_array(v_object)
+      when jsonb_typeof(v_object #> '{refunds,data}') = 'array' then v_object #> '{refunds,data}'
+      else '[]'
+    end) as r (value)
+    where r.value ->> 'id' is not null
+  loop
+    v_amount := greatest(coalesce(billing.stripe_bigint(v_refund -> 'amount', 'refund amount'), 0), 0);
+    v_status := v_refund ->> 'status';
+    v_reversed := billing.stripe_ref(v_refund -> 'transfer_reversal') is not null;
+    select r.* into v_existing from billing.marketplace_refunds as r where r.id = v_refund ->> 'id';
+    if v_existing.id is not null and (
+      v_existing.last_event_created > v_created
+      or (v_existing.last_event_created = v_created
+        and billing.refund_status_rank(v_existing.status) > billing.refund_status_rank(v_status))
+    ) then
+      continue;
+    end if;
+    -- The creator's share of a refund Stripe did not take back: r - floor(fee x r / amount).
+    v_target := case
+      when coalesce(v_status, '') in ('failed', 'canceled') or v_reversed then 0
+      else v_amount - v_sale.application_fee_cents * v_amount / v_sale.amount_cents
+    end;
+    insert into billing.marketplace_refunds as r (
+      id, sale_id, amount_cents, status, reversed_transfer, last_event_created
+    )
+    values (v_refund ->> 'id', p_sale_id, v_amount, v_status, v_reversed, v_created)
+    on conflict (id) do update
+    set
+      amount_cents = excluded.amount_cents, status = excluded.status,
+      reversed_transfer = r.reversed_transfer or excluded.reversed_transfer,
+      last_event_created = excluded.last_event_created, updated_at = now()
+    returning r.* into v_existing;
+    if v_existing.reversed_transfer then
+      v_target := 0;
+    end if;
+    if v_target <> v_existing.clawed_cents then
+      perform billing.adjust_sale_clawback(
+        v_sale, format('sale-refund:%s:n%s', v_existing.id, v_existing.adjustments + 1),
+        'sale_refund', v_target - v_existing.clawed_cents, p_event ->> 'id');
+      update billing.marketplace_refunds as r
+      set clawed_cents = v_target, adjustments = r.adjustments + 1
+      where r.id = v_existing.id;
+      v_changed := v_changed + 1;
+    end if;
+  end loop;
+
+  v_refunded := least(v_sale.amount_cents, greatest(
+    coalesce((
+      select sum(r.amount_cents) from billing.marketplace_refunds as r
+      where r.sale_id = p_sale_id and coalesce(r.status, '') not in ('failed', 'canceled')
+    ), 0),
+    case when v_object ->> 'object' = 'charge'
+      then coalesce(billing.stripe_bigint(v_object -> 'amount_refunded', 'amount_refunded'), 0)
+      else 0 end
+  ))::bigint;
+  update billing.marketplace_sales as s
+  set refunded_cents = v_refunded, updated_at = now()
+  where s.id = p_sale_id;
+  v_note := billing.set_sale_entitlement(v_sale, v_refunded >= v_sale.amount_cents, 'refunded');
+
+  return query select 'applied'::text, format(
+    'agent sale %s: %s of %s cents refunded; creator %s returns %s cents through the earnings '
+    'ledger for refunds that did not reverse the transfer%s', p_sale_id, v_refunded,
+    v_sale.amount_cents, v_sale.creator_id,
+    coalesce((select sum(r.clawed_cents) from billing.marketplace_refunds as r where r.sale_id = p_sale_id), 0),
+    v_note);
+end;
+$$;
+
+comment on function billing.apply_marketplace_refund_event(jsonb, text) is
+'charge.refunded, refund.* and charge.refund.updated of a marketplace sale: records each refund''s '
+'latest status; a refund that neither reversed the transfer nor failed takes the creator''s share '
+'(r - floor(fee x r / amount)) from the earnings ledger, given back if it fails; a full refund '
+'revokes the entitlement.';
+
+revoke all on function billing.apply_marketplace_refund_event(jsonb, text) from public;
+
+create function billing.apply_marketplace_dispute_event(p_event jsonb, p_sale_id text)
+returns table (status text, detail text)
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_dispute jsonb := billing.require_stripe_object(p_event, 'dispute');
+  v_created timestamptz := to_timestamp(billing.stripe_bigint(p_event -> 'created', 'created'));
+  v_status text := coalesce(v_dispute ->> 'status', 'unknown');
+  v_amount bigint := greatest(coalesce(billing.stripe_bigint(v_dispute -> 'amount', 'amount'), 0), 0);
+  v_sale billing.marketplace_sales;
+  v_existing billing.marketplace_disputes;
+  v_target bigint;
+  v_note text;
+begin
+  select s.* into v_sale from billing.marketplace_sales as s where s.id = p_sale_id for update;
+  select d.* into v_existing from billing.marketplace_disputes as d
+  where d.id = v_dispute ->> 'id' for update;
+  if v_existing.id is not null and (
+    v_existing.last_event_created > v_created
+    or (v_existing.last_event_created = v_created
+      and billing.dispute_status_rank(v_existing.status) > billing.dispute_status_rank(v_status))
+  ) then
+    return query select 'stale'::text, format('dispute %s: a later event was already applied',
+      v_existing.id);
+    return;
+  end if;
+  v_amount := least(v_amount, v_sale.amount_cents);
+  -- Funds withdrawn or lost: the creator's share, r - floor(fee x r / amount), comes back.
+  v_target := case
+    when v_status in ('needs_response', 'under_review', 'lost')
+      then v_amount - v_sale.application_fee_cents * v_amount / v_sale.amount_cents
+    else 0
+  end;
+  insert into billing.marketplace_disputes as d (id, sale_id, amount_cents, status, last_event_created)
+  values (v_dispute ->> 'id', p_sale_id, v_amount, v_status, v_created)
+  on conflict (id) do update
+  set
+    amount_cents = excluded.amount_cents, status = excluded.status,
+    last_event_created = excluded.last_event_created, updated_at = now()
+  returning d.* into v_existing;
+  if v_target <> v_existing.clawed_cents then
+    perform billing.adjust_sale_clawback(
+      v_sale, format('sale-dispute:%s:n%s', v_existing.id, v_existing.adjustments + 1),
+      'sale_dispute', v_target - v_existing.clawed_cents, p_event ->> 'id');
+    update billing.marketplace_disputes as d
+    set clawed_cents = v_target, adjustments = d.adjustments + 1
+    where d.id = v_existing.id;
+  end if;
+  v_note := billing.set_sale_entitlement(v_sale, v_status = 'lost', 'dispute lost');
+  return query select 'applied'::text, format(
+    'agent sale %s: dispute %s %s (%s cents); the creator''s earnings give back %s cents%s',
+    p_sale_id, v_existing.id, v_status, v_amount, v_target, v_note);
+end;
+$$;
+
+comment on function billing.apply_marketplace_dispute_event(jsonb, text) is
+'charge.dispute.* of a marketplace sale: while funds are withdrawn or after a loss the creator''s '
+'share of the disputed amount is taken from the earnings ledger (kind sale_dispute, debt beyond '
+'the balance), given back when it is won; a lost dispute revokes the entitlement; stale for an '
+'older event.';
+
+revoke all on function billing.apply_marketplace_dispute_event(jsonb, text) from public;
+
+insert into billing.schema_migrations (version, name) values ('20261202800300', 'marketplace_sales');
+$tb_migration_20261202800300$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202800400_creator_payouts.sql
+  if v_installed is null or '20261202800400' <> all(v_installed) then
+    execute $tb_migration_20261202800400$
+-- Migration: creator payouts: settled earnings paid out by Stripe Transfer, once per period.
+--
+-- Purpose: `token-billing creators payout` calls begin_creator_payouts, which, for each creator
+-- whose account has payouts_enabled, takes the settled earnings (entries older than
+-- billing.settings.creator_earnings_hold; debits count at once) in whole cents when they reach
+-- billing.settings.creator_payout_minimum_cents: one payout row per creator and period (unique),
+-- and a payout entry in the earnings ledger in the same transaction, so a second run (concurrent,
+-- or a retry) finds the row and pays nothing new. The command then creates the Stripe Transfer
+-- with the payout's idempotency key (creator-payout:<creator>:<period>), so a retry after a
+-- timeout gets the same transfer back, and records it (complete_creator_payout). A transfer
+-- Stripe refused is failed (fail_creator_payout: the money returns to the balance, kind
+-- payout_returned); transfer.reversed returns what was reversed the same way.
+-- Fractions of a cent stay in the balance (a payout is floor(settled / 10^6) cents).
+-- Objects: billing.creator_payouts, public.begin_creator_payouts(), public.complete_creator_payout(),
+--   public.fail_creator_payout(), billing.apply_transfer_event(), public.my_creator_payouts(),
+--   public.list_creator_payouts().
+--
+-- Lock order: one run at a time (a transaction advisory lock), creator rows in ascending
+-- user_id (for no key update), as the earnings ledger's debits take them.
+
+create table billing.creator_payouts (
+  id uuid primary key default gen_random_uuid(),
+  creator_id uuid not null references billing.creators (user_id),
+  period text not null,
+  amount_cents bigint not null,
+  currency text not null,
+  stripe_account_id text not null,
+  idempotency_key text not null unique,
+  status text not null default 'pending',
+  stripe_transfer_id text unique,
+  reversed_cents bigint not null default 0,
+  failure text,
+  created_at timestamptz not null default now(),
+  updated_at timestamptz not null default now(),
+  constraint creator_payouts_one_per_period unique (creator_id, period),
+  constraint creator_payouts_period_format check (period ~ '^[0-9]{4}-[0-9]{2}-[0-9]{2}$'),
+  constraint creator_payouts_amount_positive check (amount_cents > 0),
+  constraint creator_payouts_status_known check (status in ('pending', 'paid', 'failed')),
+  constraint creator_payouts_paid_has_transfer check ((status = 'paid') = (stripe_transfer_id is not null)),
+  constraint creator_payouts_reversed_valid check (reversed_cents between 0 and amount_cents)
+);
+
+comment on table billing.creator_payouts is
+'One Stripe Transfer per creator and period: pending from the moment its amount left the '
+'earnings balance (kind payout) until Stripe answered; paid with the transfer; failed (the '
+'amount returned to the balance) when Stripe refused it.';
+comment on column billing.creator_payouts.id is 'Payout id (the transfer''s metadata.payout_id).';
+comment on column billing.creator_payouts.creator_id is 'The creator paid.';
+comment on column billing.creator_payouts.period is 'The payout period, a UTC date YYYY-MM-DD.';
+comment on column billing.creator_payouts.amount_cents is 'The transfer''s amount, minor units.';
+comment on column billing.creator_payouts.currency is 'ISO currency code of the transfer.';
+comment on column billing.creator_payouts.stripe_account_id is 'The destination account.';
+comment on column billing.creator_payouts.idempotency_key is
+'The Stripe Idempotency-Key of its transfer: creator-payout:<creator>:<period>.';
+comment on column billing.creator_payouts.status is 'pending, paid or failed.';
+comment on column billing.creator_payouts.stripe_transfer_id is 'The transfer, tr_...';
+comment on column billing.creator_payouts.reversed_cents is 'The transfer''s amount_reversed returned to the balance.';
+comment on column billing.creator_payouts.failure is 'Why Stripe refused it.';
+comment on column billing.creator_payouts.created_at is 'When the run made it.';
+comment on column billing.creator_payouts.updated_at is 'When the row last changed.';
+
+alter table billing.creator_payouts enable row level security;
+
+create policy creator_payouts_select_own on billing.creator_payouts
+for select to authenticated
+using (creator_id = (select auth.uid()));
+
+revoke all on billing.creator_payouts from public, anon, authenticated, service_role;
+grant select on billing.creator_payouts to authenticated, service_role;
+
+create function public.begin_creator_payouts(
+  p_period date default null,
+  p_as_of timestamptz default null,
+  p_dry_run boolean default false
+) returns table (
+  payout_id uuid,
+  creator_id uuid,
+  stripe_account_id text,
+  period text,
+  amount_cents bigint,
+  currency text,
+  idempotency_key text,
+  status text
+)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+set jit = off
+as $$
+declare
+  -- p_as_of null: now (a default of now() would hide the next argument from the installer's parser).
+  v_as_of timestamptz := coalesce(p_as_of, now());
+  v_period text := to_char(coalesce(p_period, (v_as_of at time zone 'UTC')::date), 'YYYY-MM-DD');
+  v_settings billing.settings;
+  v_creator billing.creators;
+  v_settled bigint;
+  v_cents bigint;
+  v_payout billing.creator_payouts;
+begin
+  -- One run at a time: a concurrent run waits, then finds this run's payouts.
+  perform pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('token-billing:creator_payouts'));
+  select s.* into v_settings from billing.settings as s;
+
+  for v_creator in
+    select c.* from billing.creators as c
+    where c.payouts_enabled and c.deauthorized_at is null
+    order by c.user_id
+    for no key update
+  loop
+    if exists (
+      select 1 from billing.creator_payouts as p
+      where p.creator_id = v_creator.user_id and p.period = v_period
+    ) then
+      continue;
+    end if;
+    select coalesce(sum(e.amount_microcents), 0)::bigint into v_settled
+    from billing.creator_earnings as e
+    where e.creator_id = v_creator.user_id
+      and (e.amount_microcents < 0 or e.created_at <= v_as_of - v_settings.creator_earnings_hold);
+    -- Whole cents, rounded down: the fraction stays in the balance for the next payout.
+    v_cents := greatest(v_settled, 0) / 1000000;
+    if v_cents < v_settings.creator_payout_minimum_cents then
+      continue;
+    end if;
+    if p_dry_run then
+      payout_id := null;
+      creator_id := v_creator.user_id;
+      stripe_account_id := v_creator.stripe_account_id;
+      period := v_period;
+      amount_cents := v_cents;
+      currency := 'usd';
+      idempotency_key := format('creator-payout:%s:%s', v_creator.user_id, v_period);
+      status := 'would_pay';
+      return next;
+      continue;
+    end if;
+    insert into billing.creator_payouts as p (
+      creator_id, period, amount_cents, currency, stripe_account_id, idempotency_key
+    )
+    values (
+      v_creator.user_id, v_period, v_cents, 'usd', v_creator.stripe_account_id,
+      format('creator-payout:%s:%s', v_creator.user_id, v_period)
+    )
+    returning p.* into v_payout;
+    insert into billing.creator_earnings (
+      creator_id, kind, amount_microcents, idempotency_key, payout_id, metadata
+    )
+    values (
+      v_creator.user_id, 'payout', -v_cents * 1000000, 'payout:' || v_payout.id::text, v_payout.id,
+      jsonb_build_object('period', v_period, 'as_of', v_as_of)
+    );
+  end loop;
+
+  if p_dry_run then
+    return;
+  end if;
+  -- Every payout still pending (this run's, and earlier runs' that got no answer from Stripe).
+  return query
+  select p.id, p.creator_id, p.stripe_account_id, p.period, p.amount_cents, p.currency,
+    p.idempotency_key, p.status
+  from billing.creator_payouts as p
+  where p.status = 'pending'
+  order by p.creator_id, p.period;
+end;
+$$;
+
+comment on function public.begin_creator_payouts(date, timestamptz, boolean) is
+'Makes this period''s payouts (p_period, default the UTC date of p_as_of, default now): for each creator with '
+'payouts_enabled and settled earnings of at least creator_payout_minimum_cents, once per creator '
+'and period, a pending payout of floor(settled / 10^6) cents and its payout entry. Returns every '
+'pending payout (to transfer, or to retry with the same key); with p_dry_run, what it would make, '
+'writing nothing.';
+
+revoke all on function public.begin_creator_payouts(date, timestamptz, boolean) from public, anon, authenticated;
+grant execute on function public.begin_creator_payouts(date, timestamptz, boolean) to service_role;
+
+create function public.complete_creator_payout(
+  p_payout_id uuid,
+  p_transfer jsonb
+) returns table (status text, detail text)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+declare
+  v_payout billing.creator_payouts;
+  v_id text := p_transfer ->> 'id';
+begin
+  if v_id is null or v_id !~ '^tr_[A-Za-z0-9_]{1,250}$' then
+    raise exception using
+      errcode = '22023',
+      message = format('p_transfer must be a Stripe transfer (tr_...), got %s',
+        left(coalesce(p_transfer::text, 'null'), 200));
+  end if;
+  select p.* into v_payout from billing.creator_payouts as p where p.id = p_payout_id for update;
+  if not found then
+    raise exception using errcode = '22023', message = format('payout %s not found', p_payout_id);
+  end if;
+  if (billing.stripe_bigint(p_transfer -> 'amount', 'p_transfer.amount'), lower(p_transfer ->> 'currency'),
+      billing.stripe_ref(p_transfer -> 'destination'))
+    is distinct from (v_payout.amount_cents, v_payout.currency, v_payout.stripe_account_id) then
+    raise exception using
+      errcode = 'TBPAY',
+      message = format('transfer %s (%s %s to %s) is not payout %s (%s %s to %s)', v_id,
+        p_transfer ->> 'amount', p_transfer ->> 'currency', p_transfer ->> 'destination',
+        v_payout.id, v_payout.amount_cents, v_payout.currency, v_payout.stripe_account_id);
+  end if;
+  if v_payout.status = 'paid' and v_payout.stripe_transfer_id = v_id then
+    return query select 'duplicate'::text, format('payout %s was already paid by %s', v_payout.id, v_id);
+    return;
+  end if;
+  if v_payout.status <> 'pending' then
+    raise exception using
+      errcode = 'TBPAY',
+      message = format('payout %s is %s (transfer %s), not pending', v_payout.id, v_payout.status,
+        coalesce(v_payout.stripe_transfer_id, 'none'));
+  end if;
+  update billing.creator_payouts as p
+  set status = 'paid', stripe_transfer_id = v_id, updated_at = now()
+  where p.id = v_payout.id;
+  return query select 'applied'::text, format('payout %s: %s %s to %s by transfer %s', v_payout.id,
+    v_payout.amount_cents, v_payout.currency, v_payout.stripe_account_id, v_id);
+end;
+$$;
+
+comment on function public.complete_creator_payout(uuid, jsonb) is
+'Records the Stripe Transfer of a pending payout (its amount, currency and destination checked). '
+'Statuses: applied, duplicate (the same transfer again). 22023 for an unknown payout or not a '
+'transfer; TBPAY for another transfer or a payout that is not pending.';
+
+revoke all on function public.complete_creator_payout(uuid, jsonb) from public, anon, authenticated;
+grant execute on function public.complete_creator_payout(uuid, jsonb) to service_role;
+
+create function public.fail_creator_payout(
+  p_payout_id uuid,
+  p_reason text
+) returns table (status text, detail text)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+declare
+  v_payout billing.creator_payouts;
+begin
+  select p.* into v_payout from billing.creator_payouts as p where p.id = p_payout_id for update;
+  if not found then
+    raise exception using errcode = '22023', message = format('payout %s not found', p_payout_id);
+  end if;
+  if v_payout.status = 'failed' then
+    return query select 'duplicate'::text, format('payout %s already failed', v_payout.id);
+    return;
+  end if;
+  if v_payout.status <> 'pending' then
+    raise exception using
+      errcode = 'TBPAY',
+      message = format('payout %s was paid by %s: it cannot fail', v_payout.id, v_payout.stripe_transfer_id);
+  end if;
+  update billing.creator_payouts as p
+  set status = 'failed', failure = left(coalesce(p_reason, 'refused'), 500), updated_at = now()
+  where p.id = v_payout.id;
+  insert into billing.creator_earnings (
+    creator_id, kind, amount_microcents, idempotency_key, payout_id, metadata
+  )
+  values (
+    v_payout.creator_id, 'payout_returned', v_payout.amount_cents * 1000000,
+    'payout-failed:' || v_payout.id::text, v_payout.id,
+    jsonb_build_object('reason', left(coalesce(p_reason, 'refused'), 500))
+  );
+  return query select 'applied'::text, format('payout %s failed: %s cents back to the balance',
+    v_payout.id, v_payout.amount_cents);
+end;
+$$;
+
+comment on function public.fail_creator_payout(uuid, text) is
+'Marks a pending payout failed (Stripe refused its transfer) and returns its amount to the '
+'creator''s balance (kind payout_returned). Statuses: applied, duplicate. 22023 unknown payout; '
+'TBPAY for a paid one.';
+
+revoke all on function public.fail_creator_payout(uuid, text) from public, anon, authenticated;
+grant execute on function public.fail_creator_payout(uuid, text) to service_role;
+
+create function billing.apply_transfer_event(p_event jsonb)
+returns table (status text, detail text)
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_transfer jsonb := billing.require_stripe_object(p_event, 'transfer');
+  v_id text := v_transfer ->> 'id';
+  v_reversed bigint := greatest(coalesce(
+    billing.stripe_bigint(v_transfer -> 'amount_reversed', 'amount_reversed'), 0), 0);
+  v_payout billing.creator_payouts;
+  v_sale_id text;
+  v_delta bigint;
+begin
+  select p.* into v_payout from billing.creator_payouts as p
+  where p.stripe_transfer_id = v_id
+    or (p.stripe_transfer_id is null and p.id::text = v_transfer #>> '{metadata,payout_id}')
+  for update;
+  if found then
+    v_reversed := least(v_reversed, v_payout.amount_cents);
+    v_delta := v_reversed - v_payout.reversed_cents;
+    if v_delta <= 0 then
+      return query select 'duplicate'::text, format('payout %s: %s cents reversed, already returned',
+        v_payout.id, v_reversed);
+      return;
+    end if;
+    update billing.creator_payouts as p
+    set reversed_cents = v_reversed, updated_at = now()
+    where p.id = v_payout.id;
+    insert into billing.creator_earnings (
+      creator_id, kind, amount_microcents, idempotency_key, payout_id, metadata
+    )
+    values (
+      v_payout.creator_id, 'payout_returned', v_delta * 1000000,
+      format('transfer-reversal:%s:%s', v_id, v_reversed), v_payout.id,
+      jsonb_build_object('stripe_event_id', p_event ->> 'id', 'amount_reversed', v_reversed)
+    );
+    return query select 'applied'::text, format(
+      'payout %s: transfer %s reversed by %s cents, %s back to creator %s''s balance', v_payout.id,
+      v_id, v_reversed, v_delta, v_payout.creator_id);
+    return;
+  end if;
+
+  -- A sale's transfer (destination charge) reversed by a refund with reverse_transfer.
+  update billing.marketplace_sales as s
+  set
+    stripe_transfer_id = v_id,
+    transfer_reversed_cents = greatest(s.transfer_reversed_cents, v_reversed),
+    updated_at = now()
+  where s.stripe_transfer_id = v_id
+    or (s.stripe_charge_id is not null and s.stripe_charge_id = billing.stripe_ref(v_transfer -> 'source_transaction'))
+  returning s.id into v_sale_id;
+  if v_sale_id is not null then
+    return query select 'applied'::text, format('agent sale %s: transfer %s reversed by %s cents',
+      v_sale_id, v_id, v_reversed);
+    return;
+  end if;
+  return query select 'ignored'::text, format('transfer %s is neither a payout nor a sale''s', v_id);
+end;
+$$;
+
+comment on function billing.apply_transfer_event(jsonb) is
+'transfer.reversed / transfer.updated: a payout''s reversal returns the newly reversed cents to '
+'the creator''s balance (kind payout_returned, once per amount_reversed); a sale''s transfer '
+'records its amount_reversed; any other transfer is ignored.';
+
+revoke all on function billing.apply_transfer_event(jsonb) from public;
+
+create function public.my_creator_payouts()
+returns table (
+  id uuid,
+  period text,
+  amount_cents bigint,
+  currency text,
+  status text,
+  stripe_transfer_id text,
+  reversed_cents bigint,
+  created_at timestamptz
+)
+language sql stable
+security invoker
+set search_path = ''
+as $$
+  select p.id, p.period, p.amount_cents, p.currency, p.status, p.stripe_transfer_id,
+    p.reversed_cents, p.created_at
+  from billing.creator_payouts as p
+  where p.creator_id = (select auth.uid())
+  order by p.created_at desc, p.id
+$$;
+
+comment on function public.my_creator_payouts() is
+'The signed-in creator''s payouts, newest first, read through RLS.';
+
+revoke all on function public.my_creator_payouts() from public, anon, authenticated;
+grant execute on function public.my_creator_payouts() to authenticated;
+
+create function public.list_creator_payouts(p_creator_id uuid)
+returns table (
+  id uuid,
+  period text,
+  amount_cents bigint,
+  currency text,
+  status text,
+  stripe_transfer_id text,
+  reversed_cents bigint,
+  created_at timestamptz
+)
+language sql stable
+security invoker
+set search_path = ''
+as $$
+  select p.id, p.period, p.amount_cents, p.currency, p.status, p.stripe_transfer_id,
+    p.reversed_cents, p.created_at
+  from billing.creator_payouts as p
+  where p.creator_id = p_creator_id
+  order by p.created_at desc, p.id
+  limit 100
+$$;
+
+comment on function public.list_creator_payouts(uuid) is
+'A creator''s latest 100 payouts, newest first (the service''s GET /v1/creators/me). Security '
+'invoker: service_role reads billing.creator_payouts itself.';
+
+revoke all on function public.list_creator_payouts(uuid) from public, anon, authenticated;
+grant execute on function public.list_creator_payouts(uuid) to service_role;
+
+insert into billing.schema_migrations (version, name) values ('20261202800400', 'creator_payouts');
+$tb_migration_20261202800400$;
+    v_applied := v_applied + 1;
+  end if;
+
+  -- 20261202800900_connect_dispatch.sql
+  if v_installed is null or '20261202800900' <> all(v_installed) then
+    execute $tb_migration_20261202800900$
+-- Migration: handle_stripe_event and apply_stripe_event with Stripe Connect (the marketplace).
+--
+-- Purpose: main's 20261202200150_stripe_dispatch_v2.sql versions, with the marketplace's
+-- branches added in blocks marked "Connect (issue 19)" and nothing else changed:
+--   apply_stripe_event: account.updated and account.application.deauthorized
+--     (billing.apply_account_event); checkout.session.* of a recorded agent sale
+--     (billing.apply_marketplace_checkout_event), checked before the token-pack path;
+--     charge.succeeded / charge.updated, refund and dispute events of a marketplace sale (by
+--     payment intent or charge: billing.apply_marketplace_*_event), checked before the token
+--     paths; transfer.reversed / transfer.updated (billing.apply_transfer_event).
+--   handle_stripe_event: an event with `account` set is applied when the account is a known
+--     creator's (billing.creators) and the event is one of the account's own
+--     (account.updated, account.application.deauthorized); other events of a known connected
+--     account, and every event of an unknown one, are stored ignored with the reason, as before.
+-- Objects: billing.apply_stripe_event(), public.handle_stripe_event().
+
+create or replace function billing.apply_stripe_event(p_event jsonb)
+returns table (status text, detail text)
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_type text := p_event ->> 'type';
+  -- Connect (issue 19): the marketplace sale an event is about.
+  v_sale_id text;
+begin
+  -- Connect (issue 19): the marketplace's events, before the token paths. ------------------
+  if v_type in ('account.updated', 'account.application.deauthorized') then
+    return query select * from billing.apply_account_event(p_event);
+    return;
+  elsif v_type in ('transfer.reversed', 'transfer.updated') then
+    return query select * from billing.apply_transfer_event(p_event);
+    return;
+  elsif v_type like 'checkout.session.%' then
+    v_sale_id := (
+      select s.id from billing.marketplace_sales as s where s.id = p_event #>> '{data,object,id}'
+    );
+    if v_sale_id is not null then
+      return query select * from billing.apply_marketplace_checkout_event(p_event, v_sale_id);
+      return;
+    end if;
+  elsif v_type in (
+    'charge.succeeded', 'charge.updated', 'charge.refunded', 'refund.created', 'refund.updated',
+    'refund.failed', 'charge.refund.updated', 'charge.dispute.created', 'charge.dispute.updated',
+    'charge.dispute.closed', 'charge.dispute.funds_withdrawn', 'charge.dispute.funds_reinstated'
+  ) then
+    v_sale_id := billing.marketplace_sale_for_event(p_event);
+    if v_sale_id is not null and v_type in ('charge.succeeded', 'charge.updated') then
+      return query select * from billing.apply_marketplace_charge_event(p_event, v_sale_id);
+      return;
+    elsif v_sale_id is not null and v_type like 'charge.dispute.%' then
+      return query select * from billing.apply_marketplace_dispute_event(p_event, v_sale_id);
+      return;
+    elsif v_sale_id is not null then
+      return query select * from billing.apply_marketplace_refund_event(p_event, v_sale_id);
+      return;
+    end if;
+  end if;
+  -- End of Connect (issue 19). -----------------------------------------------------------------
+
+  if v_type in (
+    'checkout.session.completed', 'checkout.session.async_payment_succeeded',
+    'checkout.session.async_payment_failed', 'checkout.session.expired'
+  ) then
+    return query select * from billing.apply_checkout_session_event(p_event);
+  elsif v_type = 'payment_intent.succeeded' then
+    return query select * from billing.apply_payment_intent_event(p_event);
+  elsif v_type in ('invoice.paid', 'invoice.payment_succeeded') then
+    return query select * from billing.apply_invoice_paid_event(p_event);
+  elsif v_type = 'invoice_payment.paid' then
+    return query select * from billing.apply_invoice_payment_event(p_event);
+  elsif v_type in ('invoice.voided', 'invoice.marked_uncollectible') then
+    return query select * from billing.apply_invoice_closed_event(p_event);
+  elsif v_type = 'invoice.payment_failed' then
+    return query select * from billing.apply_invoice_payment_failed_event(p_event);
+  elsif v_type in (
+    'customer.subscription.created', 'customer.subscription.updated',
+    'customer.subscription.deleted', 'customer.subscription.paused',
+    'customer.subscription.resumed'
+  ) then
+    return query select * from billing.apply_subscription_event(p_event);
+  elsif v_type = 'customer.deleted' then
+    return query select * from billing.apply_customer_deleted_event(p_event);
+  elsif v_type in (
+    'charge.refunded', 'refund.created', 'refund.updated', 'refund.failed',
+    'charge.refund.updated'
+  ) then
+    return query select * from billing.apply_refund_event(p_event);
+  elsif v_type in (
+    'charge.dispute.created', 'charge.dispute.updated', 'charge.dispute.closed',
+    'charge.dispute.funds_withdrawn', 'charge.dispute.funds_reinstated'
+  ) then
+    return query select * from billing.apply_dispute_event(p_event);
+  else
+    return query select 'ignored'::text, format('%s events are not handled', v_type);
+  end if;
+end;
+$$;
+
+comment on function billing.apply_stripe_event(jsonb) is
+'Decides and applies the effect of a validated event (docs/stripe-events.md) and '
+'returns the outcome; the one decision path of handle_stripe_event and of replays. Connect: '
+'account, transfer and marketplace-sale events go to the marketplace''s functions.';
+
+
+-- The RPCs --------------------------------------------------------------------------------------
+
+create or replace function public.handle_stripe_event(
+  p_event jsonb
+) returns table (status text, detail text)
+language plpgsql
+-- Definer: the caller (service_role) has no write privilege on billing tables by design.
+security definer
+set search_path = ''
+as $$
+declare
+  v_event_id text;
+  v_stored billing.stripe_events;
+  v_payload jsonb := p_event;
+  v_attempts integer := 1;
+  v_status text;
+  v_detail text;
+  v_sqlstate text;
+  v_message text;
+  v_refs text[];
+  v_livemode boolean := coalesce((select s.stripe_livemode from billing.settings as s), false);
+begin
+  perform billing.require_stripe_event(p_event);
+  v_event_id := p_event ->> 'id';
+
+  -- The insert is the exactly-once gate: a concurrent delivery of the same event waits here
+  -- until this transaction ends, then finds the row.
+  insert into billing.stripe_events (id, type, api_version, created, livemode, payload)
+  values (
+    v_event_id, p_event ->> 'type', p_event ->> 'api_version',
+    to_timestamp(billing.stripe_bigint(p_event -> 'created', 'p_event.created')),
+    coalesce((p_event ->> 'livemode')::boolean, false), p_event
+  )
+  on conflict (id) do nothing;
+
+  if not found then
+    select e.* into v_stored from billing.stripe_events as e where e.id = v_event_id for update;
+    if v_stored.status <> 'parked' then
+      return query select 'duplicate'::text, format('event %s was already handled: %s (%s)',
+        v_event_id, v_stored.status, v_stored.detail);
+      return;
+    end if;
+    -- A parked event is tried again on every delivery, from the payload first stored.
+    v_payload := v_stored.payload;
+    v_attempts := v_stored.attempts + 1;
+  end if;
+
+  begin
+    if coalesce((v_payload ->> 'livemode')::boolean, false) <> v_livemode then
+      -- A signed event of the other mode (a test-mode event on a live deployment) never credits.
+      v_status := 'ignored';
+      v_detail := format('event %s is %s, this deployment is %s (billing.settings.stripe_livemode)',
+        v_event_id,
+        case when coalesce((v_payload ->> 'livemode')::boolean, false) then 'live mode' else 'test mode' end,
+        case when v_livemode then 'live mode' else 'test mode' end);
+    -- Connect (issue 19): a known creator's account events apply; nothing else of a connected
+    -- account does (its owner wrote the metadata, it pays this deployment nothing).
+    elsif nullif(v_payload ->> 'account', '') is not null
+      and v_payload ->> 'type' in ('account.updated', 'account.application.deauthorized')
+      and exists (
+        select 1 from billing.creators as c where c.stripe_account_id = v_payload ->> 'account'
+      ) then
+      select a.status, a.detail into v_status, v_detail from billing.apply_stripe_event(v_payload) as a;
+    elsif nullif(v_payload ->> 'account', '') is not null then
+      v_status := 'ignored';
+      v_detail := case
+        when exists (
+          select 1 from billing.creators as c where c.stripe_account_id = v_payload ->> 'account'
+        ) then format('event %s (%s) of creator account %s: only account.updated and '
+          'account.application.deauthorized of a connected account are handled', v_event_id,
+          v_payload ->> 'type', v_payload ->> 'account')
+        else format('event %s belongs to connected account %s, which this deployment does '
+          'not bill for', v_event_id, v_payload ->> 'account')
+      end;
+    -- End of Connect (issue 19).
+    else
+      select a.status, a.detail into v_status, v_detail from billing.apply_stripe_event(v_payload) as a;
+    end if;
+  exception when data_exception or check_violation or not_null_violation then
+    -- A value the records cannot hold (an object id of the wrong shape, a date out of range):
+    -- the event is malformed, like the ones require_stripe_event refuses, and so is refused
+    -- the same way (22023, nothing stored) rather than failing as an internal error.
+    get stacked diagnostics v_sqlstate = returned_sqlstate, v_message = message_text;
+    if v_sqlstate = '22023' then
+      raise;
+    end if;
+    raise exception using
+      errcode = '22023',
+      message = format('p_event %s cannot be applied: %s (%s)', v_event_id, v_message, v_sqlstate);
+  end;
+
+  v_refs := billing.stripe_event_refs(v_payload);
+  update billing.stripe_events as e
+  set
+    status = v_status,
+    detail = v_detail,
+    attempts = v_attempts,
+    processed_at = now(),
+    waiting_for = case when v_status = 'parked' then v_refs end
+  where e.id = v_event_id;
+
+  if v_status = 'applied' then
+    -- Events parked for an object this one made appear apply now, in this transaction. A
+    -- payment's payment intent and charge count as appearing with it.
+    v_refs := v_refs || coalesce((
+      select array_remove(array_remove(
+        array_agg(p.stripe_payment_intent_id) || array_agg(p.stripe_charge_id), null), null)
+      from billing.stripe_payments as p
+      where p.id = any (v_refs)
+    ), '{}');
+    perform billing.heal_parked_stripe_events(v_refs, v_event_id);
+  end if;
+
+  return query select v_status, v_detail;
+end;
+$$;
+
+comment on function public.handle_stripe_event(jsonb) is
+'Handles one Stripe (v1 snapshot) event exactly once: stores it and applies its effect in one '
+'transaction. Statuses: applied, duplicate, ignored, stale, parked (redelivery retries a parked '
+'event). Events of a connected account apply only when it is a known creator''s account event '
+'(account.updated, account.application.deauthorized); otherwise they are ignored with the '
+'reason. Raises 22023, storing nothing, for a malformed or thin event.';
+
+insert into billing.schema_migrations (version, name) values ('20261202800900', 'connect_dispatch');
+$tb_migration_20261202800900$;
     v_applied := v_applied + 1;
   end if;
 

@@ -70,7 +70,23 @@ declare
     'public.finish_auto_top_up(uuid, text, jsonb, text)',
     'public.set_auto_top_up(uuid, boolean, text)',
     'public.postpaid_due(timestamptz)',
-    'public.mark_postpaid_invoiced(uuid, timestamptz, text)'
+    'public.mark_postpaid_invoiced(uuid, timestamptz, text)',
+    'public.register_creator(uuid, text)',
+    'public.get_creator(uuid)',
+    'public.my_creator()',
+    'public.my_agents()',
+    'public.upsert_listing(uuid, text, text, integer, bigint, text, text, boolean)',
+    'public.list_listings(text)',
+    'public.creator_statement(uuid, timestamptz)',
+    'public.my_creator_earnings()',
+    'public.quote_listing_sale(uuid, text)',
+    'public.record_marketplace_checkout(jsonb, bigint, text)',
+    'public.get_marketplace_sale(text)',
+    'public.begin_creator_payouts(date, timestamptz, boolean)',
+    'public.complete_creator_payout(uuid, jsonb)',
+    'public.fail_creator_payout(uuid, text)',
+    'public.my_creator_payouts()',
+    'public.list_creator_payouts(uuid)'
   ]::text[];
   v_triggers constant text[] := array[
     'tg_users__50_open_billing_account',

@@ -2,11 +2,14 @@
 
 It answers the handful of endpoints the service and the CLI call (customers, checkout sessions,
 billing portal sessions, products, prices, and the lists of events, sessions and invoices, paged
-as Stripe pages them) the way Stripe does: form-encoded requests, JSON
-objects with `id` and `object`, Stripe's error envelope, and idempotency (the same
-Idempotency-Key with the same parameters replays the first response; with other parameters it is
-an `idempotency_error`). It can be told to fail the next requests with a status or to drop the
-connection, to exercise the stripe library's retries and the service's error mapping.
+as Stripe pages them; for the marketplace, Connect accounts, account links, login links,
+destination-charge sessions, transfers and refunds with reverse_transfer) the way Stripe does:
+form-encoded requests, JSON objects with `id` and `object`, Stripe's error envelope, and
+idempotency (the same Idempotency-Key with the same parameters replays the first response; with
+other parameters it is an `idempotency_error`). It can be told to fail the next requests with a
+status, to drop the connection, or to do a request and drop the connection before answering (a
+timeout after Stripe acted), to exercise the stripe library's retries and the service's error
+mapping.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ class Recorded:
 
 @dataclass
 class Failure:
-    status: int  # 0: drop the connection without an answer
+    status: int  # 0: drop the connection without an answer; -1: do it, then drop (a timeout)
     error_type: str = "api_error"
     code: str | None = None
     message: str = "injected failure"
@@ -53,6 +56,12 @@ class StripeState:
     # ("succeeded", "card_declined", "authentication_required", "requires_action").
     card_outcomes: dict[str, str] = field(default_factory=dict)
     invoice_items: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Connect: accounts, transfers, refunds, and what each session was asked to charge
+    # (payment_intent_data, which Stripe does not echo on the session).
+    accounts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    transfers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    refunds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    payment_intent_data: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def nest(flat: dict[str, str]) -> dict[str, Any]:
@@ -139,6 +148,11 @@ class StripeDouble:
     def drop_next(self, count: int = 1) -> None:
         self.fail_next(0, count=count)
 
+    def drop_answer_next(self, path: str, count: int = 1) -> None:
+        """Do the next `count` requests to `path`, then drop the connection before answering:
+        Stripe made the object, the client saw a timeout (a retry with the key replays it)."""
+        self.fail_next(-1, count=count, path=path)
+
     def posts(self, path_prefix: str = "") -> list[Recorded]:
         return [r for r in self.requests if r.method == "POST" and r.path.startswith(path_prefix)]
 
@@ -208,6 +222,15 @@ class StripeDouble:
             failure = next((f for f in self._failures if f.path in (None, split.path)), None)
             if failure is not None:
                 self._failures.remove(failure)
+        if failure is not None and failure.status == -1:
+            with self._lock:
+                status, answer = self._route(method, split.path, params)
+                if method == "POST" and key is not None and status < 500:
+                    payload = json.dumps(answer).encode()
+                    self._idempotent[key] = (method, split.path, params, status, payload)
+            handler.close_connection = True
+            handler.connection.shutdown(2)
+            return
         if failure is not None and failure.status == 0:
             handler.close_connection = True
             handler.connection.shutdown(2)  # the client sees the connection drop, no answer
@@ -284,6 +307,44 @@ class StripeDouble:
                 return 200, {"object": "list", "data": items, "has_more": False, "url": path}
             case ("POST", ["v1", "payment_intents"]):
                 return self._payment_intent(data)
+            case ("POST", ["v1", "accounts"]):
+                account = {
+                    "id": self._new_id("acct"),
+                    "object": "account",
+                    "type": data.get("type"),
+                    "email": data.get("email"),
+                    "metadata": data.get("metadata", {}),
+                    "capabilities": dict.fromkeys(data.get("capabilities", {}), "inactive"),
+                    "charges_enabled": False,
+                    "payouts_enabled": False,
+                    "details_submitted": False,
+                }
+                self.state.accounts[account["id"]] = account
+                return 200, account
+            case ("POST", ["v1", "account_links"]):
+                account_id = data.get("account", "")
+                if account_id not in self.state.accounts:
+                    return _missing("account", account_id)
+                if data.get("type") not in ("account_onboarding", "account_update"):
+                    return 400, _error("invalid_request_error", "Invalid type.", "type")
+                return 200, {
+                    "object": "account_link",
+                    "created": 1_700_000_000,
+                    "expires_at": 1_700_000_300,
+                    "url": f"https://connect.stripe.com/setup/e/{account_id}/double",
+                }
+            case ("POST", ["v1", "accounts", account_id, "login_links"]):
+                if account_id not in self.state.accounts:
+                    return _missing("account", account_id, 404)
+                return 200, {
+                    "object": "login_link",
+                    "created": 1_700_000_000,
+                    "url": f"https://connect.stripe.com/express/{account_id}/double",
+                }
+            case ("POST", ["v1", "transfers"]):
+                return self._transfer(data)
+            case ("POST", ["v1", "refunds"]):
+                return self._refund(data)
             case ("POST", ["v1", "billing_portal", "sessions"]):
                 customer_id = data.get("customer", "")
                 if customer_id not in self.state.customers:
@@ -434,6 +495,20 @@ class StripeDouble:
             return _missing("customer", customer_id)
         items = _indexed(data.get("line_items"))
         for item in items:
+            if "price_data" in item:
+                # An inline price (a marketplace listing): a one-off price of its own.
+                inline = item["price_data"]
+                price_id = self._new_id("price")
+                self.state.prices[price_id] = {
+                    "id": price_id,
+                    "object": "price",
+                    "active": True,
+                    "currency": inline.get("currency"),
+                    "unit_amount": int(inline.get("unit_amount", 0)),
+                    "product_data": inline.get("product_data", {}),
+                    "type": "one_time",
+                }
+                item["price"] = price_id
             price_id = item.get("price")
             if price_id not in self.state.prices:
                 return _missing("price", price_id)
@@ -443,8 +518,24 @@ class StripeDouble:
                     "invalid_request_error",
                     "You must provide at least one recurring price in `subscription` mode.",
                 )
+        intent_data = data.get("payment_intent_data", {})
+        destination = intent_data.get("transfer_data", {}).get("destination")
+        if destination is not None and destination not in self.state.accounts:
+            return _missing("account", destination)
         session_id = self._new_id("cs_test")
         prices = [self.state.prices[item.get("price")] for item in items]
+        fee = intent_data.get("application_fee_amount")
+        total = sum(
+            int(price.get("unit_amount") or 0) * int(item.get("quantity") or 1)
+            for price, item in zip(prices, items, strict=True)
+        )
+        if fee is not None and not 0 <= int(fee) <= total:
+            return 400, _error(
+                "invalid_request_error",
+                "The application fee amount must be at most the charge amount.",
+                "payment_intent_data[application_fee_amount]",
+            )
+        self.state.payment_intent_data[session_id] = intent_data
         session = {
             "id": session_id,
             "object": "checkout.session",
@@ -523,6 +614,49 @@ class StripeDouble:
         if code == "card_declined":
             error["error"]["decline_code"] = "generic_decline"
         return 402, error
+    def _transfer(self, data: dict[str, Any]) -> tuple[int, Any]:
+        amount = data.get("amount", "")
+        if not amount.isdigit() or int(amount) < 1 or not data.get("currency"):
+            return 400, _error("invalid_request_error", "Missing required param: amount.", "amount")
+        destination = data.get("destination", "")
+        if destination not in self.state.accounts:
+            return _missing("account", destination)
+        transfer = {
+            "id": self._new_id("tr"),
+            "object": "transfer",
+            "amount": int(amount),
+            "amount_reversed": 0,
+            "currency": data["currency"],
+            "destination": destination,
+            "metadata": data.get("metadata", {}),
+            "reversals": {"object": "list", "data": [], "has_more": False},
+            "reversed": False,
+            "source_transaction": data.get("source_transaction"),
+            "livemode": False,
+        }
+        self.state.transfers[transfer["id"]] = transfer
+        return 200, transfer
+
+    def _refund(self, data: dict[str, Any]) -> tuple[int, Any]:
+        intent = data.get("payment_intent")
+        if not intent:
+            return 400, _error(
+                "invalid_request_error", "Missing required param: payment_intent.", "payment_intent"
+            )
+        reverse = data.get("reverse_transfer") == "true"
+        refund_id = self._new_id("re")
+        refund = {
+            "id": refund_id,
+            "object": "refund",
+            "amount": int(data["amount"]) if "amount" in data else None,
+            "payment_intent": intent,
+            "status": "succeeded",
+            "metadata": data.get("metadata", {}),
+            "transfer_reversal": f"trr_{refund_id[3:]}" if reverse else None,
+            "refund_application_fee": data.get("refund_application_fee") == "true",
+        }
+        self.state.refunds[refund_id] = refund
+        return 200, refund
 
     def _create_price(self, data: dict[str, Any]) -> tuple[int, Any]:
         product_id = data.get("product")

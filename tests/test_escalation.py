@@ -48,7 +48,16 @@ ROOT = Path(__file__).resolve().parents[1]
 ALICE = uuid.UUID("00000000-0000-0000-0000-0000000e5c0a")
 BOB = uuid.UUID("00000000-0000-0000-0000-0000000e5c0b")
 # The one function a signed-in browser may call (docs/contract.md).
-BROWSER_RPCS = {"my_tokens", "my_usage", "my_entitlements"}
+BROWSER_RPCS = {
+    "my_tokens",
+    "my_usage",
+    "my_entitlements",
+    # The marketplace's (issue 19): each reads the caller's own rows through RLS.
+    "my_creator",
+    "my_agents",
+    "my_creator_earnings",
+    "my_creator_payouts",
+}
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 

@@ -34,7 +34,11 @@ select is_empty(
     select p.oid::regprocedure::text
     from pg_proc as p join pg_namespace as n on n.oid = p.pronamespace
     where n.nspname = 'public' and p.proowner = 'postgres'::regrole
-      and p.proname not in ('tutorial_mint', 'my_tokens', 'my_usage', 'my_entitlements')
+      and p.proname not in (
+        'tutorial_mint', 'my_tokens', 'my_usage', 'my_entitlements',
+        -- The marketplace's (issue 19; supabase/tests/50-marketplace-privileges.sql).
+        'my_creator', 'my_agents', 'my_creator_earnings', 'my_creator_payouts'
+      )
       and has_function_privilege('authenticated', p.oid, 'execute')
   $$,
   'no token-billing function in public but the my_* ones should be executable by authenticated'
@@ -44,7 +48,11 @@ select is_empty(
     select p.oid::regprocedure::text
     from pg_proc as p join pg_namespace as n on n.oid = p.pronamespace
     where n.nspname = 'public' and p.proowner = 'postgres'::regrole
-      and p.proname not in ('tutorial_mint', 'my_tokens', 'my_usage', 'my_entitlements')
+      and p.proname not in (
+        'tutorial_mint', 'my_tokens', 'my_usage', 'my_entitlements',
+        -- The marketplace's (issue 19; supabase/tests/50-marketplace-privileges.sql).
+        'my_creator', 'my_agents', 'my_creator_earnings', 'my_creator_payouts'
+      )
       and not has_function_privilege('service_role', p.oid, 'execute')
   $$,
   'every token-billing RPC should be executable by service_role'

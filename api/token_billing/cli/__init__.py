@@ -9,6 +9,8 @@
     token-billing [--env-file PATH] stripe reconcile [--since 72h] [--dry-run] [--output FORMAT]
     token-billing [--env-file PATH] user USER_ID_OR_EMAIL [--json]
     token-billing [--env-file PATH] events parked|replay [--json]
+    token-billing [--env-file PATH] creators payout [--dry-run] [--period YYYY-MM-DD] [--json]
+    token-billing [--env-file PATH] creators refund SESSION [--amount CENTS]
 
 Settings come from the environment and `.env` (or --env-file), as for the service (see
 .env.example); `make dev` writes its own to .dev/dev.env. `serve` and `stripe` need the server
@@ -21,7 +23,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from token_billing.cli import doctor, install, operator, serve, stripe
+from token_billing.cli import creators, doctor, install, operator, serve, stripe
 
 DESCRIPTION = (
     "token-billing: token (credit) billing for AI apps on Supabase and Stripe. Install its SQL "
@@ -45,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_parser(commands)
     stripe.add_parser(commands)
     operator.add_parser(commands)
+    creators.add_parser(commands)
     return p
 
 

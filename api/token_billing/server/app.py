@@ -33,6 +33,7 @@ from token_billing.server.routes import (
     api_keys,
     balance,
     checkout,
+    creators,
     dev,
     health,
     holds,
@@ -146,6 +147,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     routes: list[BaseRoute] = [
         *checkout.routes,
+        *creators.routes,
         *balance.routes,
         *products.routes,
         *webhooks.routes,

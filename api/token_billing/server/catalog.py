@@ -275,6 +275,9 @@ async def sync_products(
         results.append(result)
     rows = await db.rpc("list_products", {"p_include_inactive": True})
     for row in rows:
+        if row["kind"] == "agent":
+            # A creator's listing is sold with price_data, to the creator's account: no Price.
+            continue
         result = await sync_one(client, db, row)
         report(result)
         results.append(result)

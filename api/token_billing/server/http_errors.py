@@ -57,6 +57,12 @@ SQLSTATE_STATUS: Mapping[str, tuple[int, str, bool]] = {
     "TBAPP": (409, "append_only", True),
     "TBCUS": (409, "customer_conflict", True),
     "TBPRC": (422, "no_price", True),  # a meter without a price in effect
+    # The marketplace (issue 19): a creator's other account, a listing not for sale, an agent
+    # the buyer owns, a payout in another state.
+    "TBCRE": (409, "creator_conflict", True),
+    "TBLST": (409, "listing_unavailable", True),
+    "TBENT": (409, "already_owned", True),
+    "TBPAY": (409, "payout_conflict", True),
     "23505": (409, "conflict", True),  # unique violation, e.g. a Stripe price on two products
     # Privileges: the service's role lacks a grant. The caller cannot fix it; an operator must.
     "42501": (500, "misconfigured", False),

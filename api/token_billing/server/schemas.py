@@ -195,6 +195,102 @@ class ProductList(Model):
     products: list[Product]
 
 
+# --- the marketplace (Stripe Connect) ------------------------------------------------------------
+
+
+class CreatorOnboarding(Model):
+    """The creator's connected account and where to send the browser to onboard."""
+
+    stripe_account_id: str = Field(description="The creator's Stripe Express account, acct_...")
+    url: str = Field(description="Stripe's onboarding page (an AccountLink; single use).")
+    charges_enabled: bool = Field(description="The account can take charges (list agents).")
+    payouts_enabled: bool = Field(description="The account can be paid out.")
+
+
+class CreatorDashboard(Model):
+    """A login link to the creator's Stripe Express dashboard."""
+
+    url: str = Field(description="Stripe's Express dashboard (a login link; single use).")
+
+
+class ListingRequest(Model):
+    """An agent to sell: a one-off price in cents, a price in tokens per run, or both."""
+
+    error_codes: ClassVar[Mapping[str, str]] = {
+        "code": "invalid_request",
+        "name": "invalid_request",
+        "price_cents": "invalid_price",
+        "tokens_per_run": "invalid_price",
+    }
+
+    code: StrictStr = Field(
+        min_length=1,
+        max_length=64,
+        pattern="^[a-z0-9_]+$",
+        description="The listing's product code (a-z, 0-9, _).",
+        examples=["agent_summarizer"],
+    )
+    name: StrictStr = Field(min_length=1, max_length=200, description="Display name.")
+    description: StrictStr | None = Field(default=None, max_length=2000)
+    price_cents: StrictInt | None = Field(
+        default=None, ge=50, le=99_999_999, description="One-off price in cents (USD)."
+    )
+    tokens_per_run: StrictInt = Field(
+        default=0, ge=0, le=1_000_000_000, description="Tokens one run costs (0: none)."
+    )
+    active: bool = Field(default=True, description="Listed (only with charges_enabled).")
+
+
+class Listing(Model):
+    code: str
+    name: str
+    description: str | None = None
+    price_cents: int | None = Field(default=None, description="One-off price, minor units.")
+    currency: str
+    tokens_per_run: int = Field(description="Tokens one run costs (0: not sold per run).")
+    creator_id: uuid.UUID
+    purchasable: bool = Field(description="Can be bought now (a price, creator can take charges).")
+
+
+class ListingResult(Model):
+    """What upsert_listing did: applied (new), updated or duplicate (unchanged)."""
+
+    status: str
+    code: str
+
+
+class ListingList(Model):
+    """The active agent listings."""
+
+    listings: list[Listing]
+
+
+class CreatorPayout(Model):
+    id: uuid.UUID
+    period: str
+    amount_cents: int
+    currency: str
+    status: str = Field(description="pending, paid or failed.")
+    stripe_transfer_id: str | None = None
+    reversed_cents: int
+
+
+class CreatorSummary(Model):
+    """The signed-in creator's account state, earnings and payouts."""
+
+    stripe_account_id: str
+    charges_enabled: bool
+    payouts_enabled: bool
+    details_submitted: bool
+    commission_bps: int = Field(description="The platform's commission, basis points.")
+    balance_microcents: int = Field(description="Earnings owed now, millionths of a cent.")
+    settled_microcents: int = Field(description="Of which payable now (past the hold).")
+    earned_microcents: int = Field(description="Usage revenue share earned in total.")
+    debt_microcents: int = Field(description="Debt entries (refunds, disputes beyond the balance).")
+    paid_out_cents: int = Field(description="Paid out in total, net of returns.")
+    payouts: list[CreatorPayout]
+
+
 # --- usage, holds and API keys (agent backends) --------------------------------------------------
 
 # What every route for agent backends may answer besides its own statuses: no or a bad key (401),

@@ -211,6 +211,57 @@ class StripeGateway:
         )
         return str(session.url)
 
+    # --- Stripe Connect (the marketplace) ---------------------------------------------------
+
+    async def create_express_account(self, user_id: str, email: str | None) -> str:
+        """The creator's Express account; the key is the user's, so it is made once."""
+        params: dict[str, Any] = {
+            "type": "express",
+            "metadata": {"user_id": user_id},
+            "capabilities": {
+                "card_payments": {"requested": True},
+                "transfers": {"requested": True},
+            },
+        }
+        if email:
+            params["email"] = email
+        account = await self._call(
+            "accounts.create",
+            self.client.v1.accounts.create_async(
+                params=params,  # type: ignore[arg-type]
+                options={"idempotency_key": idempotency_key("creator-account", user_id)},
+            ),
+        )
+        return str(account.id)
+
+    async def create_account_link(
+        self, account_id: str, refresh_url: str, return_url: str, key: str
+    ) -> str:
+        """An onboarding AccountLink (a single-use URL that expires in minutes)."""
+        link = await self._call(
+            "account_links.create",
+            self.client.v1.account_links.create_async(
+                params={
+                    "account": account_id,
+                    "refresh_url": refresh_url,
+                    "return_url": return_url,
+                    "type": "account_onboarding",
+                },
+                options={"idempotency_key": key},
+            ),
+        )
+        return str(link.url)
+
+    async def create_login_link(self, account_id: str, key: str) -> str:
+        """A login link to the creator's Express dashboard."""
+        link = await self._call(
+            "accounts.login_links.create",
+            self.client.v1.accounts.login_links.create_async(
+                account_id, options={"idempotency_key": key}
+            ),
+        )
+        return str(link.url)
+
     @staticmethod
     def metadata(values: Mapping[str, object]) -> dict[str, str]:
         return _metadata(values)

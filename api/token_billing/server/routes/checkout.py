@@ -83,6 +83,8 @@ async def create_checkout_session(request: Request) -> Response:
     if product is None:
         raise ApiError(404, "unknown_product", f"no active product {code!r}")
     kind = product["kind"]
+    if kind == "agent":
+        return await create_agent_checkout(request, rt, user, code, quantity, key)
     if kind == "pack" and not 1 <= quantity <= MAX_PACK_QUANTITY:
         raise ApiError(
             422, "invalid_quantity", f"quantity must be between 1 and {MAX_PACK_QUANTITY}"
@@ -149,6 +151,60 @@ async def create_checkout_session(request: Request) -> Response:
     rt.metrics.checkout_sessions.labels(kind).inc()
     log_fields(request).update(checkout_session_id=session_id, stripe_customer_id=customer_id)
     return schemas.respond(schemas.CheckoutSession(id=session_id, url=url), 201)
+
+
+async def create_agent_checkout(
+    request: Request, rt: Runtime, user: User, code: str, quantity: int, key: str
+) -> Response:
+    """An agent listing: a destination charge to its creator, the platform's fee kept.
+
+    application_fee_amount = floor(price x commission_bps / 10000) and the destination come from
+    the database (quote_listing_sale), and are recorded with the session as Stripe returned it
+    (record_marketplace_checkout) before its URL is handed out.
+    """
+    if quantity != 1:
+        raise ApiError(422, "invalid_quantity", "an agent is bought with quantity 1")
+    # TBLST (not for sale now) and TBENT (already owned) answer 409.
+    quote = (await rt.db.rpc("quote_listing_sale", {"p_buyer_id": str(user.id), "p_code": code}))[0]
+    profile = await billing_profile(rt, user)
+    customer_id = await ensure_customer(rt, user, profile)
+    metadata = StripeGateway.metadata({"user_id": user.id, "product": code, "quantity": 1})
+    fee, destination = int(quote["application_fee_cents"]), str(quote["stripe_account_id"])
+    params: dict[str, Any] = {
+        "mode": "payment",
+        "customer": customer_id,
+        "client_reference_id": str(user.id),
+        "line_items": [
+            {
+                "price_data": {
+                    "currency": str(quote["currency"]),
+                    "unit_amount": int(quote["amount_cents"]),
+                    "product_data": {"name": str(quote["name"]), "metadata": {"listing": code}},
+                },
+                "quantity": 1,
+            }
+        ],
+        "metadata": metadata,
+        "payment_intent_data": {
+            "application_fee_amount": fee,
+            "transfer_data": {"destination": destination},
+            "metadata": metadata,
+        },
+        "success_url": rt.settings.app_link(rt.settings.checkout_success_path),
+        "cancel_url": rt.settings.app_link(rt.settings.checkout_cancel_path),
+    }
+    session = await rt.stripe.create_checkout_session(params, key)
+    await rt.db.rpc(
+        "record_marketplace_checkout",
+        {"p_session": session, "p_application_fee_cents": fee, "p_destination": destination},
+    )
+    rt.metrics.checkout_sessions.labels("agent").inc()
+    log_fields(request).update(
+        checkout_session_id=session["id"], stripe_account_id=destination, application_fee=fee
+    )
+    return schemas.respond(
+        schemas.CheckoutSession(id=str(session["id"]), url=str(session["url"])), 201
+    )
 
 
 async def create_payment_intent(request: Request) -> Response:

@@ -69,6 +69,8 @@ async def list_products(request: Request) -> Response:
                     }
                 )
                 for row in rows
+                # Agent listings are the marketplace's (GET /v1/listings).
+                if row.get("kind") in ("pack", "plan")
             ]
         )
     )
