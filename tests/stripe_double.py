@@ -614,6 +614,7 @@ class StripeDouble:
         if code == "card_declined":
             error["error"]["decline_code"] = "generic_decline"
         return 402, error
+
     def _transfer(self, data: dict[str, Any]) -> tuple[int, Any]:
         amount = data.get("amount", "")
         if not amount.isdigit() or int(amount) < 1 or not data.get("currency"):

@@ -424,9 +424,7 @@ def test_a_sale_should_split_the_payment_exactly_and_refunds_take_back_the_creat
     assert owned.status_code == 409
     assert owned.json()["error"]["code"] == "already_owned"
     with db.as_user(buyer) as conn:
-        mine = conn.execute(
-            "select product_code, revoked_at from public.my_agents()"
-        ).fetchall()
+        mine = conn.execute("select product_code, revoked_at from public.my_agents()").fetchall()
     assert mine == [("agent_sale", None)]
 
     # The refund command: reverse_transfer and refund_application_fee, one refund per request.
