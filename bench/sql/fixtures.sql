@@ -47,24 +47,36 @@ select count(*) from (
 
 -- Issue 17: a plan with alert thresholds and auto top-up (levels 200,000,000 and 0 of its
 -- 10^9 tokens a period), and 10,000 users on it, funded like the others: no deduct crosses.
-insert into billing.products (code, kind, name, tokens, price_cents)
-values ('bench_pack', 'pack', 'Bench pack', 1000, 100);
-insert into billing.products (
-  code, kind, name, tokens, price_cents, overage_strategy, alert_thresholds, auto_top_up_pack,
-  auto_top_up_below
-)
-values ('bench_topup', 'plan', 'Bench top-up plan', 1000000000, 100, 'auto_top_up', '{20, 0}',
-  'bench_pack', 20);
-insert into auth.users (id, email, aud, role)
-select lpad(to_hex(n), 32, '0')::uuid, 'bench' || n || '@example.com', 'authenticated',
-  'authenticated'
-from generate_series(40001, 50000) as n;
-update billing.accounts set plan = 'bench_topup', subscription_status = 'active'
-where user_id between lpad(to_hex(40001), 32, '0')::uuid and lpad(to_hex(50000), 32, '0')::uuid;
-select count(*) from (
-  select public.add_tokens(lpad(to_hex(n), 32, '0')::uuid, 1000000000, 'bench-fund-' || n, 'purchase')
-  from generate_series(40001, 50000) as n
-) as funded_topup;
+-- Only where the migrations have overage strategies (bench.ab loads these fixtures into an
+-- older ref's schema too).
+do $issue17$
+begin
+  if not exists (
+    select 1 from information_schema.columns
+    where table_schema = 'billing' and table_name = 'products' and column_name = 'overage_strategy'
+  ) then
+    return;
+  end if;
+  insert into billing.products (code, kind, name, tokens, price_cents)
+  values ('bench_pack', 'pack', 'Bench pack', 1000, 100);
+  execute $sql$
+    insert into billing.products (
+      code, kind, name, tokens, price_cents, overage_strategy, alert_thresholds, auto_top_up_pack,
+      auto_top_up_below
+    )
+    values ('bench_topup', 'plan', 'Bench top-up plan', 1000000000, 100, 'auto_top_up', '{20, 0}',
+      'bench_pack', 20)
+  $sql$;
+  insert into auth.users (id, email, aud, role)
+  select lpad(to_hex(n), 32, '0')::uuid, 'bench' || n || '@example.com', 'authenticated',
+    'authenticated'
+  from generate_series(40001, 50000) as n;
+  update billing.accounts set plan = 'bench_topup', subscription_status = 'active'
+  where user_id between lpad(to_hex(40001), 32, '0')::uuid and lpad(to_hex(50000), 32, '0')::uuid;
+  perform public.add_tokens(lpad(to_hex(n), 32, '0')::uuid, 1000000000, 'bench-fund-' || n, 'purchase')
+  from generate_series(40001, 50000) as n;
+end
+$issue17$;
 
 -- The references' ledgers get the same one purchase per user that ours has, so every table
 -- starts with rows, its planner statistics say so, and every lookup is an index lookup as it
