@@ -69,4 +69,6 @@ vacuum analyze billing.stripe_refunds;
 vacuum analyze billing.stripe_disputes;
 vacuum analyze billing.stripe_events;
 vacuum analyze billing.subscription_states;
+-- The trigger rewrote each lifetime once per state: vacuumed as autovacuum would have.
+vacuum analyze billing.subscription_lifetimes;
 vacuum analyze billing.customers;
