@@ -248,6 +248,7 @@ def round_groups(durability: str, with_stripe: bool) -> list[list[Job]]:
                         Job("record_usage_unit/on/8", "record_usage_unit", 8, ledger=True),
                         Job("record_usage_tiered/on/8", "record_usage_tiered", 8, ledger=True),
                         Job("deduct_thresholds/on/8", "deduct_thresholds", 8, ledger=True),
+                        Job("deduct_listing/on/8", "deduct_listing", 8, ledger=True),
                     ]
                 if accounts == "10k" and clients == 32:
                     group.append(
@@ -566,6 +567,15 @@ def throughput_rows(runs: dict[str, list[Run]], with_stripe: bool) -> list[Row]:
             tps(runs, "deduct/on/10k/8"),
             ">=",
             round(1 / 1.1, 2),
+        ),
+        # Issue 19: what accruing a creator's share costs a deduct (no target).
+        Row(
+            f"deduct_tokens naming an agent listing (creator's share) vs deduct_tokens [{on}]",
+            "8",
+            "tps",
+            tps(runs, "deduct_listing/on/8"),
+            "deduct_tokens",
+            tps(runs, "deduct/on/10k/8"),
         ),
     ]
     rows += deduct_rows(runs, "off")

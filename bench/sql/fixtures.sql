@@ -118,4 +118,15 @@ select
 from generate_series(1, 100000) as n
 cross join (select id from billing.prices where meter_code = 'bench.tiered') as p;
 
+-- The marketplace (issue 19): a creator (user 50001, charges enabled) with an agent listing, so
+-- a deduct whose metadata names it accrues the creator's share (billing.creator_earnings) in
+-- the deduct's transaction; against deduct.sql, which names none.
+insert into auth.users (id, email, aud, role)
+values (lpad(to_hex(50001), 32, '0')::uuid, 'bench-creator@example.com', 'authenticated', 'authenticated');
+insert into billing.creators (user_id, stripe_account_id, charges_enabled, payouts_enabled)
+values (lpad(to_hex(50001), 32, '0')::uuid, 'acct_bench', true, true);
+select * from public.upsert_listing(
+  lpad(to_hex(50001), 32, '0')::uuid, 'bench_agent', 'Bench agent', null, 1
+);
+
 vacuum analyze;
