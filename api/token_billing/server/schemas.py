@@ -310,6 +310,9 @@ class CreatorSummary(Model):
         default=None, description="When the account left the platform (no sales nor payouts)."
     )
     commission_bps: int = Field(description="The platform's commission, basis points.")
+    currency: Literal["usd"] = Field(
+        default="usd", description="The earnings' currency (creators earn in USD)."
+    )
     balance_microcents: int = Field(description="Earnings owed now, millionths of a cent.")
     settled_microcents: int = Field(description="Of which payable now (past the hold).")
     earned_microcents: int = Field(description="Usage revenue share earned in total.")
