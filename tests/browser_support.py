@@ -11,6 +11,7 @@ import queue
 import shutil
 import subprocess
 import threading
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,22 @@ from scripts.pgcluster import ROOT
 DRIVER = ROOT / "tests" / "browser" / "driver.mjs"
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "tests" / "artifacts"
+
+
+def dollars(amount: int, scale: int, shown: int | None) -> str:
+    """What examples/web/money.ts prints for `amount` 10^-scale dollars (scale 2: cents, 8:
+    micro-cents), from Python's exact decimals rather than its algorithm: cut toward zero to
+    `shown` decimals, or (None) to the last digit that is not 0, at least the cents."""
+    value = abs(Decimal(amount)).scaleb(-scale)
+    if shown is None:
+        text = f"{value.normalize():,f}"
+        whole, _, fraction = text.partition(".")
+        text = f"{whole}.{fraction.ljust(2, '0')}"
+    else:
+        cut = value.quantize(Decimal(1).scaleb(-shown), rounding="ROUND_DOWN")
+        text = f"{cut:,.{shown}f}"
+    zero = all(ch in "0.," for ch in text)
+    return ("\u2212" if amount < 0 and not zero else "") + "$" + text
 
 
 class BrowserError(RuntimeError):

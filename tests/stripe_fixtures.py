@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass
 from functools import cache
@@ -159,3 +160,37 @@ def derive(
         _set_path(payload["data"]["object"], path, value)
         changes.append(f"data.object.{path}={json.dumps(value)}")
     return StripeEvent(payload, event.source, tuple(changes))
+
+
+# pay-rails' real account.updated envelope (Stripe Connect), which account_updated derives from.
+ACCOUNT_UPDATED = "pay-rails-stripe/account.updated.json"
+_account_events = itertools.count(1)
+
+
+def account_updated(
+    account_id: str,
+    *,
+    charges: bool,
+    payouts: bool,
+    created: int,
+    submitted: bool = True,
+    requirements: JsonObject | None = None,
+) -> StripeEvent:
+    """pay-rails' real account.updated envelope, for this connected account and state;
+    `requirements` is merged into the fixture's requirements object (currently_due, ...)."""
+    paths: dict[str, Any] = {
+        "id": account_id,
+        "charges_enabled": charges,
+        "payouts_enabled": payouts,
+        "details_submitted": submitted,
+    }
+    for key, value in (requirements or {}).items():
+        paths[f"requirements.{key}"] = value
+    event = derive(
+        fixture_event(ACCOUNT_UPDATED),
+        event_id=f"evt_acct_{next(_account_events)}",
+        created=created,
+        paths=paths,
+    )
+    event.payload["account"] = account_id  # the Connect endpoint's field: whose event it is
+    return StripeEvent(event.payload, event.source, (*event.changes, f"account={account_id}"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -41,8 +42,9 @@ from tests.app_support import (
     sign,
     user_token,
 )
-from tests.browser_support import ARTIFACTS, Browser, missing_prerequisites
+from tests.browser_support import ARTIFACTS, Browser, dollars, missing_prerequisites
 from tests.stripe_double import StripeDouble
+from tests.stripe_fixtures import account_updated
 from token_billing.cli.stripe_events import customer_id_for
 
 pytestmark = pytest.mark.slow
@@ -200,6 +202,11 @@ def post_purchase(stack: Stack) -> httpx.Response:
         conn.execute(
             "select * from public.record_checkout_session(%s)", [Jsonb(event["data"]["object"])]
         )
+    return post_event(stack, event)
+
+
+def post_event(stack: Stack, event: dict[str, Any]) -> httpx.Response:
+    """A Stripe event to the service's webhook, signed with the stack's secret (a real HMAC)."""
     payload = encode(event)
     return httpx.post(
         f"{stack.url}/v1/webhooks/stripe",
@@ -392,6 +399,253 @@ def test_an_expired_session_should_say_so_and_offer_to_sign_in_again(
     browser.click("#error-sign-in")
     browser.wait_for_text("#available", f"^{stack.balance():,}$")
     assert not browser.visible("#error")
+
+
+# --- the Creator section -------------------------------------------------------------------------
+
+
+def page_user(stack: Stack) -> tuple[str, str, str]:
+    """A user of the test's own in the stack's auth.users (the signup trigger opens the
+    account): (id, email, an access token signed with the stack's secret)."""
+    user_id = str(uuid.uuid4())
+    email = f"creator-{user_id[:8]}@example.com"
+    with stack.connect() as conn:
+        conn.execute(
+            "insert into auth.users (id, email, aud, role) "
+            "values (%s, %s, 'authenticated', 'authenticated')",
+            [user_id, email],
+        )
+    claims: dict[str, Any] = {"email": email}
+    if stack.settings.get("JWT_ISSUER"):
+        claims["iss"] = stack.settings["JWT_ISSUER"]
+    token = user_token(user_id, secret=stack.settings["SUPABASE_JWT_SECRET"], **claims)
+    return user_id, email, token
+
+
+def signed_in_as(browser: Browser, stack: Stack, user_id: str, email: str, token: str) -> None:
+    """The page, fresh, with this user's session (as an app that signed them in stores it)."""
+    browser.goto(f"{stack.url}/")
+    # Booted first: a page that finds no session clears the key, which would drop ours.
+    browser.wait_for_text("#sign-in-button:visible, #account-email:visible", ".")
+    session = {"token": token, "userId": user_id, "email": email}
+    browser.set_session_storage(SESSION_KEY, json.dumps(session))
+    browser.reload()
+    browser.wait_for_text("#account-email", f"^{email}$")
+    browser.wait_for_text("#live-text", "^Live$", 5000)
+
+
+def test_a_user_who_is_not_a_creator_should_be_offered_onboarding_and_sent_to_stripe(
+    browser: Browser, stack: Stack, stripe_double: StripeDouble
+) -> None:
+    user_id, email, token = page_user(stack)
+    signed_in_as(browser, stack, user_id, email, token)
+    browser.wait_for_text("#creator-onboard", "^Sell your agents$")
+    assert browser.call("attribute", selector="#creator-onboard", name="type") == "button"
+    assert not browser.visible("#creator-account"), "no creator figures for a non-creator"
+    browser.screenshot(ARTIFACTS / "web-page-creator-onboard.png")
+    stripe_double.clear()
+
+    browser.click("#creator-onboard")
+    landed = browser.wait_for_url(r"^https://connect\.stripe\.com/", 5000)
+    accounts = stripe_double.posts("/v1/accounts")
+    assert len(accounts) == 1, "the click should create one Express account"
+    assert accounts[0].params["type"] == "express"
+    assert accounts[0].params["metadata[user_id]"] == user_id
+    account_id = next(
+        a for a, v in stripe_double.state.accounts.items() if v["metadata"]["user_id"] == user_id
+    )
+    links = stripe_double.posts("/v1/account_links")
+    assert [link.params for link in links] == [
+        {
+            "account": account_id,
+            "refresh_url": f"{stack.url}/?creator=refresh",
+            "return_url": f"{stack.url}/?creator=onboarded",
+            "type": "account_onboarding",
+        }
+    ]
+    assert landed == f"https://connect.stripe.com/setup/e/{account_id}/double", (
+        "the page should open the onboarding link the service answered"
+    )
+    assert landed in browser.stripe_visits()
+    with stack.connect() as conn:
+        row = conn.execute(
+            "select stripe_account_id from billing.creators where user_id = %s", [user_id]
+        ).fetchone()
+    assert row == (account_id,), "the account should be recorded before the link is handed out"
+
+    # Back from Stripe (return_url): onboarding is not finished until account.updated says so.
+    browser.goto(f"{stack.url}/?creator=onboarded")
+    browser.wait_for_text("#notice", "^Welcome back from Stripe")
+    browser.wait_for_text("#creator-state", "onboarding isn't finished")
+    assert browser.text("#creator-continue") == "Continue onboarding"
+    assert not browser.visible("#creator-dashboard"), "no dashboard before onboarding is done"
+    assert not browser.visible("#creator-join")
+
+
+@pytest.fixture
+def payouts_at_once(stack: Stack) -> Iterator[None]:
+    """Earnings payable at once (no hold) from 1 cent, for one test; the defaults after it."""
+    with stack.connect() as conn:
+        conn.execute(
+            "update billing.settings set creator_earnings_hold = interval '0', "
+            "creator_payout_minimum_cents = 1"
+        )
+    yield
+    with stack.connect() as conn:
+        conn.execute(
+            "update billing.settings set creator_earnings_hold = default, "
+            "creator_payout_minimum_cents = default"
+        )
+
+
+@pytest.mark.usefixtures("payouts_at_once")
+def test_a_creator_should_see_the_earnings_the_database_holds_and_the_payouts(
+    browser: Browser, stack: Stack, stripe_double: StripeDouble
+) -> None:
+    """A creator made through the service and the database's own paths: onboarded, enabled by
+    a signed account.updated, an agent listed, tokens spent on it, a payout run; the page shows
+    the balance exactly as the earnings ledger holds it."""
+    creator, email, token = page_user(stack)
+    auth = {"Authorization": f"Bearer {token}"}
+    onboarded = httpx.post(f"{stack.url}/v1/creators/onboard", headers=auth, timeout=10)
+    assert onboarded.status_code == 201, onboarded.text
+    account_id = onboarded.json()["stripe_account_id"]
+    enabled = account_updated(
+        account_id,
+        charges=True,
+        payouts=True,
+        created=int(time.time()),
+        requirements={"currently_due": ["individual.verification.document"]},
+    )
+    answer = post_event(stack, enabled.payload)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] == "applied", answer.text
+    code = f"agent_page_{creator[:8]}"
+    listed = httpx.post(
+        f"{stack.url}/v1/creators/listings",
+        json={"code": code, "name": "Page Summarizer", "price_cents": 1999, "tokens_per_run": 7},
+        headers=auth,
+        timeout=10,
+    )
+    assert listed.status_code == 201, listed.text
+
+    spender, _, _ = page_user(stack)
+
+    def runs(count: int) -> None:
+        with stack.connect() as conn:
+            conn.execute("set role service_role")
+            for _ in range(count):
+                row = conn.execute(
+                    "select status from public.deduct_tokens(%s, 7, %s, 'run', %s)",
+                    [spender, f"run-{uuid.uuid4()}", Jsonb({"listing": code})],
+                ).fetchone()
+                assert row == ("applied",)
+
+    runs(3)
+    # A payout of the settled whole cents, then more runs: the balance keeps the fraction of a
+    # cent the payout left.
+    paid = subprocess.run(
+        [sys.executable, "-m", "token_billing.cli", "creators", "payout"],
+        cwd=stack.state,
+        env={**stack.env, **stack.settings},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert paid.returncode == 0, paid.stdout + paid.stderr
+    assert [t["destination"] for t in stripe_double.state.transfers.values()].count(
+        account_id
+    ) == 1, "the payout should be one transfer to the creator's account"
+    runs(2)
+
+    with stack.connect() as conn:
+        balance, settled, earned = conn.execute(
+            "select balance_microcents, settled_microcents, earned_microcents "
+            "from public.creator_statement(%s)",
+            [creator],
+        ).fetchone() or (None, None, None)
+        entries = conn.execute(
+            "select kind, amount_microcents from billing.creator_earnings "
+            "where creator_id = %s order by id desc",
+            [creator],
+        ).fetchall()
+        payouts = conn.execute(
+            "select period, amount_cents, status from billing.creator_payouts "
+            "where creator_id = %s",
+            [creator],
+        ).fetchall()
+        commission_bps = conn.execute(
+            "select commission_bps from public.get_creator(%s)", [creator]
+        ).fetchone()
+    assert balance is not None
+    assert balance % 1_000_000 != 0, "the balance should hold a fraction of a cent to show"
+    assert [status for _, _, status in payouts] == ["paid"], payouts
+    assert commission_bps == (2000,)
+
+    signed_in_as(browser, stack, creator, email, token)
+    browser.wait_for_text("#creator-balance", f"^{re.escape(dollars(balance, 8, 2))}$")
+    assert browser.text("#creator-balance-exact").startswith(
+        f"Exactly {dollars(balance, 8, None)}."
+    ), "the exact balance, to the micro-cent, as the database holds it"
+    assert browser.text("#creator-settled") == dollars(settled, 8, 2)
+    assert browser.text("#creator-earned") == dollars(earned, 8, 2)
+    assert browser.text("#creator-paid-out") == dollars(payouts[0][1], 2, 2)
+    assert browser.text("#creator-charges") == "Yes"
+    assert browser.text("#creator-payouts-enabled") == "Yes"
+    assert browser.text("#creator-commission") == "20% (you keep 80%)"
+    assert browser.text("#creator-state") == (
+        "Your Stripe account can take payments and be paid out."
+    )
+    assert browser.text("#creator-requirement-list") == "A photo of an identity document", (
+        "what Stripe needs should be said in plain words, not as Stripe's field name"
+    )
+
+    rows = browser.count("#creator-earnings-rows tr")
+    assert rows == len(entries) == 6, "five runs and the payout, newest first"
+    newest = browser.text("#creator-earnings-rows tr:first-child")
+    assert f"Your share of tokens spent on {code} (7 tokens)" in newest
+    assert f"+{dollars(entries[0][1], 8, None)}" in newest
+    assert f"{dollars(balance, 8, None)}" in newest, "the newest entry's balance is the balance"
+    payout_row = browser.text("#creator-earnings-rows tr:nth-child(3)")
+    assert entries[2][0] == "payout"
+    assert "Payout" in payout_row
+    assert dollars(entries[2][1], 8, None) in payout_row
+    assert dollars(entries[2][1], 8, None).startswith("\u2212"), "a debit shows its minus sign"
+
+    payout_text = browser.text("#creator-payout-rows")
+    assert payouts[0][0] in payout_text
+    assert "Paid" in payout_text
+    assert dollars(payouts[0][1], 2, 2) in payout_text
+    listing = browser.text(f'#creator-listings li[data-listing="{code}"]')
+    assert listing == f"Page Summarizer ({code}): $19.99, 7 tokens a run"
+    assert browser.text("#creator-continue") == "Give Stripe what it needs"
+    assert browser.visible("#creator-dashboard")
+    assert not browser.visible("#creator-onboard")
+    browser.screenshot(ARTIFACTS / "web-page-creator.png")
+
+    # The Stripe dashboard: a login link for the creator's account, opened like Checkout.
+    stripe_double.clear()
+    browser.click("#creator-dashboard")
+    landed = browser.wait_for_url(r"^https://connect\.stripe\.com/express/", 5000)
+    assert landed == f"https://connect.stripe.com/express/{account_id}/double"
+    assert len(stripe_double.posts(f"/v1/accounts/{account_id}/login_links")) == 1
+
+
+def test_an_onboarding_failure_should_be_explained_in_plain_words(
+    browser: Browser, stack: Stack, stripe_double: StripeDouble
+) -> None:
+    user_id, email, token = page_user(stack)
+    signed_in_as(browser, stack, user_id, email, token)
+    stripe_double.fail_next(500, path="/v1/accounts")
+    browser.click("#creator-onboard")
+    shown = browser.wait_for_text("#error-text", "Stripe")["text"]
+    assert shown == "Stripe couldn't open the page for your account. Please try again later."
+    assert browser.call("url") == f"{stack.url}/", "the page should stay, not redirect"
+    focused = browser.focused()
+    assert focused is not None
+    assert focused["id"] == "creator-onboard", "focus should return to the button"
+    assert browser.text("#creator-onboard") == "Sell your agents"
 
 
 # --- a second start ------------------------------------------------------------------------------

@@ -39,12 +39,11 @@ from tests.app_support import (
     sign,
 )
 from tests.stripe_double import StripeDouble
-from tests.stripe_fixtures import StripeEvent, derive, fixture_event
+from tests.stripe_fixtures import StripeEvent, account_updated, derive, fixture_event
 from token_billing.cli import main
 from token_billing.server.app import create_app
 
 WEBHOOK = "/v1/webhooks/stripe"
-ACCOUNT_UPDATED = "pay-rails-stripe/account.updated.json"
 REFUND = "openapi-fixtures3/refund.json"
 DISPUTE = "stripe-ruby-mock-webhook_fixtures/charge.dispute.created.json"
 CHECKOUT = "stripe-ruby-mock-webhook_fixtures/checkout.session.completed.json"
@@ -105,26 +104,6 @@ def event_detail(db: Database, event: StripeEvent) -> tuple[str, str]:
         ).fetchone()
     assert row is not None
     return str(row[0]), str(row[1])
-
-
-def account_updated(
-    account_id: str, *, charges: bool, payouts: bool, created: int, submitted: bool = True
-) -> StripeEvent:
-    """pay-rails' real account.updated envelope, for this connected account and state."""
-    base = fixture_event(ACCOUNT_UPDATED)
-    event = derive(
-        base,
-        event_id=f"evt_acct_{next(_counter)}",
-        created=created,
-        paths={
-            "id": account_id,
-            "charges_enabled": charges,
-            "payouts_enabled": payouts,
-            "details_submitted": submitted,
-        },
-    )
-    event.payload["account"] = account_id  # the Connect endpoint's field: whose event it is
-    return StripeEvent(event.payload, event.source, (*event.changes, f"account={account_id}"))
 
 
 def onboarded_creator(
@@ -286,7 +265,17 @@ def test_a_creator_should_onboard_once_and_list_only_with_charges_enabled(
     )
 
     # account.updated (signed, the Connect endpoint's event): the state as Stripe says.
-    enabled = account_updated(account_id, charges=True, payouts=False, created=1_800_000_000)
+    enabled = account_updated(
+        account_id,
+        charges=True,
+        payouts=False,
+        created=1_800_000_000,
+        requirements={
+            "currently_due": ["external_account", "tos_acceptance.date"],
+            "past_due": ["tos_acceptance.date"],
+            "disabled_reason": "requirements.past_due",
+        },
+    )
     assert deliver(client, enabled)["status"] == "applied"
     assert (
         scalar(
@@ -297,6 +286,13 @@ def test_a_creator_should_onboard_once_and_list_only_with_charges_enabled(
         )
         == "(t,f,t)"
     )
+    summary = client.get("/v1/creators/me", headers=bearer(creator)).json()
+    assert summary["requirements_due"] == ["tos_acceptance.date", "external_account"], (
+        "what Stripe needs should be past due first, each once"
+    )
+    assert summary["disabled_reason"] == "requirements.past_due"
+    assert summary["deauthorized_at"] is None
+    assert summary["recent_earnings"] == []
     # An older event of the account is stale; another platform's account is ignored.
     older = account_updated(account_id, charges=False, payouts=False, created=1_799_999_999)
     assert deliver(client, older)["status"] == "stale"
@@ -626,12 +622,24 @@ def test_tokens_spent_on_an_agent_should_earn_the_creator_an_exact_share(
         mine = conn.execute(
             "select kind, amount_microcents, balance_microcents from public.my_creator_earnings()"
         ).fetchall()
+        mine_full = conn.execute(
+            "select kind, amount_microcents, balance_microcents, tokens "
+            "from public.my_creator_earnings()"
+        ).fetchall()
     assert mine[0] == ("usage_share", 22_666_664, balance_microcents(db, creator))
     assert len(mine) == 5
     with db.as_user(user) as conn:
         assert conn.execute("select count(*) from public.my_creator_earnings()").fetchone() == (0,)
     summary = client.get("/v1/creators/me", headers=bearer(creator)).json()
     assert summary["balance_microcents"] == balance_microcents(db, creator)
+    assert [
+        (e["kind"], e["amount_microcents"], e["balance_microcents"], e["tokens"])
+        for e in summary["recent_earnings"]
+    ] == [tuple(row) for row in mine_full], (
+        "the summary should carry the entries my_creator_earnings() shows the creator"
+    )
+    assert summary["recent_earnings"][0]["product_code"] == "agent_runs"
+    assert summary["requirements_due"] == []
     assert summary["earned_microcents"] == balance_microcents(db, creator)
     assert summary["commission_bps"] == 1500
     assert client.get("/v1/creators/me", headers=bearer(user)).status_code == 404
@@ -685,6 +693,12 @@ def test_earnings_on_tokens_later_refunded_should_be_reversed_with_a_debt_beyond
     kinds = earnings(db, creator)[20:]
     assert kinds == [("usage_share_reversed", -share)] * 5 + [("debt", -share)] * 4
     assert balance_microcents(db, creator) == -4 * share
+    latest = client.get("/v1/creators/me", headers=bearer(creator)).json()["recent_earnings"]
+    assert [(e["kind"], e["balance_microcents"]) for e in latest[:2]] == [
+        ("debt", -4 * share),
+        ("debt", -3 * share),
+    ], "the latest entries should come newest first, each with the balance after it"
+    assert len(latest) == 10, "the summary should carry the latest 10 of the 29 entries"
     assert (
         scalar(
             db,

@@ -5,6 +5,9 @@ The page itself is tested in a real browser in tests/test_browser.py.
 
 from __future__ import annotations
 
+import json
+import random
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from tests.app_support import (
     running_server,
     settings_for,
 )
+from tests.browser_support import dollars
 from token_billing.server.app import create_app
 from token_billing.server.routes import dev
 from token_billing.server.settings import load_settings
@@ -241,3 +245,69 @@ def test_examples_should_typecheck_against_the_real_supabase_js_and_react_types(
     """tsc --noEmit over examples/web, useTokenBalance.ts included (strict)."""
     proc = web_build.typecheck()
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_money_should_format_integer_amounts_exactly(tmp_path: Path) -> None:
+    """examples/web/money.ts, bundled by esbuild and run by node, against Python's decimals:
+    cents and micro-cents up to 2^53 without a floating point digit wrong."""
+    bundle = tmp_path / "money.mjs"
+    built = subprocess.run(
+        [
+            str(web_build.BIN / "esbuild"),
+            str(web_build.WEB / "money.ts"),
+            "--format=esm",
+            f"--outfile={bundle}",
+            "--log-level=warning",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    rng = random.Random(19)
+    edges = [0, 1, -1, 5, -5, 29, 999_999, -999_999, 1_000_000, 55_999_992, 18_666_664]
+    edges += [-106_666_656, 100_000_000, 2**53 - 1, -(2**53 - 1), 123_456_789_012]
+    amounts = edges + [rng.randint(-(2**53 - 1), 2**53 - 1) for _ in range(300)]
+    amounts += [rng.randint(-(10**9), 10**9) for _ in range(300)]
+    runner = tmp_path / "run.mjs"
+    runner.write_text(
+        'import * as money from "./money.mjs";\n'
+        'import { readFileSync } from "node:fs";\n'
+        "const amounts = JSON.parse(readFileSync(process.argv[2], 'utf8'));\n"
+        "const out = amounts.map((a) => [money.formatMinor(a, 'usd'), money.formatMicro(a, 'usd'),"
+        " money.formatMicroExact(a, 'usd'), money.hasFraction(a)]);\n"
+        "out.push([money.formatMinor(500, 'jpy'), money.formatMicro(12_000_000, 'JPY')]);\n"
+        "try { money.formatMinor(0.1 + 0.2, 'usd'); out.push('no error'); }"
+        " catch (e) { out.push(e.name); }\n"
+        "console.log(JSON.stringify(out));\n"
+    )
+    cases = tmp_path / "amounts.json"
+    cases.write_text(json.dumps(amounts))
+    ran = subprocess.run(
+        ["node", str(runner), str(cases)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    *formatted, yen, fraction_error = json.loads(ran.stdout)
+    wrong = [
+        (amount, got, want)
+        for amount, got in zip(amounts, formatted, strict=True)
+        if got
+        != (
+            want := [
+                dollars(amount, 2, 2),
+                dollars(amount, 8, 2),
+                dollars(amount, 8, None),
+                amount % 1_000_000 != 0,
+            ]
+        )
+    ]
+    assert wrong == [], f"money.ts should print exact amounts: {wrong[:5]}"
+    assert formatted[edges.index(55_999_992)][1:3] == ["$0.55", "$0.55999992"]
+    assert formatted[edges.index(-999_999)][1] == "$0.00", "no minus sign on a zero figure"
+    assert yen == ["¥500", "¥12"], "a currency without cents should have no decimals"
+    assert fraction_error == "RangeError", "a fraction is no amount: refused, not rounded"

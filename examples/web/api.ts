@@ -48,6 +48,59 @@ export interface LedgerEntry {
   created_at: string;
 }
 
+/** One entry of the creator's earnings ledger; amounts in micro-cents (10^6 a cent). */
+export interface CreatorEarning {
+  id: number;
+  kind: string;
+  amount_microcents: number;
+  balance_microcents: number;
+  product_code: string | null;
+  tokens: number | null;
+  created_at: string;
+}
+
+export interface CreatorPayout {
+  id: string;
+  period: string;
+  amount_cents: number;
+  currency: string;
+  status: "pending" | "paid" | "failed";
+  stripe_transfer_id: string | null;
+  reversed_cents: number;
+}
+
+/** GET /v1/creators/me: the Stripe account's state, the earnings (micro-cents) and payouts. */
+export interface CreatorSummary {
+  stripe_account_id: string;
+  charges_enabled: boolean;
+  payouts_enabled: boolean;
+  details_submitted: boolean;
+  requirements_due: string[];
+  disabled_reason: string | null;
+  deauthorized_at: string | null;
+  commission_bps: number;
+  currency: string;
+  balance_microcents: number;
+  settled_microcents: number;
+  earned_microcents: number;
+  debt_microcents: number;
+  paid_out_cents: number;
+  recent_earnings: CreatorEarning[];
+  payouts: CreatorPayout[];
+}
+
+/** An agent of the marketplace (GET /v1/listings). */
+export interface Listing {
+  code: string;
+  name: string;
+  description: string | null;
+  price_cents: number | null;
+  currency: string;
+  tokens_per_run: number;
+  creator_id: string;
+  purchasable: boolean;
+}
+
 export interface DevSession {
   access_token: string;
   expires_in: number;
@@ -142,6 +195,38 @@ export class TokenBillingApi {
       headers: { "Content-Type": "application/json", "Idempotency-Key": crypto.randomUUID() },
       body: JSON.stringify({ product, quantity: 1 }),
     });
+  }
+
+  /** The signed-in user's creator account, or null when the user is not a creator yet. */
+  async creator(): Promise<CreatorSummary | null> {
+    try {
+      return await this.call<CreatorSummary>("/v1/creators/me");
+    } catch (error) {
+      if (error instanceof ApiFailure && error.code === "not_a_creator") return null;
+      throw error;
+    }
+  }
+
+  /** Become a creator (the Stripe Express account is made once): Stripe's onboarding link, a
+   * single-use URL the caller redirects to. */
+  creatorOnboarding(): Promise<{ stripe_account_id: string; url: string }> {
+    return this.call("/v1/creators/onboard", {
+      method: "POST",
+      headers: { "Idempotency-Key": crypto.randomUUID() },
+    });
+  }
+
+  /** A login link to the creator's Stripe Express dashboard (single use). */
+  creatorDashboard(): Promise<{ url: string }> {
+    return this.call("/v1/creators/dashboard", {
+      method: "POST",
+      headers: { "Idempotency-Key": crypto.randomUUID() },
+    });
+  }
+
+  /** The marketplace's active listings (no token needed). */
+  async listings(): Promise<Listing[]> {
+    return (await this.call<{ listings: Listing[] }>("/v1/listings")).listings;
   }
 
   /** Development only: a token for the demo user (the route 404s in production). */

@@ -1,5 +1,6 @@
 // The token page: sign-in (demo), balance with the plan's entitlements and a low-balance warning,
-// catalog with Checkout (plans monthly or annually), recent activity, live updates.
+// catalog with Checkout (plans monthly or annually), recent activity, live updates, and the
+// Creator section (Stripe Connect onboarding, earnings, payouts, listings).
 //
 // It reads config.json next to the page: where the API is (apiUrl, "" for the same origin) and,
 // when Supabase Realtime is available, the project URL and anon key. Without them the balance
@@ -8,13 +9,24 @@
 import {
   TokenBillingApi,
   type Balance,
+  type CreatorEarning,
+  type CreatorPayout,
+  type CreatorSummary,
   type Entitlements,
   type LedgerEntry,
+  type Listing,
   type Product,
   type ProductPrice,
 } from "./api";
 import { realtimeBalance, streamBalance, type LiveHandlers, type LiveState, type Stop } from "./live";
-import { isExpired, plainWords, type Context } from "./messages";
+import {
+  disabledInWords,
+  isExpired,
+  plainWords,
+  requirementInWords,
+  type Context,
+} from "./messages";
+import { formatMicro, formatMicroExact, formatMinor, hasFraction } from "./money";
 
 interface Config {
   apiUrl: string;
@@ -90,6 +102,7 @@ let catalog: Product[] = [];
 // The share of the plan's tokens below which the page warns (the seed's alert threshold).
 const LOW_BALANCE_SHARE = 0.2;
 let ledgerTimer: ReturnType<typeof setTimeout> | undefined;
+let creatorShown: CreatorSummary | null = null;
 let client = new TokenBillingApi("", () => session?.token ?? null);
 
 // --- messages ------------------------------------------------------------------------------
@@ -224,10 +237,7 @@ function price(product: Product): string {
   const chosen = product.kind === "plan" ? planPrice(product) : null;
   const cents = chosen ? chosen.unit_amount : product.price_cents;
   if (cents == null) return "";
-  const money = new Intl.NumberFormat("en-US", {
-    style: "currency",
-    currency: (chosen?.currency ?? product.currency ?? "usd").toUpperCase(),
-  }).format(cents / 100);
+  const money = formatMinor(cents, chosen?.currency ?? product.currency ?? "usd");
   if (product.kind !== "plan") return money;
   return chosen?.interval === "year" ? `${money} a year` : `${money} a month`;
 }
@@ -308,6 +318,227 @@ function renderLedger(entries: LedgerEntry[]): void {
     after.textContent = numbers.format(entry.balance_after);
     row.append(when, what, amount, after);
     body.append(row);
+  }
+}
+
+// --- the Creator section -------------------------------------------------------------------
+
+/** Basis points as a percentage, in integer arithmetic: 2000 is "20%", 1250 "12.5%". */
+function percent(bps: number): string {
+  const whole = Math.trunc(bps / 100);
+  const rest = String(bps % 100).padStart(2, "0").replace(/0+$/, "");
+  return rest ? `${whole}.${rest}%` : `${whole}%`;
+}
+
+function yesOrNot(value: boolean): string {
+  return value ? "Yes" : "Not yet";
+}
+
+function creatorState(summary: CreatorSummary): string {
+  if (summary.deauthorized_at) {
+    return "Your Stripe account is no longer connected to this platform: no sales and no payouts.";
+  }
+  if (!summary.details_submitted) {
+    return "Your Stripe onboarding isn't finished. Continue it to start selling.";
+  }
+  if (summary.charges_enabled && summary.payouts_enabled) {
+    return "Your Stripe account can take payments and be paid out.";
+  }
+  if (summary.charges_enabled) {
+    return "Your Stripe account can take payments; payouts start once Stripe has what it needs.";
+  }
+  return "Stripe needs more before your account can take payments.";
+}
+
+const EARNING_KINDS: Record<string, string> = {
+  usage_share: "Your share of tokens spent",
+  usage_share_reversed: "Share taken back (the tokens were refunded)",
+  sale: "Sale",
+  debt: "Owed back",
+  payout: "Payout",
+  payout_returned: "Payout returned",
+};
+
+function earningWhat(entry: CreatorEarning): string {
+  const kind = EARNING_KINDS[entry.kind] ?? entry.kind.replaceAll("_", " ");
+  const tokens = entry.tokens ? ` (${numbers.format(entry.tokens)} tokens)` : "";
+  return entry.product_code ? `${kind} on ${entry.product_code}${tokens}` : `${kind}${tokens}`;
+}
+
+function signed(text: string, amount: number): string {
+  // formatMicroExact writes "−" for a debit; a credit gets its "+".
+  return amount > 0 ? `+${text}` : text;
+}
+
+function cell(text: string, className?: string): HTMLTableCellElement {
+  const td = document.createElement("td");
+  td.textContent = text;
+  if (className) td.className = className;
+  return td;
+}
+
+function renderEarnings(entries: CreatorEarning[], currency: string): void {
+  const body = $("creator-earnings-rows");
+  body.replaceChildren();
+  $("creator-earnings-empty").hidden = entries.length > 0;
+  $("creator-earnings").hidden = entries.length === 0;
+  for (const entry of entries) {
+    const row = document.createElement("tr");
+    row.append(
+      cell(times.format(new Date(entry.created_at))),
+      cell(earningWhat(entry)),
+      cell(
+        signed(formatMicroExact(entry.amount_microcents, currency), entry.amount_microcents),
+        "num " + (entry.amount_microcents >= 0 ? "credit" : "debit"),
+      ),
+      cell(formatMicroExact(entry.balance_microcents, currency), "num"),
+    );
+    body.append(row);
+  }
+}
+
+const PAYOUT_STATUS: Record<CreatorPayout["status"], string> = {
+  pending: "On its way",
+  paid: "Paid",
+  failed: "Failed: the money is back in your balance",
+};
+
+function renderPayouts(payouts: CreatorPayout[]): void {
+  const body = $("creator-payout-rows");
+  body.replaceChildren();
+  $("creator-payouts-empty").hidden = payouts.length > 0;
+  $("creator-payout-table").hidden = payouts.length === 0;
+  for (const payout of payouts) {
+    let status = PAYOUT_STATUS[payout.status] ?? payout.status;
+    if (payout.reversed_cents > 0) {
+      status += ` (${formatMinor(payout.reversed_cents, payout.currency)} reversed)`;
+    }
+    const row = document.createElement("tr");
+    row.append(
+      cell(payout.period),
+      cell(status),
+      cell(formatMinor(payout.amount_cents, payout.currency), "num"),
+    );
+    body.append(row);
+  }
+}
+
+function renderListings(listings: Listing[]): void {
+  const list = $("creator-listings");
+  list.replaceChildren();
+  $("creator-listings-empty").hidden = listings.length > 0;
+  list.hidden = listings.length === 0;
+  for (const listing of listings) {
+    const item = document.createElement("li");
+    item.dataset["listing"] = listing.code;
+    const name = document.createElement("strong");
+    name.textContent = listing.name;
+    const prices = [];
+    if (listing.price_cents !== null) prices.push(formatMinor(listing.price_cents, listing.currency));
+    if (listing.tokens_per_run > 0) prices.push(`${numbers.format(listing.tokens_per_run)} tokens a run`);
+    const details = document.createElement("span");
+    details.className = "muted";
+    details.textContent =
+      ` (${listing.code}): ${prices.join(", ") || "no price"}` +
+      (listing.purchasable || listing.price_cents === null ? "" : ", not for sale right now");
+    item.append(name, details);
+    list.append(item);
+  }
+}
+
+function renderCreator(summary: CreatorSummary | null, listings: Listing[]): void {
+  const previous = creatorShown;
+  creatorShown = summary;
+  $("creator").setAttribute("aria-busy", "false");
+  $("creator-join").hidden = summary !== null;
+  $("creator-account").hidden = summary === null;
+  if (!summary) return;
+  const currency = summary.currency;
+  $("creator-state").textContent = creatorState(summary);
+  const disabled = $("creator-disabled");
+  disabled.hidden = !summary.disabled_reason;
+  disabled.textContent = summary.disabled_reason ? disabledInWords(summary.disabled_reason) : "";
+  $("creator-charges").textContent = yesOrNot(summary.charges_enabled);
+  $("creator-payouts-enabled").textContent = yesOrNot(summary.payouts_enabled);
+  $("creator-commission").textContent =
+    `${percent(summary.commission_bps)} (you keep ${percent(10000 - summary.commission_bps)})`;
+
+  const needs = [...new Set(summary.requirements_due.map(requirementInWords))];
+  const list = $("creator-requirement-list");
+  list.replaceChildren(
+    ...needs.map((need) => {
+      const item = document.createElement("li");
+      item.textContent = need;
+      return item;
+    }),
+  );
+  $("creator-requirements").hidden = needs.length === 0;
+  const connected = !summary.deauthorized_at;
+  const more = $("creator-continue");
+  more.hidden = !connected || (summary.details_submitted && needs.length === 0);
+  // The same onboarding link collects what Stripe asks for after onboarding.
+  more.textContent = summary.details_submitted ? "Give Stripe what it needs" : "Continue onboarding";
+  $("creator-dashboard").hidden = !connected || !summary.details_submitted;
+
+  const balance = $("creator-balance");
+  balance.textContent = formatMicro(summary.balance_microcents, currency);
+  const exact = $("creator-balance-exact");
+  exact.hidden = !hasFraction(summary.balance_microcents);
+  exact.textContent =
+    `Exactly ${formatMicroExact(summary.balance_microcents, currency)}. ` +
+    "Payouts take whole cents; the fraction stays in your balance.";
+  if (previous && previous.balance_microcents !== summary.balance_microcents) {
+    balance.classList.add("changed");
+    setTimeout(() => balance.classList.remove("changed"), 1200);
+  }
+  $("creator-settled").textContent = formatMicro(summary.settled_microcents, currency);
+  $("creator-earned").textContent = formatMicro(summary.earned_microcents, currency);
+  $("creator-paid-out").textContent = formatMinor(summary.paid_out_cents, currency);
+  $("creator-debt-fact").hidden = summary.debt_microcents <= 0;
+  $("creator-debt").textContent = formatMicro(summary.debt_microcents, currency);
+
+  renderEarnings(summary.recent_earnings, currency);
+  renderPayouts(summary.payouts);
+  renderListings(listings);
+}
+
+async function loadCreator(): Promise<void> {
+  const current = session;
+  if (!current) return;
+  try {
+    const summary = await client.creator();
+    const listings = summary ? await client.listings() : [];
+    if (session !== current) return; // signed out (or in as someone else) meanwhile
+    renderCreator(
+      summary,
+      listings.filter((listing) => listing.creator_id === current.userId),
+    );
+  } catch (error) {
+    $("creator").setAttribute("aria-busy", "false");
+    fail(error, "load");
+  }
+}
+
+/** Onboarding (a first time or to continue) or the Express dashboard: Stripe's page, in this
+ * tab, as Checkout opens. */
+async function openStripe(
+  button: HTMLButtonElement,
+  link: () => Promise<{ url: string }>,
+): Promise<void> {
+  clearError();
+  const label = button.textContent;
+  button.disabled = true;
+  button.setAttribute("aria-busy", "true");
+  button.textContent = "Opening Stripe…";
+  try {
+    const { url } = await link();
+    window.location.assign(url);
+  } catch (error) {
+    fail(error, "creator");
+    button.disabled = false;
+    button.removeAttribute("aria-busy");
+    button.textContent = label;
+    if (!$("error").hidden) button.focus();
   }
 }
 
@@ -399,6 +630,7 @@ function signedOut(message?: string): void {
   session = null;
   saveSession(null);
   shown = null;
+  creatorShown = null;
   $("signed-in").hidden = true;
   $("account").hidden = true;
   // An error with its own "Sign in again" button replaces the sign-in card.
@@ -466,6 +698,8 @@ async function start(): Promise<void> {
     fail(error, "load");
     return;
   }
+  // On its own: a creator's figures coming late (or not at all) keeps the balance live.
+  void loadCreator();
   stop();
   await startLive(current);
 }
@@ -480,7 +714,19 @@ function checkoutReturn(): void {
   } else if (outcome === "cancel") {
     showNotice("Checkout cancelled. Nothing was charged.");
   }
-  if (outcome) window.history.replaceState(null, "", window.location.pathname);
+  // Stripe's onboarding sends the creator back here (return_url) or, when its link expired,
+  // to ask for a new one (refresh_url).
+  const creator = params.get("creator");
+  if (creator === "onboarded") {
+    showNotice(
+      "Welcome back from Stripe. Your account's state is in the Creator section; Stripe may take a minute to confirm your details.",
+    );
+  } else if (creator === "refresh") {
+    showNotice(
+      "The Stripe link expired (each link works once, for a few minutes). Open it again from the Creator section.",
+    );
+  }
+  if (outcome || creator) window.history.replaceState(null, "", window.location.pathname);
 }
 
 async function boot(): Promise<void> {
@@ -494,6 +740,13 @@ async function boot(): Promise<void> {
   $("sign-in-button").addEventListener("click", () => void signIn());
   $("error-sign-in").addEventListener("click", () => void signIn());
   $("sign-out").addEventListener("click", () => signedOut());
+  const onboard = $<HTMLButtonElement>("creator-onboard");
+  onboard.addEventListener("click", () => void openStripe(onboard, () => client.creatorOnboarding()));
+  const again = $<HTMLButtonElement>("creator-continue");
+  again.addEventListener("click", () => void openStripe(again, () => client.creatorOnboarding()));
+  const dashboard = $<HTMLButtonElement>("creator-dashboard");
+  dashboard.addEventListener("click", () => void openStripe(dashboard, () => client.creatorDashboard()));
+  $("creator-refresh").addEventListener("click", () => void loadCreator());
   for (const radio of document.querySelectorAll<HTMLInputElement>('input[name="interval"]')) {
     radio.addEventListener("change", () => renderProducts(catalog));
   }

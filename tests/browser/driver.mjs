@@ -41,16 +41,22 @@ page.on("console", (message) => {
 });
 page.on("pageerror", (error) => log.push(`pageerror: ${error.message}`));
 
-// Stripe's hosted pages are not reachable here: a navigation to one lands on a stand-in.
+// Stripe's hosted pages (Checkout, Connect onboarding and the Express dashboard) are not
+// reachable here: a navigation to one lands on a stand-in.
 const stripeVisits = [];
-await context.route("https://checkout.stripe.com/**", async (route) => {
-  stripeVisits.push(route.request().url());
-  await route.fulfill({
-    status: 200,
-    contentType: "text/html",
-    body: "<!doctype html><title>Stripe Checkout</title><h1>Stripe Checkout (stand-in)</h1>",
+for (const [pattern, title] of [
+  ["https://checkout.stripe.com/**", "Stripe Checkout"],
+  ["https://connect.stripe.com/**", "Stripe Connect"],
+]) {
+  await context.route(pattern, async (route) => {
+    stripeVisits.push(route.request().url());
+    await route.fulfill({
+      status: 200,
+      contentType: "text/html",
+      body: `<!doctype html><title>${title}</title><h1>${title} (stand-in)</h1>`,
+    });
   });
-});
+}
 
 async function textOf(selector) {
   return (await page.locator(selector).first().textContent()) ?? "";

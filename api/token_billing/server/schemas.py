@@ -275,19 +275,52 @@ class CreatorPayout(Model):
     reversed_cents: int
 
 
+class CreatorEarning(Model):
+    """One entry of the creator's earnings ledger (public.my_creator_earnings, through RLS)."""
+
+    id: int
+    kind: str = Field(
+        description="usage_share, usage_share_reversed, debt, payout, payout_returned, ..."
+    )
+    amount_microcents: int = Field(description="Signed: credits positive, debits negative.")
+    balance_microcents: int = Field(description="The earnings balance after this entry.")
+    product_code: str | None = Field(default=None, description="The listing it came from.")
+    tokens: int | None = Field(default=None, description="Tokens spent (a usage share).")
+    created_at: datetime
+
+
 class CreatorSummary(Model):
     """The signed-in creator's account state, earnings and payouts."""
+
+    # The latest earnings entries the summary carries.
+    RECENT_EARNINGS: ClassVar[int] = 10
 
     stripe_account_id: str
     charges_enabled: bool
     payouts_enabled: bool
     details_submitted: bool
+    requirements_due: list[str] = Field(
+        description="What Stripe needs now (requirements.currently_due and past_due of the last "
+        "account.updated), e.g. external_account."
+    )
+    disabled_reason: str | None = Field(
+        default=None, description="Stripe's requirements.disabled_reason (null: none)."
+    )
+    deauthorized_at: datetime | None = Field(
+        default=None, description="When the account left the platform (no sales nor payouts)."
+    )
     commission_bps: int = Field(description="The platform's commission, basis points.")
+    currency: Literal["usd"] = Field(
+        default="usd", description="The earnings' currency (creators earn in USD)."
+    )
     balance_microcents: int = Field(description="Earnings owed now, millionths of a cent.")
     settled_microcents: int = Field(description="Of which payable now (past the hold).")
     earned_microcents: int = Field(description="Usage revenue share earned in total.")
     debt_microcents: int = Field(description="Debt entries (refunds, disputes beyond the balance).")
     paid_out_cents: int = Field(description="Paid out in total, net of returns.")
+    recent_earnings: list[CreatorEarning] = Field(
+        description="The latest earnings entries (at most 10), newest first."
+    )
     payouts: list[CreatorPayout]
 
 

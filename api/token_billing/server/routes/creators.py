@@ -6,7 +6,8 @@ before any link is handed out) and answers an onboarding AccountLink; POST /v1/c
 a login link to the Express dashboard. Stripe's account.updated events (handle_stripe_event)
 keep charges_enabled and payouts_enabled; only a creator with charges_enabled can list
 (POST /v1/creators/listings). GET /v1/listings is the marketplace's catalog, GET /v1/creators/me
-the creator's earnings (micro-cents) and payouts.
+the creator's Stripe state (what Stripe still needs), earnings (micro-cents: the statement, the
+latest entries read through RLS) and payouts.
 """
 
 from __future__ import annotations
@@ -137,15 +138,41 @@ async def me(request: Request) -> Response:
         raise ApiError(404, "not_a_creator", "not a creator yet: POST /v1/creators/onboard first")
     statement = (await rt.db.rpc("creator_statement", {"p_creator_id": str(user.id)}))[0]
     payouts = await rt.db.rpc("list_creator_payouts", {"p_creator_id": str(user.id)})
+    # As the user, through RLS, as a browser's Data API call would read them. The function has
+    # no limit: it reads every entry of the creator (see docs/marketplace.md).
+    entries = await rt.db.rpc("my_creator_earnings", {}, user=user)
     return schemas.respond(
         schemas.CreatorSummary.model_validate(
             {
                 **creator,
                 **statement,
+                **stripe_requirements(creator["requirements"]),
+                "recent_earnings": [
+                    schemas.CreatorEarning.model_validate(e)
+                    for e in entries[: schemas.CreatorSummary.RECENT_EARNINGS]
+                ],
                 "payouts": [schemas.CreatorPayout.model_validate(p) for p in payouts],
             }
         )
     )
+
+
+def stripe_requirements(requirements: Any) -> dict[str, Any]:
+    """What Stripe's requirements object (as the last account.updated stored it) asks now:
+    the fields currently due and past due, in Stripe's order without repeats, and why the
+    account is disabled."""
+    if not isinstance(requirements, dict):
+        return {"requirements_due": [], "disabled_reason": None}
+    due: list[str] = []
+    for key in ("past_due", "currently_due"):
+        values = requirements.get(key)
+        if isinstance(values, list):
+            due.extend(v for v in values if isinstance(v, str) and v not in due)
+    reason = requirements.get("disabled_reason")
+    return {
+        "requirements_due": due,
+        "disabled_reason": reason if isinstance(reason, str) and reason else None,
+    }
 
 
 routes: list[BaseRoute] = [
