@@ -26,14 +26,25 @@ from token_billing.db import PostgresDatabase
 T = TypeVar("T")
 
 
-def run(db: Database, body: Callable[[TokenBilling, DeductCoalescer], Awaitable[T]]) -> T:
+def run(
+    db: Database,
+    body: Callable[[TokenBilling, DeductCoalescer], Awaitable[T]],
+    *,
+    max_in_flight: int = 2,
+    split_min_items: int = 8,
+) -> T:
     """Run `body` with a coalescing TokenBilling on its own pool, in a fresh event loop."""
 
     async def main() -> T:
-        database = PostgresDatabase(db.dsn(), min_size=1, max_size=4)
+        database = PostgresDatabase(db.dsn(), min_size=1, max_size=max_in_flight + 2)
         await database.open()
         # A long window: the calls of one gather always land in one batch.
-        coalescer = DeductCoalescer(database, window_seconds=0.05, max_in_flight=2)
+        coalescer = DeductCoalescer(
+            database,
+            window_seconds=0.05,
+            max_in_flight=max_in_flight,
+            split_min_items=split_min_items,
+        )
         try:
             return await body(TokenBilling(database, coalescer=coalescer), coalescer)
         finally:
@@ -77,6 +88,47 @@ def test_concurrent_deducts_should_share_batches_and_each_get_its_own_result(
         "where idempotency_key like 'co-%%'",
     )
     assert batches < 40, "the calls should have been committed in shared batches"
+    assert scalar(db, "select count(*) from billing.check_invariants()") == 0
+
+
+def transactions_by_user(db: Database, prefix: str) -> dict[str, set[str]]:
+    """The transactions (xmin) that wrote each user's entries under keys with this prefix."""
+    rows = scalar(
+        db,
+        "select coalesce(jsonb_object_agg(u, xmins), '{}') from ("
+        " select user_id::text as u, jsonb_agg(distinct xmin::text) as xmins"
+        " from billing.ledger_entries where idempotency_key like %s group by user_id) as t",
+        [prefix + "%"],
+    )
+    return {user: set(xmins) for user, xmins in rows.items()}
+
+
+@pytest.mark.parametrize("split_min_items", [8, 0])
+def test_a_batch_should_split_over_free_slots_by_whole_accounts(
+    db: Database, split_min_items: int
+) -> None:
+    users = [new_user(db) for _ in range(6)]
+    prefix = f"split-{split_min_items}-"
+
+    async def body(tokens: TokenBilling, coalescer: DeductCoalescer) -> list[Result]:
+        return await asyncio.gather(
+            *(tokens.deduct(users[n % 6], 1, key=f"{prefix}{n}") for n in range(48))
+        )
+
+    results = run(db, body, max_in_flight=4, split_min_items=split_min_items)
+    assert [r.status for r in results] == ["applied"] * 48
+    by_user = transactions_by_user(db, prefix)
+    assert sorted(by_user) == sorted(str(u) for u in users)
+    assert all(len(xmins) == 1 for xmins in by_user.values()), (
+        "every item of one account should be in the same part, one transaction"
+    )
+    parts = len(set().union(*by_user.values()))
+    if split_min_items:
+        # 48 items, 6 accounts, 3 free slots beside the sender's: 4 parts of whole accounts.
+        assert parts == 4, f"the batch should have been split over the 4 slots, got {parts}"
+    else:
+        assert parts == 1, "split_min_items=0 should send the batch whole"
+    assert [account(db, u)["balance"] for u in users] == [100 - 8] * 6
     assert scalar(db, "select count(*) from billing.check_invariants()") == 0
 
 
