@@ -8,6 +8,9 @@ constant time, the in-process rate limit, then `get_billing_profile`). It prints
 of each and the difference of the p50s; issue 16's target is at most 0.3 ms.
 
     .venv/bin/python -m bench.api_keys [--requests 2000] [--rounds 5]
+
+`make bench` runs it too (bench.run: `api_key_rows`, 1,000 requests a path and round) and puts
+the p50 added, per round, in its table.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Sequence
 
 from starlette.testclient import TestClient
 
+from bench.report import Row
 from scripts.pgcluster import Database, build_template, temporary_cluster
 from tests.app_support import bearer, settings_for
 from token_billing.server.app import create_app
@@ -37,11 +41,8 @@ def _timed(client: TestClient, headers: dict[str, str], n: int) -> list[float]:
     return samples
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=2000, help="per path and round")
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args(argv)
+def measure(requests: int, rounds: int) -> dict[str, list[list[float]]]:
+    """Per path ("jwt", "api_key"), the latencies (ms) of each round, the paths alternating."""
     with temporary_cluster() as cluster:
         build_template(cluster, "tb_bench_keys")
         db = Database(cluster, "tb_bench_keys")
@@ -55,11 +56,45 @@ def main(argv: Sequence[str] | None = None) -> int:
             key = {"Authorization": f"Bearer {made['key']}"}
             _timed(client, jwt, 200)
             _timed(client, key, 200)
-            results: dict[str, list[float]] = {"jwt": [], "api_key": []}
-            for index in range(args.rounds):
+            results: dict[str, list[list[float]]] = {"jwt": [], "api_key": []}
+            for index in range(rounds):
                 order = ("jwt", "api_key") if index % 2 == 0 else ("api_key", "jwt")
                 for name in order:
-                    results[name] += _timed(client, jwt if name == "jwt" else key, args.requests)
+                    results[name].append(_timed(client, jwt if name == "jwt" else key, requests))
+    return results
+
+
+def p50(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def api_key_rows(requests: int, rounds: int) -> list[Row]:
+    """make bench's rows: the p50 an API key adds to a request over the JWT path (issue 16's
+    target: at most 0.3 ms), per round, and the two p50s."""
+    results = measure(requests, rounds)
+    jwt = [p50(r) for r in results["jwt"]]
+    key = [p50(r) for r in results["api_key"]]
+    label = f"GET /v1/balance one at a time, {requests} requests a path and round"
+    return [
+        Row(
+            f"API key minus Supabase JWT, p50 added ({label})",
+            "1",
+            "ms",
+            [k - j for k, j in zip(key, jwt, strict=True)],
+            op="<=",
+            target=0.3,
+        ),
+        Row(f"API key vs Supabase JWT, p50 ({label})", "1", "ms", key, "JWT", jwt),
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=2000, help="per path and round")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    rounds = measure(args.requests, args.rounds)
+    results = {name: [v for r in per_round for v in r] for name, per_round in rounds.items()}
 
     def pct(values: list[float], q: int) -> float:
         return statistics.quantiles(values, n=100)[q - 1]

@@ -191,6 +191,8 @@ BENCH_TABLES = (
     "bench_floor.ledger",
 )
 COALESCED_CALLERS = 32
+# GET /v1/balance requests per path and round of the API-key rows (bench/api_keys.py).
+API_KEY_REQUESTS = 1000
 
 
 @dataclass(frozen=True)
@@ -813,12 +815,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows += scale_rows
             notes += scale_notes
         rows += webhook_rows(cluster, opts, notes, tps(runs, "stripe/off/8"))
+        rows += api_key_rows(opts)
         text = render(rows, notes, opts, cluster, time.monotonic() - started)
     print(text)
     opts.output.parent.mkdir(parents=True, exist_ok=True)
     opts.output.write_text(text)
     log(f"wrote {opts.output}")
     return 0
+
+
+def api_key_rows(opts: Options) -> list[Row]:
+    """What an API key adds to a request over the JWT path (issue 16), on its own cluster."""
+    if opts.skip_webhooks:
+        return [Row("API key vs Supabase JWT", "1", "ms", [], note="skipped")]
+    from bench import api_keys
+
+    return api_keys.api_key_rows(API_KEY_REQUESTS, opts.rounds)
 
 
 def webhook_rows(
