@@ -6,12 +6,13 @@
 -- inserted: bench, fsync off, one client, the share cost a deduct 139 us in the server of its
 -- 239 us (a plain deduct: 76 us), 92 us of it outside any statement (plpgsql evaluating each
 -- expression, and calling the two SQL functions, afresh in every transaction). Now one insert
--- reads the listing, its creator's commission (else the platform's, else 20%) and the token
--- value and computes the share (rounded down to the micro-cent, as
--- billing.creator_share_microcents states); a second query runs only when nothing was
--- inserted, to refuse a listing that is not an agent as before. The same entries, keys and
--- errors.
--- Objects: redefines billing.accrue_creator_share(uuid, text, bigint, text, jsonb).
+-- reads the listing, its creator's commission (billing.creator_commission_bps' rule: the
+-- creator's, else the platform's, else 20%) and the token value and computes the share,
+-- floor(tokens x token value x (10000 - commission) / 10000) micro-cents; a second query runs
+-- only when nothing was inserted, to refuse a listing that is not an agent as before. The same
+-- entries, keys and errors. billing.creator_share_microcents, which only accrue called, goes.
+-- Objects: redefines billing.accrue_creator_share(uuid, text, bigint, text, jsonb); drops
+--   billing.creator_share_microcents(bigint, bigint, integer).
 
 create or replace function billing.accrue_creator_share(
   p_user_id uuid,
@@ -35,10 +36,11 @@ begin
   cross join billing.settings as s
   left join billing.creators as c on c.user_id = p.creator_id
   cross join lateral (
+    -- billing.creator_commission_bps, inline (a function call here would cost a plan a call).
     select coalesce(c.commission_bps, s.marketplace_commission_bps, 2000) as bps
   ) as b
   cross join lateral (
-    -- billing.creator_share_microcents, inline: rounded down to the micro-cent.
+    -- Rounding: down, to the micro-cent (the platform keeps less than a millionth of a cent).
     select
       b.bps,
       floor(p_tokens::numeric * s.creator_token_value_microcents * (10000 - b.bps) / 10000)::bigint
@@ -56,5 +58,7 @@ begin
   end if;
 end;
 $$;
+
+drop function billing.creator_share_microcents(bigint, bigint, integer);
 
 insert into billing.schema_migrations (version, name) values ('20261202900100', 'creator_share_one_statement');
