@@ -28,7 +28,8 @@ The price is latency: a call waits up to `window_seconds` before its batch leave
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import contextlib
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,26 +125,32 @@ class DeductCoalescer:
         self._waiting_senders += 1
         self._start(self._send())
 
-    async def _send(self) -> None:
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """One of the max_in_flight slots, counted in _busy while held (what _split reads)."""
         async with self._slots:
             self._busy += 1
             try:
-                self._waiting_senders -= 1
-                # The batch is what is pending when a slot frees: while every slot is busy, calls
-                # keep gathering into the next batch instead of queueing as small ones.
-                batch = self._pending[: self.max_items]
-                del self._pending[: self.max_items]
-                if self._pending and self._waiting_senders == 0:
-                    self._flush()
-                live = [p for p in batch if not p.future.done()]
-                if not live:
-                    return
-                parts = self._split(live)
-                for part in parts[1:]:
-                    self._start(self._send_part(part))
-                await self._execute(parts[0])
+                yield
             finally:
                 self._busy -= 1
+
+    async def _send(self) -> None:
+        async with self._slot():
+            self._waiting_senders -= 1
+            # The batch is what is pending when a slot frees: while every slot is busy, calls
+            # keep gathering into the next batch instead of queueing as small ones.
+            batch = self._pending[: self.max_items]
+            del self._pending[: self.max_items]
+            if self._pending and self._waiting_senders == 0:
+                self._flush()
+            live = [p for p in batch if not p.future.done()]
+            if not live:
+                return
+            parts = self._split(live)
+            for part in parts[1:]:
+                self._start(self._send_part(part))
+            await self._execute(parts[0])
 
     def _split(self, live: list[_Pending]) -> list[list[_Pending]]:
         """The batch in parts for the free slots: whole accounts per part, sizes balanced."""
@@ -161,18 +168,14 @@ class DeductCoalescer:
             min(parts, key=len).extend(group)
         return parts
 
-    def _start(self, coroutine: Any) -> None:
+    def _start(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _send_part(self, live: list[_Pending]) -> None:
-        async with self._slots:
-            self._busy += 1
-            try:
-                await self._execute(live)
-            finally:
-                self._busy -= 1
+        async with self._slot():
+            await self._execute(live)
 
     async def _execute(self, live: list[_Pending]) -> None:
         """One deduct_tokens_batch call for these callers; each gets its own answer."""
