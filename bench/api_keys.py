@@ -64,16 +64,12 @@ def measure(requests: int, rounds: int) -> dict[str, list[list[float]]]:
     return results
 
 
-def p50(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def api_key_rows(requests: int, rounds: int) -> list[Row]:
     """make bench's rows: the p50 an API key adds to a request over the JWT path (issue 16's
     target: at most 0.3 ms), per round, and the two p50s."""
     results = measure(requests, rounds)
-    jwt = [p50(r) for r in results["jwt"]]
-    key = [p50(r) for r in results["api_key"]]
+    jwt = [statistics.median(r) for r in results["jwt"]]
+    key = [statistics.median(r) for r in results["api_key"]]
     label = f"GET /v1/balance one at a time, {requests} requests a path and round"
     return [
         Row(

@@ -86,7 +86,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
     parser.add_argument("--output", type=Path, default=RESULTS, help="where the table goes")
     parser.add_argument("--skip-scaling", action="store_true", help="no 10^5/10^7 ledger run")
-    parser.add_argument("--skip-webhooks", action="store_true", help="no HTTP webhook run")
+    parser.add_argument(
+        "--skip-webhooks",
+        action="store_true",
+        help="no HTTP runs (the webhooks, and the API key against the JWT path)",
+    )
     parser.add_argument(
         "--scaling-only",
         action="store_true",
