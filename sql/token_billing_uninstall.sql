@@ -86,7 +86,8 @@ declare
     'public.complete_creator_payout(uuid, jsonb)',
     'public.fail_creator_payout(uuid, text)',
     'public.my_creator_payouts()',
-    'public.list_creator_payouts(uuid)'
+    'public.list_creator_payouts(uuid)',
+    'public.my_creator_earnings(integer)'
   ]::text[];
   v_triggers constant text[] := array[
     'tg_users__50_open_billing_account',

@@ -628,6 +628,11 @@ def test_tokens_spent_on_an_agent_should_earn_the_creator_an_exact_share(
         ).fetchall()
     assert mine[0] == ("usage_share", 22_666_664, balance_microcents(db, creator))
     assert len(mine) == 5
+    with db.as_user(creator) as conn:
+        latest = conn.execute(
+            "select kind, amount_microcents, balance_microcents from public.my_creator_earnings(2)"
+        ).fetchall()
+    assert latest == mine[:2], "a limit should keep the newest entries and their balances"
     with db.as_user(user) as conn:
         assert conn.execute("select count(*) from public.my_creator_earnings()").fetchone() == (0,)
     summary = client.get("/v1/creators/me", headers=bearer(creator)).json()

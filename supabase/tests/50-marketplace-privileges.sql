@@ -66,7 +66,7 @@ select is_empty(
   $$
     select f.signature
     from (values
-      ('public.my_creator()'), ('public.my_agents()'), ('public.my_creator_earnings()'),
+      ('public.my_creator()'), ('public.my_agents()'), ('public.my_creator_earnings(integer)'),
       ('public.my_creator_payouts()')
     ) as f (signature)
     where has_function_privilege('anon', f.signature::regprocedure, 'execute')
@@ -78,7 +78,7 @@ select ok(
     select bool_and(has_function_privilege('authenticated', f.signature::regprocedure, 'execute'))
     from (
       values
-      ('public.my_creator()'), ('public.my_agents()'), ('public.my_creator_earnings()'),
+      ('public.my_creator()'), ('public.my_agents()'), ('public.my_creator_earnings(integer)'),
       ('public.my_creator_payouts()')
     ) as f (signature)
   ),
@@ -89,7 +89,7 @@ select is_empty(
     select p.oid::regprocedure::text from pg_proc as p
     where p.oid in (
       'public.my_creator()'::regprocedure, 'public.my_agents()'::regprocedure,
-      'public.my_creator_earnings()'::regprocedure, 'public.my_creator_payouts()'::regprocedure
+      'public.my_creator_earnings(integer)'::regprocedure, 'public.my_creator_payouts()'::regprocedure
     ) and p.prosecdef
   $$,
   'the my_* marketplace functions should be security invoker (they read through RLS)'

@@ -138,19 +138,17 @@ async def me(request: Request) -> Response:
         raise ApiError(404, "not_a_creator", "not a creator yet: POST /v1/creators/onboard first")
     statement = (await rt.db.rpc("creator_statement", {"p_creator_id": str(user.id)}))[0]
     payouts = await rt.db.rpc("list_creator_payouts", {"p_creator_id": str(user.id)})
-    # As the user, through RLS, as a browser's Data API call would read them. The function has
-    # no limit: it reads every entry of the creator (see docs/marketplace.md).
-    entries = await rt.db.rpc("my_creator_earnings", {}, user=user)
+    # As the user, through RLS, as a browser's Data API call would read them.
+    entries = await rt.db.rpc(
+        "my_creator_earnings", {"p_limit": schemas.CreatorSummary.RECENT_EARNINGS}, user=user
+    )
     return schemas.respond(
         schemas.CreatorSummary.model_validate(
             {
                 **creator,
                 **statement,
                 **stripe_requirements(creator["requirements"]),
-                "recent_earnings": [
-                    schemas.CreatorEarning.model_validate(e)
-                    for e in entries[: schemas.CreatorSummary.RECENT_EARNINGS]
-                ],
+                "recent_earnings": [schemas.CreatorEarning.model_validate(e) for e in entries],
                 "payouts": [schemas.CreatorPayout.model_validate(p) for p in payouts],
             }
         )
