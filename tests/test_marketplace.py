@@ -650,6 +650,77 @@ def test_tokens_spent_on_an_agent_should_earn_the_creator_an_exact_share(
     assert client.get("/v1/creators/me", headers=bearer(user)).status_code == 404
 
 
+def test_every_writer_of_usage_should_accrue_the_creators_share_once(
+    db: Database, client: TestClient, double: StripeDouble
+) -> None:
+    """deduct_tokens_batch (one statement, and item by item) and a plan's overage accrue too."""
+    creator, _ = onboarded_creator(db, client, double)
+    assert list_agent(client, creator, "agent_batched", tokens_per_run=3).status_code == 201
+    share = 3 * TOKEN_VALUE * 8000 // 10000  # floor(3 x 3333333 x 0.8) = 7999999
+    user, other = new_user(db), new_user(db)
+    listing = {"listing": "agent_batched"}
+
+    def item(user_id: uuid.UUID, key: str, metadata: dict[str, str] | None) -> dict[str, Any]:
+        return {"user_id": str(user_id), "amount": 3, "idempotency_key": key, "metadata": metadata}
+
+    def batch(conn: psycopg.Connection[Any], items: list[dict[str, Any]]) -> list[str]:
+        rows = conn.execute(
+            "select status from public.deduct_tokens_batch(%s) order by item", [Jsonb(items)]
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    with db.as_service_role() as conn:
+        # One statement for the whole batch: two items on the listing, one plain.
+        assert (
+            batch(
+                conn,
+                [item(user, "b-1", listing), item(other, "b-2", listing), item(user, "b-3", None)],
+            )
+            == ["applied"] * 3
+        )
+        # A retried key sends the batch item by item: the retry earns nothing, the new item does.
+        assert batch(conn, [item(user, "b-1", listing), item(user, "b-4", listing)]) == [
+            "duplicate",
+            "applied",
+        ]
+        # An item naming a listing that is not an agent refuses the whole batch.
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="not an agent"):
+            batch(conn, [item(user, "b-5", listing), item(other, "b-6", {"listing": "pack_100"})])
+    assert earnings(db, creator) == [("usage_share", share)] * 3
+    assert (
+        scalar(
+            db,
+            "select count(*) from billing.ledger_entries where idempotency_key in ('b-5', 'b-6')",
+        )
+        == 0
+    ), "a refused batch should charge nothing"
+
+    # A postpaid plan's deduct past zero (billing.debit_overage) earns the creator too.
+    with db.connect() as conn:
+        conn.execute(
+            "update billing.accounts set plan = 'enterprise', subscription_status = 'active' "
+            "where user_id = %s",
+            [str(other)],
+        )
+    with db.as_service_role() as conn:
+        row = conn.execute(
+            "select status, balance from public.deduct_tokens(%s, 3000, 'pp-agent', 'run', %s)",
+            [str(other), Jsonb(listing)],
+        ).fetchone()
+    assert row == ("applied", 100 - 3 - 3000)
+    assert earnings(db, creator)[3:] == [("usage_share", 3000 * TOKEN_VALUE * 8000 // 10000)]
+    assert (
+        scalar(
+            db,
+            "select count(*) from billing.creator_earnings where idempotency_key = 'ledger:' || "
+            "(select id from billing.ledger_entries where idempotency_key = 'pp-agent')::text",
+        )
+        == 1
+    )
+    with db.connect() as conn:
+        assert conn.execute("select * from billing.check_invariants()").fetchall() == []
+
+
 def test_earnings_on_tokens_later_refunded_should_be_reversed_with_a_debt_beyond_the_balance(
     db: Database, client: TestClient, double: StripeDouble
 ) -> None:
