@@ -5,7 +5,7 @@
 -- these tables.
 begin;
 set local search_path = extensions, public;
-select plan(11);
+select plan(14);
 
 select tests.create_user('00000000-0000-0000-0000-0000000000d1', 'd1@example.com');
 
@@ -83,6 +83,44 @@ select lives_ok(
   'a clawback_reversed credit in the stripe: namespace should be written'
 );
 select tests.invariants_hold('check_invariants should know clawback_reversed and its key');
+
+-- Credit buckets: no foreign keys on the hot path (20261202900400_bucket_references.sql); a
+-- bucket must hold a credit entry of its own user, which check_invariants reports otherwise.
+select throws_ok(
+  $test$do $block$ begin
+    insert into billing.credit_buckets (user_id, entry_id, amount, remaining)
+    values ('00000000-0000-0000-0000-0000000000d1', -1, 5, 0);
+    if exists (
+      select 1 from billing.check_invariants() as i
+      where i.problem = format('bucket %s: entry -1 is not a ledger entry of its user',
+        (select max(b.id) from billing.credit_buckets as b))
+    ) then
+      raise exception using errcode = 'TBSEE', message = 'reported';
+    end if;
+  end $block$$test$,
+  'TBSEE', 'reported', 'check_invariants should report a bucket without its entry'
+);
+select throws_ok(
+  $test$do $block$ begin
+    with entry as (
+      insert into billing.ledger_entries (user_id, amount, balance_after, kind, idempotency_key)
+      values ('00000000-0000-0000-0000-0000000000d1', 5, 0, 'promotion', 'd1-bucket-elsewhere')
+      returning id
+    )
+    insert into billing.credit_buckets (user_id, entry_id, amount, remaining)
+    select '00000000-0000-0000-0000-0000000000d2', entry.id, 5, 0
+    from entry;
+    if exists (
+      select 1 from billing.check_invariants() as i
+      where i.problem like 'bucket %: entry % is not a ledger entry of its user'
+        and i.user_id = '00000000-0000-0000-0000-0000000000d2'
+    ) then
+      raise exception using errcode = 'TBSEE', message = 'reported';
+    end if;
+  end $block$$test$,
+  'TBSEE', 'reported', 'check_invariants should report a bucket of another user''s entry'
+);
+select tests.invariants_hold('the credits above should leave every bucket on its own entry');
 
 select * from finish();
 rollback;
