@@ -87,7 +87,7 @@
 --   20261202900100_creator_share_one_statement.sql
 --   20261202900200_creator_earnings_limit.sql
 --   20261202900300_creator_share_by_writers.sql
---   20261202900400_bucket_references.sql
+--   20261202900400_hot_path_references.sql
 
 do $token_billing_install$
 declare
@@ -18094,28 +18094,37 @@ $tb_migration_20261202900300$;
     v_applied := v_applied + 1;
   end if;
 
-  -- 20261202900400_bucket_references.sql
+  -- 20261202900400_hot_path_references.sql
   if v_installed is null or '20261202900400' <> all(v_installed) then
     execute $tb_migration_20261202900400$
--- Migration: credit buckets reference their entry and account without foreign keys.
+-- Migration: credit buckets and creator earnings without foreign keys on the spend path.
 --
--- Purpose: add_tokens (and every credit) inserts a bucket with two foreign keys, to
--- billing.ledger_entries (entry_id) and billing.accounts (user_id). Each runs a referential
--- query per inserted row at the end of the statement: bench.ab --script add_tokens with and
--- without them, 8 clients, fsync off, 6 interleaved rounds of 3 s: 1.147x without (1.068-1.195,
--- every round faster). The other hot tables already work this way (ledger_entries.user_id,
--- reservations, usage_records: no foreign keys, the writers' rule and check_invariants()).
--- The writers (add_tokens, billing.credit, billing.open_missing_accounts) insert the bucket
--- from the entry they wrote in the same statement, under the account's lock; entries are
--- append-only and accounts are never deleted, so neither reference can dangle afterwards.
--- check_invariants() now reports a bucket whose entry is not a credit entry of the bucket's
--- own user, a stronger rule than the two keys were (they did not tie the two together).
--- Objects: drops constraints credit_buckets_entry_id_fkey and credit_buckets_user_id_fkey;
---   redefines billing.check_invariants().
+-- Purpose: a foreign key runs a referential query for every row inserted, at the end of the
+-- statement. Two tables on the spend path had them:
+--   * billing.credit_buckets (entry_id, user_id): every credit (add_tokens, billing.credit)
+--     inserts a bucket. bench.ab --script add_tokens with and without the keys, 8 clients,
+--     fsync off, 6 interleaved rounds of 3 s: 1.147x without (1.068-1.195).
+--   * billing.creator_earnings (creator_id): every spend naming a listing accrues a share, and
+--     the key's check locks the creator's row FOR KEY SHARE, so concurrent spends on one
+--     creator's agents share that lock (a multixact on the creator row). --script
+--     deduct_listing (10,000 buyers, one creator): 1.124x without (0.989-1.200).
+-- The other hot tables already work this way (ledger_entries.user_id, reservations,
+-- usage_records: no foreign keys, the writers' rule and check_invariants()). The writers insert
+-- from rows they just wrote or read: a bucket from the entry of the same statement, under the
+-- account's lock; a share from the listing's billing.products.creator_id (itself a foreign key
+-- to billing.creators), a reversal or payout from the creator's own entries or row. Entries are
+-- append-only; accounts and creators are never deleted. check_invariants() now reports a bucket
+-- that is not on a credit entry of its own user (a stronger rule than the two keys, which did
+-- not tie the two together) and an earnings entry of no creator.
+-- Objects: drops constraints credit_buckets_entry_id_fkey, credit_buckets_user_id_fkey and
+--   creator_earnings_creator_id_fkey; redefines billing.check_invariants().
 
 alter table billing.credit_buckets
 drop constraint credit_buckets_entry_id_fkey,
 drop constraint credit_buckets_user_id_fkey;
+
+alter table billing.creator_earnings
+drop constraint creator_earnings_creator_id_fkey;
 
 create or replace function billing.check_invariants() returns table (
   user_id uuid, problem text, expected bigint, actual bigint
@@ -18272,6 +18281,12 @@ as $$
     select 1 from billing.ledger_entries as e
     where e.id = b.entry_id and e.user_id = b.user_id and e.amount > 0
   )
+  union all
+  select
+    c.creator_id, format('creator earnings entry %s: %s is not a creator', c.id, c.creator_id),
+    null, null
+  from billing.creator_earnings as c
+  where not exists (select 1 from billing.creators as r where r.user_id = c.creator_id)
 $$;
 
 comment on function billing.check_invariants() is
@@ -18282,9 +18297,10 @@ comment on function billing.check_invariants() is
 'usage (but a throttle or postpaid plan''s overage) and expiry never leave a balance below '
 'zero, balance_after chains, entries have the sign of their kind (adjustments either), a key '
 'of 1..255 characters, object metadata, known kinds and keys of token-billing''s namespaces '
-'only on their own entries, and every credit bucket belongs to a credit entry of its own user.';
+'only on their own entries; every credit bucket belongs to a credit entry of its own user and '
+'every creator earnings entry to a creator.';
 
-insert into billing.schema_migrations (version, name) values ('20261202900400', 'bucket_references');
+insert into billing.schema_migrations (version, name) values ('20261202900400', 'hot_path_references');
 $tb_migration_20261202900400$;
     v_applied := v_applied + 1;
   end if;

@@ -5,7 +5,7 @@
 -- these tables.
 begin;
 set local search_path = extensions, public;
-select plan(14);
+select plan(15);
 
 select tests.create_user('00000000-0000-0000-0000-0000000000d1', 'd1@example.com');
 
@@ -84,7 +84,7 @@ select lives_ok(
 );
 select tests.invariants_hold('check_invariants should know clawback_reversed and its key');
 
--- Credit buckets: no foreign keys on the hot path (20261202900400_bucket_references.sql); a
+-- Credit buckets: no foreign keys on the hot path (20261202900400_hot_path_references.sql); a
 -- bucket must hold a credit entry of its own user, which check_invariants reports otherwise.
 select throws_ok(
   $test$do $block$ begin
@@ -119,6 +119,19 @@ select throws_ok(
     end if;
   end $block$$test$,
   'TBSEE', 'reported', 'check_invariants should report a bucket of another user''s entry'
+);
+select throws_ok(
+  $test$do $block$ begin
+    insert into billing.creator_earnings (creator_id, kind, amount_microcents, idempotency_key)
+    values ('00000000-0000-0000-0000-0000000000d3', 'usage_share', 5, 'd3-not-a-creator');
+    if exists (
+      select 1 from billing.check_invariants() as i
+      where i.problem like 'creator earnings entry %: 00000000-0000-0000-0000-0000000000d3 is not a creator'
+    ) then
+      raise exception using errcode = 'TBSEE', message = 'reported';
+    end if;
+  end $block$$test$,
+  'TBSEE', 'reported', 'check_invariants should report earnings of someone who is not a creator'
 );
 select tests.invariants_hold('the credits above should leave every bucket on its own entry');
 
