@@ -14,7 +14,8 @@
 -- usage records name the listing, and their own trigger accrues) or a clawback or dispute.
 -- The same entries, keys ('ledger:<entry id>'), amounts and errors (a listing that is not an
 -- agent refuses the spend, 22023).
--- Objects: redefines public.deduct_tokens(), public.deduct_tokens_batch(), billing.debit();
+-- Objects: billing.accrue_entry_share() (the key and metadata of a ledger entry's share, in
+--   one place); redefines public.deduct_tokens(), public.deduct_tokens_batch(), billing.debit();
 --   drops the triggers tg_ledger_entries__50_creator_share and
 --   tg_ledger_entries__51_creator_share_reversal and their functions.
 
@@ -22,6 +23,28 @@ drop trigger tg_ledger_entries__50_creator_share on billing.ledger_entries;
 drop trigger tg_ledger_entries__51_creator_share_reversal on billing.ledger_entries;
 drop function billing.tg_ledger_entries__creator_share();
 drop function billing.tg_ledger_entries__creator_share_reversal();
+
+create function billing.accrue_entry_share(
+  p_user_id uuid,
+  p_listing text,
+  p_tokens bigint,
+  p_entry_id bigint
+) returns void
+language plpgsql
+set search_path = ''
+as $$
+begin
+  perform billing.accrue_creator_share(
+    p_user_id, p_listing, p_tokens, 'ledger:' || p_entry_id::text,
+    jsonb_build_object('ledger_entry_id', p_entry_id));
+end;
+$$;
+
+comment on function billing.accrue_entry_share(uuid, text, bigint, bigint) is
+'The creator''s share of a usage ledger entry whose metadata names a listing (key '
+'ledger:<entry id>, once per entry); called by the writers of such entries.';
+
+revoke all on function billing.accrue_entry_share(uuid, text, bigint, bigint) from public;
 
 create or replace function public.deduct_tokens(
   p_user_id uuid,
@@ -81,9 +104,7 @@ begin
     status := 'applied';
     if p_metadata ? 'listing' then
       -- Spent on an agent listing: its creator's share, in this transaction.
-      perform billing.accrue_creator_share(
-        p_user_id, p_metadata ->> 'listing', p_amount, 'ledger:' || entry_id::text,
-        jsonb_build_object('ledger_entry_id', entry_id));
+      perform billing.accrue_entry_share(p_user_id, p_metadata ->> 'listing', p_amount, entry_id);
     end if;
     if v_levels is not null then
       -- A threshold crossed (available fell to or below a level): notifications, a top-up.
@@ -154,9 +175,7 @@ begin
     status := 'applied';
     if p_kind = 'usage' and p_metadata ? 'listing' then
       -- Spent on an agent listing (a plan's overage, billing.debit_overage): the creator's share.
-      perform billing.accrue_creator_share(
-        p_user_id, p_metadata ->> 'listing', p_amount, 'ledger:' || entry_id::text,
-        jsonb_build_object('ledger_entry_id', entry_id));
+      perform billing.accrue_entry_share(p_user_id, p_metadata ->> 'listing', p_amount, entry_id);
     elsif p_kind in ('clawback', 'dispute') and balance < 0 then
       -- The tokens below zero after a clawback were spent before the purchase was paid back:
       -- the creator shares they earned are reversed.
@@ -319,9 +338,7 @@ begin
   if v_items is not null then
     if p_items @? '$[*].metadata.listing' then
       -- Items spent on an agent listing: each creator's share, in entry order.
-      perform billing.accrue_creator_share(
-        e.user_id, e.metadata ->> 'listing', -e.amount, 'ledger:' || e.id::text,
-        jsonb_build_object('ledger_entry_id', e.id))
+      perform billing.accrue_entry_share(e.user_id, e.metadata ->> 'listing', -e.amount, e.id)
       from billing.ledger_entries as e
       where e.id = any(v_entries) and e.metadata ? 'listing'
       order by e.id;
@@ -375,9 +392,8 @@ begin
     if entry_id is not null then
       status := 'applied';
       if v_item.metadata ? 'listing' then
-        perform billing.accrue_creator_share(
-          v_user_id, v_item.metadata ->> 'listing', v_item.amount, 'ledger:' || entry_id::text,
-          jsonb_build_object('ledger_entry_id', entry_id));
+        perform billing.accrue_entry_share(
+          v_user_id, v_item.metadata ->> 'listing', v_item.amount, entry_id);
       end if;
       return next;
     else
